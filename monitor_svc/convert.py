@@ -1,0 +1,257 @@
+"""Translation between protobuf messages and the monitor's plain records, with input checks.
+``_pb2`` types stop here and in the servicer."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Any
+
+from google.protobuf import json_format, struct_pb2, timestamp_pb2
+
+from monitor_svc.records import ChildEventIn, JobFilter, JobState, JobView, NewJob
+from stepflow_common.errors import InvalidArgument
+from stepflow_common.status import Kind, Status
+from stepflow_common.step_outcome import ChildTally
+from stepflow_proto.v1 import job_pb2, monitor_service_pb2 as m
+
+ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}$")
+MAX_NAME = 512
+MAX_ERROR = 64 * 1024
+MAX_METADATA_BYTES = 1024 * 1024
+MAX_METADATA_DEPTH = 32
+MAX_PAGE_SIZE = 1000
+DEFAULT_PAGE_SIZE = 50
+MAX_EVENTS_PER_BATCH = 10_000
+
+KIND_TO_PB = {
+    Kind.MANAGER: job_pb2.JOB_KIND_MANAGER,
+    Kind.STEP: job_pb2.JOB_KIND_STEP,
+    Kind.CHILD: job_pb2.JOB_KIND_CHILD,
+}
+KIND_FROM_PB = {v: k for k, v in KIND_TO_PB.items()}
+STATUS_TO_PB = {
+    Status.PENDING: job_pb2.JOB_STATUS_PENDING,
+    Status.RUNNING: job_pb2.JOB_STATUS_RUNNING,
+    Status.SPAWNED: job_pb2.JOB_STATUS_SPAWNED,
+    Status.COMPLETED: job_pb2.JOB_STATUS_COMPLETED,
+    Status.FAILED: job_pb2.JOB_STATUS_FAILED,
+    Status.CANCELLED: job_pb2.JOB_STATUS_CANCELLED,
+    Status.SKIPPED: job_pb2.JOB_STATUS_SKIPPED,
+}
+STATUS_FROM_PB = {v: k for k, v in STATUS_TO_PB.items()}
+EVENT_KIND_FROM_PB = {
+    job_pb2.CHILD_EVENT_KIND_CREATED: "created",
+    job_pb2.CHILD_EVENT_KIND_RUNNING: "running",
+    job_pb2.CHILD_EVENT_KIND_COMPLETED: "completed",
+    job_pb2.CHILD_EVENT_KIND_FAILED: "failed",
+    job_pb2.CHILD_EVENT_KIND_CANCELLED: "cancelled",
+    job_pb2.CHILD_EVENT_KIND_SEALED: "sealed",
+}
+
+
+# -- inbound -------------------------------------------------------------------------------
+def job_id(value: str, field: str = "job_id") -> str:
+    if not value:
+        raise InvalidArgument(f"{field} is required")
+    if not ID_PATTERN.match(value):
+        raise InvalidArgument(
+            f"{field} {value[:40]!r} is not a valid id (1-128 characters: letters, digits, ._:@/-)"
+        )
+    return value
+
+
+def optional_id(value: str, field: str) -> str | None:
+    return job_id(value, field) if value else None
+
+
+def status(value: int, field: str = "status") -> Status:
+    found = STATUS_FROM_PB.get(value)  # type: ignore[call-overload]
+    if found is None:
+        raise InvalidArgument(f"{field} must be one of JOB_STATUS_PENDING..JOB_STATUS_SKIPPED, got {value}")
+    return found
+
+
+def kind(value: int, field: str = "kind") -> Kind:
+    found = KIND_FROM_PB.get(value)  # type: ignore[call-overload]
+    if found is None:
+        raise InvalidArgument(f"{field} must be JOB_KIND_MANAGER, JOB_KIND_STEP or JOB_KIND_CHILD")
+    return found
+
+
+def text(value: str, field: str, limit: int = MAX_NAME) -> str:
+    if len(value) > limit:
+        raise InvalidArgument(f"{field} is longer than {limit} characters")
+    return value
+
+
+def metadata(value: struct_pb2.Struct, field: str = "metadata") -> dict[str, Any]:
+    size = value.ByteSize()
+    if size > MAX_METADATA_BYTES:
+        raise InvalidArgument(f"{field} is {size} bytes; the limit is {MAX_METADATA_BYTES}")
+    raw = json_format.MessageToDict(value)
+    _check_depth(raw, field, 0)
+    result = _whole_numbers(raw)
+    assert isinstance(result, dict)
+    return result
+
+
+def _check_depth(value: Any, field: str, depth: int) -> None:
+    if depth > MAX_METADATA_DEPTH:
+        raise InvalidArgument(f"{field} is nested deeper than {MAX_METADATA_DEPTH} levels")
+    if isinstance(value, dict):
+        for item in value.values():
+            _check_depth(item, field, depth + 1)
+    elif isinstance(value, list):
+        for item in value:
+            _check_depth(item, field, depth + 1)
+
+
+def _whole_numbers(value: Any) -> Any:
+    """Struct carries every number as a double; keep whole numbers whole (3, not 3.0)."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _whole_numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_whole_numbers(v) for v in value]
+    return value
+
+
+def new_job(req: m.CreateJobRequest) -> NewJob:
+    timeout_s = None
+    if req.HasField("timeout"):
+        timeout_s = req.timeout.ToTimedelta().total_seconds()
+        if timeout_s <= 0:
+            raise InvalidArgument("timeout must be positive")
+    return NewJob(
+        kind=kind(req.kind),
+        parent_id=optional_id(req.parent_id, "parent_id"),
+        name=text(req.name, "name"),
+        type=text(req.type, "type", 128),
+        metadata=metadata(req.metadata),
+        timeout_s=timeout_s,
+        request_id=optional_id(req.request_id, "request_id"),
+        owner=text(req.owner, "owner", 128),
+    )
+
+
+def job_filter(req: m.ListJobsRequest) -> tuple[JobFilter, int]:
+    if req.page_size < 0 or req.page_size > MAX_PAGE_SIZE:
+        raise InvalidArgument(f"page_size must be between 0 and {MAX_PAGE_SIZE}")
+    flt = JobFilter(
+        parent_id=optional_id(req.parent_id, "parent_id"),
+        manager_id=optional_id(req.manager_id, "manager_id"),
+        kind=kind(req.kind) if req.kind else None,
+        status=status(req.status) if req.status else None,
+        created_after=_time(req.created_after) if req.HasField("created_after") else None,
+        created_before=_time(req.created_before) if req.HasField("created_before") else None,
+        owner=req.owner or None,
+    )
+    return flt, req.page_size or DEFAULT_PAGE_SIZE
+
+
+def _time(value: timestamp_pb2.Timestamp) -> datetime:
+    from datetime import UTC
+
+    return value.ToDatetime(tzinfo=UTC)
+
+
+def child_event(event: job_pb2.ChildEvent) -> ChildEventIn | str:
+    """A decoded event, or the reason it is rejected."""
+    kind_name = EVENT_KIND_FROM_PB.get(event.kind)  # type: ignore[call-overload]
+    if kind_name is None:
+        return f"unknown event kind {event.kind}"
+    if not event.step_id or not ID_PATTERN.match(event.step_id):
+        return "step_id is missing or not a valid id"
+    if kind_name != "sealed" and (not event.child_id or not ID_PATTERN.match(event.child_id)):
+        return "child_id is missing or not a valid id"
+    if len(event.error) > MAX_ERROR:
+        return f"error is longer than {MAX_ERROR} characters"
+    return ChildEventIn(
+        event_id=event.event_id,
+        step_id=event.step_id,
+        child_id=event.child_id,
+        kind=kind_name,
+        error=event.error,
+        child_count=event.child_count,
+        handed_to_monitor=event.handed_to_monitor,
+        name=event.name[:MAX_NAME],
+    )
+
+
+# -- outbound ------------------------------------------------------------------------------
+def _stamp(target: timestamp_pb2.Timestamp, value: datetime | None) -> None:
+    if value is not None:
+        target.FromDatetime(value)
+
+
+def counts_pb(tally: ChildTally) -> job_pb2.ChildCounts:
+    return job_pb2.ChildCounts(
+        pending=tally.pending,
+        running=tally.running,
+        completed=tally.completed,
+        failed=tally.failed,
+        cancelled=tally.cancelled,
+    )
+
+
+def step_stat_pb(entry: dict[str, Any], tally: ChildTally | None) -> job_pb2.StepStat:
+    stat = job_pb2.StepStat(
+        step_index=_int(entry.get("step_index")),
+        step_id=str(entry.get("step_id", "")),
+        step_name=str(entry.get("step_name", "")),
+        step_type=str(entry.get("step_type", "")),
+        child_count=_int(entry.get("child_count")),
+        document_count=_int(entry.get("document_count")),
+        status=_status_pb(entry.get("status")),
+        error=str(entry.get("error") or ""),
+    )
+    if tally is not None:
+        stat.children.CopyFrom(counts_pb(tally))
+    return stat
+
+
+def _int(value: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return 0
+
+
+def _status_pb(value: Any) -> int:
+    try:
+        return STATUS_TO_PB[Status(value)]
+    except ValueError:
+        return job_pb2.JOB_STATUS_UNSPECIFIED
+
+
+def job_pb(view: JobView) -> job_pb2.Job:
+    job: JobState = view.job
+    out = job_pb2.Job(
+        id=job.id,
+        kind=KIND_TO_PB[job.kind],
+        parent_id=job.parent_id or "",
+        manager_id=job.manager_id,
+        name=job.name,
+        type=job.type,
+        status=STATUS_TO_PB[job.status],
+        error=job.error,
+        end_reason=job.end_reason,
+        version=job.version,
+        change_seq=job.change_seq,
+        owner=job.owner,
+    )
+    out.metadata.update(job.metadata)
+    _stamp(out.created_at, job.created_at)
+    _stamp(out.started_at, job.started_at)
+    _stamp(out.finished_at, job.finished_at)
+    _stamp(out.deadline, job.deadline)
+    if job.kind is Kind.MANAGER:
+        entries = job.metadata.get("step_stats")
+        if isinstance(entries, list):
+            for entry in entries:
+                if isinstance(entry, dict):
+                    tally = view.step_tallies.get(str(entry.get("step_id")))
+                    out.step_stats.append(step_stat_pb(entry, tally))
+    return out

@@ -1,0 +1,271 @@
+"""Pure rules for a manager's metadata document (SPEC §2). No I/O, no gRPC, no SQL.
+
+The metadata is one JSON object shared by two writers (orchestrator and monitor), so every
+rule here is a function from (current document, request) to a new document; the store applies
+it under a row lock. Statuses inside the document never move backwards.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from stepflow_common.errors import FailedPrecondition, InvalidArgument, NotFound
+from stepflow_common.status import Status, check_transition, is_forward, parse_status
+from stepflow_common.step_outcome import ChildTally
+
+log = structlog.get_logger(__name__)
+
+STEP_STATS = "step_stats"
+CURRENT_STEP_ID = "current_step_id"
+CURRENT_STEP_STATUS = "current_step_status"
+COMPLETED_STEPS = "completed_steps"
+ENTRY_FIELDS = (
+    "step_index",
+    "step_id",
+    "step_name",
+    "step_type",
+    "child_count",
+    "document_count",
+    "status",
+    "error",
+)
+Metadata = dict[str, Any]
+
+
+@dataclass(slots=True)
+class MergeResult:
+    metadata: Metadata
+    changed: bool
+    ignored: list[str] = field(default_factory=list)  # writes refused by the status guard
+
+
+def merge_metadata(current: Mapping[str, Any], patch: Mapping[str, Any]) -> MergeResult:
+    """Shallow merge: each key of ``patch`` replaces that key; ``None`` deletes it.
+
+    ``step_stats`` is merged entry by entry (matched by ``step_id``), kept in ``step_index``
+    order, and no entry's status moves backwards. ``current_step_status`` is guarded the same
+    way unless the patch also moves ``current_step_id`` to another step.
+    """
+    new: Metadata = dict(current)
+    ignored: list[str] = []
+    for key, value in patch.items():
+        if key == STEP_STATS:
+            if value is None:
+                raise InvalidArgument("metadata.step_stats cannot be deleted")
+            new[STEP_STATS] = _merge_step_stats(current.get(STEP_STATS), value, ignored)
+        elif value is None:
+            new.pop(key, None)
+        else:
+            new[key] = copy.deepcopy(value)
+    _guard_current_step_status(current, patch, new, ignored)
+    if STEP_STATS in patch:
+        new[COMPLETED_STEPS] = count_ended_steps(new[STEP_STATS])
+    for what in ignored:
+        log.info("metadata write ignored", reason=what)
+    return MergeResult(new, new != current, ignored)
+
+
+def _guard_current_step_status(
+    current: Mapping[str, Any], patch: Mapping[str, Any], new: Metadata, ignored: list[str]
+) -> None:
+    if CURRENT_STEP_STATUS not in patch:
+        return
+    requested = patch[CURRENT_STEP_STATUS]
+    if requested is not None:
+        parse_status(requested)
+    moves_step = CURRENT_STEP_ID in patch and patch[CURRENT_STEP_ID] != current.get(
+        CURRENT_STEP_ID
+    )
+    old = current.get(CURRENT_STEP_STATUS)
+    if moves_step or old is None:
+        return
+    old_status = _status_or_none(old)
+    if requested is None or old_status is None:
+        return
+    if requested != old and not is_forward(old_status, Status(requested)):
+        new[CURRENT_STEP_STATUS] = old
+        ignored.append(f"current_step_status {old} -> {requested}")
+
+
+def _merge_step_stats(current: Any, patch: Any, ignored: list[str]) -> list[dict[str, Any]]:
+    if not isinstance(patch, list):
+        raise InvalidArgument("metadata.step_stats must be a list of objects")
+    entries: list[dict[str, Any]] = [dict(e) for e in current] if isinstance(current, list) else []
+    by_id = {e.get("step_id"): e for e in entries}
+    for raw in patch:
+        _validate_entry(raw)
+        step_id = raw["step_id"]
+        existing = by_id.get(step_id)
+        if existing is None:
+            entry = {k: v for k, v in raw.items() if v is not None}
+            entries.append(entry)
+            by_id[step_id] = entry
+            continue
+        for key, value in raw.items():
+            if key == "status":
+                old = _status_or_none(existing.get("status"))
+                if old is not None and value != old.value and not is_forward(old, Status(value)):
+                    ignored.append(f"step_stats[{step_id}].status {old} -> {value}")
+                    continue
+            if value is None:
+                existing.pop(key, None)
+            else:
+                existing[key] = copy.deepcopy(value)
+    return sort_entries(entries)
+
+
+def _validate_entry(raw: Any) -> None:
+    if not isinstance(raw, dict):
+        raise InvalidArgument("each metadata.step_stats entry must be an object")
+    step_id = raw.get("step_id")
+    if not isinstance(step_id, str) or not step_id:
+        raise InvalidArgument("each metadata.step_stats entry needs a non-empty string step_id")
+    if raw.get("status") is None and "status" in raw:
+        raise InvalidArgument(f"step_stats[{step_id}].status cannot be deleted")
+    if "status" in raw:
+        parse_status(raw["status"])
+    index = raw.get("step_index")
+    if index is not None and (not _is_whole(index) or index < 0):
+        raise InvalidArgument(f"step_stats[{step_id}].step_index must be a whole number >= 0")
+    for name in ("child_count", "document_count"):
+        value = raw.get(name)
+        if value is not None and not _is_whole(value):
+            raise InvalidArgument(f"step_stats[{step_id}].{name} must be a whole number")
+
+
+def _is_whole(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value == int(value)
+
+
+def sort_entries(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Keep the array in step order; entries without an index keep their place at the end."""
+    big = float("inf")
+    return sorted(entries, key=lambda e: e.get("step_index", big))
+
+
+def count_ended_steps(entries: list[dict[str, Any]]) -> int:
+    return sum(1 for e in entries if (_status_or_none(e.get("status")) or Status.PENDING).terminal)
+
+
+def _status_or_none(value: Any) -> Status | None:
+    try:
+        return Status(value)
+    except ValueError:
+        return None
+
+
+@dataclass(slots=True)
+class StepStatUpdate:
+    metadata: Metadata
+    entry: dict[str, Any]
+    changed: bool
+    current_step_status_changed: bool
+
+
+def set_step_stat_status(metadata: Mapping[str, Any], step_id: str, status: Status) -> StepStatUpdate:
+    """UpdateStepStatInManager: one entry's status (and current_step_status), never backwards."""
+    entries = metadata.get(STEP_STATS)
+    if not isinstance(entries, list):
+        raise FailedPrecondition("the manager's metadata has no step_stats yet")
+    index = next((i for i, e in enumerate(entries) if e.get("step_id") == step_id), None)
+    if index is None:
+        raise NotFound(f"step {step_id} is not in the manager's step_stats")
+    entry = entries[index]
+    old = _status_or_none(entry.get("status")) or Status.PENDING
+    check_transition(old, status, what=f"step {step_id} in step_stats")
+    new_entries = list(entries)
+    new_entry = {**entry, "status": status.value}
+    new_entries[index] = new_entry
+    new: Metadata = {**metadata, STEP_STATS: new_entries}
+    current_changed = False
+    if new.get(CURRENT_STEP_ID) == step_id and new.get(CURRENT_STEP_STATUS) != status.value:
+        current = _status_or_none(new.get(CURRENT_STEP_STATUS))
+        if current is None or is_forward(current, status):
+            new[CURRENT_STEP_STATUS] = status.value
+            current_changed = True
+    new[COMPLETED_STEPS] = count_ended_steps(new_entries)
+    return StepStatUpdate(new, new_entry, new != metadata, current_changed)
+
+
+@dataclass(frozen=True, slots=True)
+class StepFacts:
+    """What the manager's step_stats entry says about a step, from the step's own row."""
+
+    step_id: str
+    step_name: str
+    step_type: str
+    step_index: int | None
+    status: Status
+    error: str
+    child_count: int | None = None
+    tally: ChildTally | None = None
+
+
+def record_step_status(metadata: Mapping[str, Any], facts: StepFacts) -> Metadata:
+    """A step's row changed status: carry it into step_stats, current_step_status, counters.
+
+    Only forwards: an entry already further on stays as it is. A step with no entry yet gets
+    one (a skipped step is recorded when it is skipped).
+    """
+    raw_entries = metadata.get(STEP_STATS)
+    entries: list[dict[str, Any]] = list(raw_entries) if isinstance(raw_entries, list) else []
+    index = next((i for i, e in enumerate(entries) if e.get("step_id") == facts.step_id), None)
+    if index is None:
+        entry: dict[str, Any] = {
+            "step_index": facts.step_index if facts.step_index is not None else len(entries),
+            "step_id": facts.step_id,
+            "step_name": facts.step_name,
+            "step_type": facts.step_type,
+            "child_count": 0,
+            "document_count": 0,
+            "status": Status.PENDING.value,
+            "error": "",
+        }
+        entries.append(entry)
+        index = len(entries) - 1
+    else:
+        entry = dict(entries[index])
+    old = _status_or_none(entry.get("status")) or Status.PENDING
+    if facts.status != old and is_forward(old, facts.status):
+        entry["status"] = facts.status.value
+        if facts.error:
+            entry["error"] = facts.error
+        if facts.status.terminal:
+            if facts.child_count is not None:
+                entry["child_count"] = facts.child_count
+            if facts.tally is not None:
+                entry["children"] = tally_dict(facts.tally)
+    entries[index] = entry
+    new: Metadata = {**metadata, STEP_STATS: sort_entries(entries)}
+    if new.get(CURRENT_STEP_ID) == facts.step_id:
+        current = _status_or_none(new.get(CURRENT_STEP_STATUS))
+        if current is None or (current != facts.status and is_forward(current, facts.status)):
+            new[CURRENT_STEP_STATUS] = facts.status.value
+    new[COMPLETED_STEPS] = count_ended_steps(new[STEP_STATS])
+    return new
+
+
+def record_child_count(metadata: Mapping[str, Any], step_id: str, child_count: int) -> Metadata:
+    """A seal's child_count becomes the step's step_stats.child_count."""
+    entries = metadata.get(STEP_STATS)
+    if not isinstance(entries, list):
+        return dict(metadata)
+    new_entries = [
+        {**e, "child_count": child_count} if e.get("step_id") == step_id else e for e in entries
+    ]
+    return {**metadata, STEP_STATS: new_entries}
+
+
+def tally_dict(tally: ChildTally) -> dict[str, int]:
+    return {
+        "pending": tally.pending,
+        "running": tally.running,
+        "completed": tally.completed,
+        "failed": tally.failed,
+        "cancelled": tally.cancelled,
+    }

@@ -1,0 +1,107 @@
+"""Monitor server bootstrap: ``create_server`` (tests bind port 0) and ``serve`` (signals)."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import structlog
+from grpc import aio
+
+from monitor_svc.deadlines import DeadlineTimer
+from monitor_svc.servicer import MonitorServicer
+from monitor_svc.store.migrate import upgrade
+from monitor_svc.store.store import MonitorStore, StepTimers, read_view
+from monitor_svc.watch import WatchHub
+from stepflow_common import serving
+from stepflow_common.grpc_errors import DomainErrorInterceptor
+from stepflow_proto.v1 import monitor_service_pb2, monitor_service_pb2_grpc
+
+log = structlog.get_logger(__name__)
+
+SERVICE_NAME = monitor_service_pb2.DESCRIPTOR.services_by_name["MonitorService"].full_name
+DEFAULT_PORT = 50051
+SHUTDOWN_GRACE_S = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class MonitorConfig:
+    database_url: str = "sqlite:///stepflow.db"
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    timers: StepTimers = StepTimers()
+    security: serving.Security = field(default_factory=serving.Security)
+    migrate: bool = True
+    shutdown_grace_s: float = SHUTDOWN_GRACE_S
+
+
+@dataclass(slots=True)
+class RunningMonitor:
+    server: aio.Server
+    port: int
+    store: MonitorStore
+    hub: WatchHub
+    timer: DeadlineTimer
+    health: object
+    shutdown_grace_s: float
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Refuse new calls, let in-flight ones (and stream acks) finish, then close storage."""
+        await serving.set_not_serving(self.health, [SERVICE_NAME])  # type: ignore[arg-type]
+        await self.timer.stop()
+        await self.server.stop(self.shutdown_grace_s if grace is None else grace)
+        self.hub.close()
+        await asyncio.to_thread(self.store.close)
+
+
+async def create_server(config: MonitorConfig) -> RunningMonitor:
+    """Migrate, open storage, and start serving on ``config.host:config.port`` (0 = free)."""
+    if config.migrate:
+        await asyncio.to_thread(upgrade, config.database_url)
+    loop = asyncio.get_running_loop()
+    holder: dict[str, object] = {}
+
+    def on_commit(changed: set[str], earliest: datetime | None) -> None:
+        hub.notify_threadsafe(changed)
+        if earliest is not None:
+            timer.offer_threadsafe(earliest)
+
+    store = MonitorStore(config.database_url, config.timers, on_commit=on_commit)
+
+    async def read(job_id: str):  # type: ignore[no-untyped-def]
+        return await store.reader.run(lambda conn: read_view(conn, job_id))
+
+    hub = WatchHub(read)
+    hub.bind_loop(loop)
+    timer = DeadlineTimer(store)
+    holder["store"] = store
+    server = serving.make_server(config.security, [DomainErrorInterceptor()])
+    monitor_service_pb2_grpc.add_MonitorServiceServicer_to_server(MonitorServicer(store, hub), server)
+    health = serving.add_health_and_reflection(server, [SERVICE_NAME])
+    port = serving.bind(server, f"{config.host}:{config.port}", config.security)
+    await server.start()
+    timer.start()
+    await serving.set_serving(health, [SERVICE_NAME])
+    log.info("monitor serving", port=port, database=_safe_url(config.database_url))
+    return RunningMonitor(server, port, store, hub, timer, health, config.shutdown_grace_s)
+
+
+async def serve(config: MonitorConfig) -> None:
+    running = await create_server(config)
+    stop = asyncio.Event()
+    serving.install_signal_handlers(stop)
+    await stop.wait()
+    log.info("monitor shutting down", grace_s=config.shutdown_grace_s)
+    await running.stop()
+    log.info("monitor stopped")
+
+
+def _safe_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)

@@ -1,0 +1,140 @@
+"""MonitorService: thin handlers. Each translates the request (``convert``), calls one store
+verb, and translates the answer back. Domain errors map to status codes in the interceptor."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+import structlog
+from grpc import aio
+
+from monitor_svc import convert
+from monitor_svc.records import ChildEventIn
+from monitor_svc.store.store import MonitorStore
+from monitor_svc.watch import WatchHub
+from stepflow_common.errors import InvalidArgument
+from stepflow_proto.v1 import monitor_service_pb2 as m
+from stepflow_proto.v1 import monitor_service_pb2_grpc as m_grpc
+
+log = structlog.get_logger(__name__)
+
+# Batches of one stream committed ahead of their acknowledgement: enough to keep the writer
+# busy while the next batch is parsed, few enough to bound memory per stream.
+STREAM_PIPELINE_DEPTH = 8
+
+
+class MonitorServicer(m_grpc.MonitorServiceServicer):  # type: ignore[misc]
+    def __init__(self, store: MonitorStore, hub: WatchHub) -> None:
+        self._store = store
+        self._hub = hub
+
+    async def CreateJob(self, request: m.CreateJobRequest, context: aio.ServicerContext) -> m.CreateJobResponse:
+        view = await self._store.create_job(convert.new_job(request))
+        return m.CreateJobResponse(job=convert.job_pb(view))
+
+    async def GetJob(self, request: m.GetJobRequest, context: aio.ServicerContext) -> m.GetJobResponse:
+        view = await self._store.get_job(convert.job_id(request.job_id))
+        return m.GetJobResponse(job=convert.job_pb(view))
+
+    async def ListJobs(self, request: m.ListJobsRequest, context: aio.ServicerContext) -> m.ListJobsResponse:
+        flt, page_size = convert.job_filter(request)
+        views, token = await self._store.list_jobs(flt, page_size, request.page_token)
+        return m.ListJobsResponse(jobs=[convert.job_pb(v) for v in views], next_page_token=token)
+
+    async def UpdateJobStatus(
+        self, request: m.UpdateJobStatusRequest, context: aio.ServicerContext
+    ) -> m.UpdateJobStatusResponse:
+        view = await self._store.update_status(
+            convert.job_id(request.job_id),
+            convert.status(request.status),
+            convert.text(request.error, "error", convert.MAX_ERROR),
+            convert.text(request.end_reason, "end_reason", 32),
+        )
+        return m.UpdateJobStatusResponse(job=convert.job_pb(view))
+
+    async def UpdateJobMetadata(
+        self, request: m.UpdateJobMetadataRequest, context: aio.ServicerContext
+    ) -> m.UpdateJobMetadataResponse:
+        expected = request.expected_version if request.HasField("expected_version") else None
+        view = await self._store.update_metadata(
+            convert.job_id(request.job_id), convert.metadata(request.metadata), expected
+        )
+        return m.UpdateJobMetadataResponse(job=convert.job_pb(view))
+
+    async def UpdateStepStatInManager(
+        self, request: m.UpdateStepStatInManagerRequest, context: aio.ServicerContext
+    ) -> m.UpdateStepStatInManagerResponse:
+        result = await self._store.update_step_stat(
+            convert.job_id(request.manager_id, "manager_id"),
+            convert.job_id(request.step_id, "step_id"),
+            convert.status(request.status),
+        )
+        return m.UpdateStepStatInManagerResponse(
+            step_stat=convert.step_stat_pb(result.entry, result.tally),
+            current_step_status_changed=result.current_step_status_changed,
+            version=result.version,
+        )
+
+    async def StreamChildEvents(
+        self, request_iterator: AsyncIterator[m.StreamChildEventsRequest], context: aio.ServicerContext
+    ) -> AsyncIterator[m.StreamChildEventsResponse]:
+        """Batches are committed in arrival order and acknowledged in that order; up to
+        STREAM_PIPELINE_DEPTH of them are in the writer at once."""
+        pending: asyncio.Queue[asyncio.Future[m.StreamChildEventsResponse] | None] = asyncio.Queue(
+            STREAM_PIPELINE_DEPTH
+        )
+        too_big: list[str] = []
+
+        async def pump() -> None:
+            try:
+                async for request in request_iterator:
+                    if len(request.events) > convert.MAX_EVENTS_PER_BATCH:
+                        too_big.append(
+                            f"batch {request.batch_id} has {len(request.events)} events; "
+                            f"the limit is {convert.MAX_EVENTS_PER_BATCH}"
+                        )
+                        break
+                    await pending.put(asyncio.ensure_future(self._ingest(request)))
+            finally:
+                await pending.put(None)
+
+        pump_task = asyncio.create_task(pump())
+        try:
+            while True:
+                future = await pending.get()
+                if future is None:
+                    break
+                yield await future
+            await pump_task
+            if too_big:
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, too_big[0])
+        finally:
+            pump_task.cancel()
+
+    async def _ingest(self, request: m.StreamChildEventsRequest) -> m.StreamChildEventsResponse:
+        decoded: list[ChildEventIn] = []
+        rejected: list[m.RejectedEvent] = []
+        for event in request.events:
+            result = convert.child_event(event)
+            if isinstance(result, str):
+                rejected.append(m.RejectedEvent(event_id=event.event_id, reason=result))
+            else:
+                decoded.append(result)
+        if decoded:
+            for event_id, reason in await self._store.apply_events(decoded):
+                rejected.append(m.RejectedEvent(event_id=event_id, reason=reason))
+        if rejected:
+            log.info("events rejected", batch_id=request.batch_id, count=len(rejected))
+        return m.StreamChildEventsResponse(batch_id=request.batch_id, rejected=rejected)
+
+    async def WatchJob(
+        self, request: m.WatchJobRequest, context: aio.ServicerContext
+    ) -> AsyncIterator[m.WatchJobResponse]:
+        job_id = convert.job_id(request.job_id)
+        if request.after_change_seq < 0:
+            raise InvalidArgument("after_change_seq must be >= 0")
+        await self._store.get_job(job_id)  # NOT_FOUND before the stream starts
+        async for view in self._hub.watch(job_id, request.after_change_seq):
+            yield m.WatchJobResponse(job=convert.job_pb(view))

@@ -1,0 +1,60 @@
+"""Engines for the two databases: SQLite (default, a WAL file) and PostgreSQL (psycopg 3)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+
+SQLITE_BUSY_TIMEOUT_MS = 10_000
+DEFAULT_DATABASE_URL = "sqlite:///stepflow.db"
+
+
+def is_sqlite(url: str) -> bool:
+    return make_url(url).get_backend_name() == "sqlite"
+
+
+def make_engine(url: str, *, writer: bool) -> Engine:
+    """One engine per role. SQLite: the writer begins ``IMMEDIATE`` (the write lock up front,
+    so a read-modify-write cannot interleave with another writer); readers begin deferred
+    transactions for a consistent snapshot. PostgreSQL: rows are locked ``FOR UPDATE``."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return create_engine(
+            url,
+            pool_size=2 if writer else 8,
+            max_overflow=2 if writer else 8,
+            pool_pre_ping=True,
+            pool_recycle=1800,
+        )
+    database = parsed.database or ""
+    if not database or database == ":memory:":
+        raise ValueError("SQLite needs a file path (sqlite:///path/to/file.db); memory is not shared")
+    Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(
+        url,
+        connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
+        pool_size=1 if writer else 8,
+        max_overflow=0 if writer else 8,
+    )
+    begin = "BEGIN IMMEDIATE" if writer else "BEGIN"
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        # Take transaction control from pysqlite so BEGIN is ours (SQLAlchemy's recipe).
+        dbapi_conn.isolation_level = None
+        cursor = dbapi_conn.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        # NORMAL in WAL mode: a commit survives a crash of the process (kill -9), which is the
+        # durability the API promises; only an OS crash or power loss can lose the last commits.
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        conn.exec_driver_sql(begin)
+
+    return engine

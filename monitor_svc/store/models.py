@@ -1,0 +1,83 @@
+"""The monitor's tables (SQLAlchemy 2.0 typed models). Alembic migrations mirror these."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import BigInteger, Boolean, DateTime, Index, Integer, String, Text, text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+ID_LENGTH = 128
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class JobRow(Base):
+    """A manager, step or child job. ``metadata_json`` is the JSON object clients merge into."""
+
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    parent_id: Mapped[str | None] = mapped_column(String(ID_LENGTH))
+    manager_id: Mapped[str] = mapped_column(String(ID_LENGTH))
+    name: Mapped[str] = mapped_column(String(512), default="")
+    type: Mapped[str] = mapped_column(String(128), default="")
+    status: Mapped[str] = mapped_column(String(16))
+    error: Mapped[str] = mapped_column(Text, default="")
+    end_reason: Mapped[str] = mapped_column(String(32), default="")
+    metadata_json: Mapped[str] = mapped_column(Text, default="{}")
+    version: Mapped[int] = mapped_column(BigInteger, default=1)
+    change_seq: Mapped[int] = mapped_column(BigInteger, default=0)
+    step_index: Mapped[int | None] = mapped_column(Integer)
+    timeout_s: Mapped[float | None]
+    deadline: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    request_id: Mapped[str | None] = mapped_column(String(ID_LENGTH), unique=True)
+    owner: Mapped[str] = mapped_column(String(ID_LENGTH), default="")
+
+    __table_args__ = (
+        Index("ix_jobs_parent_id", "parent_id"),
+        Index("ix_jobs_manager_id_kind", "manager_id", "kind"),
+        Index("ix_jobs_created_at", "created_at"),
+        Index("ix_jobs_owner_status", "owner", "status"),
+        # Only live jobs carry a deadline the monitor must fire.
+        Index(
+            "ix_jobs_live_deadline",
+            "deadline",
+            postgresql_where=text("status NOT IN ('completed','failed','cancelled','skipped')"),
+            sqlite_where=text("status NOT IN ('completed','failed','cancelled','skipped')"),
+        ),
+    )
+
+
+class StepProgressRow(Base):
+    """Live child counts and seal state of one step, kept apart from the job row so a child
+    event costs one small row update whatever the size of the manager's metadata."""
+
+    __tablename__ = "step_progress"
+
+    step_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    manager_id: Mapped[str] = mapped_column(String(ID_LENGTH), index=True)
+    pending: Mapped[int] = mapped_column(BigInteger, default=0)
+    running: Mapped[int] = mapped_column(BigInteger, default=0)
+    completed: Mapped[int] = mapped_column(BigInteger, default=0)
+    failed: Mapped[int] = mapped_column(BigInteger, default=0)
+    cancelled: Mapped[int] = mapped_column(BigInteger, default=0)
+    sealed_count: Mapped[int | None] = mapped_column(BigInteger)
+    handed: Mapped[bool] = mapped_column(Boolean, default=False)
+    # A handed-off step with no seal and no child by then ends `completed` (grace period).
+    grace_deadline: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), index=True)
+
+
+class CounterRow(Base):
+    """Named monotonic counters; ``change_seq`` orders every committed change."""
+
+    __tablename__ = "counters"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[int] = mapped_column(BigInteger, default=0)

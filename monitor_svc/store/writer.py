@@ -1,0 +1,191 @@
+"""Group commit: one writer thread runs queued units of work together in one transaction.
+
+Concurrent calls that wait on the same rows (a hot manager) would otherwise serialise on its
+row lock and pay a commit each. Here they share one transaction: each unit sees the effects of
+the units before it, raises its own domain error without disturbing the others, and every
+caller is answered only after the commit, so a returned call is durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, TypeVar
+
+import structlog
+from sqlalchemy import Connection, Engine
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+
+from monitor_svc.store.tx import Tx
+from stepflow_common.errors import StepflowError, Unavailable
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+MAX_UNITS_PER_COMMIT = 512
+READ_THREADS = 4
+Unit = Callable[[Tx], Any]
+
+
+@dataclass(slots=True)
+class _Job:
+    unit: Unit
+    future: asyncio.Future[Any]
+    loop: asyncio.AbstractEventLoop
+
+
+class Writer:
+    """Runs units of work on one thread, many per transaction."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        lock_rows: bool,
+        on_commit: Callable[[set[str], datetime | None], None] | None = None,
+    ) -> None:
+        self._engine = engine
+        self._lock_rows = lock_rows
+        self._on_commit = on_commit
+        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="stepflow-writer", daemon=True)
+        self._thread.start()
+        self.commits = 0
+        self.units = 0
+
+    async def run(self, unit: Callable[[Tx], T]) -> T:
+        """Run ``unit`` in the next group transaction; return once that is committed."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._queue.put(_Job(unit, future, loop))
+        return await future
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+
+    # -- the writer thread -----------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            while len(batch) < MAX_UNITS_PER_COMMIT:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    self._queue.put(None)  # finish this batch, then stop
+                    break
+                batch.append(item)
+            live = [job for job in batch if not job.future.done()]
+            if live:
+                self._commit_group(live)
+
+    def _commit_group(self, batch: list[_Job]) -> None:
+        try:
+            outcomes, changed, hooks, earliest = self._transact(batch)
+        except Exception as exc:  # the whole transaction failed: retry units one by one
+            if len(batch) > 1 and not isinstance(exc, OperationalError):
+                log.warning("group commit failed; retrying units alone", error=str(exc))
+                for job in batch:
+                    self._commit_group([job])
+                return
+            error = _as_domain_error(exc)
+            for job in batch:
+                _resolve(job, None, error)
+            return
+        self.commits += 1
+        self.units += len(batch)
+        for job, (result, error) in zip(batch, outcomes, strict=True):
+            _resolve(job, result, error)
+        for hook in hooks:
+            try:
+                hook()
+            except Exception:
+                log.exception("after-commit hook failed")
+        if (changed or earliest) and self._on_commit is not None:
+            self._on_commit(changed, earliest)
+
+    def _transact(
+        self, batch: list[_Job]
+    ) -> tuple[
+        list[tuple[Any, BaseException | None]], set[str], list[Callable[[], None]], datetime | None
+    ]:
+        outcomes: list[tuple[Any, BaseException | None]] = []
+        with self._engine.begin() as conn:
+            tx = Tx(conn, lock_rows=self._lock_rows)
+            if self._lock_rows:
+                # Every PostgreSQL write transaction takes the change_seq counter lock first, so
+                # transactions of several monitors serialise in one order and cannot deadlock.
+                _ = tx.seq
+            for job in batch:
+                mark = tx.begin_unit()
+                try:
+                    outcomes.append((job.unit(tx), None))
+                except StepflowError as exc:
+                    tx.rollback_unit(mark)
+                    outcomes.append((None, exc))
+            tx.flush()
+            changed = tx.changed_ids()
+        return outcomes, changed, tx.after_commit, tx.earliest_deadline
+
+
+def _resolve(job: _Job, result: Any, error: BaseException | None) -> None:
+    def settle() -> None:
+        if job.future.done():
+            return
+        if error is not None:
+            job.future.set_exception(error)
+        else:
+            job.future.set_result(result)
+
+    try:
+        job.loop.call_soon_threadsafe(settle)
+    except RuntimeError:  # the caller's loop is gone (shutdown)
+        pass
+
+
+def _as_domain_error(exc: BaseException) -> BaseException:
+    if isinstance(exc, StepflowError):
+        return exc
+    if isinstance(exc, IntegrityError):
+        return Unavailable(f"conflicting concurrent write, retry: {exc.orig}")
+    if isinstance(exc, DBAPIError):
+        return Unavailable(f"database unavailable: {exc.orig}")
+    log.error("unexpected error in a write transaction", error=repr(exc))
+    return exc
+
+
+class Reader:
+    """Read-only snapshots on a small thread pool, so reads never block the event loop."""
+
+    def __init__(self, engine: Engine, threads: int = READ_THREADS) -> None:
+        self._engine = engine
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="stepflow-read")
+
+    async def run(self, fn: Callable[[Connection], T]) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, self._read, fn)
+
+    def _read(self, fn: Callable[[Connection], T]) -> T:
+        try:
+            with self._engine.begin() as conn:
+                return fn(conn)
+        except DBAPIError as exc:
+            raise Unavailable(f"database unavailable: {exc.orig}") from exc
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def chunks(items: list[T], size: int) -> Iterable[list[T]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]

@@ -1,0 +1,133 @@
+"""WatchJob fan-out: one read per committed change of a job, however many watch it.
+
+The writer thread reports the ids each commit changed; the hub wakes the feed of every watched
+job among them. A feed reads the job's state once and hands it to each watcher's one-slot
+mailbox, so a slow watcher skips intermediate states (latest wins) instead of queueing them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import structlog
+
+from monitor_svc.records import JobView
+
+log = structlog.get_logger(__name__)
+
+ReadView = Callable[[str], Awaitable[JobView | None]]
+
+
+class _Watcher:
+    __slots__ = ("latest", "wake")
+
+    def __init__(self) -> None:
+        self.latest: JobView | None = None
+        self.wake = asyncio.Event()
+
+    def offer(self, view: JobView) -> None:
+        if self.latest is None or view.job.change_seq > self.latest.job.change_seq:
+            self.latest = view
+            self.wake.set()
+
+
+class _Feed:
+    """Reads one job after each change notification and fans the state out."""
+
+    def __init__(self, job_id: str, read: ReadView) -> None:
+        self.job_id = job_id
+        self.watchers: set[_Watcher] = set()
+        self._read = read
+        self._dirty = asyncio.Event()
+        self._task = asyncio.create_task(self._run(), name=f"watch-feed-{job_id}")
+        self.reads = 0
+
+    def changed(self) -> None:
+        self._dirty.set()
+
+    async def _run(self) -> None:
+        while True:
+            await self._dirty.wait()
+            self._dirty.clear()  # changes arriving during the read trigger one more read
+            try:
+                view = await self._read(self.job_id)
+            except Exception as exc:
+                log.warning("watch read failed; retrying", job_id=self.job_id, error=str(exc))
+                await asyncio.sleep(0.2)
+                self._dirty.set()
+                continue
+            self.reads += 1
+            if view is not None:
+                for watcher in list(self.watchers):
+                    watcher.offer(view)
+
+    def close(self) -> None:
+        self._task.cancel()
+
+
+class WatchHub:
+    def __init__(self, read: ReadView) -> None:
+        self._read = read
+        self._feeds: dict[str, _Feed] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    def notify_threadsafe(self, changed: set[str]) -> None:
+        """Called by the writer thread after each commit."""
+        loop = self._loop
+        if loop is None or not self._feeds:
+            return
+        try:
+            loop.call_soon_threadsafe(self.notify, changed)
+        except RuntimeError:
+            pass  # loop closed during shutdown
+
+    def notify(self, changed: set[str]) -> None:
+        feeds = self._feeds
+        if len(changed) < len(feeds):
+            for job_id in changed:
+                feed = feeds.get(job_id)
+                if feed is not None:
+                    feed.changed()
+        else:
+            for job_id, feed in feeds.items():
+                if job_id in changed:
+                    feed.changed()
+
+    def feed_reads(self, job_id: str) -> int:
+        feed = self._feeds.get(job_id)
+        return feed.reads if feed is not None else 0
+
+    async def watch(self, job_id: str, after_change_seq: int) -> AsyncIterator[JobView]:
+        """States of ``job_id`` newer than ``after_change_seq``, until it is terminal."""
+        feed = self._feeds.get(job_id)
+        if feed is None:
+            feed = self._feeds[job_id] = _Feed(job_id, self._read)
+        watcher = _Watcher()
+        feed.watchers.add(watcher)
+        try:
+            feed.changed()  # the current state, read once for everyone who just joined
+            last = after_change_seq
+            while True:
+                await watcher.wake.wait()
+                watcher.wake.clear()
+                view = watcher.latest
+                if view is None or view.job.change_seq <= last:
+                    continue
+                last = view.job.change_seq
+                yield view
+                if view.job.status.terminal:
+                    return
+        finally:
+            feed.watchers.discard(watcher)
+            if not feed.watchers:
+                feed.close()
+                self._feeds.pop(job_id, None)
+
+    def close(self) -> None:
+        for feed in self._feeds.values():
+            feed.close()
+        self._feeds.clear()

@@ -1,0 +1,1 @@
+"""The orchestrator service: runs job definitions and streams child events to the monitor."""

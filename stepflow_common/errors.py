@@ -1,0 +1,42 @@
+"""The domain's error vocabulary. Each maps to one gRPC status code in ``grpc_errors``."""
+
+from __future__ import annotations
+
+
+class StepflowError(Exception):
+    """Base of every error the services report to callers."""
+
+
+class InvalidArgument(StepflowError):
+    """The request is malformed or names an impossible value."""
+
+
+class NotFound(StepflowError):
+    """The named job (or step entry) does not exist."""
+
+
+class StatusConflict(StepflowError):
+    """A terminal status cannot change, and statuses never move backwards."""
+
+
+class FailedPrecondition(StepflowError):
+    """The job is not in a state this operation applies to."""
+
+
+class VersionConflict(StepflowError):
+    """expected_version is stale: someone else changed the job first."""
+
+    def __init__(self, job_id: str, expected: int, actual: int) -> None:
+        super().__init__(
+            f"job {job_id} is at version {actual}, not the expected {expected}; "
+            "re-read it and retry"
+        )
+        self.job_id, self.expected, self.actual = job_id, expected, actual
+
+
+class AlreadyExists(StepflowError):
+    """A job with that identity exists and differs from the request."""
+
+
+class Unavailable(StepflowError):
+    """A dependency (database, monitor) cannot be reached right now; retry later."""

@@ -1,0 +1,165 @@
+"""The one mapping between domain errors and gRPC status codes, both ways.
+
+Servers wrap every handler with ``DomainErrorInterceptor``; clients turn an ``AioRpcError``
+back into the same domain error with ``from_rpc_error``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+import structlog
+from grpc import aio
+
+from stepflow_common import errors
+
+log = structlog.get_logger(__name__)
+
+CODES: dict[type[errors.StepflowError], grpc.StatusCode] = {
+    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.StatusConflict: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.VersionConflict: grpc.StatusCode.ABORTED,
+    errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+}
+_FROM_CODE: dict[grpc.StatusCode, type[errors.StepflowError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidArgument,
+    grpc.StatusCode.NOT_FOUND: errors.NotFound,
+    grpc.StatusCode.FAILED_PRECONDITION: errors.FailedPrecondition,
+    grpc.StatusCode.ABORTED: errors.FailedPrecondition,
+    grpc.StatusCode.ALREADY_EXISTS: errors.AlreadyExists,
+    grpc.StatusCode.UNAVAILABLE: errors.Unavailable,
+}
+
+
+def code_for(exc: errors.StepflowError) -> grpc.StatusCode:
+    for cls in type(exc).__mro__:
+        code = CODES.get(cls)  # type: ignore[call-overload]
+        if code is not None:
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def from_rpc_error(exc: grpc.RpcError) -> errors.StepflowError:
+    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+    details = exc.details() if hasattr(exc, "details") else str(exc)
+    cls = _FROM_CODE.get(code, errors.StepflowError)
+    if code == grpc.StatusCode.FAILED_PRECONDITION and "cannot change" in (details or ""):
+        cls = errors.StatusConflict
+    return cls(details or code.name)
+
+
+async def _abort(context: aio.ServicerContext, exc: BaseException, method: str) -> None:
+    if isinstance(exc, errors.StepflowError):
+        code = code_for(exc)
+        log.info("rpc refused", rpc=method, code=code.name, reason=str(exc))
+        await context.abort(code, str(exc))
+    log.exception("rpc failed", rpc=method)
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
+
+
+class DomainErrorInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
+    """Maps domain errors raised by any handler to their status code, in one place; binds the
+    RPC name to the log context; records RPC counts and latencies."""
+
+    def __init__(self, observe: Callable[[str, str, float], None] | None = None) -> None:
+        self._observe = observe
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method
+        observe = self._observe
+
+        def finish(code: str, started: float) -> None:
+            if observe is not None:
+                observe(method, code, time.perf_counter() - started)
+
+        if handler.unary_unary:
+            inner_uu = handler.unary_unary
+
+            async def unary_unary(request: Any, context: aio.ServicerContext) -> Any:
+                started = time.perf_counter()
+                structlog.contextvars.bind_contextvars(rpc=method)
+                try:
+                    response = await inner_uu(request, context)
+                except aio.AbortError:
+                    finish(_code_name(context), started)
+                    raise
+                except Exception as exc:
+                    finish(_code_of(exc), started)
+                    await _abort(context, exc, method)
+                finally:
+                    structlog.contextvars.unbind_contextvars("rpc")
+                finish("OK", started)
+                return response
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary_unary,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream:
+            inner_us = handler.unary_stream
+
+            async def unary_stream(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+                started = time.perf_counter()
+                try:
+                    async for item in inner_us(request, context):
+                        yield item
+                except aio.AbortError:
+                    raise
+                except Exception as exc:
+                    finish(_code_of(exc), started)
+                    await _abort(context, exc, method)
+                finish("OK", started)
+
+            return grpc.unary_stream_rpc_method_handler(
+                unary_stream,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_stream:
+            inner_ss = handler.stream_stream
+
+            async def stream_stream(
+                request_iterator: Any, context: aio.ServicerContext
+            ) -> AsyncIterator[Any]:
+                started = time.perf_counter()
+                try:
+                    async for item in inner_ss(request_iterator, context):
+                        yield item
+                except aio.AbortError:
+                    raise
+                except Exception as exc:
+                    finish(_code_of(exc), started)
+                    await _abort(context, exc, method)
+                finish("OK", started)
+
+            return grpc.stream_stream_rpc_method_handler(
+                stream_stream,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+
+def _code_of(exc: BaseException) -> str:
+    if isinstance(exc, errors.StepflowError):
+        return code_for(exc).name
+    return "INTERNAL"
+
+
+def _code_name(context: aio.ServicerContext) -> str:
+    code = context.code()
+    return code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"

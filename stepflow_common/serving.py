@@ -1,0 +1,200 @@
+"""Server and channel plumbing both services share: TLS, bearer tokens, health, reflection,
+graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import signal
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import structlog
+from grpc import aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+log = structlog.get_logger(__name__)
+
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+HEALTH_SERVICE = "grpc.health.v1.Health"
+REFLECTION_SERVICES = (
+    "grpc.reflection.v1alpha.ServerReflection",
+    "grpc.reflection.v1.ServerReflection",
+)
+SERVER_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.so_reuseport", 0),
+]
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Security:
+    """TLS files and the bearer token; all optional (plaintext, no auth by default)."""
+
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""  # server: require client certificates signed by it; client: trust it
+    auth_token: str = ""
+    reflection_needs_token: bool = False
+
+
+class BearerTokenInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
+    """Rejects calls without ``authorization: Bearer <token>``; health (and, unless configured
+    otherwise, reflection) stays open so probes and grpcurl's discovery work."""
+
+    def __init__(self, token: str, *, reflection_needs_token: bool = False) -> None:
+        self._expected = f"Bearer {token}".encode()
+        self._open = {HEALTH_SERVICE}
+        if not reflection_needs_token:
+            self._open.update(REFLECTION_SERVICES)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        service = handler_call_details.method.lstrip("/").split("/", 1)[0]
+        if service in self._open:
+            return await continuation(handler_call_details)
+        metadata = dict(handler_call_details.invocation_metadata or ())
+        given = metadata.get("authorization", "")
+        given_bytes = given.encode() if isinstance(given, str) else given
+        handler = await continuation(handler_call_details)
+        if hmac.compare_digest(given_bytes, self._expected) or handler is None:
+            return handler
+        return _deny(handler)
+
+
+UNAUTHENTICATED_MESSAGE = "missing or wrong bearer token (metadata 'authorization: Bearer <token>')"
+
+
+def _deny(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """A handler of the same shape as ``handler`` that refuses the call."""
+
+    async def refuse(_request: object, context: aio.ServicerContext) -> None:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
+
+    kwargs = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(refuse, **kwargs)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(refuse, **kwargs)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(refuse, **kwargs)
+    return grpc.stream_stream_rpc_method_handler(refuse, **kwargs)
+
+
+def make_server(
+    security: Security, interceptors: Sequence[aio.ServerInterceptor] = ()
+) -> aio.Server:
+    chain: list[aio.ServerInterceptor] = []
+    if security.auth_token:
+        chain.append(
+            BearerTokenInterceptor(
+                security.auth_token, reflection_needs_token=security.reflection_needs_token
+            )
+        )
+    chain.extend(interceptors)
+    return aio.server(interceptors=chain, options=SERVER_OPTIONS)
+
+
+def bind(server: aio.Server, address: str, security: Security) -> int:
+    """Bind ``address`` (port 0 picks a free one) and return the port."""
+    if security.tls_cert and security.tls_key:
+        ca = Path(security.tls_ca).read_bytes() if security.tls_ca else None
+        credentials = grpc.ssl_server_credentials(
+            [(Path(security.tls_key).read_bytes(), Path(security.tls_cert).read_bytes())],
+            root_certificates=ca,
+            require_client_auth=ca is not None,
+        )
+        port = server.add_secure_port(address, credentials)
+    else:
+        port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot bind {address}")
+    return port
+
+
+def add_health_and_reflection(
+    server: aio.Server, service_names: Iterable[str]
+) -> health.aio.HealthServicer:
+    names = list(service_names)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+        server,
+    )
+    return health_servicer
+
+
+async def set_serving(health_servicer: health.aio.HealthServicer, names: Iterable[str]) -> None:
+    for name in ["", *names]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+
+async def set_not_serving(health_servicer: health.aio.HealthServicer, names: Iterable[str]) -> None:
+    for name in ["", *names]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+
+def channel(target: str, security: Security) -> aio.Channel:
+    """A client channel to the other service, with TLS and the token when configured."""
+    if security.tls_ca or (security.tls_cert and security.tls_key):
+        root = Path(security.tls_ca).read_bytes() if security.tls_ca else None
+        key = Path(security.tls_key).read_bytes() if security.tls_key else None
+        cert = Path(security.tls_cert).read_bytes() if security.tls_cert else None
+        creds = grpc.ssl_channel_credentials(root, key, cert)
+        if security.auth_token:
+            creds = grpc.composite_channel_credentials(
+                creds, grpc.access_token_call_credentials(security.auth_token)
+            )
+        return aio.secure_channel(target, creds, options=CHANNEL_OPTIONS)
+    interceptors = [_TokenInterceptor(security.auth_token)] if security.auth_token else None
+    return aio.insecure_channel(target, options=CHANNEL_OPTIONS, interceptors=interceptors)
+
+
+class _TokenInterceptor(
+    aio.UnaryUnaryClientInterceptor,  # type: ignore[misc]
+    aio.UnaryStreamClientInterceptor,  # type: ignore[misc]
+    aio.StreamStreamClientInterceptor,  # type: ignore[misc]
+):
+    """Adds the bearer token on a plaintext channel (call credentials need TLS)."""
+
+    def __init__(self, token: str) -> None:
+        self._header = ("authorization", f"Bearer {token}")
+
+    def _details(self, details: aio.ClientCallDetails) -> aio.ClientCallDetails:
+        metadata = list(details.metadata or [])
+        metadata.append(self._header)
+        return aio.ClientCallDetails(
+            details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
+        )
+
+    async def intercept_unary_unary(self, continuation, details, request):  # type: ignore[no-untyped-def]
+        return await continuation(self._details(details), request)
+
+    async def intercept_unary_stream(self, continuation, details, request):  # type: ignore[no-untyped-def]
+        return await continuation(self._details(details), request)
+
+    async def intercept_stream_stream(self, continuation, details, request_iterator):  # type: ignore[no-untyped-def]
+        return await continuation(self._details(details), request_iterator)
+
+
+def install_signal_handlers(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)

@@ -1,0 +1,87 @@
+"""Job kinds, statuses and the one status-order rule both services obey.
+
+Order: pending < running < spawned < any terminal status. A terminal status is final.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from stepflow_common.errors import InvalidArgument, StatusConflict
+
+
+class Kind(enum.StrEnum):
+    MANAGER = "manager"
+    STEP = "step"
+    CHILD = "child"
+
+
+class Status(enum.StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    SPAWNED = "spawned"  # steps only: children handed to the monitor
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    SKIPPED = "skipped"  # steps only
+
+    @property
+    def rank(self) -> int:
+        return _RANK[self]
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL
+
+
+TERMINAL = frozenset({Status.COMPLETED, Status.FAILED, Status.CANCELLED, Status.SKIPPED})
+_RANK = {
+    Status.PENDING: 0,
+    Status.RUNNING: 1,
+    Status.SPAWNED: 2,
+    Status.COMPLETED: 3,
+    Status.FAILED: 3,
+    Status.CANCELLED: 3,
+    Status.SKIPPED: 3,
+}
+STEP_ONLY = frozenset({Status.SPAWNED, Status.SKIPPED})
+
+
+class Transition(enum.Enum):
+    """What a requested status change amounts to."""
+
+    NOOP = "noop"  # the job already has that status
+    FORWARD = "forward"
+
+
+def parse_status(value: object) -> Status:
+    """A status from its lower-case name; anything else is InvalidArgument."""
+    try:
+        return Status(str(value))
+    except ValueError:
+        raise InvalidArgument(f"unknown status {value!r}; expected one of {_names()}") from None
+
+
+def check_status_for_kind(kind: Kind, status: Status) -> None:
+    if status in STEP_ONLY and kind is not Kind.STEP:
+        raise InvalidArgument(f"status {status} applies to steps only, not to a {kind} job")
+
+
+def check_transition(current: Status, requested: Status, *, what: str = "job") -> Transition:
+    """Decide a status change: no-op, forward, or StatusConflict (terminal or backwards)."""
+    if requested == current:
+        return Transition.NOOP
+    if current.terminal:
+        raise StatusConflict(f"{what} is already {current} (final); cannot change it to {requested}")
+    if requested.rank <= current.rank:
+        raise StatusConflict(f"{what} is {current}; moving back to {requested} is not allowed")
+    return Transition.FORWARD
+
+
+def is_forward(current: Status, requested: Status) -> bool:
+    """True when ``requested`` may replace ``current`` (metadata merges ignore the rest)."""
+    return not current.terminal and requested.rank > current.rank
+
+
+def _names() -> str:
+    return ", ".join(s.value for s in Status)
