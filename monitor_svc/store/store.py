@@ -306,7 +306,7 @@ def _create_job(tx: Tx, new: NewJob, timers: StepTimers) -> JobView:
         tx.put_progress(Progress(job_id, manager_id), new=True)
     elif new.kind is Kind.CHILD:
         assert new.parent_id is not None
-        progress = _working_progress(tx, new.parent_id, {})
+        progress = _working_progress(tx, new.parent_id)
         _check_room_for_child(progress)
         progress.add(Status.PENDING, 1)
         tx.touch(manager_id)
@@ -389,10 +389,10 @@ def _on_step_status(tx: Tx, step: JobState, timers: StepTimers) -> None:
                 set_status(tx, child, Status.CANCELLED, "", EndReason.CANCELLED, timers)
             progress = tx.progress(step.id)
         if progress is not None and progress.grace_deadline is not None:
-            working = _working_progress(tx, step.id, {})
+            working = _working_progress(tx, step.id)
             working.grace_deadline = None
     elif step.status is Status.SPAWNED:
-        working = _working_progress(tx, step.id, {})
+        working = _working_progress(tx, step.id)
         if step.deadline is None:
             tx.put(replace(step, deadline=deadline_after(tx.now, timers.default_wait_timeout_s)))
         if working.sealed_count is None and working.tally().total == 0:
@@ -429,24 +429,16 @@ def _record_in_manager(tx: Tx, step_id: str) -> None:
         tx.put(replace(manager, metadata=metadata, version=manager.version + 1))
 
 
-def _working_progress(tx: Tx, step_id: str, working: dict[str, Progress]) -> Progress:
-    """A private, mutable copy of a step's progress for this unit (registered for undo)."""
-    found = working.get(step_id)
-    if found is not None:
-        return found
-    current = tx.progress(step_id)
+def _working_progress(tx: Tx, step_id: str) -> Progress:
     step = tx.job(step_id)
     assert step is not None
-    fresh = current.copy() if current is not None else Progress(step_id, step.manager_id)
-    tx.put_progress(fresh, new=current is None)
-    working[step_id] = fresh
-    return fresh
+    return tx.working_progress(step_id, step.manager_id)
 
 
 def _count_child_change(tx: Tx, old: JobState, status: Status) -> None:
     """Every change of a child goes through here: its step's counts follow in this tx."""
     step_id = old.parent_id or ""
-    progress = _working_progress(tx, step_id, {})
+    progress = _working_progress(tx, step_id)
     progress.add(old.status, -1)
     progress.add(status, 1)
     tx.touch(old.manager_id)
@@ -486,10 +478,9 @@ def apply_events(tx: Tx, events: list[ChildEventIn], timers: StepTimers) -> list
         if event.step_id not in steps:
             steps[event.step_id] = tx.job(event.step_id) if event.step_id else None
     tx.child_states({e.child_id for e in events if e.child_id})
-    working: dict[str, Progress] = {}
     affected: set[str] = set()
     for event in events:
-        reason = _apply_event(tx, event, steps, working, timers)
+        reason = _apply_event(tx, event, steps, timers)
         if reason:
             rejected.append((event.event_id, reason))
         else:
@@ -503,7 +494,6 @@ def _apply_event(
     tx: Tx,
     event: ChildEventIn,
     steps: dict[str, JobState | None],
-    working: dict[str, Progress],
     timers: StepTimers,
 ) -> str:
     step = steps.get(event.step_id)
@@ -512,7 +502,7 @@ def _apply_event(
     if step.kind is not Kind.STEP:
         return f"job {event.step_id} is a {step.kind}, not a step"
     if event.kind == "sealed":
-        return _apply_seal(tx, event, working, timers)
+        return _apply_seal(tx, event, timers)
     status = EVENT_STATUS.get(event.kind)
     if status is None:
         return f"unknown event kind {event.kind!r}"
@@ -531,12 +521,12 @@ def _apply_event(
                 new.end_reason = EndReason.ORCHESTRATOR
                 new.error = event.error
             tx.put(new)
-            progress = _working_progress(tx, event.step_id, working)
+            progress = _working_progress(tx, event.step_id)
             progress.add(child.status, -1)
             progress.add(status, 1)
             tx.touch(step.manager_id)
         return ""
-    progress = _working_progress(tx, event.step_id, working)
+    progress = _working_progress(tx, event.step_id)
     if progress.sealed_count is not None and progress.tally().total >= progress.sealed_count:
         return f"beyond the seal's child_count {progress.sealed_count}"
     tx.insert(
@@ -569,10 +559,8 @@ def _apply_event(
     return ""
 
 
-def _apply_seal(
-    tx: Tx, event: ChildEventIn, working: dict[str, Progress], timers: StepTimers
-) -> str:
-    progress = _working_progress(tx, event.step_id, working)
+def _apply_seal(tx: Tx, event: ChildEventIn, timers: StepTimers) -> str:
+    progress = _working_progress(tx, event.step_id)
     if event.child_count < 0:
         return "child_count must be >= 0"
     if progress.sealed_count is not None:
@@ -630,7 +618,7 @@ def _fire_due(tx: Tx, timers: StepTimers) -> int:
         progress = tx.progress(step_id)
         if step is None or progress is None:
             continue
-        working = _working_progress(tx, step_id, {})
+        working = _working_progress(tx, step_id)
         working.grace_deadline = None
         if step.status is Status.SPAWNED and progress.sealed_count is None and progress.tally().total == 0:
             set_status(tx, step, Status.COMPLETED, "", EndReason.GRACE_PERIOD, timers)

@@ -163,12 +163,14 @@ class Tx:
         self._undo: list[tuple[str, str, Any]] = []
         self._seq: int | None = None
         self._tallies_loaded: set[str] = set()
+        self._unit_progress: set[str] = set()  # progress rows this unit already copied
         self.sqlite = not lock_rows
         self.earliest_deadline: datetime | None = None  # wakes the deadline timer after commit
         self.after_commit: list[Callable[[], None]] = []
 
     # -- units -------------------------------------------------------------------------------
     def begin_unit(self) -> int:
+        self._unit_progress.clear()
         return len(self._undo)
 
     def rollback_unit(self, mark: int) -> None:
@@ -283,6 +285,17 @@ class Tx:
             for step_id, progress in self._progress.items()
             if progress is not None and progress.manager_id == manager_id
         }
+
+    def working_progress(self, step_id: str, manager_id: str) -> Progress:
+        """A step's progress that the current unit may change in place: copied on the unit's
+        first write (so a unit that fails can be undone), the same object after that."""
+        current = self.progress(step_id)
+        if current is not None and step_id in self._unit_progress:
+            return current
+        fresh = current.copy() if current is not None else Progress(step_id, manager_id)
+        self.put_progress(fresh, new=current is None and step_id not in self._progress_new)
+        self._unit_progress.add(step_id)
+        return fresh
 
     def put_progress(self, progress: Progress, *, new: bool = False) -> None:
         self._undo.append(("progress", progress.step_id, self._progress.get(progress.step_id, _MISSING)))
