@@ -294,7 +294,7 @@ def _create_job(tx: Tx, new: NewJob, timers: StepTimers) -> JobView:
         change_seq=0,
         step_index=int(step_index) if isinstance(step_index, int | float) else None,
         timeout_s=new.timeout_s,
-        deadline=deadline_after(tx.now, new.timeout_s),
+        deadline=None if new.kind is Kind.STEP else deadline_after(tx.now, new.timeout_s),
         created_at=tx.now,
         started_at=None,
         finished_at=None,
@@ -362,6 +362,9 @@ def set_status(
         new.error = error
     if status is Status.RUNNING and new.started_at is None:
         new.started_at = tx.now
+        if job.kind is Kind.STEP and job.timeout_s is not None:
+            # A step's own timeout runs from its start, not from when the job created it.
+            new.deadline = deadline_after(tx.now, job.timeout_s)
     if status.terminal:
         new.finished_at = tx.now
         new.end_reason = reason

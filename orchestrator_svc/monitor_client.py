@@ -1,0 +1,152 @@
+"""The orchestrator's view of the monitor: typed calls that retry only what is safe.
+
+Every call here is idempotent on the monitor (CreateJob carries a request_id, a status already
+reached is a no-op, a metadata merge applied twice gives the same document), so UNAVAILABLE and
+DEADLINE_EXCEEDED are retried with backoff; other codes become the domain errors they map to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import grpc
+import structlog
+from google.protobuf import duration_pb2, struct_pb2
+from grpc import aio
+
+from stepflow_common.grpc_errors import from_rpc_error
+from stepflow_proto.v1 import job_pb2, monitor_service_pb2 as m
+from stepflow_proto.v1 import monitor_service_pb2_grpc as m_grpc
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+CALL_TIMEOUT_S = 10.0
+RETRY_INITIAL_S = 0.05
+RETRY_MAX_S = 2.0
+RETRY_FOR_S = 120.0  # give a restarting monitor (or database) this long before giving up
+
+
+def to_struct(value: dict[str, Any]) -> struct_pb2.Struct:
+    out = struct_pb2.Struct()
+    out.update(value)
+    return out
+
+
+class MonitorClient:
+    def __init__(self, channel: aio.Channel, *, retry_for_s: float = RETRY_FOR_S) -> None:
+        self.stub = m_grpc.MonitorServiceStub(channel)
+        self._retry_for_s = retry_for_s
+
+    async def _call(self, what: str, fn: Callable[[], Awaitable[T]]) -> T:
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self._retry_for_s
+        delay = RETRY_INITIAL_S
+        while True:
+            try:
+                return await fn()
+            except aio.AioRpcError as exc:
+                if exc.code() not in RETRYABLE or loop.time() + delay > give_up:
+                    raise from_rpc_error(exc) from exc
+                log.info("monitor call retried", call=what, code=exc.code().name, retry_in_s=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_S)
+
+    async def create_job(
+        self,
+        *,
+        kind: int,
+        name: str,
+        parent_id: str = "",
+        type_: str = "",
+        metadata: dict[str, Any] | None = None,
+        timeout_s: float | None = None,
+        request_id: str = "",
+        owner: str = "",
+    ) -> job_pb2.Job:
+        request = m.CreateJobRequest(
+            kind=kind,  # type: ignore[arg-type]
+            name=name,
+            parent_id=parent_id,
+            type=type_,
+            metadata=to_struct(metadata or {}),
+            request_id=request_id,
+            owner=owner,
+        )
+        if timeout_s is not None:
+            duration = duration_pb2.Duration()
+            duration.FromTimedelta(timedelta(seconds=timeout_s))
+            request.timeout.CopyFrom(duration)
+        resp = await self._call(
+            "CreateJob", lambda: self.stub.CreateJob(request, timeout=CALL_TIMEOUT_S, wait_for_ready=True)
+        )
+        return resp.job
+
+    async def get_job(self, job_id: str) -> job_pb2.Job:
+        resp = await self._call(
+            "GetJob",
+            lambda: self.stub.GetJob(m.GetJobRequest(job_id=job_id), timeout=CALL_TIMEOUT_S, wait_for_ready=True),
+        )
+        return resp.job
+
+    async def list_jobs(self, **filters: Any) -> list[job_pb2.Job]:
+        jobs: list[job_pb2.Job] = []
+        token = ""
+        while True:
+            request = m.ListJobsRequest(page_size=500, page_token=token, **filters)
+            resp = await self._call(
+                "ListJobs", lambda: self.stub.ListJobs(request, timeout=CALL_TIMEOUT_S, wait_for_ready=True)
+            )
+            jobs.extend(resp.jobs)
+            token = resp.next_page_token
+            if not token:
+                return jobs
+
+    async def update_status(
+        self, job_id: str, status: int, error: str = "", end_reason: str = ""
+    ) -> job_pb2.Job:
+        request = m.UpdateJobStatusRequest(
+            job_id=job_id, status=status, error=error, end_reason=end_reason  # type: ignore[arg-type]
+        )
+        resp = await self._call(
+            "UpdateJobStatus",
+            lambda: self.stub.UpdateJobStatus(request, timeout=CALL_TIMEOUT_S, wait_for_ready=True),
+        )
+        return resp.job
+
+    async def update_metadata(
+        self, job_id: str, metadata: dict[str, Any], expected_version: int | None = None
+    ) -> job_pb2.Job:
+        request = m.UpdateJobMetadataRequest(job_id=job_id, metadata=to_struct(metadata))
+        if expected_version is not None:
+            request.expected_version = expected_version
+        resp = await self._call(
+            "UpdateJobMetadata",
+            lambda: self.stub.UpdateJobMetadata(request, timeout=CALL_TIMEOUT_S, wait_for_ready=True),
+        )
+        return resp.job
+
+    async def watch(self, job_id: str, after_change_seq: int = 0) -> AsyncIterator[job_pb2.Job]:
+        """The job's states until it is terminal; resumes after a broken stream from the last
+        change_seq seen (latest state wins)."""
+        seen = after_change_seq
+        delay = RETRY_INITIAL_S
+        while True:
+            try:
+                call = self.stub.WatchJob(
+                    m.WatchJobRequest(job_id=job_id, after_change_seq=seen), wait_for_ready=True
+                )
+                async for resp in call:
+                    delay = RETRY_INITIAL_S
+                    seen = resp.job.change_seq
+                    yield resp.job
+                return
+            except aio.AioRpcError as exc:
+                if exc.code() not in RETRYABLE:
+                    raise from_rpc_error(exc) from exc
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_S)
