@@ -85,6 +85,19 @@ class WatchHub:
         except RuntimeError:
             pass  # loop closed during shutdown
 
+    def notify_any_threadsafe(self, changed: set[str] | None) -> None:
+        """From another replica: ``None`` means refresh every watched job."""
+        loop = self._loop
+        if loop is None or not self._feeds:
+            return
+        try:
+            loop.call_soon_threadsafe(self._notify_any, changed)
+        except RuntimeError:
+            pass
+
+    def _notify_any(self, changed: set[str] | None) -> None:
+        self.notify(set(self._feeds) if changed is None else changed)
+
     def notify(self, changed: set[str]) -> None:
         feeds = self._feeds
         if len(changed) < len(feeds):

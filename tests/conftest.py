@@ -21,7 +21,8 @@ from stepflow_proto.v1 import monitor_service_pb2_grpc
 
 POSTGRES_URL_ENV = "STEPFLOW_TEST_POSTGRES_URL"
 REQUIRE_POSTGRES_ENV = "STEPFLOW_TEST_REQUIRE_POSTGRES"
-TEMPLATE_DB = "stepflow_test_template"
+# One template per test process: several pytest runs may share the server.
+TEMPLATE_DB = f"stepflow_test_template_{os.getpid()}"
 DB_PARAMS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 
 
@@ -69,9 +70,9 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path, postgres_templa
         pytest.skip(f"PostgreSQL not configured: set {POSTGRES_URL_ENV} to run these tests")
     name = f"stepflow_t_{uuid.uuid4().hex[:12]}"
     engine = create_engine(postgres_template, isolation_level="AUTOCOMMIT")
-    with engine.connect() as conn:
-        conn.execute(text(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE_DB}"))
     try:
+        with engine.connect() as conn:
+            conn.execute(text(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE_DB}"))
         yield make_url(postgres_template).set(database=name).render_as_string(hide_password=False)
     finally:
         with engine.connect() as conn:

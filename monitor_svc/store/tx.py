@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy import Connection, bindparam, select, update
 
 from monitor_svc.records import JobState, Progress, as_utc, utcnow
+from monitor_svc.store import notify
 from monitor_svc.store.models import CounterRow, JobRow, StepProgressRow
 from stepflow_common.status import Kind, Status
 from stepflow_common.step_outcome import ChildTally
@@ -228,7 +229,7 @@ class Tx:
         """A step's children, loaded into the cache (locked) so a unit can change them."""
         stmt = JOB_SELECT.where(JobRow.parent_id == step_id)
         if live_only:
-            stmt = stmt.where(JobRow.status.in_(["pending", "running"]))
+            stmt = stmt.where(JobRow.status.in_(["pending", "running", "spawned"]))
         if self._lock_rows:
             stmt = stmt.with_for_update()
         found = []
@@ -365,6 +366,8 @@ class Tx:
             self.conn.execute(_P.insert(), new_rows)
         if changed_rows:
             self.conn.execute(_UPDATE_PROGRESS, changed_rows)
+        if not self.sqlite:
+            notify.send(self.conn, self.changed_ids())
 
 
 def _update_params(state: JobState) -> dict[str, Any]:

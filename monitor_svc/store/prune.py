@@ -1,0 +1,52 @@
+"""``monitor-svc prune``: delete finished jobs older than a cutoff, whole trees at a time.
+
+A manager's tree (its steps, children and step progress rows) goes in one short transaction
+per batch of managers, so live traffic is never blocked for long and a prune interrupted half
+way leaves only whole trees behind. Live jobs, and finished jobs whose manager is still live,
+are never touched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import Engine, delete, select
+
+from monitor_svc.store.models import JobRow, StepProgressRow
+from monitor_svc.store.store import TERMINAL_STATUSES
+
+DEFAULT_BATCH_MANAGERS = 100
+
+
+@dataclass(frozen=True, slots=True)
+class PruneResult:
+    managers: int
+    jobs: int
+    progress_rows: int
+
+
+def prune_finished(engine: Engine, older_than: datetime, batch_managers: int = DEFAULT_BATCH_MANAGERS) -> PruneResult:
+    managers = jobs = progress = 0
+    while True:
+        with engine.begin() as conn:
+            ids = list(
+                conn.execute(
+                    select(JobRow.id)
+                    .where(
+                        JobRow.kind == "manager",
+                        JobRow.status.in_(TERMINAL_STATUSES),
+                        JobRow.finished_at.is_not(None),
+                        JobRow.finished_at < older_than,
+                    )
+                    .order_by(JobRow.finished_at)
+                    .limit(batch_managers)
+                ).scalars()
+            )
+            if not ids:
+                return PruneResult(managers, jobs, progress)
+            progress += conn.execute(
+                delete(StepProgressRow).where(StepProgressRow.manager_id.in_(ids))
+            ).rowcount
+            jobs += conn.execute(delete(JobRow).where(JobRow.manager_id.in_(ids))).rowcount
+            managers += len(ids)
