@@ -289,3 +289,14 @@ async def test_many_watchers_share_one_read_per_change(stub, monitor) -> None:
     assert monitor.hub.feed_reads(step.id) - reads_before <= changes + 1
     for c in calls:
         c.cancel()
+
+
+async def test_child_first_seen_after_its_step_ended_is_recorded_cancelled(stub) -> None:
+    manager, (step,) = await manager_with_steps(stub, 1)
+    await start(stub, step.id)
+    await stub.UpdateJobStatus(m.UpdateJobStatusRequest(job_id=step.id, status=S.JOB_STATUS_CANCELLED))
+    (ack,) = await send_batches(stub, [[created(step.id, "late"), running(step.id, "late")]])
+    assert not ack.rejected
+    child = await get(stub, "late")
+    assert child.status == S.JOB_STATUS_CANCELLED
+    assert counts(await get(stub, manager.id)) == (0, 0, 0, 0, 1)

@@ -532,6 +532,11 @@ def _apply_event(
     progress = _working_progress(tx, event.step_id)
     if progress.sealed_count is not None and progress.tally().total >= progress.sealed_count:
         return f"beyond the seal's child_count {progress.sealed_count}"
+    error = event.error
+    if step.status.terminal and not status.terminal:
+        # A child first heard of after its step ended (cancelled, timed out) is recorded, but
+        # as cancelled: nothing under an ended step may stay live.
+        status, error = Status.CANCELLED, f"step already {step.status}"
     tx.insert(
         JobState(
             id=event.child_id,
@@ -541,7 +546,7 @@ def _apply_event(
             name=event.name,
             type=step.type,
             status=status,
-            error=event.error if status.terminal else "",
+            error=error if status.terminal else "",
             end_reason=EndReason.ORCHESTRATOR if status.terminal else "",
             metadata={},
             version=1,
