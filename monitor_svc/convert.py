@@ -29,7 +29,7 @@ KIND_TO_PB = {
     Kind.STEP: job_pb2.JOB_KIND_STEP,
     Kind.CHILD: job_pb2.JOB_KIND_CHILD,
 }
-KIND_FROM_PB = {v: k for k, v in KIND_TO_PB.items()}
+KIND_FROM_PB: dict[int, Kind] = {v: k for k, v in KIND_TO_PB.items()}
 STATUS_TO_PB = {
     Status.PENDING: job_pb2.JOB_STATUS_PENDING,
     Status.RUNNING: job_pb2.JOB_STATUS_RUNNING,
@@ -39,8 +39,8 @@ STATUS_TO_PB = {
     Status.CANCELLED: job_pb2.JOB_STATUS_CANCELLED,
     Status.SKIPPED: job_pb2.JOB_STATUS_SKIPPED,
 }
-STATUS_FROM_PB = {v: k for k, v in STATUS_TO_PB.items()}
-EVENT_KIND_FROM_PB = {
+STATUS_FROM_PB: dict[int, Status] = {v: k for k, v in STATUS_TO_PB.items()}
+EVENT_KIND_FROM_PB: dict[int, str] = {
     job_pb2.CHILD_EVENT_KIND_CREATED: "created",
     job_pb2.CHILD_EVENT_KIND_RUNNING: "running",
     job_pb2.CHILD_EVENT_KIND_COMPLETED: "completed",
@@ -66,14 +66,14 @@ def optional_id(value: str, field: str) -> str | None:
 
 
 def status(value: int, field: str = "status") -> Status:
-    found = STATUS_FROM_PB.get(value)  # type: ignore[call-overload]
+    found = STATUS_FROM_PB.get(value)
     if found is None:
         raise InvalidArgument(f"{field} must be one of JOB_STATUS_PENDING..JOB_STATUS_SKIPPED, got {value}")
     return found
 
 
 def kind(value: int, field: str = "kind") -> Kind:
-    found = KIND_FROM_PB.get(value)  # type: ignore[call-overload]
+    found = KIND_FROM_PB.get(value)
     if found is None:
         raise InvalidArgument(f"{field} must be JOB_KIND_MANAGER, JOB_KIND_STEP or JOB_KIND_CHILD")
     return found
@@ -159,7 +159,7 @@ def _time(value: timestamp_pb2.Timestamp) -> datetime:
 
 def child_event(event: job_pb2.ChildEvent) -> ChildEventIn | str:
     """A decoded event, or the reason it is rejected."""
-    kind_name = EVENT_KIND_FROM_PB.get(event.kind)  # type: ignore[call-overload]
+    kind_name = EVENT_KIND_FROM_PB.get(event.kind)
     if kind_name is None:
         return f"unknown event kind {event.kind}"
     if not event.step_id or not ID_PATTERN.match(event.step_id):
@@ -219,7 +219,7 @@ def _int(value: Any) -> int:
         return 0
 
 
-def _status_pb(value: Any) -> int:
+def _status_pb(value: Any) -> Any:  # a job_pb2.JobStatus value
     try:
         return STATUS_TO_PB[Status(value)]
     except ValueError:

@@ -14,6 +14,7 @@ from monitor_svc import convert
 from monitor_svc.records import ChildEventIn
 from monitor_svc.store.store import MonitorStore
 from monitor_svc.watch import WatchHub
+from stepflow_common import metrics
 from stepflow_common.errors import InvalidArgument
 from stepflow_proto.v1 import monitor_service_pb2 as m
 from stepflow_proto.v1 import monitor_service_pb2_grpc as m_grpc
@@ -25,7 +26,7 @@ log = structlog.get_logger(__name__)
 STREAM_PIPELINE_DEPTH = 8
 
 
-class MonitorServicer(m_grpc.MonitorServiceServicer):  # type: ignore[misc]
+class MonitorServicer(m_grpc.MonitorServiceServicer):
     def __init__(self, store: MonitorStore, hub: WatchHub) -> None:
         self._store = store
         self._hub = hub
@@ -127,6 +128,7 @@ class MonitorServicer(m_grpc.MonitorServiceServicer):  # type: ignore[misc]
                 rejected.append(m.RejectedEvent(event_id=event_id, reason=reason))
         if rejected:
             log.info("events rejected", batch_id=request.batch_id, count=len(rejected))
+        metrics.observe_events(len(request.events), len(rejected))
         return m.StreamChildEventsResponse(batch_id=request.batch_id, rejected=rejected)
 
     async def WatchJob(

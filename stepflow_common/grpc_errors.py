@@ -39,7 +39,7 @@ _FROM_CODE: dict[grpc.StatusCode, type[errors.StepflowError]] = {
 
 def code_for(exc: errors.StepflowError) -> grpc.StatusCode:
     for cls in type(exc).__mro__:
-        code = CODES.get(cls)  # type: ignore[call-overload]
+        code = CODES.get(cls)
         if code is not None:
             return code
     return grpc.StatusCode.INTERNAL
@@ -156,7 +156,7 @@ class DomainErrorInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
 
 def _code_of(exc: BaseException) -> str:
     if isinstance(exc, errors.StepflowError):
-        return code_for(exc).name
+        return str(code_for(exc).name)
     return "INTERNAL"
 
 

@@ -120,7 +120,7 @@ def bind(server: aio.Server, address: str, security: Security) -> int:
             root_certificates=ca,
             require_client_auth=ca is not None,
         )
-        port = server.add_secure_port(address, credentials)
+        port: int = server.add_secure_port(address, credentials)
     else:
         port = server.add_insecure_port(address)
     if port == 0:

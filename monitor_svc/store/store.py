@@ -346,8 +346,8 @@ def _update_step_stat(tx: Tx, manager_id: str, step_id: str, status: Status) -> 
     if update.changed:
         manager = replace(manager, metadata=update.metadata, version=manager.version + 1)
         tx.put(manager)
-    progress = tx.progress(step_id)
-    tally = progress.tally() if progress is not None else ChildTally()
+    # All the manager's step counts in one query per transaction, shared by its calls.
+    tally = tx.tallies_for_manager(manager.id).get(step_id, ChildTally())
     return StepStatResult(update.entry, tally, update.current_step_status_changed, manager.version)
 
 

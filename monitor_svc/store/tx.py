@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Connection, bindparam, select, update
+from sqlalchemy import Connection, Table, bindparam, select, update
 
 from monitor_svc.records import JobState, Progress, as_utc, utcnow
 from monitor_svc.store import notify
@@ -48,7 +48,7 @@ _JOB_COLUMNS = (
     JobRow.owner,
 )
 JOB_SELECT = select(*_JOB_COLUMNS)
-_T = JobRow.__table__
+_T = cast(Table, JobRow.__table__)
 _UPDATE_JOB = (
     update(_T)
     .where(_T.c.id == bindparam("b_id"))
@@ -65,7 +65,7 @@ _UPDATE_JOB = (
         owner=bindparam("b_owner"),
     )
 )
-_P = StepProgressRow.__table__
+_P = cast(Table, StepProgressRow.__table__)
 _UPDATE_PROGRESS = (
     update(_P)
     .where(_P.c.step_id == bindparam("b_step_id"))
@@ -242,10 +242,10 @@ class Tx:
         # Children of this step created earlier in this transaction are cached, not yet stored.
         seen = {s.id for s in found}
         for job_id in self._new:
-            state = self._jobs.get(job_id)
-            if state is not None and state.parent_id == step_id and job_id not in seen:
-                if not live_only or not state.status.terminal:
-                    found.append(state)
+            new = self._jobs.get(job_id)
+            if new is not None and new.parent_id == step_id and job_id not in seen:
+                if not live_only or not new.status.terminal:
+                    found.append(new)
         return found
 
     def child_states(self, child_ids: Iterable[str]) -> dict[str, JobState]:
@@ -317,7 +317,7 @@ class Tx:
         """This transaction's change_seq. The counter row stays locked until commit, so
         change_seq order is commit order, across processes too."""
         if self._seq is None:
-            counters = CounterRow.__table__
+            counters = cast(Table, CounterRow.__table__)
             self._seq = self.conn.execute(
                 update(counters)
                 .where(counters.c.name == CHANGE_SEQ)
