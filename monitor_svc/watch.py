@@ -128,12 +128,13 @@ class WatchHub:
                 await watcher.wake.wait()
                 watcher.wake.clear()
                 view = watcher.latest
-                if view is None or view.job.change_seq <= last:
+                if view is None:
                     continue
-                last = view.job.change_seq
-                yield view
+                if view.job.change_seq > last:
+                    last = view.job.change_seq
+                    yield view
                 if view.job.status.terminal:
-                    return
+                    return  # also when the caller already has the terminal state
         finally:
             feed.watchers.discard(watcher)
             if not feed.watchers:

@@ -253,6 +253,9 @@ async def test_watch_sends_state_then_changes_then_ends_at_terminal(stub) -> Non
     # Resuming from the last change_seq of a finished job sends nothing new... and from 0 the state.
     again = [r async for r in stub.WatchJob(m.WatchJobRequest(job_id=step.id, after_change_seq=0))]
     assert again[-1].job.status == S.JOB_STATUS_COMPLETED and len(again) == 1
+    # A client that already has the terminal state is told so by the stream ending at once.
+    rest = [r async for r in stub.WatchJob(m.WatchJobRequest(job_id=step.id, after_change_seq=seen[-1].change_seq))]
+    assert rest == []
 
 
 async def test_watch_of_manager_sees_live_counts(stub) -> None:
