@@ -14,6 +14,7 @@ import structlog
 
 from monitor_svc.records import utcnow
 from monitor_svc.store.store import MonitorStore
+from stepflow_common import metrics
 
 log = structlog.get_logger(__name__)
 
@@ -55,6 +56,7 @@ class DeadlineTimer:
                 fired = await self._store.fire_due()
                 if fired:
                     self.fired += fired
+                    metrics.DEADLINES_FIRED.inc(fired)
                     log.info("deadlines fired", count=fired)
                 self._target = await self._store.next_wakeup()
             except Exception as exc:
@@ -64,8 +66,11 @@ class DeadlineTimer:
             delay = MAX_IDLE_SLEEP_S
             if self._target is not None:
                 delay = min(delay, max(0.0, (self._target - utcnow()).total_seconds()))
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel that arrives
+            # as the event fires, and stop() would then wait for ever.
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout=delay)
+                async with asyncio.timeout(delay):
+                    await self._wake.wait()
             except TimeoutError:
                 pass
 

@@ -15,7 +15,7 @@ from typing import Any
 import structlog
 
 from stepflow_common.errors import FailedPrecondition, InvalidArgument, NotFound
-from stepflow_common.status import Status, check_transition, is_forward, parse_status
+from stepflow_common.status import Status, Transition, check_transition, is_forward, parse_status
 from stepflow_common.step_outcome import ChildTally
 
 log = structlog.get_logger(__name__)
@@ -63,11 +63,26 @@ def merge_metadata(current: Mapping[str, Any], patch: Mapping[str, Any]) -> Merg
         else:
             new[key] = copy.deepcopy(value)
     _guard_current_step_status(current, patch, new, ignored)
-    if STEP_STATS in patch:
+    if STEP_STATS in patch and new[STEP_STATS] != current.get(STEP_STATS):
         new[COMPLETED_STEPS] = count_ended_steps(new[STEP_STATS])
+        if CURRENT_STEP_STATUS not in patch:
+            _follow_current_entry(new)
     for what in ignored:
         log.info("metadata write ignored", reason=what)
     return MergeResult(new, new != current, ignored)
+
+
+def _follow_current_entry(new: Metadata) -> None:
+    """The current step's entry moved forward: current_step_status follows it, so the two
+    never disagree (the first failure this design exists to prevent)."""
+    current_id = new.get(CURRENT_STEP_ID)
+    entry = next((e for e in new[STEP_STATS] if e.get("step_id") == current_id), None)
+    if entry is None:
+        return
+    entry_status = _status_or_none(entry.get("status"))
+    shown = _status_or_none(new.get(CURRENT_STEP_STATUS))
+    if entry_status is not None and (shown is None or is_forward(shown, entry_status)):
+        new[CURRENT_STEP_STATUS] = entry_status.value
 
 
 def _guard_current_step_status(
@@ -177,7 +192,8 @@ def set_step_stat_status(metadata: Mapping[str, Any], step_id: str, status: Stat
         raise NotFound(f"step {step_id} is not in the manager's step_stats")
     entry = entries[index]
     old = _status_or_none(entry.get("status")) or Status.PENDING
-    check_transition(old, status, what=f"step {step_id} in step_stats")
+    if check_transition(old, status, what=f"step {step_id} in step_stats") is Transition.NOOP:
+        return StepStatUpdate(dict(metadata), dict(entry), False, False)
     new_entries = list(entries)
     new_entry = {**entry, "status": status.value}
     new_entries[index] = new_entry

@@ -59,6 +59,8 @@ class MonitorServicer(m_grpc.MonitorServiceServicer):
         self, request: m.UpdateJobMetadataRequest, context: aio.ServicerContext
     ) -> m.UpdateJobMetadataResponse:
         expected = request.expected_version if request.HasField("expected_version") else None
+        if expected is not None and expected < 1:
+            raise InvalidArgument("expected_version must be >= 1 (versions start at 1)")
         view = await self._store.update_metadata(
             convert.job_id(request.job_id), convert.metadata(request.metadata), expected
         )

@@ -26,12 +26,12 @@ class FailedPrecondition(StepflowError):
 class VersionConflict(StepflowError):
     """expected_version is stale: someone else changed the job first."""
 
-    def __init__(self, job_id: str, expected: int, actual: int) -> None:
-        super().__init__(
+    @classmethod
+    def stale(cls, job_id: str, expected: int, actual: int) -> VersionConflict:
+        return cls(
             f"job {job_id} is at version {actual}, not the expected {expected}; "
             "re-read it and retry"
         )
-        self.job_id, self.expected, self.actual = job_id, expected, actual
 
 
 class AlreadyExists(StepflowError):

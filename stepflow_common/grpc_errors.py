@@ -31,7 +31,7 @@ _FROM_CODE: dict[grpc.StatusCode, type[errors.StepflowError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidArgument,
     grpc.StatusCode.NOT_FOUND: errors.NotFound,
     grpc.StatusCode.FAILED_PRECONDITION: errors.FailedPrecondition,
-    grpc.StatusCode.ABORTED: errors.FailedPrecondition,
+    grpc.StatusCode.ABORTED: errors.VersionConflict,
     grpc.StatusCode.ALREADY_EXISTS: errors.AlreadyExists,
     grpc.StatusCode.UNAVAILABLE: errors.Unavailable,
 }
@@ -63,6 +63,43 @@ async def _abort(context: aio.ServicerContext, exc: BaseException, method: str) 
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
 
 
+class _Undecodable:
+    """Stands in for a request message the deserializer refused (too deep, malformed), so the
+    call can be answered INVALID_ARGUMENT instead of gRPC's bare UNKNOWN."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:
+            return _Undecodable(f"{type(exc).__name__}: {exc}")
+
+    return deserialize
+
+
+def _check_decoded(request: Any) -> None:
+    if isinstance(request, _Undecodable):
+        raise errors.InvalidArgument(
+            f"the request message could not be decoded ({request.reason}); check its size, "
+            "nesting depth and field types"
+        )
+
+
+async def _checked_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for request in requests:
+        _check_decoded(request)
+        yield request
+
+
 class DomainErrorInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
     """Maps domain errors raised by any handler to their status code, in one place; binds the
     RPC name to the log context; records RPC counts and latencies."""
@@ -92,6 +129,7 @@ class DomainErrorInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
                 started = time.perf_counter()
                 structlog.contextvars.bind_contextvars(rpc=method)
                 try:
+                    _check_decoded(request)
                     response = await inner_uu(request, context)
                 except aio.AbortError:
                     finish(_code_name(context), started)
@@ -106,7 +144,7 @@ class DomainErrorInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
 
             return grpc.unary_unary_rpc_method_handler(
                 unary_unary,
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream:
@@ -115,6 +153,7 @@ class DomainErrorInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
             async def unary_stream(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
                 started = time.perf_counter()
                 try:
+                    _check_decoded(request)
                     async for item in inner_us(request, context):
                         yield item
                 except aio.AbortError:
@@ -126,7 +165,7 @@ class DomainErrorInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
 
             return grpc.unary_stream_rpc_method_handler(
                 unary_stream,
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         if handler.stream_stream:
@@ -137,7 +176,7 @@ class DomainErrorInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
             ) -> AsyncIterator[Any]:
                 started = time.perf_counter()
                 try:
-                    async for item in inner_ss(request_iterator, context):
+                    async for item in inner_ss(_checked_stream(request_iterator), context):
                         yield item
                 except aio.AbortError:
                     raise
@@ -148,7 +187,7 @@ class DomainErrorInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
 
             return grpc.stream_stream_rpc_method_handler(
                 stream_stream,
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         return handler

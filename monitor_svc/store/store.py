@@ -278,6 +278,7 @@ def _create_job(tx: Tx, new: NewJob, timers: StepTimers) -> JobView:
             raise FailedPrecondition(f"parent {parent.id} is already {parent.status}")
         job_id = uuid.uuid4().hex
         manager_id = parent.manager_id
+    metadata = rules.merge_metadata({}, new.metadata).metadata  # same checks as UpdateJobMetadata
     step_index = new.metadata.get("step_index") if new.kind is Kind.STEP else None
     state = JobState(
         id=job_id,
@@ -289,7 +290,7 @@ def _create_job(tx: Tx, new: NewJob, timers: StepTimers) -> JobView:
         status=Status.PENDING,
         error="",
         end_reason="",
-        metadata=new.metadata,
+        metadata=metadata,
         version=1,
         change_seq=0,
         step_index=int(step_index) if isinstance(step_index, int | float) else None,
@@ -330,7 +331,7 @@ def _update_metadata(
 ) -> JobView:
     job = _require(tx, job_id)
     if expected_version is not None and expected_version != job.version:
-        raise VersionConflict(job_id, expected_version, job.version)
+        raise VersionConflict.stale(job_id, expected_version, job.version)
     merged = rules.merge_metadata(job.metadata, patch)
     if merged.changed:
         job = replace(job, metadata=merged.metadata, version=job.version + 1)
