@@ -1,0 +1,128 @@
+"""One shell command run to completion, a timeout, or cancellation (shared by ``command``
+and ``fanout``)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from orchestrator_svc.workers.base import CancelSignal, ChildStatus
+
+KILL_GRACE_S = 2.0
+"""Time between SIGTERM and SIGKILL when a command is stopped."""
+DRAIN_TIMEOUT_S = 1.0
+"""How long to keep reading output after the shell exits: a background process that inherited
+the pipe could otherwise hold the step open forever."""
+OUTPUT_TAIL_BYTES = 4096
+"""Output kept per stream, only to explain a failure; older output is dropped as it is read."""
+ERROR_OUTPUT_CHARS = 500
+READ_CHUNK_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class ShellOutcome:
+    status: ChildStatus
+    error: str = ""
+    returncode: int | None = None
+
+
+class _Tail:
+    """Reads a stream to its end, keeping only the last OUTPUT_TAIL_BYTES."""
+
+    def __init__(self) -> None:
+        self.data = b""
+
+    async def read(self, stream: asyncio.StreamReader | None) -> None:
+        if stream is None:
+            return
+        while chunk := await stream.read(READ_CHUNK_BYTES):
+            self.data = (self.data + chunk)[-OUTPUT_TAIL_BYTES:]
+
+    def text(self) -> str:
+        return self.data.decode("utf-8", "replace").strip()
+
+
+async def run_shell(
+    command: str,
+    *,
+    cancelled: CancelSignal,
+    cwd: str | None = None,
+    env: Mapping[str, str] | None = None,
+    timeout_s: float | None = None,
+) -> ShellOutcome:
+    """Run ``command`` with ``/bin/sh``: completed on exit status 0, failed otherwise or on
+    timeout, cancelled when ``cancelled`` is set first. The command gets its own process
+    group so that stopping it also stops whatever it started (POSIX only)."""
+    if cancelled.is_set():
+        return ShellOutcome("cancelled", "cancelled before it started")
+    full_env = {**os.environ, **env} if env else None
+    try:
+        proc = await asyncio.create_subprocess_shell(
+            command,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            cwd=cwd,
+            env=full_env,
+            start_new_session=True,
+        )
+    except OSError as exc:
+        return ShellOutcome("failed", f"cannot start command: {exc}")
+
+    out, err = _Tail(), _Tail()
+    readers = {
+        asyncio.ensure_future(out.read(proc.stdout)),
+        asyncio.ensure_future(err.read(proc.stderr)),
+    }
+    exited = asyncio.ensure_future(proc.wait())
+    cancel_seen = asyncio.ensure_future(cancelled.wait())
+    outcome: ShellOutcome | None = None
+    try:
+        await asyncio.wait(
+            {exited, cancel_seen}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
+        )
+        if not exited.done():
+            if cancel_seen.done():
+                outcome = ShellOutcome("cancelled", "cancelled while running")
+            else:
+                outcome = ShellOutcome("failed", f"timed out after {timeout_s:g}s")
+            await _stop(proc)
+    finally:
+        cancel_seen.cancel()
+        if proc.returncode is None:  # we are being cancelled ourselves: no time to be polite
+            _signal_group(proc, signal.SIGKILL)
+            exited.cancel()
+        try:
+            await asyncio.wait(readers, timeout=DRAIN_TIMEOUT_S)
+        finally:
+            for reader in readers:
+                reader.cancel()
+    if outcome is not None:
+        return ShellOutcome(outcome.status, outcome.error, proc.returncode)
+    code = proc.returncode
+    assert code is not None
+    if code == 0:
+        return ShellOutcome("completed", "", 0)
+    why = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
+    detail = (err.text() or out.text())[-ERROR_OUTPUT_CHARS:]
+    return ShellOutcome("failed", f"{why}: {detail}" if detail else why, code)
+
+
+async def _stop(proc: asyncio.subprocess.Process) -> None:
+    """SIGTERM the command's process group, then SIGKILL it after KILL_GRACE_S."""
+    _signal_group(proc, signal.SIGTERM)
+    try:
+        await asyncio.wait_for(proc.wait(), KILL_GRACE_S)
+    except TimeoutError:
+        _signal_group(proc, signal.SIGKILL)
+        await proc.wait()
+
+
+def _signal_group(proc: asyncio.subprocess.Process, sig: signal.Signals) -> None:
+    """The command leads its own session (start_new_session), so its pid is the group id."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, sig)
