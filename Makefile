@@ -19,7 +19,7 @@ DEMO_ARGS ?=
 # `make test-pg` uses this unless the variable is already set in the environment.
 STEPFLOW_TEST_POSTGRES_URL ?= postgresql+psycopg://postgres@127.0.0.1:5432/test
 
-.PHONY: help venv gen check-gen buf-lint lint test test-pg bench demo clean distclean
+.PHONY: help venv gen check-gen buf-lint lint test test-pg bench soak demo clean distclean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(firstword $(MAKEFILE_LIST)) | \
@@ -79,6 +79,9 @@ bench: venv ## run the benchmarks (bench/run_all.py)
 	else \
 		echo "bench/run_all.py does not exist yet: no benchmarks to run"; \
 	fi
+
+soak: venv ## bounded soak (~2 min, loopback): RSS/fds over time (SOAK_ARGS='--seconds 600 --db postgres')
+	"$(BIN)/python" bench/soak.py $(SOAK_ARGS)
 
 demo: venv ## run the demo job end to end on the embedded SQLite default
 	"$(BIN)/python" -m orchestrator_svc.demo $(DEMO_ARGS)

@@ -24,7 +24,11 @@ def build_parser() -> argparse.ArgumentParser:
         "events, and ends steps.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    serve_p = sub.add_parser("serve", help="run the MonitorService gRPC server")
+    serve_p = sub.add_parser(
+        "serve", help="run the MonitorService gRPC server",
+        description="Run the MonitorService gRPC server (health and reflection on): it owns job "
+        "records and manager metadata, ingests the orchestrator's child events, fires deadlines "
+        "and ends steps. Migrates the database first; SIGTERM or Ctrl-C stops it gracefully.")
     add_flag(serve_p, COMMAND, "--host", "127.0.0.1", "address to listen on")
     add_flag(serve_p, COMMAND, "--port", DEFAULT_PORT, "port to listen on", type_=int)
     _database_flag(serve_p)
@@ -33,9 +37,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(serve_p, COMMAND, "--grace-period", "30s",
              "a handed-off step with no seal and no child by then ends completed")
     add_flag(serve_p, COMMAND, "--shutdown-grace", "10s", "time in-flight calls get on SIGTERM")
+    add_flag(serve_p, COMMAND, "--metrics-port", 0,
+             "serve Prometheus /metrics on this port (0 = off)", type_=int)
     add_server_flags(serve_p, COMMAND)
-    migrate_p = sub.add_parser("migrate", help="bring the database schema up to date")
+    migrate_p = sub.add_parser(
+        "migrate", help="bring the database schema up to date",
+        description="Apply the database migrations (Alembic), creating the schema in an empty "
+        "database. `serve` does this at start too.")
     _database_flag(migrate_p)
+    prune_p = sub.add_parser(
+        "prune", help="delete finished jobs older than a cutoff",
+        description="Delete finished jobs (whole manager trees: steps, children, counts) that "
+        "ended longer ago than --older-than, a batch of managers per short transaction, so "
+        "live traffic is not blocked. Live jobs are never touched.")
+    _database_flag(prune_p)
+    add_flag(prune_p, COMMAND, "--older-than", "168h",
+             "delete managers that finished longer ago than this (e.g. 90s, 30m, 2h)")
+    add_flag(prune_p, COMMAND, "--batch-size", 100, "managers deleted per transaction", type_=int)
     return parser
 
 
@@ -54,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         upgrade(args.database_url)
         print("database is at the latest schema")
         return 0
+    if args.command == "prune":
+        return _prune(args)
     logs.configure(args.log_format, args.log_level)
     try:
         config = MonitorConfig(
@@ -66,11 +86,35 @@ def main(argv: list[str] | None = None) -> int:
             ),
             security=security_from(args),
             shutdown_grace_s=parse_duration(args.shutdown_grace, "--shutdown-grace"),
+            metrics_port=args.metrics_port,
         )
     except InvalidArgument as exc:
         print(f"monitor-svc: {exc}", file=sys.stderr)
         return 2
     asyncio.run(serve(config))
+    return 0
+
+
+def _prune(args: argparse.Namespace) -> int:
+    from datetime import timedelta
+
+    from monitor_svc.records import utcnow
+    from monitor_svc.store.engine import make_engine
+    from monitor_svc.store.prune import prune_finished
+
+    logs.configure("auto")
+    try:
+        age = parse_duration(args.older_than, "--older-than")
+    except InvalidArgument as exc:
+        print(f"monitor-svc: {exc}", file=sys.stderr)
+        return 2
+    engine = make_engine(args.database_url, writer=False)
+    try:
+        result = prune_finished(engine, utcnow() - timedelta(seconds=age), args.batch_size)
+    finally:
+        engine.dispose()
+    print(f"pruned {result.managers} finished jobs ({result.jobs} job rows, "
+          f"{result.progress_rows} step progress rows)")
     return 0
 
 

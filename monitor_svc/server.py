@@ -12,9 +12,10 @@ from grpc import aio
 from monitor_svc.deadlines import DeadlineTimer
 from monitor_svc.servicer import MonitorServicer
 from monitor_svc.store.migrate import upgrade
+from monitor_svc.store.notify import Listener
 from monitor_svc.store.store import MonitorStore, StepTimers, read_view
 from monitor_svc.watch import WatchHub
-from stepflow_common import serving
+from stepflow_common import metrics, serving
 from stepflow_common.grpc_errors import DomainErrorInterceptor
 from stepflow_proto.v1 import monitor_service_pb2, monitor_service_pb2_grpc
 
@@ -34,6 +35,7 @@ class MonitorConfig:
     security: serving.Security = field(default_factory=serving.Security)
     migrate: bool = True
     shutdown_grace_s: float = SHUTDOWN_GRACE_S
+    metrics_port: int = 0  # Prometheus /metrics on this port; 0 = off
 
 
 @dataclass(slots=True)
@@ -45,6 +47,7 @@ class RunningMonitor:
     timer: DeadlineTimer
     health: object
     shutdown_grace_s: float
+    listener: Listener | None = None
 
     @property
     def address(self) -> str:
@@ -52,9 +55,11 @@ class RunningMonitor:
 
     async def stop(self, grace: float | None = None) -> None:
         """Refuse new calls, let in-flight ones (and stream acks) finish, then close storage."""
-        await serving.set_not_serving(self.health, [SERVICE_NAME])  # type: ignore[arg-type]
+        await serving.set_not_serving(self.health, [SERVICE_NAME])
         await self.timer.stop()
         await self.server.stop(self.shutdown_grace_s if grace is None else grace)
+        if self.listener is not None:
+            await asyncio.to_thread(self.listener.stop)
         self.hub.close()
         await asyncio.to_thread(self.store.close)
 
@@ -80,19 +85,26 @@ async def create_server(config: MonitorConfig) -> RunningMonitor:
     hub.bind_loop(loop)
     timer = DeadlineTimer(store)
     holder["store"] = store
-    server = serving.make_server(config.security, [DomainErrorInterceptor()])
+    server = serving.make_server(config.security, [DomainErrorInterceptor(metrics.observe_rpc)])
     monitor_service_pb2_grpc.add_MonitorServiceServicer_to_server(MonitorServicer(store, hub), server)
     health = serving.add_health_and_reflection(server, [SERVICE_NAME])
     port = serving.bind(server, f"{config.host}:{config.port}", config.security)
     await server.start()
     timer.start()
+    listener = None
+    if not store.sqlite:
+        # Other replicas on this database: their commits wake our watchers too.
+        listener = Listener(config.database_url, hub.notify_any_threadsafe)
+        listener.start()
+        await asyncio.to_thread(listener.ready.wait, 5.0)
     await serving.set_serving(health, [SERVICE_NAME])
     log.info("monitor serving", port=port, database=_safe_url(config.database_url))
-    return RunningMonitor(server, port, store, hub, timer, health, config.shutdown_grace_s)
+    return RunningMonitor(server, port, store, hub, timer, health, config.shutdown_grace_s, listener)
 
 
 async def serve(config: MonitorConfig) -> None:
     running = await create_server(config)
+    metrics.start_metrics_server(config.metrics_port, config.host)
     stop = asyncio.Event()
     serving.install_signal_handlers(stop)
     await stop.wait()

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+from rich import box
 from rich.console import Console, Group
 from rich.live import Live
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
-from rich.table import Table
+from rich.table import Column, Table
+from rich.text import Text
 
 from stepflow_proto.v1 import job_pb2
 
-STATUS_NAMES = {
+STATUS_NAMES: dict[int, str] = {
     job_pb2.JOB_STATUS_UNSPECIFIED: "-",
     job_pb2.JOB_STATUS_PENDING: "pending",
     job_pb2.JOB_STATUS_RUNNING: "running",
@@ -35,32 +38,63 @@ def status_name(value: int) -> str:
     return STATUS_NAMES.get(value, str(value))
 
 
+STATUS_WIDTH = max(len(name) for name in STATUS_NAMES.values())
+STEP_NAME_MAX_WIDTH = 16
+ERROR_MAX_CHARS = 200  # the table wraps it; the full text is in GetJob
+
+
 def final_table(job: job_pb2.Job) -> Table:
-    table = Table(title=f"{job.name} ({job.id}): {status_name(job.status)}")
-    for column in ("#", "step", "type", "status", "children", "completed", "failed", "cancelled", "error"):
-        table.add_column(column)
+    """The job's step_stats, readable in an 80-column terminal: short headers, status names
+    never cut, long step names cut with an ellipsis, the error wrapped in the space left."""
+    title = Text.assemble((job.name, "bold"), f" {job.id} ", _styled(status_name(job.status)))
+    table = Table(
+        title=title,
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        padding=(0, 1, 0, 0),
+        title_justify="left",
+    )
+    table.add_column("#", justify="right", no_wrap=True)
+    table.add_column("step", no_wrap=True, overflow="ellipsis", max_width=STEP_NAME_MAX_WIDTH)
+    table.add_column("type", no_wrap=True, overflow="ellipsis", max_width=10)
+    table.add_column("status", no_wrap=True, min_width=STATUS_WIDTH)
+    for header in ("children", "ok", "fail", "cancel"):
+        table.add_column(header, justify="right", no_wrap=True)
+    table.add_column("error", min_width=12, overflow="fold")
     for stat in job.step_stats:
-        name = status_name(stat.status)
         c = stat.children
         table.add_row(
             str(stat.step_index + 1),
-            stat.step_name,
-            stat.step_type,
-            f"[{STYLE.get(name, '')}]{name}[/]" if name in STYLE else name,
+            Text(stat.step_name),
+            Text(stat.step_type),
+            _styled(status_name(stat.status)),
             str(stat.child_count or (c.pending + c.running + c.completed + c.failed + c.cancelled)),
             str(c.completed),
             str(c.failed),
             str(c.cancelled),
-            stat.error[:60],
+            Text(_shorten(stat.error), style="red"),
         )
     return table
+
+
+def _styled(status: str) -> Text:
+    return Text(status, style=STYLE.get(status, ""))
+
+
+def _shorten(error: str) -> str:
+    error = " ".join(error.split())  # one paragraph: a multi-line error wraps cleanly
+    return error if len(error) <= ERROR_MAX_CHARS else error[: ERROR_MAX_CHARS - 1] + "\u2026"
 
 
 async def follow(states: AsyncIterator[job_pb2.Job], console: Console | None = None) -> job_pb2.Job:
     """Show a bar per step with its child counts until the job ends; return the last state."""
     console = console or Console()
     progress = Progress(
-        TextColumn("{task.fields[label]:<24}"),
+        # The label is markup (its status is coloured); names in it are escaped.
+        TextColumn(
+            "{task.fields[label]}",
+            table_column=Column(width=24, no_wrap=True, overflow="ellipsis"),
+        ),
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("{task.fields[counts]}"),
@@ -69,7 +103,9 @@ async def follow(states: AsyncIterator[job_pb2.Job], console: Console | None = N
     tasks: dict[str, TaskID] = {}
     header = Table.grid()
     last: job_pb2.Job | None = None
-    with Live(Group(header, progress), console=console, refresh_per_second=8, transient=False) as live:
+    with Live(
+        Group(header, progress), console=console, refresh_per_second=8, transient=False
+    ) as live:
         async for job in states:
             last = job
             for stat in job.step_stats:
@@ -80,18 +116,28 @@ async def follow(states: AsyncIterator[job_pb2.Job], console: Console | None = N
                 status = status_name(stat.status)
                 if status in ("completed", "failed", "cancelled", "skipped") and seen == 0:
                     done = total = 1
-                label = f"{stat.step_name} [{status}]"
+                style = STYLE.get(status, "default")
+                label = f"{escape(stat.step_name)} [{style}]{escape(f'[{status}]')}[/]"
                 counts = f"run {c.running} ok {c.completed} fail {c.failed} cancel {c.cancelled}"
                 if stat.step_id not in tasks:
-                    tasks[stat.step_id] = progress.add_task("", total=total, label=label, counts=counts)
-                progress.update(tasks[stat.step_id], total=total, completed=done, label=label, counts=counts)
+                    tasks[stat.step_id] = progress.add_task(
+                        "", total=total, label=label, counts=counts
+                    )
+                progress.update(
+                    tasks[stat.step_id], total=total, completed=done, label=label, counts=counts
+                )
             live.update(Group(_header(job), progress))
     assert last is not None, "the watch ended before sending any state"
+    console.print()  # ends the live view's last line where the console is not a terminal
     console.print(final_table(last))
     return last
 
 
 def _header(job: job_pb2.Job) -> Table:
     grid = Table.grid(padding=(0, 1))
-    grid.add_row(f"[bold]{job.name}[/]", job.id, f"status: {status_name(job.status)}")
+    grid.add_row(
+        Text(job.name, style="bold"),
+        job.id,
+        Text.assemble("status: ", _styled(status_name(job.status))),
+    )
     return grid

@@ -14,7 +14,7 @@ from orchestrator_svc.monitor_client import MonitorClient
 from orchestrator_svc.orchestrator import Orchestrator
 from orchestrator_svc.servicer import OrchestratorServicer
 from orchestrator_svc.workers.registry import load_registry
-from stepflow_common import serving
+from stepflow_common import metrics, serving
 from stepflow_common.grpc_errors import DomainErrorInterceptor
 from stepflow_proto.v1 import orchestrator_service_pb2, orchestrator_service_pb2_grpc
 
@@ -35,6 +35,7 @@ class OrchestratorConfig:
     security: serving.Security = field(default_factory=serving.Security)
     monitor_security: serving.Security = field(default_factory=serving.Security)
     shutdown_grace_s: float = 10.0
+    metrics_port: int = 0  # Prometheus /metrics on this port; 0 = off
 
 
 @dataclass(slots=True)
@@ -68,7 +69,8 @@ async def create_server(config: OrchestratorConfig) -> RunningOrchestrator:
     channel = serving.channel(config.monitor, config.monitor_security)
     stream = EventStream(lambda: serving.channel(config.monitor, config.monitor_security))
     stream.start()
-    server = serving.make_server(config.security, [DomainErrorInterceptor()])
+    metrics.track_unacked(lambda: stream.buffered)
+    server = serving.make_server(config.security, [DomainErrorInterceptor(metrics.observe_rpc)])
     port = serving.bind(server, f"{config.host}:{config.port}", config.security)
     owner = config.owner or default_owner(port)
     orchestrator = Orchestrator(MonitorClient(channel), stream, workers, owner=owner)
@@ -85,6 +87,7 @@ async def create_server(config: OrchestratorConfig) -> RunningOrchestrator:
 
 async def serve(config: OrchestratorConfig) -> None:
     running = await create_server(config)
+    metrics.start_metrics_server(config.metrics_port, config.host)
     stop = asyncio.Event()
     serving.install_signal_handlers(stop)
     await stop.wait()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from monitor_svc.store.tx import Tx
+from stepflow_common import metrics
 from stepflow_common.errors import StepflowError, Unavailable
 
 log = structlog.get_logger(__name__)
@@ -90,6 +92,7 @@ class Writer:
                 self._commit_group(live)
 
     def _commit_group(self, batch: list[_Job]) -> None:
+        started = time.perf_counter()
         try:
             outcomes, changed, hooks, earliest = self._transact(batch)
         except Exception as exc:  # the whole transaction failed: retry units one by one
@@ -104,8 +107,10 @@ class Writer:
             return
         self.commits += 1
         self.units += len(batch)
-        for job, (result, error) in zip(batch, outcomes, strict=True):
-            _resolve(job, result, error)
+        metrics.observe_commit(time.perf_counter() - started, len(batch))
+        _resolve_all(
+            [(job, result, error) for job, (result, error) in zip(batch, outcomes, strict=True)]
+        )
         for hook in hooks:
             try:
                 hook()
@@ -136,6 +141,28 @@ class Writer:
             tx.flush()
             changed = tx.changed_ids()
         return outcomes, changed, tx.after_commit, tx.earliest_deadline
+
+
+def _resolve_all(settled: list[tuple[_Job, Any, BaseException | None]]) -> None:
+    """Answer a whole group with one wake-up per event loop, not one per call."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Job, Any, BaseException | None]]] = {}
+    for item in settled:
+        by_loop.setdefault(item[0].loop, []).append(item)
+    for loop, items in by_loop.items():
+
+        def settle(items: list[tuple[_Job, Any, BaseException | None]] = items) -> None:
+            for job, result, error in items:
+                if job.future.done():
+                    continue
+                if error is not None:
+                    job.future.set_exception(error)
+                else:
+                    job.future.set_result(result)
+
+        try:
+            loop.call_soon_threadsafe(settle)
+        except RuntimeError:  # the caller's loop is gone (shutdown)
+            pass
 
 
 def _resolve(job: _Job, result: Any, error: BaseException | None) -> None:

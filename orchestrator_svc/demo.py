@@ -1,0 +1,411 @@
+"""``make demo``: the demo job end to end on the embedded default, in a few seconds.
+
+Starts ``monitor-svc serve`` (SQLite in a temporary directory, a short grace period) and
+``orchestrator-svc serve`` as subprocesses on free ports, waits until both report SERVING
+through the gRPC health service, submits ``examples/demo.toml`` and shows its live progress
+with the view of ``orchestrator-svc submit --follow`` (``orchestrator_svc.follow``), checks
+that every step ended the way the job file says, and stops both services with SIGTERM.
+
+Nothing is left running, whatever happens: the services are stopped in a ``finally`` on an
+error, on Ctrl-C and on SIGTERM/SIGHUP to the demo, and on Linux they also get SIGTERM from the
+kernel if the demo itself is killed (``PR_SET_PDEATHSIG``). They run in their own session, so
+Ctrl-C reaches only the demo, which then stops them in order: orchestrator first (it flushes
+its event stream to the monitor), then the monitor.
+
+Exit status: 0 when the demo ran as designed -- the demo job fails on purpose in several ways,
+so the check is that each step ended as designed, not that everything succeeded; 1 when a
+step or the job ended otherwise; 2 when a service did not start or stop cleanly; 130 on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from rich.console import Console
+from rich.markup import escape
+from rich.padding import Padding
+from rich.table import Table
+from rich.text import Text
+
+from orchestrator_svc import definitions
+from orchestrator_svc.follow import follow, status_name
+from orchestrator_svc.monitor_client import MonitorClient
+from stepflow_common import logs, serving
+from stepflow_common.errors import StepflowError
+from stepflow_proto.v1 import job_pb2
+from stepflow_proto.v1 import orchestrator_service_pb2 as o
+from stepflow_proto.v1 import orchestrator_service_pb2_grpc as o_grpc
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEMO_JOB = REPO_ROOT / "examples" / "demo.toml"
+HOST = "127.0.0.1"
+MONITOR_SERVICE = "stepflow.v1.MonitorService"
+ORCHESTRATOR_SERVICE = "stepflow.v1.OrchestratorService"
+
+GRACE_PERIOD = "2s"  # a handed-off step with no seal and no child ends this soon
+SHUTDOWN_GRACE = "2s"  # what each service gives in-flight calls on SIGTERM
+STARTUP_TIMEOUT_S = 30.0  # first start imports everything and migrates the database
+JOB_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 15.0  # SIGTERM, then SIGKILL after this long
+LOG_TAIL_LINES = 20
+
+EXIT_AS_DESIGNED = 0
+EXIT_NOT_AS_DESIGNED = 1
+EXIT_SERVICE_TROUBLE = 2
+EXIT_INTERRUPTED = 130
+
+# How each step of examples/demo.toml ends, and why: the failures are deliberate.
+EXPECTED_STEPS: dict[str, tuple[str, str]] = {
+    "crawl": ("completed", "6 of its 60 children fail (every 10th); they stay counted"),
+    "enrich": ("completed", "wait = false: handed to the monitor, which ended it"),
+    "thumbs": ("completed", "a fan-out over three items, one of which fails"),
+    "broken": ("failed", "its command exits 3; on_error = continue: the job goes on"),
+    "publish": ("skipped", "it depends on 'broken', which did not complete"),
+    "report": ("completed", "it depends on 'crawl' only"),
+}
+EXPECTED_JOB_STATUS = "completed"  # every failure above was continued past
+
+
+class ServiceError(RuntimeError):
+    """A service did not start, or died; the message carries its log's tail."""
+
+
+@dataclass(slots=True)
+class ServiceProcess:
+    """A service running as a subprocess: the demo's, and the end-to-end tests'."""
+
+    name: str
+    health_service: str  # the gRPC service name its health check reports on
+    port: int
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    @property
+    def address(self) -> str:
+        return f"{HOST}:{self.port}"
+
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        try:
+            text = self.log.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> int:
+        """SIGTERM, wait, SIGKILL after ``timeout_s``; the exit status (0 = clean)."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                return self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+                return -signal.SIGKILL
+        return self.process.returncode
+
+
+def start_service(
+    name: str,
+    health_service: str,
+    command: Sequence[str],
+    log_dir: Path,
+    *,
+    env: Mapping[str, str] | None = None,
+) -> ServiceProcess:
+    """Run ``command --host 127.0.0.1 --port <free port>``, its output in ``log_dir/NAME.log``.
+
+    The environment is this one without any ``STEPFLOW_*`` variable (every flag reads one, so
+    a token, TLS files or another database exported in the shell would change the service),
+    plus ``env``. The service gets its own session, so a Ctrl-C in the terminal reaches only
+    this process, which stops the services in order; and on Linux the kernel sends it SIGTERM
+    if this process dies without stopping it.
+    """
+    port = free_port()
+    log = log_dir / f"{name}.log"
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("STEPFLOW_")}
+    environ["PYTHONUNBUFFERED"] = "1"
+    environ.update(env or {})
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [*command, "--host", HOST, "--port", str(port)],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=environ,
+            cwd=log_dir,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,  # only prctl(), between fork and exec
+        )
+    return ServiceProcess(name, health_service, port, process, log)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    console = Console()
+    logs.configure("console", "warning")
+    # SIGTERM and SIGHUP end the demo as Ctrl-C does, so the `finally` below always runs
+    # (SIGINT too, explicitly: a shell starting us in the background would have it ignored).
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.default_int_handler)
+    services: list[ServiceProcess] = []
+    with tempfile.TemporaryDirectory(prefix="stepflow-demo-") as tmp:
+        try:
+            code = _demo(args, console, Path(tmp), services)
+        except KeyboardInterrupt:
+            console.print("\n[yellow]interrupted: stopping the services[/]")
+            code = EXIT_INTERRUPTED
+        except ServiceError as exc:
+            console.print(f"[red]demo: {escape(str(exc))}[/]")
+            code = EXIT_SERVICE_TROUBLE
+        except TimeoutError:
+            console.print(f"[red]demo: the job did not end within {JOB_TIMEOUT_S:.0f}s[/]")
+            code = EXIT_NOT_AS_DESIGNED
+        except (grpc.RpcError, StepflowError) as exc:
+            console.print(f"[red]demo: {escape(_describe(exc))}[/]")
+            code = EXIT_SERVICE_TROUBLE
+        finally:
+            # Also on an unexpected exception, which then propagates with its traceback.
+            clean = _stop_all(services, console)
+        return code if clean else EXIT_SERVICE_TROUBLE
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, aio.AioRpcError):
+        return f"{exc.code().name}: {exc.details()}"
+    return str(exc)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m orchestrator_svc.demo",
+        description="Run the demo job end to end: start the monitor (SQLite in a temporary "
+        "directory) and the orchestrator, submit examples/demo.toml, show live per-step "
+        "progress and the final step table, then stop both services. Exits 0 when every "
+        "step ended as the demo designs it (some fail on purpose).",
+    )
+    parser.add_argument(
+        "--job",
+        type=Path,
+        default=DEMO_JOB,
+        help="job file to run instead (then only its reaching an end is checked) "
+        f"[default: {DEMO_JOB.relative_to(REPO_ROOT)}]",
+    )
+    parser.add_argument(
+        "--keep-running",
+        action="store_true",
+        help="leave both services up after the job (for grpcurl) until Ctrl-C",
+    )
+    return parser
+
+
+def _demo(
+    args: argparse.Namespace, console: Console, tmp: Path, services: list[ServiceProcess]
+) -> int:
+    job_file: Path = args.job
+    if not job_file.is_file():
+        raise ServiceError(f"no job file at {job_file} (run the demo from a clone of the repo)")
+    database_url = f"sqlite:///{tmp / 'stepflow.db'}"
+    console.print(f"[bold]stepflow demo[/]: {escape(str(job_file))}")
+
+    python = [sys.executable, "-m"]
+    common = ["--shutdown-grace", SHUTDOWN_GRACE, "--log-format", "json"]
+    # Appended as soon as started: whatever happens next, the `finally` in main stops them.
+    services.append(start_service(
+        "monitor",
+        MONITOR_SERVICE,
+        [*python, "monitor_svc", "serve", "--database-url", database_url,
+         "--grace-period", GRACE_PERIOD, *common],
+        tmp,
+    ))  # fmt: skip
+    monitor = services[-1]
+    wait_serving(monitor)
+    console.print(f"  monitor       {monitor.address}")
+    console.print(f"  SQLite        {tmp / 'stepflow.db'}", soft_wrap=True)
+    services.append(
+        start_service(
+            "orchestrator",
+            ORCHESTRATOR_SERVICE,
+            [*python, "orchestrator_svc", "serve", "--monitor", monitor.address, *common],
+            tmp,
+        )
+    )
+    orchestrator = services[-1]
+    wait_serving(orchestrator)
+    console.print(f"  orchestrator  {orchestrator.address}\n")
+
+    final = asyncio.run(_run_job(job_file, orchestrator, monitor, console))
+    if job_file.resolve() == DEMO_JOB:
+        outcome = _check(final, console)
+    else:  # no design to hold it to: reaching an end is the whole check
+        console.print(f"the job ended {status_name(final.status)}")
+        outcome = EXIT_AS_DESIGNED
+    for service in services:
+        if service.process.poll() is not None:
+            raise ServiceError(f"the {service.name} died during the demo:\n{service.log_tail()}")
+    if args.keep_running:
+        _keep_running(monitor, orchestrator, final, console)
+    return outcome
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the demo dies, even by SIGKILL (Linux only)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_serving(service: ServiceProcess, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
+    """Poll the health service until ``service`` reports SERVING, or fail with its log."""
+    deadline = time.monotonic() + timeout_s
+    last = "no answer"
+    with grpc.insecure_channel(service.address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if service.process.poll() is not None:
+                raise ServiceError(
+                    f"the {service.name} exited with status {service.process.returncode} "
+                    f"while starting:\n{service.log_tail()}"
+                )
+            try:
+                response = stub.Check(
+                    health_pb2.HealthCheckRequest(service=service.health_service), timeout=1.0
+                )
+                if response.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+                last = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+            except grpc.RpcError as exc:
+                last = exc.code().name
+            time.sleep(0.1)
+    raise ServiceError(
+        f"the {service.name} did not report SERVING within {timeout_s:.0f}s "
+        f"(last: {last}):\n{service.log_tail()}"
+    )
+
+
+async def _run_job(
+    job_file: Path,
+    orchestrator: ServiceProcess,
+    monitor: ServiceProcess,
+    console: Console,
+) -> job_pb2.Job:
+    """Submit the job and follow it, exactly as ``orchestrator-svc submit --follow`` does."""
+    spec = definitions.load_file(str(job_file))
+    security = serving.Security()
+    async with serving.channel(orchestrator.address, security) as channel:
+        response = await o_grpc.OrchestratorServiceStub(channel).SubmitJob(
+            o.SubmitJobRequest(definition=definitions.to_proto(spec), request_id=uuid.uuid4().hex),
+            timeout=30,
+        )
+    async with serving.channel(monitor.address, security) as channel:
+        watch = MonitorClient(channel).watch(response.manager_id)
+        return await asyncio.wait_for(follow(watch, console), JOB_TIMEOUT_S)
+
+
+def _check(job: job_pb2.Job, console: Console) -> int:
+    """Compare every step's end with the design; print why each ended as it did."""
+    ended = {stat.step_name: status_name(stat.status) for stat in job.step_stats}
+    surprises = []
+    grid = Table.grid(padding=(0, 2, 0, 0))
+    grid.add_column(no_wrap=True)
+    grid.add_column(no_wrap=True)
+    grid.add_column()
+    for name, (expected, why) in EXPECTED_STEPS.items():
+        got = ended.get(name, "not started")
+        if got == expected:
+            grid.add_row(Text(name), Text(got, style="green"), Text(why))
+        else:
+            grid.add_row(Text(name), Text(got, style="red"), Text(f"expected {expected}: {why}"))
+            surprises.append(f"{name} ended {got}, not {expected}")
+    console.print("\n[bold]why each step ended as it did[/]")
+    console.print(Padding(grid, (0, 0, 0, 2)))
+    job_status = status_name(job.status)
+    if job_status != EXPECTED_JOB_STATUS:
+        surprises.append(f"the job ended {job_status}, not {EXPECTED_JOB_STATUS}")
+    if surprises:
+        console.print(f"[red]not as designed: {escape('; '.join(surprises))}[/]")
+        return EXIT_NOT_AS_DESIGNED
+    console.print(
+        f"[green]demo ran as designed:[/] the job ended {job_status}; the failures it "
+        "continued past stay visible in step_stats"
+    )
+    return EXIT_AS_DESIGNED
+
+
+def _keep_running(
+    monitor: ServiceProcess,
+    orchestrator: ServiceProcess,
+    job: job_pb2.Job,
+    console: Console,
+) -> None:
+    console.print("\nboth services stay up until Ctrl-C; try, from the repository:")
+    for hint in (
+        f"  .venv/bin/grpcurl -plaintext {monitor.address} list",
+        f'  .venv/bin/grpcurl -plaintext -d \'{{"job_id": "{job.id}"}}\' '
+        f"{monitor.address} stepflow.v1.MonitorService/GetJob",
+        f"  .venv/bin/grpcurl -plaintext {orchestrator.address} "
+        "stepflow.v1.OrchestratorService/ListWorkers",
+    ):
+        # Not wrapped by rich, so a command copied from the terminal stays one line.
+        console.print(hint, markup=False, highlight=False, soft_wrap=True)
+    try:
+        while all(s.process.poll() is None for s in (monitor, orchestrator)):
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        console.print()
+
+
+def _stop_all(services: list[ServiceProcess], console: Console) -> bool:
+    """SIGTERM each service, last started first; True when all exited cleanly (status 0)."""
+    clean = True
+    with _signals_ignored():
+        for service in reversed(services):
+            code = service.stop()
+            if code != 0:
+                clean = False
+                console.print(
+                    f"[red]the {service.name} exited with status {code}:[/]\n"
+                    f"{escape(service.log_tail())}"
+                )
+    if services and clean:
+        console.print("both services stopped cleanly")
+    return clean
+
+
+@contextmanager
+def _signals_ignored() -> Iterator[None]:
+    """Ctrl-C again while the services stop must not leave one running."""
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

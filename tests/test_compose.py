@@ -1,0 +1,315 @@
+"""docker-compose.yml and the Dockerfile, checked without a Docker engine.
+
+The compose file is parsed and held against what the services really read: every environment
+variable it sets must be one the `serve` command's argparse parser reads (and, set, must give
+the value the file means), the addresses must line up (the monitor's port with the
+orchestrator's --monitor, the database URL with PostgreSQL's credentials), and each gRPC
+health check command is run against a live server, so a broken probe cannot hide behind a
+container runtime that is not here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from sqlalchemy.engine import make_url
+
+from monitor_svc import cli as monitor_cli
+from orchestrator_svc import cli as orchestrator_cli
+from orchestrator_svc.demo import ServiceProcess, free_port, start_service, wait_serving
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSE = ROOT / "docker-compose.yml"
+DOCKERFILE = ROOT / "Dockerfile"
+DOCKERIGNORE = ROOT / ".dockerignore"
+BIN = Path(sys.executable).parent
+MONITOR_PORT = 50051
+ORCHESTRATOR_PORT = 50052
+MONITOR_SERVICE = "stepflow.v1.MonitorService"
+ORCHESTRATOR_SERVICE = "stepflow.v1.OrchestratorService"
+PROBE_TIMEOUT_S = 20.0
+ENV_IN_HELP = re.compile(r"\[env: ([^;\]]+)")
+
+
+# -- what the services read ------------------------------------------------------------------
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            sub: argparse.ArgumentParser = action.choices[name]
+            return sub
+    raise AssertionError(f"{parser.prog} has no subcommands")
+
+
+def env_vars_read(parser: argparse.ArgumentParser) -> set[str]:
+    """Every environment variable a parser's flags read, as their --help states it (the
+    helper that adds a flag writes the names it reads into the help)."""
+    names: set[str] = set()
+    for action in parser._actions:
+        match = ENV_IN_HELP.search(action.help or "")
+        if match:
+            names.update(name.strip() for name in match.group(1).split(","))
+    return names
+
+
+def monitor_serve_parser() -> argparse.ArgumentParser:
+    return _subparser(monitor_cli.build_parser(), "serve")
+
+
+def orchestrator_serve_parser() -> argparse.ArgumentParser:
+    return _subparser(orchestrator_cli.build_parser(), "serve")
+
+
+# -- the files -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    data = yaml.safe_load(COMPOSE.read_text())
+    assert isinstance(data, dict), "docker-compose.yml is not a mapping"
+    return data
+
+
+def _service(compose: dict[str, Any], name: str) -> dict[str, Any]:
+    service: dict[str, Any] = compose["services"][name]
+    return service
+
+
+def _env(compose: dict[str, Any], name: str) -> dict[str, str]:
+    env = _service(compose, name).get("environment", {})
+    assert isinstance(env, dict), f"{name}: write environment as a mapping"
+    return {str(k): str(v) for k, v in env.items()}
+
+
+def test_three_services(compose: dict[str, Any]) -> None:
+    assert set(compose["services"]) == {"postgres", "monitor", "orchestrator"}
+    assert str(_service(compose, "postgres")["image"]).startswith("postgres:")
+
+
+@pytest.mark.parametrize("name", ["monitor", "orchestrator"])
+def test_services_build_the_dockerfile(compose: dict[str, Any], name: str) -> None:
+    service = _service(compose, name)
+    assert service.get("image"), f"{name}: name the image so both services share one build"
+    build = service.get("build")
+    context = build if isinstance(build, str) else (build or {}).get("context")
+    assert context == ".", f"{name}: build the repository's Dockerfile"
+    assert (ROOT / context / "Dockerfile").is_file()
+    command = service["command"]
+    executable = {"monitor": "monitor-svc", "orchestrator": "orchestrator-svc"}[name]
+    assert command[:2] == [executable, "serve"], command
+
+
+@pytest.mark.parametrize(
+    ("name", "port"), [("monitor", MONITOR_PORT), ("orchestrator", ORCHESTRATOR_PORT)]
+)
+def test_ports_are_published(compose: dict[str, Any], name: str, port: int) -> None:
+    ports = [str(p) for p in _service(compose, name)["ports"]]
+    assert f"{port}:{port}" in ports, ports
+
+
+@pytest.mark.parametrize(
+    ("name", "parser_factory"),
+    [("monitor", monitor_serve_parser), ("orchestrator", orchestrator_serve_parser)],
+)
+def test_every_environment_variable_is_read(
+    compose: dict[str, Any], name: str, parser_factory: Any
+) -> None:
+    read = env_vars_read(parser_factory())
+    unknown = sorted(set(_env(compose, name)) - read)
+    assert not unknown, f"{name} sets variables `serve` does not read: {unknown}"
+
+
+def test_monitor_environment_takes_effect(
+    compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env = _env(compose, "monitor")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    args = monitor_serve_parser().parse_args([])
+    assert args.host == "0.0.0.0"
+    assert args.port == MONITOR_PORT
+    assert args.metrics_port > 0
+    assert args.log_format == "json"
+    url = make_url(args.database_url)
+    postgres = _env(compose, "postgres")
+    assert url.drivername == "postgresql+psycopg"
+    assert url.host == "postgres"
+    assert (url.username, url.password, url.database) == (
+        postgres["POSTGRES_USER"],
+        postgres["POSTGRES_PASSWORD"],
+        postgres["POSTGRES_DB"],
+    )
+    assert f"{args.metrics_port}:{args.metrics_port}" in [
+        str(p) for p in _service(compose, "monitor")["ports"]
+    ]
+
+
+def test_orchestrator_environment_takes_effect(
+    compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for key, value in _env(compose, "orchestrator").items():
+        monkeypatch.setenv(key, value)
+    args = orchestrator_serve_parser().parse_args([])
+    assert args.host == "0.0.0.0"
+    assert args.port == ORCHESTRATOR_PORT
+    monitor_port = _env(compose, "monitor")["STEPFLOW_MONITOR_PORT"]
+    assert args.monitor == f"monitor:{monitor_port}"
+    assert args.owner, "a stable owner lets a restarted orchestrator fail its leftover jobs"
+    assert args.metrics_port > 0
+    assert f"{args.metrics_port}:{args.metrics_port}" in [
+        str(p) for p in _service(compose, "orchestrator")["ports"]
+    ]
+
+
+def test_start_order_waits_for_health(compose: dict[str, Any]) -> None:
+    assert _service(compose, "monitor")["depends_on"] == {
+        "postgres": {"condition": "service_healthy"}
+    }
+    assert _service(compose, "orchestrator")["depends_on"] == {
+        "monitor": {"condition": "service_healthy"}
+    }
+    for name in ("postgres", "monitor", "orchestrator"):
+        assert _service(compose, name).get("healthcheck", {}).get("test"), f"{name}: no healthcheck"
+
+
+def _probe(compose: dict[str, Any], name: str) -> list[str]:
+    test = _service(compose, name)["healthcheck"]["test"]
+    assert test[0] == "CMD" and test[1] == "python", f"{name}: the probe runs python: {test}"
+    return [str(part) for part in test[1:]]
+
+
+@pytest.mark.parametrize(
+    ("name", "port", "grpc_service"),
+    [
+        ("monitor", MONITOR_PORT, MONITOR_SERVICE),
+        ("orchestrator", ORCHESTRATOR_PORT, ORCHESTRATOR_SERVICE),
+    ],
+)
+def test_health_probe_asks_the_grpc_health_service(
+    compose: dict[str, Any], name: str, port: int, grpc_service: str
+) -> None:
+    script = _probe(compose, name)[-1]
+    assert "grpc_health" in script
+    assert f"127.0.0.1:{port}" in script
+    assert f"'{grpc_service}'" in script
+
+
+@pytest.fixture(scope="module")
+def live_services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, ServiceProcess]]:
+    tmp = tmp_path_factory.mktemp("compose")
+    common = ["--shutdown-grace", "2s", "--log-format", "json"]
+    started: dict[str, ServiceProcess] = {}
+    try:
+        started["monitor"] = start_service(
+            "monitor",
+            MONITOR_SERVICE,
+            [str(BIN / "monitor-svc"), "serve", "--database-url", f"sqlite:///{tmp / 'c.db'}",
+             *common],
+            tmp,
+        )  # fmt: skip
+        wait_serving(started["monitor"])
+        started["orchestrator"] = start_service(
+            "orchestrator",
+            ORCHESTRATOR_SERVICE,
+            [str(BIN / "orchestrator-svc"), "serve", "--monitor", started["monitor"].address,
+             *common],
+            tmp,
+        )  # fmt: skip
+        wait_serving(started["orchestrator"])
+        yield started
+    finally:
+        for service in reversed(started.values()):
+            service.stop()
+
+
+@pytest.mark.parametrize(
+    ("name", "port"), [("monitor", MONITOR_PORT), ("orchestrator", ORCHESTRATOR_PORT)]
+)
+def test_health_probe_runs(
+    compose: dict[str, Any], live_services: dict[str, ServiceProcess], name: str, port: int
+) -> None:
+    """The probe, pointed at a live server, says healthy; pointed at nothing, unhealthy."""
+    python, *rest = _probe(compose, name)
+    assert python == "python"
+    live = [
+        sys.executable,
+        *rest[:-1],
+        rest[-1].replace(f"127.0.0.1:{port}", live_services[name].address),
+    ]
+    done = subprocess.run(
+        live, capture_output=True, text=True, timeout=PROBE_TIMEOUT_S, check=False
+    )
+    assert done.returncode == 0, f"{name} probe failed against a live server:\n{done.stderr}"
+
+    nowhere = rest[-1].replace(f"127.0.0.1:{port}", f"127.0.0.1:{free_port()}")
+    dead = subprocess.run(
+        [sys.executable, *rest[:-1], nowhere],
+        capture_output=True,
+        text=True,
+        timeout=PROBE_TIMEOUT_S,
+        check=False,
+    )
+    assert dead.returncode != 0, f"{name} probe passed with no server listening"
+
+
+# -- the Dockerfile ----------------------------------------------------------------------------
+def _dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            keyword, _, rest = line.partition(" ")
+            out.append((keyword.upper(), rest.strip()))
+    return out
+
+
+def test_dockerfile_installs_the_package() -> None:
+    instructions = _dockerfile_instructions()
+    assert instructions[0] == ("FROM", "python:3.11-slim")
+    runs = " ".join(args for keyword, args in instructions if keyword == "RUN")
+    assert re.search(r"pip install \.(\s|$)", runs), runs
+    copied = {  # every COPY source (all but the last argument)
+        part.rstrip("/")
+        for keyword, args in instructions
+        if keyword == "COPY"
+        for part in args.split()[:-1]
+    }
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    packages = re.search(r"include = \[([^\]]*)\]", pyproject)
+    assert packages, "pyproject.toml: [tool.setuptools.packages.find] include not found"
+    for pattern in re.findall(r'"([^"]+)"', packages.group(1)):
+        package = pattern.rstrip("*")
+        assert package in copied, f"the Dockerfile does not COPY the package {package}"
+    assert {"pyproject.toml", "README.md"} <= copied  # pyproject's readme is README.md
+    exposed = " ".join(args for keyword, args in instructions if keyword == "EXPOSE").split()
+    assert {str(MONITOR_PORT), str(ORCHESTRATOR_PORT)} <= set(exposed)
+
+
+def test_dockerfile_environment_is_read() -> None:
+    read = env_vars_read(monitor_serve_parser()) | env_vars_read(orchestrator_serve_parser())
+    names = set()
+    for keyword, args in _dockerfile_instructions():
+        if keyword == "ENV":
+            names.update(re.findall(r"(\w+)=", args))
+    stepflow = {name for name in names if name.startswith("STEPFLOW_")}
+    assert stepflow, "the Dockerfile sets no STEPFLOW_ variables"
+    assert not stepflow - read, f"not read by either service: {sorted(stepflow - read)}"
+
+
+def test_dockerignore_keeps_what_the_image_needs() -> None:
+    ignored = {
+        line.strip().rstrip("/")
+        for line in DOCKERIGNORE.read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    needed = {"pyproject.toml", "README.md", "stepflow_proto", "stepflow_common", "monitor_svc",
+              "orchestrator_svc", "examples"}  # fmt: skip
+    assert not needed & ignored
+    assert {".venv", ".git"} <= ignored
