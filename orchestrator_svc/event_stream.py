@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import itertools
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -23,7 +25,9 @@ import grpc
 import structlog
 from grpc import aio
 
-from stepflow_proto.v1 import job_pb2, monitor_service_pb2 as m
+from stepflow_common import metrics
+from stepflow_proto.v1 import job_pb2
+from stepflow_proto.v1 import monitor_service_pb2 as m
 from stepflow_proto.v1 import monitor_service_pb2_grpc as m_grpc
 
 log = structlog.get_logger(__name__)
@@ -41,6 +45,7 @@ class _Batch:
     events: list[job_pb2.ChildEvent]
     last_seq: int
     stream_batch_id: int = 0
+    sent_at: float = 0.0  # time.monotonic() when last sent: the ack lag metric
 
 
 @dataclass(slots=True)
@@ -118,10 +123,8 @@ class EventStream:
         self._closing = True
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
 
     async def _run(self) -> None:
         backoff = BACKOFF_INITIAL_S
@@ -157,26 +160,35 @@ class EventStream:
         batch_ids = itertools.count(1)
         # Batches of this stream not yet acknowledged, in send order (acks come in order).
         in_flight: collections.deque[_Batch] = collections.deque()
+        # A batch leaves ``_unacked`` only when its ack arrives, never when it is (re)sent: if
+        # this stream breaks too, even half-way through the resend, the next one starts again
+        # from every batch still unacknowledged. (Emptying ``_unacked`` here and refilling it
+        # batch by batch as they were resent lost the batches not yet resent when a resend was
+        # cut short, and ``wait_acked`` then waited for them forever.)
         resend = list(self._unacked)
-        self._unacked.clear()
         window = asyncio.Semaphore(MAX_BATCHES_IN_FLIGHT)
 
         async def requests() -> AsyncIterator[m.StreamChildEventsRequest]:
             for batch in resend:
                 await window.acquire()
                 batch.stream_batch_id = next(batch_ids)
-                self._unacked.append(batch)
+                batch.sent_at = time.monotonic()
                 in_flight.append(batch)
                 self.stats.resent_batches += 1
-                yield m.StreamChildEventsRequest(batch_id=batch.stream_batch_id, events=batch.events)
+                yield m.StreamChildEventsRequest(
+                    batch_id=batch.stream_batch_id, events=batch.events
+                )
             while True:
                 await window.acquire()
                 batch = await self._next_batch()
                 batch.stream_batch_id = next(batch_ids)
+                batch.sent_at = time.monotonic()
                 self._unacked.append(batch)
                 in_flight.append(batch)
                 self.stats.sent_batches += 1
-                yield m.StreamChildEventsRequest(batch_id=batch.stream_batch_id, events=batch.events)
+                yield m.StreamChildEventsRequest(
+                    batch_id=batch.stream_batch_id, events=batch.events
+                )
 
         call = stub.StreamChildEvents(requests(), wait_for_ready=True)
         self.connected.set()
@@ -184,11 +196,18 @@ class EventStream:
             if not in_flight or in_flight[0].stream_batch_id != ack.batch_id:
                 raise RuntimeError(f"ack for unexpected batch {ack.batch_id}")
             batch = in_flight.popleft()
+            metrics.ACK_LAG.observe(time.monotonic() - batch.sent_at)
+            # This stream sends in ``_unacked`` order (the resend first), so the oldest
+            # unacknowledged batch is the one acknowledged.
+            if not self._unacked or self._unacked[0] is not batch:
+                raise RuntimeError(f"ack for batch {ack.batch_id} out of order")
             self._unacked.popleft()
             window.release()
             for rejected in ack.rejected:
                 self.stats.rejected.append((rejected.event_id, rejected.reason))
-                log.warning("event rejected by monitor", event_id=rejected.event_id, reason=rejected.reason)
+                log.warning(
+                    "event rejected by monitor", event_id=rejected.event_id, reason=rejected.reason
+                )
                 if self._on_rejected is not None:
                     self._on_rejected(rejected.event_id, rejected.reason)
             async with self._changed:

@@ -4,6 +4,8 @@ recovery of jobs a previous run of this instance left unfinished."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import uuid
 from collections.abc import Mapping
 
 import structlog
@@ -19,6 +21,7 @@ from stepflow_proto.v1 import job_pb2
 log = structlog.get_logger(__name__)
 
 RESTARTED_ERROR = "orchestrator restarted"
+CANCEL_WAIT_S = 10.0  # how long CancelJob waits for a job's work to stop before ending it
 RESTARTED_REASON = "orchestrator_restarted"
 TERMINAL_PB = {
     job_pb2.JOB_STATUS_COMPLETED,
@@ -72,6 +75,10 @@ class Orchestrator:
         A retried submit with the same request_id finds the same manager (CreateJob is
         idempotent by request_id) and does not run it again.
         """
+        # Without a caller's key, one of our own: the monitor client retries CreateJob when the
+        # answer is lost (UNAVAILABLE, DEADLINE_EXCEEDED), which without a key could create
+        # a second manager.
+        request_id = request_id or f"submit-{uuid.uuid4().hex}"
         async with self._submit_lock:
             manager = await self.monitor.create_job(
                 kind=job_pb2.JOB_KIND_MANAGER,
@@ -100,7 +107,9 @@ class Orchestrator:
                 spec, manager, steps, monitor=self.monitor, stream=self.stream, workers=self.workers
             )
             self._runners[manager.id] = runner
-            task: asyncio.Task[object] = asyncio.create_task(self._run(runner), name=f"job-{manager.id}")
+            task: asyncio.Task[object] = asyncio.create_task(
+                self._run(runner), name=f"job-{manager.id}"
+            )
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
             log.info("job submitted", manager_id=manager.id, name=spec.name, steps=len(steps))
@@ -113,7 +122,10 @@ class Orchestrator:
             log.exception("job runner crashed", manager_id=runner.manager_id)
             try:
                 await self.monitor.update_status(
-                    runner.manager_id, job_pb2.JOB_STATUS_FAILED, "orchestrator error", "orchestrator"
+                    runner.manager_id,
+                    job_pb2.JOB_STATUS_FAILED,
+                    "orchestrator error",
+                    "orchestrator",
                 )
             except Exception:
                 log.exception("could not record the crash", manager_id=runner.manager_id)
@@ -133,8 +145,16 @@ class Orchestrator:
         if runner is not None:
             if job.kind == job_pb2.JOB_KIND_MANAGER:
                 await runner.cancel(reason)
+                # Stop the work first, so the job's own last writes (its steps' ends, a step
+                # that was just starting) come before its end: the state a watcher sees last
+                # is then the final one. Bounded: a worker may be slow to stop, and the
+                # cancel below ends everything in the monitor anyway.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(runner.finished.wait(), CANCEL_WAIT_S)
             elif job.kind == job_pb2.JOB_KIND_STEP:
-                await runner.cancel_step(job_id)
+                # Not waited for: the runner ends a cancelled step itself before its seal,
+                # and the cancel below makes it final in the monitor at once either way.
+                await runner.cancel_step(job_id, reason)
         return await self.monitor.update_status(
             job_id, job_pb2.JOB_STATUS_CANCELLED, reason or "cancelled", "cancelled"
         )
@@ -142,9 +162,9 @@ class Orchestrator:
     def running(self) -> list[str]:
         return list(self._runners)
 
-    async def wait_all(self, timeout: float | None = None) -> None:
+    async def wait_all(self, timeout_s: float | None = None) -> None:
         if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=timeout)
+            await asyncio.wait(list(self._tasks), timeout=timeout_s)
 
     async def abandon(self) -> None:
         """Shutdown: stop running jobs' tasks (they are failed by the next start's recovery)."""

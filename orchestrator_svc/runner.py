@@ -11,8 +11,10 @@ error tolerance decide whether later steps start; the manager ends when every st
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+
 import structlog
 
 from orchestrator_svc.definitions import JobSpec, OnError, StepSpec
@@ -42,6 +44,7 @@ EVENT_KIND = {
     "cancelled": job_pb2.CHILD_EVENT_KIND_CANCELLED,
 }
 END_ORCHESTRATOR = "orchestrator"
+WATCH_RETRY_S = 0.5  # pause before watching the manager again after an unexpected error
 
 
 @dataclass(slots=True)
@@ -55,10 +58,20 @@ class _StepRun:
     released: asyncio.Event = field(default_factory=asyncio.Event)
     started: bool = False
     handed: bool = False
+    cancel_reason: str = ""  # set by CancelJob on this step
+    # Stream sequence of the step's first CREATED event (0: none yet), and its signal.
+    first_child_seq: int = 0
+    first_child: asyncio.Event = field(default_factory=asyncio.Event)
     final: Status | None = None
     error: str = ""
     counts: dict[str, int] = field(
-        default_factory=lambda: {"pending": 0, "running": 0, "completed": 0, "failed": 0, "cancelled": 0}
+        default_factory=lambda: {
+            "pending": 0,
+            "running": 0,
+            "completed": 0,
+            "failed": 0,
+            "cancelled": 0,
+        }
     )
 
     def tally(self) -> ChildTally:
@@ -84,21 +97,26 @@ class JobRunner:
         self._monitor = monitor
         self._stream = stream
         self._workers = workers
-        self._steps = [_StepRun(i, s, job.id) for i, (s, job) in enumerate(zip(spec.steps, steps, strict=True))]
+        self._steps = [
+            _StepRun(i, s, job.id) for i, (s, job) in enumerate(zip(spec.steps, steps, strict=True))
+        ]
         self._by_id = {s.job_id: s for s in self._steps}
         self._stop_new = False  # fail / fatal / tolerance: start no new step
+        self._halted = False  # fatal / tolerance / cancel / job end: stop running steps too
         self._failed_by_rule = False
         self._manager_error = ""
         self._cancelled = False
+        self._cancel_reason = "cancelled"
         self._timed_out = False
         self._child_failures = 0
         self._tolerance_exceeded = False
-        self._manager_done = asyncio.Event()
+        self._side_writes: list[asyncio.Task[job_pb2.Job]] = []
         self.finished = asyncio.Event()
 
     # -- public ------------------------------------------------------------------------------
     async def run(self) -> Status:
         watcher = asyncio.create_task(self._watch_manager(), name=f"watch-{self.manager_id}")
+        step_tasks: list[asyncio.Task[None]] = []
         try:
             await self._monitor.update_status(self.manager_id, job_pb2.JOB_STATUS_RUNNING)
             await self._monitor.update_metadata(
@@ -109,7 +127,6 @@ class JobRunner:
                     "step_job_ids": {s.spec.name: s.job_id for s in self._steps},
                 },
             )
-            step_tasks = []
             for step in self._steps:
                 await self._wait_to_start(step)
                 task = asyncio.create_task(self._run_step(step), name=f"step-{step.spec.name}")
@@ -121,19 +138,26 @@ class JobRunner:
             await asyncio.gather(*step_tasks)
             for step in self._steps:
                 await step.ended.wait()
+            await asyncio.gather(*self._side_writes)
             return await self._finish()
         finally:
             watcher.cancel()
+            # Only left running when the job itself was cancelled (shutdown) or crashed: its
+            # steps' workers must not run on unowned.
+            for task in step_tasks:
+                task.cancel()
             self.finished.set()
 
     async def cancel(self, reason: str = "") -> None:
-        """Stop all work at once (CancelJob); the caller records `cancelled` in the monitor."""
+        """Stop all work at once (CancelJob); the job then ends `cancelled` with ``reason``."""
         self._cancelled = True
+        self._cancel_reason = reason or "cancelled"
         self._stop_all()
 
-    async def cancel_step(self, step_id: str) -> None:
+    async def cancel_step(self, step_id: str, reason: str = "") -> None:
         step = self._by_id.get(step_id)
         if step is not None:
+            step.cancel_reason = reason or "cancelled"
             step.cancel.set()
 
     # -- steps -------------------------------------------------------------------------------
@@ -144,11 +168,17 @@ class JobRunner:
 
     async def _run_step(self, step: _StepRun) -> None:
         try:
+            if self._cancelled:
+                # The monitor's cascade makes every step of a cancelled job `cancelled`; ending
+                # this one the same way keeps the result independent of which write lands first.
+                await self._end_step(step, Status.CANCELLED, "job cancelled", reason="cancelled")
+                return
             skip_reason = self._skip_reason(step)
             if skip_reason:
                 await self._end_step(step, Status.SKIPPED, skip_reason)
                 return
-            await self._start_step(step)
+            if not await self._start_step(step):
+                return
             worker = self._workers[step.spec.type]
             if worker.spawns_children:
                 await self._run_spawning(step, worker)
@@ -160,8 +190,6 @@ class JobRunner:
                 await self._end_step(step, Status.FAILED, f"{type(exc).__name__}: {exc}")
 
     def _skip_reason(self, step: _StepRun) -> str:
-        if self._cancelled:
-            return "job cancelled"
         if self._stop_new:
             return "job stopped before this step"
         for name in step.spec.depends_on:
@@ -170,7 +198,8 @@ class JobRunner:
                 return f"dependency {name} ended {dep.final}"
         return ""
 
-    async def _start_step(self, step: _StepRun) -> None:
+    async def _start_step(self, step: _StepRun) -> bool:
+        """Record the step as started; False if the monitor had already ended it."""
         step.started = True
         spec = step.spec
         await self._monitor.update_metadata(
@@ -195,7 +224,21 @@ class JobRunner:
                 "current_step_status": Status.RUNNING.value,
             },
         )
-        await self._monitor.update_status(step.job_id, job_pb2.JOB_STATUS_RUNNING)
+        try:
+            await self._monitor.update_status(step.job_id, job_pb2.JOB_STATUS_RUNNING)
+        except (StatusConflict, FailedPrecondition):
+            # The job stopped (cancel, job timeout) while this step was starting: the cascade
+            # ended the step before the metadata above made it current, so
+            # current_step_status says `running` for a finished step. Make it say what is.
+            job = await self._monitor.get_job(step.job_id)
+            final = STATUS_FROM_PB[job.status]
+            await self._monitor.update_metadata(
+                self.manager_id,
+                {"current_step_id": step.job_id, "current_step_status": final.value},
+            )
+            self._record_end(step, final, job.error)
+            return False
+        return True
 
     async def _run_simple(self, step: _StepRun, worker: Worker) -> None:
         result = await self._run_worker(step, worker)
@@ -209,17 +252,38 @@ class JobRunner:
             await self._end_step(step, Status.FAILED, result.error)
 
     async def _run_spawning(self, step: _StepRun, worker: Worker) -> None:
+        spawned_writer: asyncio.Task[None] | None = None
         if not step.spec.wait:
             # Hand-off: the monitor ends this step (seal + children), the job moves on now.
-            await self._write_handed(step)
-        result = await self._run_worker(step, worker)
-        seal = job_pb2.ChildEvent(
-            kind=job_pb2.CHILD_EVENT_KIND_SEALED,
-            step_id=step.job_id,
-            child_count=result.child_count,
-            handed_to_monitor=not step.spec.wait,
-        )
-        await self._stream.emit(seal)
+            self._hand_off(step)
+            spawned_writer = asyncio.create_task(self._write_spawned(step))
+        try:
+            result = await self._run_worker(step, worker)
+            stopped = self._halted or bool(step.cancel_reason)
+            if not step.spec.wait and stopped and not step.ended.is_set():
+                # Cancelled, or stopped with the job (fatal, tolerance, cancel): end it before
+                # the seal, or the monitor would end it by its children, ``completed`` if any
+                # had. (A timeout has already ended it, as ``failed``.)
+                await self._stream.wait_acked()
+                why = step.cancel_reason or (
+                    self._cancel_reason if self._cancelled else self._manager_error
+                )
+                await self._end_step(
+                    step, Status.CANCELLED, why or "job stopped", reason="cancelled"
+                )
+            seal = job_pb2.ChildEvent(
+                kind=job_pb2.CHILD_EVENT_KIND_SEALED,
+                step_id=step.job_id,
+                child_count=result.child_count,
+                handed_to_monitor=not step.spec.wait,
+            )
+            await self._stream.emit(seal)
+            # Without any child the seal alone hands the step off (and ends it).
+            if spawned_writer is not None and step.first_child.is_set():
+                await spawned_writer
+        finally:
+            if spawned_writer is not None and not spawned_writer.done():
+                spawned_writer.cancel()
         if not step.spec.wait:
             return  # the manager watcher records the end when the monitor decides it
         # Wait until the monitor has committed every event of this step, so no reader sees a
@@ -230,18 +294,43 @@ class JobRunner:
         if not result.ok and not result.cancelled:
             await self._end_step(step, Status.FAILED, result.error)
         elif step.cancel.is_set() and step.final is None:
-            await self._end_step(step, Status.CANCELLED, "cancelled")
+            await self._end_step(step, Status.CANCELLED, step.cancel_reason or "cancelled")
         else:
-            status, error = final_step_status(step.tally())
+            status, error = final_step_status(await self._committed_tally(step))
             await self._end_step(step, status, error)
 
-    async def _write_handed(self, step: _StepRun) -> None:
-        try:
-            await self._monitor.update_status(step.job_id, job_pb2.JOB_STATUS_SPAWNED)
-        except (StatusConflict, FailedPrecondition):
-            pass  # refused backwards: the monitor already ended it, which is what we want
+    async def _committed_tally(self, step: _StepRun) -> ChildTally:
+        """The step's child counts as the monitor committed them (its events are acknowledged).
+
+        They, not this runner's own counts, decide the step (path 5): a child cancelled through
+        the API stays cancelled in the monitor even though its worker later finished it, and
+        the step must end as its rows and ``step_stats`` entry say, not as the worker believed.
+        """
+        manager = await self._monitor.get_job(self.manager_id)
+        for stat in manager.step_stats:
+            if stat.step_id == step.job_id:
+                c = stat.children
+                return ChildTally(c.pending, c.running, c.completed, c.failed, c.cancelled)
+        return step.tally()
+
+    def _hand_off(self, step: _StepRun) -> None:
+        """Let the next step start; the monitor will end this one."""
         step.handed = True
         step.released.set()
+
+    async def _write_spawned(self, step: _StepRun) -> None:
+        """Show the hand-off (``spawned``) once the step's first child is committed.
+
+        Not earlier: a ``spawned`` step with no child and no seal is ended ``completed`` by the
+        monitor's grace period, so writing it before any child exists would end a hand-off that
+        is merely slow to create its first child (or whose events wait out a monitor restart)
+        with zero children. A step without children is handed off by its seal alone. A refused
+        write means the monitor has already ended the step, which is what a hand-off asks for.
+        """
+        await step.first_child.wait()
+        await self._stream.wait_acked(step.first_child_seq)
+        with contextlib.suppress(StatusConflict, FailedPrecondition):
+            await self._monitor.update_status(step.job_id, job_pb2.JOB_STATUS_SPAWNED)
 
     async def _run_worker(self, step: _StepRun, worker: Worker) -> StepResult:
         ctx = StepContext(
@@ -250,30 +339,40 @@ class JobRunner:
             config=step.spec.config,
             child_created=lambda cid, name: self._child_event(step, cid, "created", name=name),
             child_running=lambda cid: self._child_event(step, cid, "running"),
-            child_finished=lambda cid, status, error: self._child_event(step, cid, status, error=error),
+            child_finished=lambda cid, status, error: self._child_event(
+                step, cid, status, error=error
+            ),
             cancelled=step.cancel,
         )
         timeout = step.spec.timeout_s
         try:
             if timeout is None:
                 return await worker.run(ctx)
-            return await self._run_with_timeout(step, worker, ctx, timeout)
+            return await self._run_with_timeout(step, worker, ctx, timeout_s=timeout)
         except Exception as exc:
-            return StepResult.failure(f"{type(exc).__name__}: {exc}", child_count=step.tally().total)
+            return StepResult.failure(
+                f"{type(exc).__name__}: {exc}", child_count=step.tally().total
+            )
 
     async def _run_with_timeout(
-        self, step: _StepRun, worker: Worker, ctx: StepContext, timeout: float
+        self, step: _StepRun, worker: Worker, ctx: StepContext, *, timeout_s: float
     ) -> StepResult:
         """A step timeout cancels the step's running children (the worker sees ``cancel``)."""
         task = asyncio.create_task(worker.run(ctx))
-        done, _ = await asyncio.wait([task], timeout=timeout)
+        done, _ = await asyncio.wait([task], timeout=timeout_s)
         if task in done:
             return task.result()
         step.cancel.set()
         result = await task
-        if not step.ended.is_set() and step.spec.wait:
+        if not step.ended.is_set():
+            # Ended here in both wait modes (the monitor's own deadline for the step may fire
+            # first; then this is a no-op): a handed-off step must fail *before* its seal, or
+            # the monitor would end it by its children (all cancelled -> ``cancelled``), and a
+            # worker without children has no seal at all.
             await self._stream.wait_acked()
-            await self._end_step(step, Status.FAILED, "timed out waiting for child jobs", reason="timeout")
+            await self._end_step(
+                step, Status.FAILED, "timed out waiting for child jobs", reason="timeout"
+            )
         return result
 
     async def _child_event(
@@ -298,9 +397,14 @@ class JobRunner:
             event_kind = EVENT_KIND[status]
             if status == "failed":
                 self._count_child_failure()
-        await self._stream.emit(
-            job_pb2.ChildEvent(kind=event_kind, step_id=step.job_id, child_id=child_id, error=error, name=name)
+        seq = await self._stream.emit(
+            job_pb2.ChildEvent(
+                kind=event_kind, step_id=step.job_id, child_id=child_id, error=error, name=name
+            )
         )
+        if kind == "created" and not step.first_child.is_set():
+            step.first_child_seq = seq
+            step.first_child.set()
 
     def _count_child_failure(self) -> None:
         self._child_failures += 1
@@ -309,19 +413,32 @@ class JobRunner:
             return
         if self._child_failures > tolerance.max_child_failures:
             self._tolerance_exceeded = True
-            message = f"error tolerance exceeded ({self._child_failures} > {tolerance.max_child_failures})"
-            log.warning("error tolerance exceeded", manager_id=self.manager_id, action=tolerance.action)
+            message = (
+                f"error tolerance exceeded ({self._child_failures} > "
+                f"{tolerance.max_child_failures})"
+            )
+            log.warning(
+                "error tolerance exceeded", manager_id=self.manager_id, action=tolerance.action
+            )
             if tolerance.action == "fail":
                 self._failed_by_rule = True
                 self._manager_error = message
                 self._stop_new = True
                 self._stop_all()
             else:
-                asyncio.get_running_loop().create_task(
-                    self._monitor.update_metadata(self.manager_id, {"error_tolerance_exceeded": message})
+                # Kept and awaited before the job ends: a bare task may be garbage-collected,
+                # or land after the manager is final.
+                self._side_writes.append(
+                    asyncio.create_task(
+                        self._monitor.update_metadata(
+                            self.manager_id, {"error_tolerance_exceeded": message}
+                        )
+                    )
                 )
 
-    async def _end_step(self, step: _StepRun, status: Status, error: str, *, reason: str = END_ORCHESTRATOR) -> None:
+    async def _end_step(
+        self, step: _StepRun, status: Status, error: str, *, reason: str = END_ORCHESTRATOR
+    ) -> None:
         try:
             job = await self._monitor.update_status(step.job_id, STATUS_PB[status], error, reason)
             final = STATUS_FROM_PB[job.status]
@@ -348,42 +465,58 @@ class JobRunner:
 
     def _stop_all(self) -> None:
         self._stop_new = True
+        self._halted = True
         for step in self._steps:
             step.cancel.set()
 
     # -- learning from the monitor -------------------------------------------------------------
     async def _watch_manager(self) -> None:
-        """Handed-off step endings, API cancellations and the job's own deadline arrive here."""
-        try:
-            async for job in self._monitor.watch(self.manager_id):
-                for stat in job.step_stats:
-                    step = self._by_id.get(stat.step_id)
-                    status = STATUS_FROM_PB.get(stat.status)
-                    if step is None or status is None or not status.terminal or step.ended.is_set():
-                        continue
-                    self._record_end(step, status, stat.error)
-                manager_status = STATUS_FROM_PB.get(job.status)
-                if manager_status is not None and manager_status.terminal:
-                    if manager_status is Status.CANCELLED:
-                        self._cancelled = True
-                    elif job.end_reason == "timeout":
-                        self._timed_out = True
-                        self._manager_error = job.error
-                    self._stop_all()
-                    for step in self._steps:
-                        if not step.ended.is_set() and not step.started:
-                            # Never started: the monitor's cascade already made it terminal.
-                            fresh = await self._monitor.get_job(step.job_id)
-                            self._record_end(step, STATUS_FROM_PB[fresh.status], fresh.error)
-                    return
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("manager watch failed", manager_id=self.manager_id)
+        """Handed-off step endings, API cancellations and the job's own deadline arrive here.
+
+        It must outlive any error: the job waits on it for every handed-off step's end, so a
+        watch that died would leave the job running for ever. On a failure it starts again,
+        from the job's current state (latest state wins, nothing is missed).
+        """
+        while True:
+            try:
+                async for job in self._monitor.watch(self.manager_id):
+                    if await self._on_manager_state(job):
+                        return
+                log.warning("manager watch ended early; watching again", manager_id=self.manager_id)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("manager watch failed; watching again", manager_id=self.manager_id)
+            await asyncio.sleep(WATCH_RETRY_S)
+
+    async def _on_manager_state(self, job: job_pb2.Job) -> bool:
+        """Apply one state of the manager; True once it is terminal."""
+        for stat in job.step_stats:
+            step = self._by_id.get(stat.step_id)
+            status = STATUS_FROM_PB.get(stat.status)
+            if step is None or status is None or not status.terminal or step.ended.is_set():
+                continue
+            self._record_end(step, status, stat.error)
+        manager_status = STATUS_FROM_PB.get(job.status)
+        if manager_status is None or not manager_status.terminal:
+            return False
+        if manager_status is Status.CANCELLED:
+            self._cancelled = True
+        elif job.end_reason == "timeout":
+            self._timed_out = True
+            self._manager_error = job.error
+        self._stop_all()
+        for step in self._steps:
+            if not step.ended.is_set() and not step.started:
+                # Never started: the monitor's cascade already made it terminal.
+                fresh = await self._monitor.get_job(step.job_id)
+                self._record_end(step, STATUS_FROM_PB[fresh.status], fresh.error)
+        return True
 
     async def _finish(self) -> Status:
+        reason = END_ORCHESTRATOR
         if self._cancelled:
-            status, error = Status.CANCELLED, "cancelled"
+            status, error, reason = Status.CANCELLED, self._cancel_reason, "cancelled"
         elif self._timed_out:
             status, error = Status.FAILED, self._manager_error or "job timed out"
         elif self._failed_by_rule:
@@ -391,7 +524,9 @@ class JobRunner:
         else:
             status, error = Status.COMPLETED, ""
         try:
-            job = await self._monitor.update_status(self.manager_id, STATUS_PB[status], error, END_ORCHESTRATOR)
+            job = await self._monitor.update_status(
+                self.manager_id, STATUS_PB[status], error, reason
+            )
             final = STATUS_FROM_PB[job.status]
         except (StatusConflict, FailedPrecondition):
             final = STATUS_FROM_PB[(await self._monitor.get_job(self.manager_id)).status]

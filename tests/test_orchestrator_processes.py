@@ -1,0 +1,473 @@
+"""End to end with real processes: the monitor killed (-9) and restarted mid-job, the
+orchestrator killed and replaced by one with the same owner, and ``orchestrator-svc submit
+--follow`` against server processes. Each runs on SQLite (a file) and on PostgreSQL.
+
+Servers are started with the installed console scripts on free ports and polled through the
+gRPC health service; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from monitor_svc.server import RunningMonitor
+from orchestrator_svc.server import OrchestratorConfig, create_server
+from stepflow_proto.v1 import job_pb2
+from stepflow_proto.v1 import monitor_service_pb2 as m
+from stepflow_proto.v1 import monitor_service_pb2_grpc as m_grpc
+from stepflow_proto.v1 import orchestrator_service_pb2 as o
+from stepflow_proto.v1 import orchestrator_service_pb2_grpc as o_grpc
+from tests.helpers import meta
+from tests.test_orchestrator_e2e import (
+    LIVE,
+    assert_consistent,
+    by_name,
+    counts_of,
+    final,
+    list_all,
+    sim,
+    submit,
+    tally_counts,
+    watch_until,
+)
+
+S = job_pb2
+BIN = Path(sys.executable).parent
+START_TIMEOUT_S = 30.0
+MONITOR_FLAGS = ["--grace-period", "1s", "--default-wait-timeout", "60s", "--shutdown-grace", "1s"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def clean_env() -> dict[str, str]:
+    """The environment without STEPFLOW_* settings that could change the servers' flags."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("STEPFLOW_")}
+
+
+class ServerProcess:
+    """One ``monitor-svc serve`` or ``orchestrator-svc serve`` process on a fixed port."""
+
+    def __init__(self, argv: list[str], port: int, log: Path) -> None:
+        self.argv, self.port, self.log = argv, port, log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        with self.log.open("ab") as out:
+            # A server process for the whole test, not a call awaited here.
+            self.proc = subprocess.Popen(  # noqa: ASYNC220
+                self.argv, stdout=out, stderr=subprocess.STDOUT, env=clean_env()
+            )
+        await self._wait_serving()
+
+    async def _wait_serving(self) -> None:
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + START_TIMEOUT_S
+        async with aio.insecure_channel(self.address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            while True:
+                assert self.proc is not None and self.proc.poll() is None, self.tail(
+                    "exited at start"
+                )
+                try:
+                    resp = await health.Check(
+                        health_pb2.HealthCheckRequest(service=""), timeout=1.0
+                    )
+                    if resp.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except aio.AioRpcError:
+                    pass
+                assert loop.time() < give_up, self.tail("not serving in time")
+                await asyncio.sleep(0.05)
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGCONT)  # in case a test left it stopped
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def tail(self, what: str, lines: int = 40) -> str:
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        return f"{self.argv[0]} {what}; last log lines:\n" + "\n".join(text.splitlines()[-lines:])
+
+
+def monitor_process(database_url: str, tmp_path: Path, port: int | None = None) -> ServerProcess:
+    port = port or free_port()
+    argv = [
+        str(BIN / "monitor-svc"),
+        "serve",
+        "--port",
+        str(port),
+        "--database-url",
+        database_url,
+        *MONITOR_FLAGS,
+    ]
+    return ServerProcess(argv, port, tmp_path / "monitor.log")
+
+
+def orchestrator_process(
+    monitor: str, owner: str, tmp_path: Path, port: int | None = None
+) -> ServerProcess:
+    port = port or free_port()
+    argv = [
+        str(BIN / "orchestrator-svc"),
+        "serve",
+        "--port",
+        str(port),
+        "--monitor",
+        monitor,
+        "--owner",
+        owner,
+        "--shutdown-grace",
+        "1s",
+    ]
+    return ServerProcess(argv, port, tmp_path / f"orchestrator-{port}.log")
+
+
+@pytest.fixture
+async def monitor_proc(database_url: str, tmp_path: Path) -> AsyncIterator[ServerProcess]:
+    proc = monitor_process(database_url, tmp_path)
+    await proc.start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+# -- the monitor restarted mid-job ---------------------------------------------------------------
+MONITOR_RESTART_JOB: dict[str, Any] = {
+    "name": "monitor-restart",
+    "timeout": "2m",
+    "steps": [
+        {
+            # Handed off first, so it is mid-way too when the monitor dies.
+            "name": "h1",
+            "type": "simulate",
+            "wait": False,
+            "on_error": "continue",
+            "config": sim(100, 40, concurrency=4, fail_every=5),
+        },
+        {
+            "name": "w1",
+            "type": "simulate",
+            "on_error": "continue",
+            "config": sim(120, 25, concurrency=6, fail_every=7, cancel_every=11),
+        },
+        {"name": "w2", "type": "simulate", "config": sim(40, 10, concurrency=8, cancel_every=6)},
+        {
+            "name": "tail",
+            "type": "command",
+            "depends_on": ["w1", "w2"],
+            "config": {"command": "true"},
+        },
+    ],
+}
+
+
+async def test_monitor_killed_and_restarted_mid_job_keeps_exact_counts(
+    database_url: str, tmp_path: Path, monitor_proc: ServerProcess
+) -> None:
+    orch = await create_server(
+        OrchestratorConfig(
+            port=0, monitor=monitor_proc.address, owner="restart-monitor-test", shutdown_grace_s=1.0
+        )
+    )
+    try:
+        async with (
+            aio.insecure_channel(monitor_proc.address) as mch,
+            aio.insecure_channel(orch.address) as och,
+        ):
+            stub = m_grpc.MonitorServiceStub(mch)
+            ostub = o_grpc.OrchestratorServiceStub(och)
+            manager_id = await submit(ostub, MONITOR_RESTART_JOB)
+            # Mid-way through the first step: some children done, many to go.
+            await watch_until(
+                stub,
+                manager_id,
+                lambda j: "w1" in by_name(j) and by_name(j)["w1"].children.completed >= 20,
+            )
+            seen = await stub.GetJob(m.GetJobRequest(job_id=manager_id))
+            assert by_name(seen.job)["h1"].status in LIVE, "the hand-off ended too soon"
+            # Freeze it first, so batches are sent but never acknowledged; then kill it.
+            monitor_proc.signal(signal.SIGSTOP)
+            await asyncio.sleep(0.3)
+            assert orch.stream.buffered > 0, "no event was in flight when the monitor died"
+            monitor_proc.kill()
+            await asyncio.sleep(0.3)
+            await monitor_proc.start()  # the same port and database
+            job = await final(stub, manager_id, within=60)
+
+            assert job.status == S.JOB_STATUS_COMPLETED, (job, monitor_proc.tail("log"))
+            stats = by_name(job)
+            for step in MONITOR_RESTART_JOB["steps"]:
+                if step["type"] == "simulate":
+                    name = step["name"]
+                    assert counts_of(stats[name].children) == tally_counts(step["config"]), name
+                    assert stats[name].child_count == step["config"]["children"], name
+                    kids = await list_all(stub, parent_id=stats[name].step_id)
+                    assert len(kids) == len({k.id for k in kids}) == step["config"]["children"]
+            assert [s.status for s in job.step_stats] == [S.JOB_STATUS_COMPLETED] * 4
+            md = meta(job)
+            assert md["completed_steps"] == md["total_steps"] == 4  # every step ended once
+            await assert_consistent(stub, job)
+            # The orchestrator's stream reconnected and sent its unacknowledged batches again.
+            stats_ = orch.stream.stats
+            assert stats_.reconnects >= 1 and stats_.resent_batches >= 1, stats_
+            assert stats_.rejected == [], stats_.rejected
+            assert orch.stream.buffered == 0
+    finally:
+        await orch.stop(grace=0.5)
+
+
+# -- the orchestrator restarted ------------------------------------------------------------------
+async def test_orchestrator_killed_mid_job_leaves_it_failed_after_restart(
+    monitor: RunningMonitor, stub: m_grpc.MonitorServiceStub, tmp_path: Path
+) -> None:
+    owner = "orchestrator-under-test"
+    first = orchestrator_process(monitor.address, owner, tmp_path)
+    await first.start()
+    # Another instance's running job, which this owner's recovery must not touch.
+    other = (
+        await stub.CreateJob(
+            m.CreateJobRequest(kind=S.JOB_KIND_MANAGER, name="other", owner="someone-else")
+        )
+    ).job
+    await stub.UpdateJobStatus(
+        m.UpdateJobStatusRequest(job_id=other.id, status=S.JOB_STATUS_RUNNING)
+    )
+    second: ServerProcess | None = None
+    try:
+        async with aio.insecure_channel(first.address) as och:
+            manager_id = await submit(
+                o_grpc.OrchestratorServiceStub(och),
+                {
+                    "name": "orchestrator-restart",
+                    "steps": [
+                        {"name": "done", "type": "simulate", "config": sim(3)},
+                        {
+                            "name": "handed",
+                            "type": "simulate",
+                            "wait": False,
+                            "config": sim(4, 60_000, concurrency=2),
+                        },
+                        {
+                            "name": "busy",
+                            "type": "simulate",
+                            "config": sim(6, 60_000, concurrency=3),
+                        },
+                        {"name": "later", "type": "command", "config": {"command": "true"}},
+                    ],
+                },
+            )
+        await watch_until(
+            stub,
+            manager_id,
+            lambda j: "busy" in by_name(j) and by_name(j)["busy"].children.running == 3,
+        )
+        first.kill()
+        second = orchestrator_process(monitor.address, owner, tmp_path, port=first.port)
+        await second.start()  # recovery runs before it reports SERVING
+        job = await final(stub, manager_id, within=5)
+        assert job.status == S.JOB_STATUS_FAILED
+        assert job.error == "orchestrator restarted"
+        stats = by_name(job)
+        assert stats["done"].status == S.JOB_STATUS_COMPLETED
+        for name in ("handed", "busy", "later"):
+            assert stats[name].status == S.JOB_STATUS_CANCELLED, name
+        assert counts_of(stats["busy"].children) == (0, 0, 0, 0, 6)
+        assert counts_of(stats["handed"].children) == (0, 0, 0, 0, 4)
+        leftovers = [j for j in await list_all(stub, manager_id=manager_id) if j.status in LIVE]
+        assert leftovers == []
+        await assert_consistent(stub, job)
+        assert (
+            await stub.GetJob(m.GetJobRequest(job_id=other.id))
+        ).job.status == S.JOB_STATUS_RUNNING
+        # The new instance runs jobs as usual.
+        async with aio.insecure_channel(second.address) as och:
+            again = await submit(
+                o_grpc.OrchestratorServiceStub(och),
+                {
+                    "name": "after-restart",
+                    "steps": [{"name": "s", "type": "simulate", "config": sim(3)}],
+                },
+            )
+        assert (await final(stub, again)).status == S.JOB_STATUS_COMPLETED
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
+
+
+async def test_cancel_a_job_whose_orchestrator_died(
+    monitor: RunningMonitor, stub: m_grpc.MonitorServiceStub, tmp_path: Path
+) -> None:
+    """CancelJob through another orchestrator (another owner, no runner for the job) cancels a
+    job whose orchestrator was killed: the monitor's cascade does it all."""
+    dead = orchestrator_process(monitor.address, "dies", tmp_path)
+    await dead.start()
+    other = orchestrator_process(monitor.address, "survives", tmp_path)
+    await other.start()
+    try:
+        async with aio.insecure_channel(dead.address) as och:
+            manager_id = await submit(
+                o_grpc.OrchestratorServiceStub(och),
+                {
+                    "name": "orphaned",
+                    "steps": [
+                        {"name": "busy", "type": "simulate", "config": sim(4, 60_000)},
+                        {"name": "later", "type": "command", "config": {"command": "true"}},
+                    ],
+                },
+            )
+        await watch_until(
+            stub,
+            manager_id,
+            lambda j: "busy" in by_name(j) and by_name(j)["busy"].children.running == 4,
+        )
+        dead.kill()
+        async with aio.insecure_channel(other.address) as och:
+            resp = await o_grpc.OrchestratorServiceStub(och).CancelJob(
+                o.CancelJobRequest(job_id=manager_id, reason="orphan"), timeout=10
+            )
+        assert resp.job.status == S.JOB_STATUS_CANCELLED
+        job = await final(stub, manager_id, within=5)
+        assert (job.status, job.error) == (S.JOB_STATUS_CANCELLED, "orphan")
+        assert [s.status for s in job.step_stats] == [S.JOB_STATUS_CANCELLED] * 2
+        assert counts_of(by_name(job)["busy"].children) == (0, 0, 0, 0, 4)
+        assert [j for j in await list_all(stub, manager_id=manager_id) if j.status in LIVE] == []
+        await assert_consistent(stub, job)
+    finally:
+        dead.stop()
+        other.stop()
+
+
+# -- the CLI -------------------------------------------------------------------------------------
+QUICK_JOB = """
+name = "cli-follow"
+timeout = "1m"
+
+[[steps]]
+name = "crawl"
+type = "simulate"
+on_error = "continue"
+config = { children = 12, duration_ms = 20, concurrency = 4, fail_every = 4 }
+
+[[steps]]
+name = "handoff"
+type = "simulate"
+wait = false
+config = { children = 6, duration_ms = 10 }
+
+[[steps]]
+name = "report"
+type = "command"
+depends_on = ["crawl"]
+config = { command = "echo report" }
+"""
+
+
+async def run_cli(*args: str, within: float = 60.0) -> tuple[int, str, str]:
+    env = clean_env() | {"COLUMNS": "160", "TERM": "dumb"}
+    proc = await asyncio.create_subprocess_exec(
+        str(BIN / "orchestrator-svc"),
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), within)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
+
+
+async def test_submit_follow_prints_the_final_table_and_exits_0(
+    monitor_proc: ServerProcess, tmp_path: Path
+) -> None:
+    orch = orchestrator_process(monitor_proc.address, "cli-test", tmp_path)
+    await orch.start()
+    try:
+        job_file = tmp_path / "quick.toml"
+        job_file.write_text(QUICK_JOB)
+        code, out, err = await run_cli(
+            "submit",
+            str(job_file),
+            "--follow",
+            "--orchestrator",
+            orch.address,
+            "--monitor",
+            monitor_proc.address,
+        )
+        assert code == 0, (out, err, orch.tail("log"))
+        # The final table: the job, its status and one row per step.
+        assert "cli-follow" in out and "completed" in out, out
+        for name in ("crawl", "handoff", "report"):
+            assert name in out, (name, out)
+        table = out[out.rindex("cli-follow") :]
+        crawl_row = next(line for line in table.splitlines() if "crawl" in line)
+        assert "12" in crawl_row and "9" in crawl_row and "3" in crawl_row, crawl_row
+
+        # A job that fails: the table still prints, and the exit status says so.
+        bad_file = tmp_path / "bad.json"
+        bad_file.write_text(
+            '{"name": "cli-fails", "steps": [{"name": "boom", "type": "command",'
+            ' "config": {"command": "exit 4"}}]}'
+        )
+        code, out, err = await run_cli(
+            "submit",
+            str(bad_file),
+            "--follow",
+            "--orchestrator",
+            orch.address,
+            "--monitor",
+            monitor_proc.address,
+        )
+        assert code == 3, (code, out, err)
+        assert "boom" in out and "failed" in out
+
+        # Without --follow it prints the manager id; an invalid job fails naming the field.
+        code, out, err = await run_cli("submit", str(job_file), "--orchestrator", orch.address)
+        assert code == 0 and len(out.strip()) == 32, (out, err)
+        invalid = tmp_path / "invalid.toml"
+        invalid.write_text('name = "x"\n[[steps]]\nname = "a"\ntype = "nope"\n')
+        code, out, err = await run_cli("submit", str(invalid), "--orchestrator", orch.address)
+        assert code != 0 and "steps[0].type" in err, (code, out, err)
+    finally:
+        orch.stop()
