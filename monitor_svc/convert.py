@@ -82,6 +82,9 @@ def kind(value: int, field: str = "kind") -> Kind:
 def text(value: str, field: str, limit: int = MAX_NAME) -> str:
     if len(value) > limit:
         raise InvalidArgument(f"{field} is longer than {limit} characters")
+    if "\x00" in value:
+        # Valid in protobuf, refused by PostgreSQL text: refuse it on every database alike.
+        raise InvalidArgument(f"{field} contains a NUL character")
     return value
 
 
@@ -89,7 +92,10 @@ def metadata(value: struct_pb2.Struct, field: str = "metadata") -> dict[str, Any
     size = value.ByteSize()
     if size > MAX_METADATA_BYTES:
         raise InvalidArgument(f"{field} is {size} bytes; the limit is {MAX_METADATA_BYTES}")
-    raw = json_format.MessageToDict(value)
+    try:
+        raw = json_format.MessageToDict(value)
+    except ValueError as exc:  # NaN and Infinity have no JSON form
+        raise InvalidArgument(f"{field} holds a number JSON cannot represent: {exc}") from None
     _check_depth(raw, field, 0)
     result = _whole_numbers(raw)
     assert isinstance(result, dict)
@@ -168,6 +174,8 @@ def child_event(event: job_pb2.ChildEvent) -> ChildEventIn | str:
         return "child_id is missing or not a valid id"
     if len(event.error) > MAX_ERROR:
         return f"error is longer than {MAX_ERROR} characters"
+    if "\x00" in event.error or "\x00" in event.name or "\x00" in event.event_id:
+        return "event_id, error or name contains a NUL character"
     return ChildEventIn(
         event_id=event.event_id,
         step_id=event.step_id,

@@ -24,6 +24,10 @@ def make_engine(url: str, *, writer: bool) -> Engine:
     if parsed.get_backend_name() != "sqlite":
         return create_engine(
             url,
+            # psycopg prepares a statement server-side after 5 uses, and PostgreSQL may keep
+            # the generic plan it made while the tables were empty (sequential scans of jobs
+            # for ever after). Plan each statement with its values instead.
+            connect_args={"prepare_threshold": None},
             pool_size=2 if writer else 8,
             max_overflow=2 if writer else 8,
             pool_pre_ping=True,

@@ -26,7 +26,7 @@ from monitor_svc.records import (
 )
 from monitor_svc.store.engine import is_sqlite, make_engine
 from monitor_svc.store.models import JobRow, StepProgressRow
-from monitor_svc.store.tx import JOB_SELECT, Tx, deadline_after, row_to_state
+from monitor_svc.store.tx import JOB_SELECT, SELECT_JOB, Tx, deadline_after, row_to_state
 from monitor_svc.store.writer import Reader, Writer
 from stepflow_common.errors import (
     AlreadyExists,
@@ -149,7 +149,7 @@ class MonitorStore:
 
 # -- reads ---------------------------------------------------------------------------------
 def read_view(conn: Connection, job_id: str) -> JobView | None:
-    row = conn.execute(JOB_SELECT.where(JobRow.id == job_id)).first()
+    row = conn.execute(SELECT_JOB, {"job_id": job_id}).first()
     if row is None:
         return None
     job = row_to_state(row)
@@ -348,7 +348,9 @@ def _update_step_stat(tx: Tx, manager_id: str, step_id: str, status: Status) -> 
         manager = replace(manager, metadata=update.metadata, version=manager.version + 1)
         tx.put(manager)
     # All the manager's step counts in one query per transaction, shared by its calls.
-    tally = tx.tallies_for_manager(manager.id).get(step_id, ChildTally())
+    tx.load_manager_progress(manager.id)
+    progress = tx.progress(step_id)
+    tally = progress.tally() if progress is not None else ChildTally()
     return StepStatResult(update.entry, tally, update.current_step_status_changed, manager.version)
 
 
@@ -517,7 +519,8 @@ def _apply_event(
         if child.kind is not Kind.CHILD or child.parent_id != event.step_id:
             return f"job {event.child_id} is not a child of step {event.step_id}"
         if child.status != status and is_forward(child.status, status):
-            new = replace(child, status=status, version=child.version + 1)
+            new = child.clone()
+            new.status, new.version = status, child.version + 1
             if status is Status.RUNNING:
                 new.started_at = new.started_at or tx.now
             elif status.terminal:

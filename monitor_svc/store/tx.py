@@ -49,6 +49,13 @@ _JOB_COLUMNS = (
 )
 JOB_SELECT = select(*_JOB_COLUMNS)
 _T = cast(Table, JobRow.__table__)
+# Statements built once: building and cache-keying a statement per call costs more than
+# running it on the hot paths.
+SELECT_JOB = JOB_SELECT.where(_T.c.id == bindparam("job_id"))
+_SELECT_JOB_LOCKED = SELECT_JOB.with_for_update()
+_SELECT_BY_REQUEST = JOB_SELECT.where(_T.c.request_id == bindparam("request_id"))
+_SELECT_MANY = JOB_SELECT.where(_T.c.id.in_(bindparam("ids", expanding=True)))
+_SELECT_MANY_LOCKED = _SELECT_MANY.with_for_update()
 _UPDATE_JOB = (
     update(_T)
     .where(_T.c.id == bindparam("b_id"))
@@ -66,6 +73,23 @@ _UPDATE_JOB = (
     )
 )
 _P = cast(Table, StepProgressRow.__table__)
+_SELECT_PROGRESS = select(*_P.c).where(_P.c.step_id == bindparam("step_id"))
+_SELECT_PROGRESS_LOCKED = _SELECT_PROGRESS.with_for_update()
+_SELECT_MANAGER_PROGRESS = select(*_P.c).where(_P.c.manager_id == bindparam("manager_id"))
+# Children change only these columns: no metadata to re-serialise per child event.
+_UPDATE_CHILD = (
+    update(_T)
+    .where(_T.c.id == bindparam("b_id"))
+    .values(
+        status=bindparam("b_status"),
+        error=bindparam("b_error"),
+        end_reason=bindparam("b_end_reason"),
+        version=bindparam("b_version"),
+        change_seq=bindparam("b_change_seq"),
+        started_at=bindparam("b_started_at"),
+        finished_at=bindparam("b_finished_at"),
+    )
+)
 _UPDATE_PROGRESS = (
     update(_P)
     .where(_P.c.step_id == bindparam("b_step_id"))
@@ -93,7 +117,7 @@ def row_to_state(row: Any) -> JobState:
         status=Status(row.status),
         error=row.error,
         end_reason=row.end_reason,
-        metadata=json.loads(row.metadata_json),
+        metadata={} if row.metadata_json == "{}" else json.loads(row.metadata_json),
         version=row.version,
         change_seq=row.change_seq,
         step_index=row.step_index,
@@ -133,7 +157,7 @@ def state_to_insert(state: JobState) -> dict[str, Any]:
         "status": state.status.value,
         "error": state.error,
         "end_reason": state.end_reason,
-        "metadata_json": json.dumps(state.metadata, separators=(",", ":")),
+        "metadata_json": json.dumps(state.metadata, separators=(",", ":")) if state.metadata else "{}",
         "version": state.version,
         "change_seq": state.change_seq,
         "step_index": state.step_index,
@@ -163,7 +187,7 @@ class Tx:
         self._touched: set[str] = set()  # change_seq only (a manager whose counts moved)
         self._undo: list[tuple[str, str, Any]] = []
         self._seq: int | None = None
-        self._tallies_loaded: set[str] = set()
+        self._manager_steps: dict[str, set[str]] = {}  # managers whose progress rows are loaded
         self._unit_progress: set[str] = set()  # progress rows this unit already copied
         self.sqlite = not lock_rows
         self.earliest_deadline: datetime | None = None  # wakes the deadline timer after commit
@@ -188,10 +212,8 @@ class Tx:
     def job(self, job_id: str) -> JobState | None:
         if job_id in self._jobs:
             return self._jobs[job_id]
-        stmt = JOB_SELECT.where(JobRow.id == job_id)
-        if self._lock_rows:
-            stmt = stmt.with_for_update()
-        row = self.conn.execute(stmt).first()
+        stmt = _SELECT_JOB_LOCKED if self._lock_rows else SELECT_JOB
+        row = self.conn.execute(stmt, {"job_id": job_id}).first()
         state = row_to_state(row) if row is not None else None
         self._jobs[job_id] = state
         return state
@@ -203,7 +225,7 @@ class Tx:
         for state in self._jobs.values():
             if state is not None and state.request_id == request_id:
                 return state
-        row = self.conn.execute(JOB_SELECT.where(JobRow.request_id == request_id)).first()
+        row = self.conn.execute(_SELECT_BY_REQUEST, {"request_id": request_id}).first()
         if row is None:
             return None
         return self.job(row.id)
@@ -253,10 +275,8 @@ class Tx:
         wanted = [c for c in child_ids if c not in self._jobs]
         for start in range(0, len(wanted), IN_CHUNK):
             chunk = wanted[start : start + IN_CHUNK]
-            stmt = JOB_SELECT.where(JobRow.id.in_(chunk))
-            if self._lock_rows:
-                stmt = stmt.with_for_update()
-            for row in self.conn.execute(stmt):
+            stmt = _SELECT_MANY_LOCKED if self._lock_rows else _SELECT_MANY
+            for row in self.conn.execute(stmt, {"ids": chunk}):
                 self._jobs[row.id] = row_to_state(row)
             for child_id in chunk:
                 self._jobs.setdefault(child_id, None)
@@ -266,26 +286,31 @@ class Tx:
     def progress(self, step_id: str) -> Progress | None:
         if step_id in self._progress:
             return self._progress[step_id]
-        stmt = select(*_P.c).where(_P.c.step_id == step_id)
-        if self._lock_rows:
-            stmt = stmt.with_for_update()
-        row = self.conn.execute(stmt).first()
+        stmt = _SELECT_PROGRESS_LOCKED if self._lock_rows else _SELECT_PROGRESS
+        row = self.conn.execute(stmt, {"step_id": step_id}).first()
         progress = row_to_progress(row) if row is not None else None
         self._progress[step_id] = progress
         return progress
 
+    def load_manager_progress(self, manager_id: str) -> None:
+        """All of a manager's step progress rows into the cache, in one query per transaction."""
+        if manager_id in self._manager_steps:
+            return
+        steps = self._manager_steps[manager_id] = set()
+        for row in self.conn.execute(_SELECT_MANAGER_PROGRESS, {"manager_id": manager_id}):
+            steps.add(row.step_id)
+            if row.step_id not in self._progress:
+                self._progress[row.step_id] = row_to_progress(row)
+
     def tallies_for_manager(self, manager_id: str) -> dict[str, ChildTally]:
         """Live counts of a manager's steps as this transaction sees them."""
-        if manager_id not in self._tallies_loaded:
-            for row in self.conn.execute(select(*_P.c).where(_P.c.manager_id == manager_id)):
-                if row.step_id not in self._progress:
-                    self._progress[row.step_id] = row_to_progress(row)
-            self._tallies_loaded.add(manager_id)
-        return {
-            step_id: progress.tally()
-            for step_id, progress in self._progress.items()
-            if progress is not None and progress.manager_id == manager_id
-        }
+        self.load_manager_progress(manager_id)
+        tallies = {}
+        for step_id in self._manager_steps[manager_id]:
+            progress = self._progress.get(step_id)
+            if progress is not None:
+                tallies[step_id] = progress.tally()
+        return tallies
 
     def working_progress(self, step_id: str, manager_id: str) -> Progress:
         """A step's progress that the current unit may change in place: copied on the unit's
@@ -302,6 +327,9 @@ class Tx:
         self._undo.append(("progress", progress.step_id, self._progress.get(progress.step_id, _MISSING)))
         self._progress[progress.step_id] = progress
         self._progress_dirty.add(progress.step_id)
+        steps = self._manager_steps.get(progress.manager_id)
+        if steps is not None:
+            steps.add(progress.step_id)
         if progress.grace_deadline is not None:
             self._note_deadline(progress.grace_deadline)
         if new:
@@ -333,7 +361,7 @@ class Tx:
         if not (self._dirty or self._touched or self._progress_dirty):
             return
         seq = self.seq
-        inserts, updates = [], []
+        inserts, updates, child_updates = [], [], []
         for job_id in self._dirty:
             state = self._jobs.get(job_id)
             if state is None:  # put by a unit that was rolled back
@@ -341,12 +369,16 @@ class Tx:
             state.change_seq = seq
             if job_id in self._new:
                 inserts.append(state_to_insert(state))
+            elif state.kind is Kind.CHILD:
+                child_updates.append(_child_update_params(state))
             else:
                 updates.append(_update_params(state))
         if inserts:
             self.conn.execute(_T.insert(), inserts)
         if updates:
             self.conn.execute(_UPDATE_JOB, updates)
+        if child_updates:
+            self.conn.execute(_UPDATE_CHILD, child_updates)
         only_touched = sorted(self._touched - self._dirty)
         for start in range(0, len(only_touched), IN_CHUNK):
             chunk = only_touched[start : start + IN_CHUNK]
@@ -383,6 +415,19 @@ def _update_params(state: JobState) -> dict[str, Any]:
         "b_started_at": state.started_at,
         "b_finished_at": state.finished_at,
         "b_owner": state.owner,
+    }
+
+
+def _child_update_params(state: JobState) -> dict[str, Any]:
+    return {
+        "b_id": state.id,
+        "b_status": state.status.value,
+        "b_error": state.error,
+        "b_end_reason": state.end_reason,
+        "b_version": state.version,
+        "b_change_seq": state.change_seq,
+        "b_started_at": state.started_at,
+        "b_finished_at": state.finished_at,
     }
 
 

@@ -20,11 +20,11 @@ from typing import Any, TypeVar
 
 import structlog
 from sqlalchemy import Connection, Engine
-from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, OperationalError
 
 from monitor_svc.store.tx import Tx
 from stepflow_common import metrics
-from stepflow_common.errors import StepflowError, Unavailable
+from stepflow_common.errors import InvalidArgument, StepflowError, Unavailable
 
 log = structlog.get_logger(__name__)
 
@@ -55,6 +55,7 @@ class Writer:
         self._lock_rows = lock_rows
         self._on_commit = on_commit
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._conn: Connection | None = None
         self._thread = threading.Thread(target=self._run, name="stepflow-writer", daemon=True)
         self._thread.start()
         self.commits = 0
@@ -76,6 +77,8 @@ class Writer:
         while True:
             first = self._queue.get()
             if first is None:
+                if self._conn is not None:
+                    self._conn.close()
                 return
             batch = [first]
             while len(batch) < MAX_UNITS_PER_COMMIT:
@@ -125,22 +128,44 @@ class Writer:
         list[tuple[Any, BaseException | None]], set[str], list[Callable[[], None]], datetime | None
     ]:
         outcomes: list[tuple[Any, BaseException | None]] = []
-        with self._engine.begin() as conn:
-            tx = Tx(conn, lock_rows=self._lock_rows)
-            if self._lock_rows:
-                # Every PostgreSQL write transaction takes the change_seq counter lock first, so
-                # transactions of several monitors serialise in one order and cannot deadlock.
-                _ = tx.seq
-            for job in batch:
-                mark = tx.begin_unit()
-                try:
-                    outcomes.append((job.unit(tx), None))
-                except StepflowError as exc:
-                    tx.rollback_unit(mark)
-                    outcomes.append((None, exc))
-            tx.flush()
-            changed = tx.changed_ids()
+        conn = self._connection()
+        try:
+            with conn.begin():
+                tx = Tx(conn, lock_rows=self._lock_rows)
+                if self._lock_rows:
+                    # Every PostgreSQL write transaction takes the change_seq counter lock
+                    # first, so transactions of several monitors serialise in one order and
+                    # cannot deadlock.
+                    _ = tx.seq
+                for job in batch:
+                    mark = tx.begin_unit()
+                    try:
+                        outcomes.append((job.unit(tx), None))
+                    except StepflowError as exc:
+                        tx.rollback_unit(mark)
+                        outcomes.append((None, exc))
+                tx.flush()
+                changed = tx.changed_ids()
+        except DBAPIError:
+            self._drop_connection()  # reconnect for the next group (database restarted?)
+            raise
         return outcomes, changed, tx.after_commit, tx.earliest_deadline
+
+    def _connection(self) -> Connection:
+        """The writer's own connection, kept between groups: no pool checkout (and no
+        pre-ping round trip) per transaction."""
+        if self._conn is None or self._conn.closed or self._conn.invalidated:
+            self._conn = self._engine.connect()
+        return self._conn
+
+    def _drop_connection(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.invalidate()
+                self._conn.close()
+            except Exception:
+                pass
+            self._conn = None
 
 
 def _resolve_all(settled: list[tuple[_Job, Any, BaseException | None]]) -> None:
@@ -183,6 +208,8 @@ def _resolve(job: _Job, result: Any, error: BaseException | None) -> None:
 def _as_domain_error(exc: BaseException) -> BaseException:
     if isinstance(exc, StepflowError):
         return exc
+    if isinstance(exc, DataError):  # a value the database refuses: retrying cannot help
+        return InvalidArgument(f"the database refused a value: {exc.orig}")
     if isinstance(exc, IntegrityError):
         return Unavailable(f"conflicting concurrent write, retry: {exc.orig}")
     if isinstance(exc, DBAPIError):
