@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from stepflow_common.status import Kind, Status
 from stepflow_common.step_outcome import ChildTally
@@ -91,8 +91,8 @@ class Progress:
         return ChildTally(self.pending, self.running, self.completed, self.failed, self.cancelled)
 
     def add(self, status: Status, delta: int) -> None:
-        name = status.value
-        setattr(self, name, getattr(self, name) + delta)
+        # A Status is a str: its name is the counter's attribute name.
+        setattr(self, status, getattr(self, status) + delta)
 
     def copy(self) -> Progress:
         return Progress(
@@ -142,9 +142,9 @@ class JobFilter:
     owner: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class ChildEventIn:
-    """One decoded stream event (kind as a status name, or ``sealed``)."""
+class ChildEventIn(NamedTuple):
+    """One decoded stream event (kind as a status name, or ``sealed``). A NamedTuple: one is
+    built per event on the hot path."""
 
     event_id: str
     step_id: str

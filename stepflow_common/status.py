@@ -80,7 +80,13 @@ def check_transition(current: Status, requested: Status, *, what: str = "job") -
 
 def is_forward(current: Status, requested: Status) -> bool:
     """True when ``requested`` may replace ``current`` (metadata merges ignore the rest)."""
-    return not current.terminal and requested.rank > current.rank
+    return (current, requested) in _FORWARD
+
+
+# Every allowed forward move, precomputed: the child-event path asks this once per event.
+_FORWARD = frozenset(
+    (a, b) for a in Status for b in Status if a not in TERMINAL and _RANK[b] > _RANK[a]
+)
 
 
 def _names() -> str:

@@ -109,12 +109,12 @@ _UPDATE_PROGRESS = (
 def row_to_state(row: Any) -> JobState:
     return JobState(
         id=row.id,
-        kind=Kind(row.kind),
+        kind=_KIND[row.kind],
         parent_id=row.parent_id,
         manager_id=row.manager_id,
         name=row.name,
         type=row.type,
-        status=Status(row.status),
+        status=_STATUS[row.status],
         error=row.error,
         end_reason=row.end_reason,
         metadata={} if row.metadata_json == "{}" else json.loads(row.metadata_json),
@@ -129,6 +129,13 @@ def row_to_state(row: Any) -> JobState:
         request_id=row.request_id,
         owner=row.owner,
     )
+
+
+# Enum member -> its text, by dict lookup: ``member.value`` is a slow descriptor call and the
+# event path converts a status per child.
+_STATUS = {s.value: s for s in Status}
+_KIND = {k.value: k for k in Kind}
+_TEXT: dict[Status | Kind, str] = {**{s: s.value for s in Status}, **{k: k.value for k in Kind}}
 
 
 def row_to_progress(row: Any) -> Progress:
@@ -149,12 +156,12 @@ def row_to_progress(row: Any) -> Progress:
 def state_to_insert(state: JobState) -> dict[str, Any]:
     return {
         "id": state.id,
-        "kind": state.kind.value,
+        "kind": _TEXT[state.kind],
         "parent_id": state.parent_id,
         "manager_id": state.manager_id,
         "name": state.name,
         "type": state.type,
-        "status": state.status.value,
+        "status": _TEXT[state.status],
         "error": state.error,
         "end_reason": state.end_reason,
         "metadata_json": json.dumps(state.metadata, separators=(",", ":")) if state.metadata else "{}",
@@ -405,7 +412,7 @@ class Tx:
 def _update_params(state: JobState) -> dict[str, Any]:
     return {
         "b_id": state.id,
-        "b_status": state.status.value,
+        "b_status": _TEXT[state.status],
         "b_error": state.error,
         "b_end_reason": state.end_reason,
         "b_metadata_json": json.dumps(state.metadata, separators=(",", ":")),
@@ -421,7 +428,7 @@ def _update_params(state: JobState) -> dict[str, Any]:
 def _child_update_params(state: JobState) -> dict[str, Any]:
     return {
         "b_id": state.id,
-        "b_status": state.status.value,
+        "b_status": _TEXT[state.status],
         "b_error": state.error,
         "b_end_reason": state.end_reason,
         "b_version": state.version,
