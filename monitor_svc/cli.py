@@ -108,7 +108,9 @@ def _prune(args: argparse.Namespace) -> int:
     except InvalidArgument as exc:
         print(f"monitor-svc: {exc}", file=sys.stderr)
         return 2
-    engine = make_engine(args.database_url, writer=False)
+    # The writer engine: on SQLite it begins IMMEDIATE, so a prune waits its turn beside a
+    # busy monitor instead of failing when its read-then-delete transaction upgrades.
+    engine = make_engine(args.database_url, writer=True)
     try:
         result = prune_finished(engine, utcnow() - timedelta(seconds=age), args.batch_size)
     finally:

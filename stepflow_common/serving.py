@@ -163,35 +163,48 @@ def channel(target: str, security: Security) -> aio.Channel:
                 creds, grpc.access_token_call_credentials(security.auth_token)
             )
         return aio.secure_channel(target, creds, options=CHANNEL_OPTIONS)
-    interceptors = [_TokenInterceptor(security.auth_token)] if security.auth_token else None
+    interceptors = _token_interceptors(security.auth_token) if security.auth_token else None
     return aio.insecure_channel(target, options=CHANNEL_OPTIONS, interceptors=interceptors)
 
 
-class _TokenInterceptor(
-    aio.UnaryUnaryClientInterceptor,  # type: ignore[misc]
-    aio.UnaryStreamClientInterceptor,  # type: ignore[misc]
-    aio.StreamStreamClientInterceptor,  # type: ignore[misc]
-):
-    """Adds the bearer token on a plaintext channel (call credentials need TLS)."""
+def _with_token(details: aio.ClientCallDetails, header: tuple[str, str]) -> aio.ClientCallDetails:
+    metadata = list(details.metadata or [])
+    metadata.append(header)
+    return aio.ClientCallDetails(
+        details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
+    )
 
-    def __init__(self, token: str) -> None:
-        self._header = ("authorization", f"Bearer {token}")
 
-    def _details(self, details: aio.ClientCallDetails) -> aio.ClientCallDetails:
-        metadata = list(details.metadata or [])
-        metadata.append(self._header)
-        return aio.ClientCallDetails(
-            details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
-        )
+# One class per call shape: grpc.aio files an interceptor under the first shape it implements
+# only, so a single class implementing all three would add the token to unary calls alone.
+class _UnaryUnaryToken(aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    def __init__(self, header: tuple[str, str]) -> None:
+        self._header = header
 
     async def intercept_unary_unary(self, continuation, details, request):  # type: ignore[no-untyped-def]
-        return await continuation(self._details(details), request)
+        return await continuation(_with_token(details, self._header), request)
+
+
+class _UnaryStreamToken(aio.UnaryStreamClientInterceptor):  # type: ignore[misc]
+    def __init__(self, header: tuple[str, str]) -> None:
+        self._header = header
 
     async def intercept_unary_stream(self, continuation, details, request):  # type: ignore[no-untyped-def]
-        return await continuation(self._details(details), request)
+        return await continuation(_with_token(details, self._header), request)
+
+
+class _StreamStreamToken(aio.StreamStreamClientInterceptor):  # type: ignore[misc]
+    def __init__(self, header: tuple[str, str]) -> None:
+        self._header = header
 
     async def intercept_stream_stream(self, continuation, details, request_iterator):  # type: ignore[no-untyped-def]
-        return await continuation(self._details(details), request_iterator)
+        return await continuation(_with_token(details, self._header), request_iterator)
+
+
+def _token_interceptors(token: str) -> list[aio.ClientInterceptor]:
+    """Adds the bearer token on a plaintext channel (call credentials need TLS)."""
+    header = ("authorization", f"Bearer {token}")
+    return [_UnaryUnaryToken(header), _UnaryStreamToken(header), _StreamStreamToken(header)]
 
 
 def install_signal_handlers(stop: asyncio.Event) -> None:

@@ -332,9 +332,6 @@ class Certs:
     client_key: Path
     other_ca: Path  # a CA that signed nothing here: trusting it must fail
 
-    def read(self, path: Path) -> bytes:
-        return path.read_bytes()
-
 
 def _openssl(*args: str, cwd: Path) -> None:
     done = subprocess.run(

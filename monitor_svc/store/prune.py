@@ -11,12 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import Engine, delete, select
+from sqlalchemy import Engine, delete, exists, select
+from sqlalchemy.orm import aliased
 
 from monitor_svc.store.models import JobRow, StepProgressRow
-from monitor_svc.store.store import TERMINAL_STATUSES
+from monitor_svc.store.store import LIVE_STATUSES, TERMINAL_STATUSES
 
 DEFAULT_BATCH_MANAGERS = 100
+_member = aliased(JobRow)
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +40,12 @@ def prune_finished(engine: Engine, older_than: datetime, batch_managers: int = D
                         JobRow.status.in_(TERMINAL_STATUSES),
                         JobRow.finished_at.is_not(None),
                         JobRow.finished_at < older_than,
+                        # A finished manager may still have a live descendant (a step handed
+                        # to the monitor): such a tree waits for a later prune.
+                        ~exists().where(
+                            _member.manager_id == JobRow.id,
+                            _member.status.in_(LIVE_STATUSES),
+                        ),
                     )
                     .order_by(JobRow.finished_at)
                     .limit(batch_managers)
