@@ -13,7 +13,8 @@ from monitor_svc.records import ChildEventIn, JobFilter, JobState, JobView, NewJ
 from stepflow_common.errors import InvalidArgument
 from stepflow_common.status import Kind, Status
 from stepflow_common.step_outcome import ChildTally
-from stepflow_proto.v1 import job_pb2, monitor_service_pb2 as m
+from stepflow_proto.v1 import job_pb2
+from stepflow_proto.v1 import monitor_service_pb2 as m
 
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}$")
 MAX_NAME = 512
@@ -68,7 +69,9 @@ def optional_id(value: str, field: str) -> str | None:
 def status(value: int, field: str = "status") -> Status:
     found = STATUS_FROM_PB.get(value)
     if found is None:
-        raise InvalidArgument(f"{field} must be one of JOB_STATUS_PENDING..JOB_STATUS_SKIPPED, got {value}")
+        raise InvalidArgument(
+            f"{field} must be one of JOB_STATUS_PENDING..JOB_STATUS_SKIPPED, got {value}"
+        )
     return found
 
 

@@ -8,6 +8,7 @@ A long idle sleep is capped so deadlines written by another monitor process are 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from datetime import datetime
 
 import structlog
@@ -40,10 +41,8 @@ class DeadlineTimer:
         loop = self._loop
         if loop is None:
             return
-        try:
+        with contextlib.suppress(RuntimeError):
             loop.call_soon_threadsafe(self._offer, when)
-        except RuntimeError:
-            pass
 
     def _offer(self, when: datetime) -> None:
         if self._target is None or when < self._target:
@@ -77,7 +76,5 @@ class DeadlineTimer:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass

@@ -93,9 +93,7 @@ def _guard_current_step_status(
     requested = patch[CURRENT_STEP_STATUS]
     if requested is not None:
         parse_status(requested)
-    moves_step = CURRENT_STEP_ID in patch and patch[CURRENT_STEP_ID] != current.get(
-        CURRENT_STEP_ID
-    )
+    moves_step = CURRENT_STEP_ID in patch and patch[CURRENT_STEP_ID] != current.get(CURRENT_STEP_ID)
     old = current.get(CURRENT_STEP_STATUS)
     if moves_step or old is None:
         return
@@ -182,7 +180,9 @@ class StepStatUpdate:
     current_step_status_changed: bool
 
 
-def set_step_stat_status(metadata: Mapping[str, Any], step_id: str, status: Status) -> StepStatUpdate:
+def set_step_stat_status(
+    metadata: Mapping[str, Any], step_id: str, status: Status
+) -> StepStatUpdate:
     """UpdateStepStatInManager: one entry's status (and current_step_status), never backwards."""
     entries = metadata.get(STEP_STATS)
     if not isinstance(entries, list):

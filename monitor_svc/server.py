@@ -31,7 +31,7 @@ class MonitorConfig:
     database_url: str = "sqlite:///stepflow.db"
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
-    timers: StepTimers = StepTimers()
+    timers: StepTimers = field(default_factory=StepTimers)
     security: serving.Security = field(default_factory=serving.Security)
     migrate: bool = True
     shutdown_grace_s: float = SHUTDOWN_GRACE_S
@@ -86,7 +86,9 @@ async def create_server(config: MonitorConfig) -> RunningMonitor:
     timer = DeadlineTimer(store)
     holder["store"] = store
     server = serving.make_server(config.security, [DomainErrorInterceptor(metrics.observe_rpc)])
-    monitor_service_pb2_grpc.add_MonitorServiceServicer_to_server(MonitorServicer(store, hub), server)
+    monitor_service_pb2_grpc.add_MonitorServiceServicer_to_server(
+        MonitorServicer(store, hub), server
+    )
     health = serving.add_health_and_reflection(server, [SERVICE_NAME])
     port = serving.bind(server, f"{config.host}:{config.port}", config.security)
     await server.start()
@@ -99,7 +101,9 @@ async def create_server(config: MonitorConfig) -> RunningMonitor:
         await asyncio.to_thread(listener.ready.wait, 5.0)
     await serving.set_serving(health, [SERVICE_NAME])
     log.info("monitor serving", port=port, database=_safe_url(config.database_url))
-    return RunningMonitor(server, port, store, hub, timer, health, config.shutdown_grace_s, listener)
+    return RunningMonitor(
+        server, port, store, hub, timer, health, config.shutdown_grace_s, listener
+    )
 
 
 async def serve(config: MonitorConfig) -> None:

@@ -31,15 +31,21 @@ class MonitorServicer(m_grpc.MonitorServiceServicer):
         self._store = store
         self._hub = hub
 
-    async def CreateJob(self, request: m.CreateJobRequest, context: aio.ServicerContext) -> m.CreateJobResponse:
+    async def CreateJob(
+        self, request: m.CreateJobRequest, context: aio.ServicerContext
+    ) -> m.CreateJobResponse:
         view = await self._store.create_job(convert.new_job(request))
         return m.CreateJobResponse(job=convert.job_pb(view))
 
-    async def GetJob(self, request: m.GetJobRequest, context: aio.ServicerContext) -> m.GetJobResponse:
+    async def GetJob(
+        self, request: m.GetJobRequest, context: aio.ServicerContext
+    ) -> m.GetJobResponse:
         view = await self._store.get_job(convert.job_id(request.job_id))
         return m.GetJobResponse(job=convert.job_pb(view))
 
-    async def ListJobs(self, request: m.ListJobsRequest, context: aio.ServicerContext) -> m.ListJobsResponse:
+    async def ListJobs(
+        self, request: m.ListJobsRequest, context: aio.ServicerContext
+    ) -> m.ListJobsResponse:
         flt, page_size = convert.job_filter(request)
         views, token = await self._store.list_jobs(flt, page_size, request.page_token)
         return m.ListJobsResponse(jobs=[convert.job_pb(v) for v in views], next_page_token=token)
@@ -81,7 +87,9 @@ class MonitorServicer(m_grpc.MonitorServiceServicer):
         )
 
     async def StreamChildEvents(
-        self, request_iterator: AsyncIterator[m.StreamChildEventsRequest], context: aio.ServicerContext
+        self,
+        request_iterator: AsyncIterator[m.StreamChildEventsRequest],
+        context: aio.ServicerContext,
     ) -> AsyncIterator[m.StreamChildEventsResponse]:
         """Batches are committed in arrival order and acknowledged in that order; up to
         STREAM_PIPELINE_DEPTH of them are in the writer at once."""

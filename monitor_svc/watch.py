@@ -8,6 +8,7 @@ mailbox, so a slow watcher skips intermediate states (latest wins) instead of qu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import structlog
@@ -80,20 +81,16 @@ class WatchHub:
         loop = self._loop
         if loop is None or not self._feeds:
             return
-        try:
+        with contextlib.suppress(RuntimeError):  # loop closed during shutdown
             loop.call_soon_threadsafe(self.notify, changed)
-        except RuntimeError:
-            pass  # loop closed during shutdown
 
     def notify_any_threadsafe(self, changed: set[str] | None) -> None:
         """From another replica: ``None`` means refresh every watched job."""
         loop = self._loop
         if loop is None or not self._feeds:
             return
-        try:
+        with contextlib.suppress(RuntimeError):
             loop.call_soon_threadsafe(self._notify_any, changed)
-        except RuntimeError:
-            pass
 
     def _notify_any(self, changed: set[str] | None) -> None:
         self.notify(set(self._feeds) if changed is None else changed)

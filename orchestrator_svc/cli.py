@@ -32,42 +32,69 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve_p = sub.add_parser(
-        "serve", help="run the OrchestratorService gRPC server",
+        "serve",
+        help="run the OrchestratorService gRPC server",
         description="Run the OrchestratorService gRPC server (health and reflection on): it runs "
         "submitted jobs step by step and streams every child event to the monitor. At start it "
         "fails the unfinished jobs this instance (--owner) left behind; SIGTERM or Ctrl-C stops "
-        "it gracefully.")
+        "it gracefully.",
+    )
     add_flag(serve_p, COMMAND, "--host", "127.0.0.1", "address to listen on")
     add_flag(serve_p, COMMAND, "--port", DEFAULT_PORT, "port to listen on", type_=int)
     add_flag(serve_p, COMMAND, "--monitor", DEFAULT_MONITOR, "the monitor's HOST:PORT")
-    add_flag(serve_p, COMMAND, "--owner", "",
-             "this instance's stable name; its unfinished jobs are failed when it starts "
-             "(default: orchestrator@HOSTNAME:PORT)")
+    add_flag(
+        serve_p,
+        COMMAND,
+        "--owner",
+        "",
+        "this instance's stable name; its unfinished jobs are failed when it starts "
+        "(default: orchestrator@HOSTNAME:PORT)",
+    )
     add_flag(serve_p, COMMAND, "--monitor-token", "", "bearer token to send to the monitor")
-    add_flag(serve_p, COMMAND, "--monitor-tls-ca", "", "PEM CA to verify the monitor's TLS certificate")
+    add_flag(
+        serve_p, COMMAND, "--monitor-tls-ca", "", "PEM CA to verify the monitor's TLS certificate"
+    )
     add_flag(serve_p, COMMAND, "--shutdown-grace", "10s", "time in-flight calls get on SIGTERM")
-    add_flag(serve_p, COMMAND, "--metrics-port", 0,
-             "serve Prometheus /metrics on this port (0 = off)", type_=int)
+    add_flag(
+        serve_p,
+        COMMAND,
+        "--metrics-port",
+        0,
+        "serve Prometheus /metrics on this port (0 = off)",
+        type_=int,
+    )
     add_server_flags(serve_p, COMMAND)
 
     submit_p = sub.add_parser(
-        "submit", help="submit a job file (TOML or JSON)",
+        "submit",
+        help="submit a job file (TOML or JSON)",
         description="Submit a job definition file (TOML or JSON) to the orchestrator and print "
         "the manager id. With --follow, show live per-step progress from the monitor until the "
-        "job ends, then its step table; the exit status is 0 if the job completed, 3 if not.")
+        "job ends, then its step table; the exit status is 0 if the job completed, 3 if not.",
+    )
     submit_p.add_argument("file", help="job definition file (.toml or .json)")
-    submit_p.add_argument("--follow", action="store_true", help="show live per-step progress until it ends")
-    add_flag(submit_p, COMMAND, "--orchestrator", DEFAULT_ORCHESTRATOR, "the orchestrator's HOST:PORT")
-    add_flag(submit_p, COMMAND, "--monitor", DEFAULT_MONITOR, "the monitor's HOST:PORT (for --follow)")
+    submit_p.add_argument(
+        "--follow", action="store_true", help="show live per-step progress until it ends"
+    )
+    add_flag(
+        submit_p, COMMAND, "--orchestrator", DEFAULT_ORCHESTRATOR, "the orchestrator's HOST:PORT"
+    )
+    add_flag(
+        submit_p, COMMAND, "--monitor", DEFAULT_MONITOR, "the monitor's HOST:PORT (for --follow)"
+    )
     add_flag(submit_p, COMMAND, "--request-id", "", "idempotency key (default: a new one)")
     add_flag(submit_p, COMMAND, "--auth-token", "", "bearer token for both services")
 
     cancel_p = sub.add_parser(
-        "cancel", help="cancel a job (manager, step or child)",
+        "cancel",
+        help="cancel a job (manager, step or child)",
         description="Cancel a job (manager, step or child) and everything under it, through the "
-        "orchestrator; prints the job's new status.")
+        "orchestrator; prints the job's new status.",
+    )
     cancel_p.add_argument("job_id")
-    add_flag(cancel_p, COMMAND, "--orchestrator", DEFAULT_ORCHESTRATOR, "the orchestrator's HOST:PORT")
+    add_flag(
+        cancel_p, COMMAND, "--orchestrator", DEFAULT_ORCHESTRATOR, "the orchestrator's HOST:PORT"
+    )
     add_flag(cancel_p, COMMAND, "--reason", "", "why (recorded as the job's error)")
     add_flag(cancel_p, COMMAND, "--auth-token", "", "bearer token")
     return parser
@@ -99,7 +126,9 @@ def _serve_config(args: argparse.Namespace) -> OrchestratorConfig:
         monitor=args.monitor,
         owner=args.owner,
         security=security_from(args),
-        monitor_security=serving.Security(auth_token=args.monitor_token, tls_ca=args.monitor_tls_ca),
+        monitor_security=serving.Security(
+            auth_token=args.monitor_token, tls_ca=args.monitor_tls_ca
+        ),
         shutdown_grace_s=parse_duration(args.shutdown_grace, "--shutdown-grace"),
         metrics_port=args.metrics_port,
     )
@@ -112,7 +141,8 @@ async def _submit(args: argparse.Namespace) -> int:
         stub = o_grpc.OrchestratorServiceStub(channel)
         response = await stub.SubmitJob(
             o.SubmitJobRequest(
-                definition=definitions.to_proto(spec), request_id=args.request_id or uuid.uuid4().hex
+                definition=definitions.to_proto(spec),
+                request_id=args.request_id or uuid.uuid4().hex,
             ),
             timeout=30,
             wait_for_ready=True,

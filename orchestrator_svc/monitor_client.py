@@ -18,7 +18,8 @@ from google.protobuf import duration_pb2, struct_pb2
 from grpc import aio
 
 from stepflow_common.grpc_errors import from_rpc_error
-from stepflow_proto.v1 import job_pb2, monitor_service_pb2 as m
+from stepflow_proto.v1 import job_pb2
+from stepflow_proto.v1 import monitor_service_pb2 as m
 from stepflow_proto.v1 import monitor_service_pb2_grpc as m_grpc
 
 log = structlog.get_logger(__name__)
@@ -81,15 +82,18 @@ class MonitorClient:
             duration = duration_pb2.Duration()
             duration.FromTimedelta(timedelta(seconds=timeout_s))
             request.timeout.CopyFrom(duration)
-        resp = await self._call(
-            "CreateJob", lambda: self.stub.CreateJob(request, timeout=CALL_TIMEOUT_S, wait_for_ready=True)
+        resp: m.CreateJobResponse = await self._call(
+            "CreateJob",
+            lambda: self.stub.CreateJob(request, timeout=CALL_TIMEOUT_S, wait_for_ready=True),
         )
         return resp.job
 
     async def get_job(self, job_id: str) -> job_pb2.Job:
-        resp = await self._call(
+        resp: m.GetJobResponse = await self._call(
             "GetJob",
-            lambda: self.stub.GetJob(m.GetJobRequest(job_id=job_id), timeout=CALL_TIMEOUT_S, wait_for_ready=True),
+            lambda: self.stub.GetJob(
+                m.GetJobRequest(job_id=job_id), timeout=CALL_TIMEOUT_S, wait_for_ready=True
+            ),
         )
         return resp.job
 
@@ -98,8 +102,11 @@ class MonitorClient:
         token = ""
         while True:
             request = m.ListJobsRequest(page_size=500, page_token=token, **filters)
-            resp = await self._call(
-                "ListJobs", lambda: self.stub.ListJobs(request, timeout=CALL_TIMEOUT_S, wait_for_ready=True)
+            resp: m.ListJobsResponse = await self._call(
+                "ListJobs",
+                lambda request=request: self.stub.ListJobs(  # type: ignore[misc]
+                    request, timeout=CALL_TIMEOUT_S, wait_for_ready=True
+                ),
             )
             jobs.extend(resp.jobs)
             token = resp.next_page_token
@@ -110,9 +117,12 @@ class MonitorClient:
         self, job_id: str, status: int, error: str = "", end_reason: str = ""
     ) -> job_pb2.Job:
         request = m.UpdateJobStatusRequest(
-            job_id=job_id, status=status, error=error, end_reason=end_reason  # type: ignore[arg-type]
+            job_id=job_id,
+            status=status,  # type: ignore[arg-type]
+            error=error,
+            end_reason=end_reason,
         )
-        resp = await self._call(
+        resp: m.UpdateJobStatusResponse = await self._call(
             "UpdateJobStatus",
             lambda: self.stub.UpdateJobStatus(request, timeout=CALL_TIMEOUT_S, wait_for_ready=True),
         )
@@ -124,9 +134,11 @@ class MonitorClient:
         request = m.UpdateJobMetadataRequest(job_id=job_id, metadata=to_struct(metadata))
         if expected_version is not None:
             request.expected_version = expected_version
-        resp = await self._call(
+        resp: m.UpdateJobMetadataResponse = await self._call(
             "UpdateJobMetadata",
-            lambda: self.stub.UpdateJobMetadata(request, timeout=CALL_TIMEOUT_S, wait_for_ready=True),
+            lambda: self.stub.UpdateJobMetadata(
+                request, timeout=CALL_TIMEOUT_S, wait_for_ready=True
+            ),
         )
         return resp.job
 

@@ -53,7 +53,7 @@ class RunningOrchestrator:
         return f"127.0.0.1:{self.port}"
 
     async def stop(self, grace: float | None = None) -> None:
-        await serving.set_not_serving(self.health, [SERVICE_NAME])  # type: ignore[arg-type]
+        await serving.set_not_serving(self.health, [SERVICE_NAME])
         await self.server.stop(self.shutdown_grace_s if grace is None else grace)
         await self.orchestrator.abandon()
         await self.stream.close(flush_timeout=self.shutdown_grace_s if grace is None else grace)
@@ -81,8 +81,16 @@ async def create_server(config: OrchestratorConfig) -> RunningOrchestrator:
     await orchestrator.recover()
     await server.start()
     await serving.set_serving(health, [SERVICE_NAME])
-    log.info("orchestrator serving", port=port, monitor=config.monitor, owner=owner, workers=sorted(workers))
-    return RunningOrchestrator(server, port, orchestrator, stream, channel, health, config.shutdown_grace_s)
+    log.info(
+        "orchestrator serving",
+        port=port,
+        monitor=config.monitor,
+        owner=owner,
+        workers=sorted(workers),
+    )
+    return RunningOrchestrator(
+        server, port, orchestrator, stream, channel, health, config.shutdown_grace_s
+    )
 
 
 async def serve(config: OrchestratorConfig) -> None:

@@ -13,11 +13,13 @@ from stepflow_proto.v1 import orchestrator_service_pb2_grpc as o_grpc
 MAX_REQUEST_ID = 128
 
 
-class OrchestratorServicer(o_grpc.OrchestratorServiceServicer):  # type: ignore[misc]
+class OrchestratorServicer(o_grpc.OrchestratorServiceServicer):
     def __init__(self, orchestrator: Orchestrator) -> None:
         self._orchestrator = orchestrator
 
-    async def SubmitJob(self, request: o.SubmitJobRequest, context: aio.ServicerContext) -> o.SubmitJobResponse:
+    async def SubmitJob(
+        self, request: o.SubmitJobRequest, context: aio.ServicerContext
+    ) -> o.SubmitJobResponse:
         if not request.HasField("definition"):
             raise InvalidArgument("definition is required")
         if len(request.request_id) > MAX_REQUEST_ID:
@@ -26,16 +28,22 @@ class OrchestratorServicer(o_grpc.OrchestratorServiceServicer):  # type: ignore[
         manager_id = await self._orchestrator.submit(spec, request.request_id)
         return o.SubmitJobResponse(manager_id=manager_id)
 
-    async def CancelJob(self, request: o.CancelJobRequest, context: aio.ServicerContext) -> o.CancelJobResponse:
+    async def CancelJob(
+        self, request: o.CancelJobRequest, context: aio.ServicerContext
+    ) -> o.CancelJobResponse:
         if not request.job_id:
             raise InvalidArgument("job_id is required")
         job = await self._orchestrator.cancel(request.job_id, request.reason)
         return o.CancelJobResponse(job=job)
 
-    async def ListWorkers(self, request: o.ListWorkersRequest, context: aio.ServicerContext) -> o.ListWorkersResponse:
+    async def ListWorkers(
+        self, request: o.ListWorkersRequest, context: aio.ServicerContext
+    ) -> o.ListWorkersResponse:
         return o.ListWorkersResponse(
             workers=[
-                o.WorkerInfo(type=w.type, description=w.description, spawns_children=w.spawns_children)
+                o.WorkerInfo(
+                    type=w.type, description=w.description, spawns_children=w.spawns_children
+                )
                 for w in sorted(self._orchestrator.workers.values(), key=lambda w: w.type)
             ]
         )

@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "protos"
 OUT_PACKAGE = ROOT / "stepflow_proto"
 BARE_IMPORT = re.compile(r"^from stepflow\.v1 import ", re.MULTILINE)
+MYPY_GRPC_PLUGIN = Path(sys.executable).parent / "protoc-gen-mypy_grpc"
 INIT_TEXT = '"""Generated protobuf and gRPC stubs. Never edit: run ``make gen``."""\n'
 
 
@@ -35,7 +36,7 @@ def generate(dest: Path) -> None:
                 f"--python_out={raw}",
                 f"--pyi_out={raw}",
                 f"--grpc_python_out={raw}",
-                f"--plugin=protoc-gen-mypy_grpc={Path(sys.executable).parent / 'protoc-gen-mypy_grpc'}",
+                f"--plugin=protoc-gen-mypy_grpc={MYPY_GRPC_PLUGIN}",
                 f"--mypy_grpc_out={raw}",
                 *protos,
             ],

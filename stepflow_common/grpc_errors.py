@@ -150,7 +150,9 @@ class DomainErrorInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
         if handler.unary_stream:
             inner_us = handler.unary_stream
 
-            async def unary_stream(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+            async def unary_stream(
+                request: Any, context: aio.ServicerContext
+            ) -> AsyncIterator[Any]:
                 started = time.perf_counter()
                 try:
                     _check_decoded(request)

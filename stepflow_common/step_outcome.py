@@ -40,6 +40,9 @@ def final_step_status(tally: ChildTally) -> tuple[Status, str]:
 
 def children_done(tally: ChildTally, sealed_count: int | None) -> bool:
     """True once a sealed step has seen all its children reach a terminal status."""
-    return sealed_count is not None and tally.terminal >= sealed_count and tally.pending == 0 and (
-        tally.running == 0
+    return (
+        sealed_count is not None
+        and tally.terminal >= sealed_count
+        and tally.pending == 0
+        and (tally.running == 0)
     )

@@ -19,6 +19,9 @@ from monitor_svc.store.migrate import upgrade
 from monitor_svc.store.store import StepTimers
 from stepflow_proto.v1 import monitor_service_pb2_grpc
 
+# The orchestrator fixtures (`orchestrator`, `ostub`) for every test module.
+pytest_plugins = ["tests.orchestrator_fixtures"]
+
 POSTGRES_URL_ENV = "STEPFLOW_TEST_POSTGRES_URL"
 REQUIRE_POSTGRES_ENV = "STEPFLOW_TEST_REQUIRE_POSTGRES"
 # One template per test process: several pytest runs may share the server.
@@ -62,7 +65,9 @@ def postgres_template() -> Iterator[str | None]:
 
 
 @pytest.fixture(params=DB_PARAMS)
-def database_url(request: pytest.FixtureRequest, tmp_path: Path, postgres_template: str | None) -> Iterator[str]:
+def database_url(
+    request: pytest.FixtureRequest, tmp_path: Path, postgres_template: str | None
+) -> Iterator[str]:
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'stepflow.db'}"
         return

@@ -6,7 +6,8 @@ from typing import Any
 
 from google.protobuf import struct_pb2
 
-from stepflow_proto.v1 import job_pb2, monitor_service_pb2 as m
+from stepflow_proto.v1 import job_pb2
+from stepflow_proto.v1 import monitor_service_pb2 as m
 from stepflow_proto.v1 import monitor_service_pb2_grpc as m_grpc
 
 
@@ -16,7 +17,9 @@ def struct(value: dict[str, Any]) -> struct_pb2.Struct:
     return s
 
 
-async def create_manager(stub: m_grpc.MonitorServiceStub, name: str = "job", **meta: Any) -> job_pb2.Job:
+async def create_manager(
+    stub: m_grpc.MonitorServiceStub, name: str = "job", **meta: Any
+) -> job_pb2.Job:
     resp = await stub.CreateJob(
         m.CreateJobRequest(kind=job_pb2.JOB_KIND_MANAGER, name=name, metadata=struct(meta))
     )
@@ -24,7 +27,11 @@ async def create_manager(stub: m_grpc.MonitorServiceStub, name: str = "job", **m
 
 
 async def create_step(
-    stub: m_grpc.MonitorServiceStub, manager_id: str, index: int, name: str | None = None, type_: str = "simulate"
+    stub: m_grpc.MonitorServiceStub,
+    manager_id: str,
+    index: int,
+    name: str | None = None,
+    type_: str = "simulate",
 ) -> job_pb2.Job:
     resp = await stub.CreateJob(
         m.CreateJobRequest(

@@ -12,7 +12,8 @@ from grpc import aio
 
 from monitor_svc.server import RunningMonitor
 from orchestrator_svc.server import OrchestratorConfig, RunningOrchestrator, create_server
-from stepflow_proto.v1 import job_pb2, monitor_service_pb2 as m
+from stepflow_proto.v1 import job_pb2
+from stepflow_proto.v1 import monitor_service_pb2 as m
 from stepflow_proto.v1 import orchestrator_service_pb2 as o
 from stepflow_proto.v1 import orchestrator_service_pb2_grpc as o_grpc
 
@@ -20,7 +21,9 @@ from stepflow_proto.v1 import orchestrator_service_pb2_grpc as o_grpc
 @pytest.fixture
 async def orchestrator(monitor: RunningMonitor) -> AsyncIterator[RunningOrchestrator]:
     running = await create_server(
-        OrchestratorConfig(port=0, monitor=monitor.address, owner="test-orchestrator", shutdown_grace_s=1.0)
+        OrchestratorConfig(
+            port=0, monitor=monitor.address, owner="test-orchestrator", shutdown_grace_s=1.0
+        )
     )
     try:
         yield running

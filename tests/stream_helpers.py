@@ -6,7 +6,8 @@ import asyncio
 import itertools
 from collections.abc import AsyncIterator, Sequence
 
-from stepflow_proto.v1 import job_pb2, monitor_service_pb2 as m
+from stepflow_proto.v1 import job_pb2
+from stepflow_proto.v1 import monitor_service_pb2 as m
 from stepflow_proto.v1 import monitor_service_pb2_grpc as m_grpc
 
 K = job_pb2
@@ -15,7 +16,11 @@ _ids = itertools.count(1)
 
 def ev(kind: int, step_id: str, child_id: str = "", **kw: object) -> job_pb2.ChildEvent:
     return job_pb2.ChildEvent(
-        event_id=f"e{next(_ids)}", kind=kind, step_id=step_id, child_id=child_id, **kw  # type: ignore[arg-type]
+        event_id=f"e{next(_ids)}",
+        kind=kind,
+        step_id=step_id,
+        child_id=child_id,
+        **kw,  # type: ignore[arg-type]
     )
 
 

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import pytest
-
-from stepflow_proto.v1 import job_pb2, monitor_service_pb2 as m
-from tests.helpers import entry, meta
-from tests.orchestrator_fixtures import orchestrator, ostub, run_to_end  # noqa: F401
+from stepflow_proto.v1 import job_pb2
+from stepflow_proto.v1 import monitor_service_pb2 as m
+from tests.helpers import meta
+from tests.orchestrator_fixtures import run_to_end
 
 S = job_pb2
 
@@ -22,14 +21,35 @@ async def test_multi_step_job_with_failures_and_a_skip(stub, ostub) -> None:
         {
             "name": "e2e",
             "steps": [
-                {"name": "crawl", "type": "simulate", "on_error": "continue",
-                 "config": {"children": 40, "duration_ms": 0, "fail_every": 0, "cancel_every": 0}},
-                {"name": "flaky", "type": "simulate", "on_error": "continue",
-                 "config": {"children": 10, "duration_ms": 0, "fail_every": 1}},
-                {"name": "after-flaky", "type": "command", "depends_on": ["flaky"],
-                 "config": {"command": "true"}},
-                {"name": "handed", "type": "simulate", "wait": False,
-                 "config": {"children": 20, "duration_ms": 1, "fail_every": 5}},
+                {
+                    "name": "crawl",
+                    "type": "simulate",
+                    "on_error": "continue",
+                    "config": {
+                        "children": 40,
+                        "duration_ms": 0,
+                        "fail_every": 0,
+                        "cancel_every": 0,
+                    },
+                },
+                {
+                    "name": "flaky",
+                    "type": "simulate",
+                    "on_error": "continue",
+                    "config": {"children": 10, "duration_ms": 0, "fail_every": 1},
+                },
+                {
+                    "name": "after-flaky",
+                    "type": "command",
+                    "depends_on": ["flaky"],
+                    "config": {"command": "true"},
+                },
+                {
+                    "name": "handed",
+                    "type": "simulate",
+                    "wait": False,
+                    "config": {"children": 20, "duration_ms": 1, "fail_every": 5},
+                },
                 {"name": "last", "type": "command", "config": {"command": "echo done"}},
             ],
         },

@@ -6,8 +6,6 @@ fast instead of hanging. Helpers that read the monitor live at the top; the test
 order of SPEC §3.
 """
 
-# ruff: noqa: F811  (pytest fixtures imported by name and then requested as arguments)
-
 from __future__ import annotations
 
 import asyncio
@@ -28,7 +26,7 @@ from stepflow_proto.v1 import monitor_service_pb2_grpc as m_grpc
 from stepflow_proto.v1 import orchestrator_service_pb2 as o
 from stepflow_proto.v1 import orchestrator_service_pb2_grpc as o_grpc
 from tests.helpers import meta, struct
-from tests.orchestrator_fixtures import definition, orchestrator, ostub  # noqa: F401
+from tests.orchestrator_fixtures import definition
 
 S = job_pb2
 Stub = m_grpc.MonitorServiceStub

@@ -6,7 +6,8 @@ import grpc
 import pytest
 from google.protobuf import duration_pb2
 
-from stepflow_proto.v1 import job_pb2, monitor_service_pb2 as m
+from stepflow_proto.v1 import job_pb2
+from stepflow_proto.v1 import monitor_service_pb2 as m
 from tests.helpers import entry, manager_with_steps, meta, struct
 from tests.stream_helpers import (
     cancelled,
@@ -27,7 +28,9 @@ async def get(stub, job_id: str) -> job_pb2.Job:
 
 
 async def start(stub, step_id: str) -> None:
-    await stub.UpdateJobStatus(m.UpdateJobStatusRequest(job_id=step_id, status=S.JOB_STATUS_RUNNING))
+    await stub.UpdateJobStatus(
+        m.UpdateJobStatusRequest(job_id=step_id, status=S.JOB_STATUS_RUNNING)
+    )
 
 
 def counts(job: job_pb2.Job, index: int = 0) -> tuple[int, int, int, int, int]:
@@ -39,7 +42,10 @@ async def test_events_count_exactly_and_replays_change_nothing(stub) -> None:
     manager, (step,) = await manager_with_steps(stub, 1)
     await start(stub, step.id)
     batch1 = [created(step.id, f"c{i}") for i in range(10)]
-    batch2 = [running(step.id, f"c{i}") for i in range(5)] + [completed(step.id, "c0"), failed(step.id, "c1")]
+    batch2 = [running(step.id, f"c{i}") for i in range(5)] + [
+        completed(step.id, "c0"),
+        failed(step.id, "c1"),
+    ]
     acks = await send_batches(stub, [batch1, batch2])
     assert [a.batch_id for a in acks] == [1, 2]
     assert all(not a.rejected for a in acks)
@@ -54,7 +60,9 @@ async def test_events_count_exactly_and_replays_change_nothing(stub) -> None:
 
 async def test_late_event_does_not_reopen_a_terminal_child(stub) -> None:
     manager, (step,) = await manager_with_steps(stub, 1)
-    await send_batches(stub, [[created(step.id, "x"), completed(step.id, "x")], [running(step.id, "x")]])
+    await send_batches(
+        stub, [[created(step.id, "x"), completed(step.id, "x")], [running(step.id, "x")]]
+    )
     assert (await get(stub, "x")).status == S.JOB_STATUS_COMPLETED
     assert counts(await get(stub, manager.id)) == (0, 0, 1, 0, 0)
 
@@ -71,7 +79,12 @@ async def test_handed_step_ends_when_all_children_terminal(stub, seal_first: boo
     manager, (step,) = await manager_with_steps(stub, 1)
     await start(stub, step.id)
     children = [created(step.id, f"k{i}") for i in range(4)]
-    ends = [completed(step.id, "k0"), completed(step.id, "k1"), failed(step.id, "k2"), cancelled(step.id, "k3")]
+    ends = [
+        completed(step.id, "k0"),
+        completed(step.id, "k1"),
+        failed(step.id, "k2"),
+        cancelled(step.id, "k3"),
+    ]
     seal = [sealed(step.id, 4, handed=True)]
     batches = [seal, children, ends] if seal_first else [children, ends[:3], seal, ends[3:]]
     acks = await send_batches(stub, batches)
@@ -80,7 +93,13 @@ async def test_handed_step_ends_when_all_children_terminal(stub, seal_first: boo
     e = entry(got, step.id)
     assert e["status"] == "completed"  # some completed + some failed -> completed
     assert e["child_count"] == 4
-    assert e["children"] == {"pending": 0, "running": 0, "completed": 2, "failed": 1, "cancelled": 1}
+    assert e["children"] == {
+        "pending": 0,
+        "running": 0,
+        "completed": 2,
+        "failed": 1,
+        "cancelled": 1,
+    }
     assert meta(got)["current_step_status"] == "completed"
     assert meta(got)["completed_steps"] == 1
     row = await get(stub, step.id)
@@ -121,7 +140,9 @@ async def test_zero_children_seal_completes_at_once(stub) -> None:
 async def test_wait_true_seal_leaves_the_step_to_the_orchestrator(stub) -> None:
     manager, (step,) = await manager_with_steps(stub, 1)
     await start(stub, step.id)
-    await send_batches(stub, [[sealed(step.id, 1, handed=False), created(step.id, "w"), completed(step.id, "w")]])
+    await send_batches(
+        stub, [[sealed(step.id, 1, handed=False), created(step.id, "w"), completed(step.id, "w")]]
+    )
     row = await get(stub, step.id)
     assert row.status == S.JOB_STATUS_RUNNING
     assert row.HasField("deadline")  # the monitor still guards it with the default wait timeout
@@ -130,7 +151,9 @@ async def test_wait_true_seal_leaves_the_step_to_the_orchestrator(stub) -> None:
 
 async def test_handed_step_without_seal_or_child_completes_after_grace(stub) -> None:
     manager, (step,) = await manager_with_steps(stub, 1)
-    await stub.UpdateJobStatus(m.UpdateJobStatusRequest(job_id=step.id, status=S.JOB_STATUS_SPAWNED))
+    await stub.UpdateJobStatus(
+        m.UpdateJobStatusRequest(job_id=step.id, status=S.JOB_STATUS_SPAWNED)
+    )
     assert entry(await get(stub, manager.id), step.id)["status"] == "spawned"
 
     async def ended():
@@ -147,8 +170,12 @@ async def test_step_timeout_fails_it_and_cancels_children(stub) -> None:
     step = (
         await stub.CreateJob(
             m.CreateJobRequest(
-                kind=S.JOB_KIND_STEP, parent_id=manager.id, name="slow", type="simulate",
-                metadata=struct({"step_index": 0}), timeout=duration_pb2.Duration(nanos=300_000_000),
+                kind=S.JOB_KIND_STEP,
+                parent_id=manager.id,
+                name="slow",
+                type="simulate",
+                metadata=struct({"step_index": 0}),
+                timeout=duration_pb2.Duration(nanos=300_000_000),
             )
         )
     ).job
@@ -170,12 +197,19 @@ async def test_step_timeout_fails_it_and_cancels_children(stub) -> None:
 async def test_manager_timeout_fails_it_and_cancels_running_steps(stub) -> None:
     manager = (
         await stub.CreateJob(
-            m.CreateJobRequest(kind=S.JOB_KIND_MANAGER, name="t", timeout=duration_pb2.Duration(nanos=300_000_000))
+            m.CreateJobRequest(
+                kind=S.JOB_KIND_MANAGER, name="t", timeout=duration_pb2.Duration(nanos=300_000_000)
+            )
         )
     ).job
     step = (
         await stub.CreateJob(
-            m.CreateJobRequest(kind=S.JOB_KIND_STEP, parent_id=manager.id, name="a", metadata=struct({"step_index": 0}))
+            m.CreateJobRequest(
+                kind=S.JOB_KIND_STEP,
+                parent_id=manager.id,
+                name="a",
+                metadata=struct({"step_index": 0}),
+            )
         )
     ).job
     await start(stub, step.id)
@@ -193,8 +227,12 @@ async def test_manager_timeout_fails_it_and_cancels_running_steps(stub) -> None:
 async def test_cancel_through_api_cascades_and_reaches_step_stats(stub) -> None:
     manager, steps = await manager_with_steps(stub, 2)
     await start(stub, steps[0].id)
-    await send_batches(stub, [[created(steps[0].id, "a"), running(steps[0].id, "a"), created(steps[0].id, "b")]])
-    await stub.UpdateJobStatus(m.UpdateJobStatusRequest(job_id=manager.id, status=S.JOB_STATUS_CANCELLED))
+    await send_batches(
+        stub, [[created(steps[0].id, "a"), running(steps[0].id, "a"), created(steps[0].id, "b")]]
+    )
+    await stub.UpdateJobStatus(
+        m.UpdateJobStatusRequest(job_id=manager.id, status=S.JOB_STATUS_CANCELLED)
+    )
     got = await get(stub, manager.id)
     assert got.status == S.JOB_STATUS_CANCELLED
     for step in steps:
@@ -215,11 +253,21 @@ async def test_invalid_events_are_rejected_without_losing_the_batch(stub) -> Non
     beyond = created(step.id, "g3")
     reseal = sealed(step.id, 5, handed=False)
     bad_kind = job_pb2.ChildEvent(event_id="bad", step_id=step.id, child_id="q", kind=99)
-    no_child = job_pb2.ChildEvent(event_id="nochild", step_id=step.id, kind=S.CHILD_EVENT_KIND_RUNNING)
+    no_child = job_pb2.ChildEvent(
+        event_id="nochild", step_id=step.id, kind=S.CHILD_EVENT_KIND_RUNNING
+    )
     good2 = completed(step.id, "g1")
-    (ack,) = await send_batches(stub, [[good1, unknown_step, seal, beyond, reseal, bad_kind, no_child, good2]])
+    (ack,) = await send_batches(
+        stub, [[good1, unknown_step, seal, beyond, reseal, bad_kind, no_child, good2]]
+    )
     rejected = {r.event_id: r.reason for r in ack.rejected}
-    assert set(rejected) == {unknown_step.event_id, beyond.event_id, reseal.event_id, "bad", "nochild"}
+    assert set(rejected) == {
+        unknown_step.event_id,
+        beyond.event_id,
+        reseal.event_id,
+        "bad",
+        "nochild",
+    }
     assert "unknown step" in rejected[unknown_step.event_id]
     assert "beyond" in rejected[beyond.event_id]
     assert "already sealed" in rejected[reseal.event_id]
@@ -227,7 +275,7 @@ async def test_invalid_events_are_rejected_without_losing_the_batch(stub) -> Non
 
 
 async def test_oversized_batch_ends_the_stream_with_resource_exhausted(stub) -> None:
-    manager, (step,) = await manager_with_steps(stub, 1)
+    _manager, (step,) = await manager_with_steps(stub, 1)
     from monitor_svc.convert import MAX_EVENTS_PER_BATCH
 
     events = [created(step.id, f"o{i}") for i in range(MAX_EVENTS_PER_BATCH + 1)]
@@ -237,7 +285,7 @@ async def test_oversized_batch_ends_the_stream_with_resource_exhausted(stub) -> 
 
 
 async def test_watch_sends_state_then_changes_then_ends_at_terminal(stub) -> None:
-    manager, (step,) = await manager_with_steps(stub, 1)
+    _manager, (step,) = await manager_with_steps(stub, 1)
     call = stub.WatchJob(m.WatchJobRequest(job_id=step.id))
     first = await call.read()
     assert first.job.id == step.id
@@ -245,7 +293,9 @@ async def test_watch_sends_state_then_changes_then_ends_at_terminal(stub) -> Non
     second = await call.read()
     assert second.job.status == S.JOB_STATUS_RUNNING
     assert second.job.change_seq > first.job.change_seq
-    await stub.UpdateJobStatus(m.UpdateJobStatusRequest(job_id=step.id, status=S.JOB_STATUS_COMPLETED))
+    await stub.UpdateJobStatus(
+        m.UpdateJobStatusRequest(job_id=step.id, status=S.JOB_STATUS_COMPLETED)
+    )
     seen = []
     while (resp := await call.read()) != grpc.aio.EOF:
         seen.append(resp.job)
@@ -254,7 +304,12 @@ async def test_watch_sends_state_then_changes_then_ends_at_terminal(stub) -> Non
     again = [r async for r in stub.WatchJob(m.WatchJobRequest(job_id=step.id, after_change_seq=0))]
     assert again[-1].job.status == S.JOB_STATUS_COMPLETED and len(again) == 1
     # A client that already has the terminal state is told so by the stream ending at once.
-    rest = [r async for r in stub.WatchJob(m.WatchJobRequest(job_id=step.id, after_change_seq=seen[-1].change_seq))]
+    rest = [
+        r
+        async for r in stub.WatchJob(
+            m.WatchJobRequest(job_id=step.id, after_change_seq=seen[-1].change_seq)
+        )
+    ]
     assert rest == []
 
 
@@ -277,14 +332,16 @@ async def test_watch_unknown_job_is_not_found(stub) -> None:
 
 
 async def test_many_watchers_share_one_read_per_change(stub, monitor) -> None:
-    manager, (step,) = await manager_with_steps(stub, 1)
+    _manager, (step,) = await manager_with_steps(stub, 1)
     calls = [stub.WatchJob(m.WatchJobRequest(job_id=step.id)) for _ in range(20)]
     for c in calls:
         await c.read()
     reads_before = monitor.hub.feed_reads(step.id)
     changes = 5
     for i in range(changes):
-        await stub.UpdateJobMetadata(m.UpdateJobMetadataRequest(job_id=step.id, metadata=struct({"n": i})))
+        await stub.UpdateJobMetadata(
+            m.UpdateJobMetadataRequest(job_id=step.id, metadata=struct({"n": i}))
+        )
         for c in calls:
             while meta((await c.read()).job).get("n") != i:
                 pass
@@ -297,7 +354,9 @@ async def test_many_watchers_share_one_read_per_change(stub, monitor) -> None:
 async def test_child_first_seen_after_its_step_ended_is_recorded_cancelled(stub) -> None:
     manager, (step,) = await manager_with_steps(stub, 1)
     await start(stub, step.id)
-    await stub.UpdateJobStatus(m.UpdateJobStatusRequest(job_id=step.id, status=S.JOB_STATUS_CANCELLED))
+    await stub.UpdateJobStatus(
+        m.UpdateJobStatusRequest(job_id=step.id, status=S.JOB_STATUS_CANCELLED)
+    )
     (ack,) = await send_batches(stub, [[created(step.id, "late"), running(step.id, "late")]])
     assert not ack.rejected
     child = await get(stub, "late")

@@ -35,7 +35,9 @@ def make_engine(url: str, *, writer: bool) -> Engine:
         )
     database = parsed.database or ""
     if not database or database == ":memory:":
-        raise ValueError("SQLite needs a file path (sqlite:///path/to/file.db); memory is not shared")
+        raise ValueError(
+            "SQLite needs a file path (sqlite:///path/to/file.db); memory is not shared"
+        )
     Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(
         url,

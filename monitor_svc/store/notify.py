@@ -40,7 +40,10 @@ def decode(payload: str) -> tuple[str, set[str] | None]:
 
 
 def send(conn: Connection, changed: Iterable[str]) -> None:
-    conn.execute(text("SELECT pg_notify(:channel, :payload)"), {"channel": CHANNEL, "payload": encode(changed)})
+    conn.execute(
+        text("SELECT pg_notify(:channel, :payload)"),
+        {"channel": CHANNEL, "payload": encode(changed)},
+    )
 
 
 class Listener:

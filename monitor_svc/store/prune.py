@@ -28,7 +28,9 @@ class PruneResult:
     progress_rows: int
 
 
-def prune_finished(engine: Engine, older_than: datetime, batch_managers: int = DEFAULT_BATCH_MANAGERS) -> PruneResult:
+def prune_finished(
+    engine: Engine, older_than: datetime, batch_managers: int = DEFAULT_BATCH_MANAGERS
+) -> PruneResult:
     managers = jobs = progress = 0
     while True:
         with engine.begin() as conn:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -22,7 +22,6 @@ from monitor_svc.records import (
     NewJob,
     Progress,
     as_utc,
-    utcnow,
 )
 from monitor_svc.store.engine import is_sqlite, make_engine
 from monitor_svc.store.models import JobRow, StepProgressRow
@@ -135,9 +134,13 @@ class MonitorStore:
     async def update_metadata(
         self, job_id: str, patch: dict[str, Any], expected_version: int | None
     ) -> JobView:
-        return await self.writer.run(lambda tx: _update_metadata(tx, job_id, patch, expected_version))
+        return await self.writer.run(
+            lambda tx: _update_metadata(tx, job_id, patch, expected_version)
+        )
 
-    async def update_step_stat(self, manager_id: str, step_id: str, status: Status) -> StepStatResult:
+    async def update_step_stat(
+        self, manager_id: str, step_id: str, status: Status
+    ) -> StepStatResult:
         return await self.writer.run(lambda tx: _update_step_stat(tx, manager_id, step_id, status))
 
     async def apply_events(self, events: list[ChildEventIn]) -> list[tuple[str, str]]:
@@ -166,7 +169,10 @@ def _tallies_for_manager(conn: Connection, manager_id: str) -> dict[str, ChildTa
             p.manager_id == manager_id
         )
     )
-    return {r.step_id: ChildTally(r.pending, r.running, r.completed, r.failed, r.cancelled) for r in rows}
+    return {
+        r.step_id: ChildTally(r.pending, r.running, r.completed, r.failed, r.cancelled)
+        for r in rows
+    }
 
 
 def _list(
@@ -621,7 +627,14 @@ def _fire_due(tx: Tx, timers: StepTimers) -> int:
         if job is None or job.status.terminal or job.deadline is None or job.deadline > tx.now:
             continue
         if job.kind is Kind.STEP:
-            set_status(tx, job, Status.FAILED, "timed out waiting for child jobs", EndReason.TIMEOUT, timers)
+            set_status(
+                tx,
+                job,
+                Status.FAILED,
+                "timed out waiting for child jobs",
+                EndReason.TIMEOUT,
+                timers,
+            )
         else:
             set_status(tx, job, Status.FAILED, "job timed out", EndReason.TIMEOUT, timers)
         fired += 1
@@ -632,7 +645,11 @@ def _fire_due(tx: Tx, timers: StepTimers) -> int:
             continue
         working = _working_progress(tx, step_id)
         working.grace_deadline = None
-        if step.status is Status.SPAWNED and progress.sealed_count is None and progress.tally().total == 0:
+        if (
+            step.status is Status.SPAWNED
+            and progress.sealed_count is None
+            and progress.tally().total == 0
+        ):
             set_status(tx, step, Status.COMPLETED, "", EndReason.GRACE_PERIOD, timers)
             fired += 1
     return fired

@@ -164,7 +164,9 @@ def state_to_insert(state: JobState) -> dict[str, Any]:
         "status": _TEXT[state.status],
         "error": state.error,
         "end_reason": state.end_reason,
-        "metadata_json": json.dumps(state.metadata, separators=(",", ":")) if state.metadata else "{}",
+        "metadata_json": json.dumps(state.metadata, separators=(",", ":"))
+        if state.metadata
+        else "{}",
         "version": state.version,
         "change_seq": state.change_seq,
         "step_index": state.step_index,
@@ -272,9 +274,13 @@ class Tx:
         seen = {s.id for s in found}
         for job_id in self._new:
             new = self._jobs.get(job_id)
-            if new is not None and new.parent_id == step_id and job_id not in seen:
-                if not live_only or not new.status.terminal:
-                    found.append(new)
+            if (
+                new is not None
+                and new.parent_id == step_id
+                and job_id not in seen
+                and (not live_only or not new.status.terminal)
+            ):
+                found.append(new)
         return found
 
     def child_states(self, child_ids: Iterable[str]) -> dict[str, JobState]:
@@ -331,7 +337,9 @@ class Tx:
         return fresh
 
     def put_progress(self, progress: Progress, *, new: bool = False) -> None:
-        self._undo.append(("progress", progress.step_id, self._progress.get(progress.step_id, _MISSING)))
+        self._undo.append(
+            ("progress", progress.step_id, self._progress.get(progress.step_id, _MISSING))
+        )
         self._progress[progress.step_id] = progress
         self._progress_dirty.add(progress.step_id)
         steps = self._manager_steps.get(progress.manager_id)

@@ -9,6 +9,7 @@ caller is answered only after the commit, so a returned call is durable.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import threading
 import time
@@ -105,8 +106,7 @@ class Writer:
                     self._commit_group([job])
                 return
             error = _as_domain_error(exc)
-            for job in batch:
-                _resolve(job, None, error)
+            _resolve_all([(job, None, error) for job in batch])
             return
         self.commits += 1
         self.units += len(batch)
@@ -184,25 +184,8 @@ def _resolve_all(settled: list[tuple[_Job, Any, BaseException | None]]) -> None:
                 else:
                     job.future.set_result(result)
 
-        try:
+        with contextlib.suppress(RuntimeError):  # the caller's loop is gone (shutdown)
             loop.call_soon_threadsafe(settle)
-        except RuntimeError:  # the caller's loop is gone (shutdown)
-            pass
-
-
-def _resolve(job: _Job, result: Any, error: BaseException | None) -> None:
-    def settle() -> None:
-        if job.future.done():
-            return
-        if error is not None:
-            job.future.set_exception(error)
-        else:
-            job.future.set_result(result)
-
-    try:
-        job.loop.call_soon_threadsafe(settle)
-    except RuntimeError:  # the caller's loop is gone (shutdown)
-        pass
 
 
 def _as_domain_error(exc: BaseException) -> BaseException:
