@@ -27,7 +27,7 @@ INIT_TEXT = '"""Generated protobuf and gRPC stubs. Never edit: run ``make gen``.
 def generate(dest: Path) -> None:
     protos = sorted(str(p.relative_to(PROTO_ROOT)) for p in PROTO_ROOT.rglob("*.proto"))
     with tempfile.TemporaryDirectory() as raw:
-        subprocess.run(
+        done = subprocess.run(
             [
                 sys.executable,
                 "-m",
@@ -40,8 +40,12 @@ def generate(dest: Path) -> None:
                 f"--mypy_grpc_out={raw}",
                 *protos,
             ],
-            check=True,
+            capture_output=True,  # the mypy plugin narrates every file it writes
+            text=True,
         )
+        if done.returncode != 0:
+            sys.stderr.write(done.stdout + done.stderr)
+            raise SystemExit(f"protoc failed with exit status {done.returncode}")
         generated = Path(raw) / "stepflow" / "v1"
         (dest / "v1").mkdir(parents=True, exist_ok=True)
         (dest / "__init__.py").write_text(INIT_TEXT)
