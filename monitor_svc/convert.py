@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import re
+from collections import OrderedDict
 from datetime import datetime
 from typing import Any
 
@@ -257,7 +258,7 @@ def job_pb(view: JobView) -> job_pb2.Job:
         change_seq=job.change_seq,
         owner=job.owner,
     )
-    out.metadata.update(job.metadata)
+    _CONVERTED.fill_metadata(job.id, job.metadata, out.metadata)
     _stamp(out.created_at, job.created_at)
     _stamp(out.started_at, job.started_at)
     _stamp(out.finished_at, job.finished_at)
@@ -265,8 +266,72 @@ def job_pb(view: JobView) -> job_pb2.Job:
     if job.kind is Kind.MANAGER:
         entries = job.metadata.get("step_stats")
         if isinstance(entries, list):
-            for entry in entries:
-                if isinstance(entry, dict):
-                    tally = view.step_tallies.get(str(entry.get("step_id")))
-                    out.step_stats.append(step_stat_pb(entry, tally))
+            out.step_stats.extend(_CONVERTED.step_stats(job.id, entries, view.step_tallies))
     return out
+
+
+def _step_stats_pb(entries: list[Any], tallies: dict[str, ChildTally]) -> list[job_pb2.StepStat]:
+    return [
+        step_stat_pb(entry, tallies.get(str(entry.get("step_id"))))
+        for entry in entries
+        if isinstance(entry, dict)
+    ]
+
+
+class _ConvertedCache:
+    """Converted metadata of recently answered jobs, reused while the Python value is the
+    very same object.
+
+    The calls that one group commit answers about a hot manager share every metadata value
+    their merges did not touch (a merge keeps untouched keys by reference), so 64 answers
+    about one document convert its large ``step_stats`` once instead of 64 times. An entry
+    holds the value it was made from, so that identity cannot be reused while cached. Used on
+    the event-loop thread only.
+    """
+
+    def __init__(self, max_jobs: int = 256) -> None:
+        self._max_jobs = max_jobs
+        self._values: OrderedDict[str, dict[str, tuple[Any, struct_pb2.Value]]] = OrderedDict()
+        self._stats: OrderedDict[str, tuple[Any, dict[str, ChildTally], list[job_pb2.StepStat]]] = (
+            OrderedDict()
+        )
+
+    def fill_metadata(
+        self, job_id: str, metadata: dict[str, Any], target: struct_pb2.Struct
+    ) -> None:
+        cached = self._slot(self._values, job_id, {})
+        fresh: dict[str, tuple[Any, struct_pb2.Value]] = {}
+        for key, value in metadata.items():
+            hit = cached.get(key)
+            if hit is not None and hit[0] is value:
+                target.fields[key].CopyFrom(hit[1])
+                fresh[key] = hit
+            else:
+                target.update({key: value})
+                copy = struct_pb2.Value()
+                copy.CopyFrom(target.fields[key])
+                fresh[key] = (value, copy)
+        self._values[job_id] = fresh
+
+    def step_stats(
+        self, job_id: str, entries: list[Any], tallies: dict[str, ChildTally]
+    ) -> list[job_pb2.StepStat]:
+        hit: tuple[Any, dict[str, ChildTally], list[job_pb2.StepStat]] | None = self._slot(
+            self._stats, job_id, None
+        )
+        if hit is not None and hit[0] is entries and hit[1] == tallies:
+            return hit[2]
+        stats = _step_stats_pb(entries, tallies)
+        self._stats[job_id] = (entries, dict(tallies), stats)
+        return stats
+
+    def _slot(self, table: OrderedDict[str, Any], job_id: str, default: Any) -> Any:
+        found = table.get(job_id, default)
+        if job_id in table:
+            table.move_to_end(job_id)
+        elif len(table) >= self._max_jobs:
+            table.popitem(last=False)
+        return found
+
+
+_CONVERTED = _ConvertedCache()

@@ -1,0 +1,61 @@
+"""The response converter reuses converted metadata only while the value is the same object."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from google.protobuf import json_format
+
+from monitor_svc.convert import job_pb
+from monitor_svc.records import JobState, JobView
+from stepflow_common.status import Kind, Status
+from stepflow_common.step_outcome import ChildTally
+
+
+def manager(metadata: dict[str, object], version: int = 1) -> JobState:
+    return JobState(
+        id="m-cache",
+        kind=Kind.MANAGER,
+        parent_id=None,
+        manager_id="m-cache",
+        name="m",
+        type="",
+        status=Status.RUNNING,
+        error="",
+        end_reason="",
+        metadata=metadata,
+        version=version,
+        change_seq=version,
+        step_index=None,
+        timeout_s=None,
+        deadline=None,
+        created_at=datetime.now(UTC),
+        started_at=None,
+        finished_at=None,
+        request_id=None,
+        owner="",
+    )
+
+
+def entries(status: str) -> list[dict[str, object]]:
+    return [{"step_id": "s1", "step_index": 0, "status": status}]
+
+
+def test_a_shared_value_is_reused_and_a_new_one_converted_afresh() -> None:
+    stats = entries("running")
+    first = job_pb(JobView(manager({"step_stats": stats, "a": 1}), {"s1": ChildTally(1, 2)}))
+    # Same list object, another key changed: the converted list is reused, the key is new.
+    second = job_pb(JobView(manager({"step_stats": stats, "a": 2}, 2), {"s1": ChildTally(1, 2)}))
+    assert json_format.MessageToDict(second.metadata) == {"step_stats": stats, "a": 2.0}
+    assert second.step_stats == first.step_stats
+    # Equal content in a new object, and new counts: both converted afresh.
+    third = job_pb(
+        JobView(manager({"step_stats": entries("completed")}, 3), {"s1": ChildTally(0, 0, 3)})
+    )
+    assert third.step_stats[0].status == 4  # JOB_STATUS_COMPLETED
+    assert third.step_stats[0].children.completed == 3
+    assert "a" not in third.metadata.fields
+    # Same list, other live counts: the typed view follows the counts.
+    fourth = job_pb(JobView(manager({"step_stats": stats}, 4), {"s1": ChildTally(0, 1, 2)}))
+    assert fourth.step_stats[0].children.completed == 2
+    assert fourth.step_stats[0].status == 2  # JOB_STATUS_RUNNING
