@@ -51,6 +51,7 @@ class DeadlineTimer:
     async def _run(self) -> None:
         while True:
             self._wake.clear()  # before reading, so a wake-up during the read is not lost
+            self._target = None  # any deadline committed meanwhile wakes the next sleep
             try:
                 fired = await self._store.fire_due()
                 if fired:

@@ -98,7 +98,11 @@ def _guard_current_step_status(
     if moves_step or old is None:
         return
     old_status = _status_or_none(old)
-    if requested is None or old_status is None:
+    if old_status is None:
+        return
+    if requested is None:  # deleting it would erase the status just as a backwards move would
+        new[CURRENT_STEP_STATUS] = old
+        ignored.append(f"current_step_status {old} -> deleted")
         return
     if requested != old and not is_forward(old_status, Status(requested)):
         new[CURRENT_STEP_STATUS] = old

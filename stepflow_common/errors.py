@@ -15,12 +15,14 @@ class NotFound(StepflowError):
     """The named job (or step entry) does not exist."""
 
 
-class StatusConflict(StepflowError):
-    """A terminal status cannot change, and statuses never move backwards."""
 
 
 class FailedPrecondition(StepflowError):
     """The job is not in a state this operation applies to."""
+
+
+class StatusConflict(FailedPrecondition):
+    """A terminal status cannot change, and statuses never move backwards."""
 
 
 class VersionConflict(StepflowError):

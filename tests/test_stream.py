@@ -362,3 +362,16 @@ async def test_child_first_seen_after_its_step_ended_is_recorded_cancelled(stub)
     child = await get(stub, "late")
     assert child.status == S.JOB_STATUS_CANCELLED
     assert counts(await get(stub, manager.id)) == (0, 0, 0, 0, 1)
+
+
+async def test_a_childs_metadata_survives_its_events(stub) -> None:
+    manager, (step,) = await manager_with_steps(stub, 1)
+    await send_batches(stub, [[created(step.id, "meta-kid")]])
+    await stub.UpdateJobMetadata(
+        m.UpdateJobMetadataRequest(job_id="meta-kid", metadata=struct({"url": "https://x"}))
+    )
+    assert meta(await get(stub, "meta-kid")) == {"url": "https://x"}
+    await send_batches(stub, [[running(step.id, "meta-kid"), completed(step.id, "meta-kid")]])
+    kid = await get(stub, "meta-kid")
+    assert kid.status == S.JOB_STATUS_COMPLETED
+    assert meta(kid) == {"url": "https://x"}

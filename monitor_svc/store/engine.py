@@ -28,6 +28,8 @@ def make_engine(url: str, *, writer: bool) -> Engine:
             # the generic plan it made while the tables were empty (sequential scans of jobs
             # for ever after). Plan each statement with its values instead.
             connect_args={"prepare_threshold": None},
+            # A read (GetJob, WatchJob) takes the row and its steps' counts from one snapshot.
+            isolation_level="READ COMMITTED" if writer else "REPEATABLE READ",
             pool_size=2 if writer else 8,
             max_overflow=2 if writer else 8,
             pool_pre_ping=True,

@@ -533,7 +533,7 @@ def _apply_event(
                 new.finished_at = tx.now
                 new.end_reason = EndReason.ORCHESTRATOR
                 new.error = event.error
-            tx.put(new)
+            tx.put(new, status_only=True)
             progress = _working_progress(tx, event.step_id)
             progress.add(child.status, -1)
             progress.add(status, 1)

@@ -198,6 +198,7 @@ class Tx:
         self._seq: int | None = None
         self._manager_steps: dict[str, set[str]] = {}  # managers whose progress rows are loaded
         self._unit_progress: set[str] = set()  # progress rows this unit already copied
+        self._full_rows: set[str] = set()  # jobs whose whole row (metadata too) is written
         self.sqlite = not lock_rows
         self.earliest_deadline: datetime | None = None  # wakes the deadline timer after commit
         self.after_commit: list[Callable[[], None]] = []
@@ -239,9 +240,15 @@ class Tx:
             return None
         return self.job(row.id)
 
-    def put(self, state: JobState, *, changed_row: bool = True) -> None:
-        """Store a unit's new state; it is written (with a fresh change_seq) at flush."""
+    def put(self, state: JobState, *, status_only: bool = False) -> None:
+        """Store a unit's new state; it is written (with a fresh change_seq) at flush.
+
+        ``status_only`` (the child-event path) lets a child row be written without its
+        metadata; any other put of the job in this transaction writes the whole row.
+        """
         self._undo.append(("job", state.id, self._jobs.get(state.id, _MISSING)))
+        if not status_only:
+            self._full_rows.add(state.id)
         state.change_seq = self.seq
         if state.deadline is not None and not state.status.terminal:
             self._note_deadline(state.deadline)
@@ -384,7 +391,7 @@ class Tx:
             state.change_seq = seq
             if job_id in self._new:
                 inserts.append(state_to_insert(state))
-            elif state.kind is Kind.CHILD:
+            elif state.kind is Kind.CHILD and job_id not in self._full_rows:
                 child_updates.append(_child_update_params(state))
             else:
                 updates.append(_update_params(state))

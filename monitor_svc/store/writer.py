@@ -92,8 +92,13 @@ class Writer:
                     break
                 batch.append(item)
             live = [job for job in batch if not job.future.done()]
-            if live:
+            if not live:
+                continue
+            try:
                 self._commit_group(live)
+            except Exception as exc:  # never let the one writer thread die: answer and go on
+                log.exception("writer group failed")
+                _resolve_all([(job, None, exc) for job in live])
 
     def _commit_group(self, batch: list[_Job]) -> None:
         started = time.perf_counter()
