@@ -65,8 +65,10 @@ def merge_metadata(current: Mapping[str, Any], patch: Mapping[str, Any]) -> Merg
     _guard_current_step_status(current, patch, new, ignored)
     if STEP_STATS in patch and new[STEP_STATS] != current.get(STEP_STATS):
         new[COMPLETED_STEPS] = count_ended_steps(new[STEP_STATS])
-        if CURRENT_STEP_STATUS not in patch:
-            _follow_current_entry(new)
+    if patch.keys() & {STEP_STATS, CURRENT_STEP_ID, CURRENT_STEP_STATUS} and isinstance(
+        new.get(STEP_STATS), list
+    ):
+        _follow_current_entry(new)
     for what in ignored:
         log.info("metadata write ignored", reason=what)
     return MergeResult(new, new != current, ignored)

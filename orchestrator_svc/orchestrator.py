@@ -88,7 +88,11 @@ class Orchestrator:
                 owner=self.owner,
                 metadata={"definition_config": spec.config} if spec.config else {},
             )
-            if manager.id in self._runners or manager.status != job_pb2.JOB_STATUS_PENDING:
+            if (
+                manager.id in self._runners
+                or manager.status != job_pb2.JOB_STATUS_PENDING
+                or manager.owner != self.owner  # another orchestrator took this request
+            ):
                 return manager.id
             steps = [
                 await self.monitor.create_job(

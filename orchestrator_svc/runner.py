@@ -199,9 +199,20 @@ class JobRunner:
         return ""
 
     async def _start_step(self, step: _StepRun) -> bool:
-        """Record the step as started; False if the monitor had already ended it."""
+        """Record the step as started; False if the monitor had already ended it.
+
+        The row goes first: its running status reaches the step's step_stats entry in the
+        same transaction, and a step that a cancel or timeout ended meanwhile is refused here
+        before it is made the current step, so current_step_status never shows it running.
+        """
         step.started = True
         spec = step.spec
+        try:
+            await self._monitor.update_status(step.job_id, job_pb2.JOB_STATUS_RUNNING)
+        except (StatusConflict, FailedPrecondition):
+            job = await self._monitor.get_job(step.job_id)
+            self._record_end(step, STATUS_FROM_PB[job.status], job.error)
+            return False
         await self._monitor.update_metadata(
             self.manager_id,
             {
@@ -211,10 +222,7 @@ class JobRunner:
                         "step_id": step.job_id,
                         "step_name": spec.name,
                         "step_type": spec.type,
-                        "child_count": 0,
-                        "document_count": 0,
                         "status": Status.RUNNING.value,
-                        "error": "",
                     }
                 ],
                 "current_step": step.index + 1,
@@ -224,20 +232,6 @@ class JobRunner:
                 "current_step_status": Status.RUNNING.value,
             },
         )
-        try:
-            await self._monitor.update_status(step.job_id, job_pb2.JOB_STATUS_RUNNING)
-        except (StatusConflict, FailedPrecondition):
-            # The job stopped (cancel, job timeout) while this step was starting: the cascade
-            # ended the step before the metadata above made it current, so
-            # current_step_status says `running` for a finished step. Make it say what is.
-            job = await self._monitor.get_job(step.job_id)
-            final = STATUS_FROM_PB[job.status]
-            await self._monitor.update_metadata(
-                self.manager_id,
-                {"current_step_id": step.job_id, "current_step_status": final.value},
-            )
-            self._record_end(step, final, job.error)
-            return False
         return True
 
     async def _run_simple(self, step: _StepRun, worker: Worker) -> None:
@@ -359,7 +353,11 @@ class JobRunner:
     ) -> StepResult:
         """A step timeout cancels the step's running children (the worker sees ``cancel``)."""
         task = asyncio.create_task(worker.run(ctx))
-        done, _ = await asyncio.wait([task], timeout=timeout_s)
+        try:
+            done, _ = await asyncio.wait([task], timeout=timeout_s)
+        except asyncio.CancelledError:
+            task.cancel()  # the runner is going away: its worker must not run on unowned
+            raise
         if task in done:
             return task.result()
         step.cancel.set()
@@ -496,7 +494,15 @@ class JobRunner:
             status = STATUS_FROM_PB.get(stat.status)
             if step is None or status is None or not status.terminal or step.ended.is_set():
                 continue
-            self._record_end(step, status, stat.error)
+            # The entry is a hint (clients may change it alone); the step's row decides.
+            row = await self._monitor.get_job(step.job_id)
+            row_status = STATUS_FROM_PB.get(row.status)
+            if row_status is not None and row_status.terminal:
+                self._record_end(step, row_status, row.error)
+            elif step.started and not step.handed:
+                # A client ended the step through its entry: stop it and end its row too.
+                step.cancel.set()
+                await self._end_step(step, status, stat.error)
         manager_status = STATUS_FROM_PB.get(job.status)
         if manager_status is None or not manager_status.terminal:
             return False

@@ -15,8 +15,6 @@ class NotFound(StepflowError):
     """The named job (or step entry) does not exist."""
 
 
-
-
 class FailedPrecondition(StepflowError):
     """The job is not in a state this operation applies to."""
 

@@ -935,7 +935,9 @@ async def test_a_job_stopped_while_a_step_starts_keeps_current_step_status_true(
     assert stats["second"].status == S.JOB_STATUS_CANCELLED
     assert meta(job)["current_step_name"] == "second"
     assert meta(job)["current_step_status"] == "cancelled"
-    assert counts_of(stats["second"].children) == (0, 0, 0, 0, 0)
+    # The cancel may land after the step's row went running: whatever children it spawned
+    # then are recorded cancelled, none live.
+    assert counts_of(stats["second"].children)[:4] == (0, 0, 0, 0)
     await assert_consistent(stub, job)
 
 

@@ -365,7 +365,7 @@ async def test_child_first_seen_after_its_step_ended_is_recorded_cancelled(stub)
 
 
 async def test_a_childs_metadata_survives_its_events(stub) -> None:
-    manager, (step,) = await manager_with_steps(stub, 1)
+    _, (step,) = await manager_with_steps(stub, 1)
     await send_batches(stub, [[created(step.id, "meta-kid")]])
     await stub.UpdateJobMetadata(
         m.UpdateJobMetadataRequest(job_id="meta-kid", metadata=struct({"url": "https://x"}))
