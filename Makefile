@@ -1,4 +1,4 @@
-# stepflow's one command table (STYLE.md item 11): CI calls these targets exactly as they are.
+# stepflow's one command table: CI calls these targets exactly as they are.
 # Everything runs from the project venv, which `make venv` builds from nothing but python3.
 
 SHELL := bash
@@ -63,7 +63,6 @@ lint: venv ## buf lint, ruff check, ruff format --check, mypy
 	if [ -n "$$failed" ]; then echo "lint failed:$$failed" >&2; exit 1; fi; \
 	echo "lint clean"
 
-# ruff and mypy are not part of `test` yet: they do not pass on the current code (`make lint`).
 test: venv ## check-gen, lint (buf, ruff, mypy), then pytest (extra args: PYTEST_ARGS=...)
 	"$(BIN)/python" scripts/gen_protos.py --check
 	$(MAKE) --no-print-directory lint
@@ -77,7 +76,7 @@ bench: venv ## run the benchmarks (bench/run_all.py)
 	@if [ -f bench/run_all.py ]; then \
 		"$(BIN)/python" bench/run_all.py $(BENCH_ARGS); \
 	else \
-		echo "bench/run_all.py does not exist yet: no benchmarks to run"; \
+		echo "bench/run_all.py is missing: no benchmarks to run"; \
 	fi
 
 soak: venv ## bounded soak (~2 min, loopback): RSS/fds over time (SOAK_ARGS='--seconds 600 --db postgres')

@@ -1,4 +1,4 @@
-"""Pure rules for a manager's metadata document (SPEC §2). No I/O, no gRPC, no SQL.
+"""Pure rules for a manager's metadata document (design §2). No I/O, no gRPC, no SQL.
 
 The metadata is one JSON object shared by two writers (orchestrator and monitor), so every
 rule here is a function from (current document, request) to a new document; the store applies

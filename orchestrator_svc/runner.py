@@ -1,6 +1,6 @@
 """Runs one job: manager -> ordered steps -> children, recording everything in the monitor.
 
-The rules (SPEC §3): steps start in file order, each once the previous one has ended or been
+The rules (design §3): steps start in file order, each once the previous one has ended or been
 handed off and every step it depends on has ended (a dependency that did not complete skips
 it). ``wait = true`` steps are ended here, after their children's events are committed, with
 the same final-status rule the monitor uses; ``wait = false`` steps are handed to the monitor

@@ -1,4 +1,4 @@
-"""How a step that spawned children ends: one pure rule, used by both services (SPEC §2 path 5)."""
+"""How a step that spawned children ends: one pure rule, shared by both services (design §2)."""
 
 from __future__ import annotations
 

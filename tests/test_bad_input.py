@@ -573,7 +573,7 @@ async def test_a_nul_character_in_metadata_round_trips(stub: Stub) -> None:
 async def test_a_nul_character_in_an_event_is_rejected_and_does_not_block_the_stream(
     stub: Stub,
 ) -> None:
-    """SPEC: an invalid event never blocks the stream or loses the rest of its batch."""
+    """Design: an invalid event never blocks the stream or loses the rest of its batch."""
     tree = await make_tree(stub)
     good = ev(S.CHILD_EVENT_KIND_CREATED, tree.step1, "good-child")
     poisoned = [

@@ -1,4 +1,4 @@
-"""No lost updates (SPEC §1): many clients, each on its own channel, write one manager at once.
+"""No lost updates (design §1): many clients, each on its own channel, write one manager at once.
 
 Every key and every status written must be there afterwards, and the manager's version must
 have risen by exactly the number of calls that changed something (no-ops do not count).

@@ -1,6 +1,6 @@
-"""The monitor's unary API against a real server and a real channel (SPEC §2 and §4).
+"""The monitor's unary API against a real server and a real channel (design §2 and §4).
 
-Every rule of SPEC §2 that a unary RPC exposes has a test here; the child-event stream, step
+Every rule of design §2 that a unary RPC exposes has a test here; the child-event stream, step
 deadlines and WatchJob are tested elsewhere. Each test gets a fresh database (SQLite and
 PostgreSQL through the ``database_url`` fixture).
 """
@@ -592,7 +592,7 @@ async def test_step_start_reaches_the_manager_in_the_same_call(stub: Stub) -> No
 async def test_step_end_reaches_step_stats_current_step_status_and_completed_steps(
     stub: Stub, terminal: int
 ) -> None:
-    """SPEC §1 bug 1: whatever ends a step, the manager's view follows in the same call."""
+    """design §1 bug 1: whatever ends a step, the manager's view follows in the same call."""
     manager, steps = await manager_with_steps(stub, 3)
     await set_status(stub, steps[0].id, S.JOB_STATUS_RUNNING)
     before = await get(stub, manager.id)
@@ -812,7 +812,7 @@ async def test_step_stats_are_merged_by_step_id_in_step_index_order(stub: Stub) 
     [
         (["running"], "pending"),
         (["spawned"], "running"),
-        (["completed"], "spawned"),  # SPEC §1 bug 2
+        (["completed"], "spawned"),  # design §1 bug 2
         (["completed"], "failed"),
         (["skipped"], "completed"),
     ],
@@ -843,7 +843,7 @@ async def test_step_stats_status_never_moves_backwards(
 
 
 async def test_late_spawned_write_does_not_undo_a_completed_step(stub: Stub) -> None:
-    """SPEC §1 bug 2, end to end: the monitor completed the step, then the orchestrator's
+    """design §1 bug 2, end to end: the monitor completed the step, then the orchestrator's
     stale metadata write says `spawned` for it (and for current_step_status)."""
     manager, steps = await manager_with_steps(stub, 2)
     await set_status(stub, steps[0].id, S.JOB_STATUS_RUNNING)

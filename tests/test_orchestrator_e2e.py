@@ -3,7 +3,7 @@ real channels, the real event stream), on SQLite and on PostgreSQL.
 
 Every wait is bounded (``asyncio.wait_for``) and event-driven (WatchJob), so a regression fails
 fast instead of hanging. Helpers that read the monitor live at the top; the tests follow the
-order of SPEC §3.
+order of design §3.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ async def list_all(stub: Stub, **filters: Any) -> list[job_pb2.Job]:
 
 
 def rank(status: int) -> int:
-    """SPEC §2's order: pending < running < spawned < any terminal."""
+    """design §2's order: pending < running < spawned < any terminal."""
     return min(status, S.JOB_STATUS_COMPLETED)
 
 

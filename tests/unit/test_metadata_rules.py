@@ -1,4 +1,4 @@
-"""The pure rules for a manager's metadata document (SPEC §2), with no I/O."""
+"""The pure rules for a manager's metadata document (design §2), with no I/O."""
 
 from __future__ import annotations
 
@@ -122,7 +122,7 @@ def test_entries_without_an_index_go_last_in_arrival_order() -> None:
     [
         ("running", "pending"),
         ("spawned", "running"),
-        ("completed", "spawned"),  # bug 2 of SPEC §1: spawned after completed
+        ("completed", "spawned"),  # bug 2 of design §1: spawned after completed
         ("completed", "failed"),  # terminal is final, to another terminal too
         ("skipped", "completed"),
         ("cancelled", "running"),

@@ -1,5 +1,5 @@
 """Property tests (hypothesis) of the pure rules, each against a small reference model written
-from SPEC §2 rather than from the code:
+from design §2 rather than from the code:
 
 - ``merge_metadata``: shallow merge, a JSON null deletes, ``step_stats`` merged entry by entry
   by ``step_id`` and kept in ``step_index`` order, statuses never backwards (in entries and in
@@ -48,7 +48,7 @@ STEP_IDS = [f"s{i}" for i in range(6)]
 
 
 def may_replace(old: str, new: str) -> bool:
-    """SPEC §2's order: the same status, or strictly forward from a live one."""
+    """design §2's order: the same status, or strictly forward from a live one."""
     return new == old or (old not in TERMINAL and RANK[new] > RANK[old])
 
 
@@ -230,7 +230,7 @@ def test_no_sequence_of_merges_moves_a_status_backwards(
     current: dict[str, Any], sequence: list[dict[str, Any]]
 ) -> None:
     """Whatever two writers send, in whatever order, a terminal entry stays as it is and every
-    entry only climbs (SPEC §1 bug 2: a late `spawned` cannot undo `completed`)."""
+    entry only climbs (design §1 bug 2: a late `spawned` cannot undo `completed`)."""
     doc = current
     for patch in sequence:
         new = merge_metadata(doc, patch).metadata
@@ -338,7 +338,7 @@ def test_accepted_changes_climb_the_order_and_end_at_most_once(requests: list[St
 
 # -- final_step_status ----------------------------------------------------------------------------
 def model_final(completed: int, failed: int, cancelled: int) -> Status:
-    """SPEC §2 path 5 (zero children: completed, path 4)."""
+    """design §2 path 5 (zero children: completed, path 4)."""
     if completed + failed + cancelled == 0 or completed > 0:
         return Status.COMPLETED
     if failed > 0:

@@ -1,4 +1,4 @@
-"""The status-order rule (SPEC §2) and the one error→status-code table, with no I/O."""
+"""The status-order rule (design §2) and the one error→status-code table, with no I/O."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from stepflow_common.status import (
     parse_status,
 )
 
-# The order as SPEC §2 writes it, independent of the module's own rank table.
+# The order as design §2 writes it, independent of the module's own rank table.
 LIVE_ORDER = [Status.PENDING, Status.RUNNING, Status.SPAWNED]
 TERMINALS = [Status.COMPLETED, Status.FAILED, Status.CANCELLED, Status.SKIPPED]
 ALL = LIVE_ORDER + TERMINALS

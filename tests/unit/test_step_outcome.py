@@ -1,4 +1,4 @@
-"""How a step that spawned children ends (SPEC §2, path 5): the one pure rule, no I/O."""
+"""How a step that spawned children ends (design §2, path 5): the one pure rule, no I/O."""
 
 from __future__ import annotations
 
