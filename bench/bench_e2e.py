@@ -1,4 +1,4 @@
-"""End to end (issue 5): a job of 10 steps x 2,000 ``simulate`` children of zero duration
+"""End to end: a job of 10 steps x 2,000 ``simulate`` children of zero duration
 (``wait`` left at its default, true), submitted through SubmitJob to a real orchestrator and
 a real monitor (subprocesses), on SQLite and PostgreSQL, beside the same job against a no-op
 monitor (bench/noop_monitor.py: jobs in memory, child events acknowledged, not stored), all in
@@ -187,11 +187,9 @@ def report(
         "children recorded: ended children in the manager's live step counts after the job "
         "(the smallest over the runs); all exact: every step completed with all its children "
         "completed and child_count right",
-        "issue 5 target: 5,000 children/s or more on SQLite, each child's lifecycle recorded",
+        "target: 5,000 children/s or more on SQLite, each child's lifecycle recorded",
     ]
-    common.print_table(
-        "End to end: one job through SubmitJob (issue 5)", headers, rows, all_notes + notes
-    )
+    common.print_table("End to end: one job through SubmitJob", headers, rows, all_notes + notes)
 
 
 async def run(args: argparse.Namespace) -> None:

@@ -1,4 +1,4 @@
-"""Child-event ingestion (issue 4): (a) events/s ingested and committed through one
+"""Child-event ingestion: (a) events/s ingested and committed through one
 StreamChildEvents stream and through 4 concurrent streams, on SQLite and PostgreSQL, beside
 two no-op baselines measured in the same run (bench/noop_monitor.py, which only parses and
 acknowledges): one event per message, and the orchestrator's batch size; (b) latency from
@@ -556,13 +556,13 @@ def report_throughput(
         f"({os.cpu_count()} cores here)",
         "counts exact: after the run, GetJob shows every child completed in its step's live "
         "counts (none pending or running)",
-        "issue 4 targets (one stream): SQLite >= 60,000 events/s and >= 4.5x the 1-event no-op; "
+        "target (one stream): SQLite >= 60,000 events/s and >= 4.5x the 1-event no-op; "
         "PostgreSQL >= 15,000",
-        "issue 4 reference (quiet machine): no-op ~13,000 messages/s, > 500,000 events/s at 100 "
+        "reference (quiet machine): no-op ~13,000 messages/s, > 500,000 events/s at 100 "
         "per message; a bare sqlite3 prototype ~126,000 events/s through one stream",
     ]
     common.print_table(
-        "(a) Child events ingested and committed (issue 4)",
+        "(a) Child events ingested and committed",
         headers,
         rows,
         all_notes + notes,
@@ -621,7 +621,7 @@ def report_latency(results: dict[str, Latency], notes: list[str]) -> None:
         f"{round(BACKGROUND_EVENTS_S * BACKGROUND_TICK_S)} events every "
         f"{BACKGROUND_TICK_S * 1000:.0f} ms; no-op: the same batches against "
         "bench/noop_monitor.py, the floor gRPC and this machine set",
-        "issue 4 target: p99 under 50 ms (the system replaced polled every 5 s)",
+        "target: p99 under 50 ms (the system replaced polled every 5 s)",
     ]
     for server, lat in results.items():
         if lat.timeouts:
@@ -629,7 +629,7 @@ def report_latency(results: dict[str, Latency], notes: list[str]) -> None:
                 f"{server}: {lat.timeouts} sample(s) timed out after {SAMPLE_TIMEOUT_S:g}s"
             )
     common.print_table(
-        "(b) Step end visible after its last child event (issue 4)",
+        "(b) Step end visible after its last child event",
         headers,
         rows,
         all_notes + notes,

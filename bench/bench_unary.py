@@ -1,4 +1,4 @@
-"""Unary write throughput on one hot manager (issue 3): UpdateStepStatInManager and
+"""Unary write throughput on one hot manager: UpdateStepStatInManager and
 UpdateJobMetadata calls/s and p50/p99 latency at 1, 16 and 64 calls in flight, on SQLite and
 PostgreSQL, each beside a no-op (grpc.health.v1 Health/Check on the same server) measured in
 the same run. Median of three runs.
@@ -48,7 +48,7 @@ IN_FLIGHT = (1, 16, 64)
 NOOP = "no-op Health/Check"
 STEP_STAT = "UpdateStepStatInManager"
 METADATA = "UpdateJobMetadata"
-# Targets of issue 3, at 64 calls in flight: a write's rate as a share of the no-op's.
+# Targets, at 64 calls in flight: a write's rate as a share of the no-op's.
 TARGET_SHARE = {"sqlite": 0.50, "postgres": 0.25}
 TARGET_IN_FLIGHT = 64
 FORWARD = (job_pb2.JOB_STATUS_RUNNING, job_pb2.JOB_STATUS_SPAWNED, job_pb2.JOB_STATUS_COMPLETED)
@@ -401,8 +401,8 @@ def report(
         f"({os.cpu_count()} cores here)",
         "document: the hot manager's metadata as JSON (N step_stats entries); every write "
         "changes it and commits before it returns (durable)",
-        "targets (issue 3, at 64 in flight): SQLite >= 50% of the no-op rate, PostgreSQL >= 25%",
-        "issue 3 reference (quiet machine): no-op Check ~4,200/s at 64 in flight; a bare "
+        "targets (at 64 in flight): SQLite >= 50% of the no-op rate, PostgreSQL >= 25%",
+        "reference (quiet machine): no-op Check ~4,200/s at 64 in flight; a bare "
         "read-modify-write RPC with SQLAlchemy Core ~2,100/s on SQLite, ~1,050/s on PostgreSQL",
     ]
     version = facts["version_ok"]
@@ -419,9 +419,7 @@ def report(
                 break
     all_notes += notes
     all_notes.append(common.machine_note())
-    common.print_table(
-        "Unary writes on one hot manager (issue 3)", headers, rows, all_notes, left=3
-    )
+    common.print_table("Unary writes on one hot manager", headers, rows, all_notes, left=3)
 
 
 # -- main ----------------------------------------------------------------------------------

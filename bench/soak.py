@@ -1,4 +1,4 @@
-"""A bounded soak (issue 7): many concurrent jobs, watchers and metadata writers against a
+"""A bounded soak: many concurrent jobs, watchers and metadata writers against a
 real monitor and orchestrator (subprocesses, loopback only) for ``--seconds`` (default two
 minutes), then it stops by itself.
 
