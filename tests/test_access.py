@@ -1,4 +1,4 @@
-"""Access (issue 7): optional TLS for both servers and for the orchestrator's stream client,
+"""Access: optional TLS for both servers and for the orchestrator's stream client,
 optional bearer-token authentication (health always open, reflection configurable), and the
 orchestrator sending its token to the monitor.
 

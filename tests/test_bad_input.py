@@ -1,4 +1,4 @@
-"""Bad input (issue 7): malformed, oversized and deeply nested requests, unknown enum values,
+"""Bad input: malformed, oversized and deeply nested requests, unknown enum values,
 empty and over-long ids, non-object metadata values. Each gets a clear status code and a
 message a person can act on, and the stored state is unchanged: every job in the database,
 read back through the API, is byte-for-byte what it was before the call.

@@ -1,4 +1,4 @@
-"""Faults (issue 7): the record survives what production does to it.
+"""Faults: the record survives what production does to it.
 
 - the monitor SIGKILLed mid-stream and started again on the same database, with a client
   written against the protos alone that resends what was not acknowledged;

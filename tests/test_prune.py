@@ -1,4 +1,4 @@
-"""Bounded growth (issue 7): ``monitor-svc prune --older-than D`` deletes finished job trees
+"""Bounded growth: ``monitor-svc prune --older-than D`` deletes finished job trees
 (manager, steps, children, step progress rows) in batches while the monitor serves, leaves
 every live job as it was, and the tables shrink by exactly what it reports. Dedupe keeps no
 state of its own: replaying every event adds no row anywhere.

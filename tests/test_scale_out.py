@@ -1,4 +1,4 @@
-"""Scale-out (issue 7): two ``monitor-svc`` processes on one PostgreSQL database at once.
+"""Scale-out: two ``monitor-svc`` processes on one PostgreSQL database at once.
 
 - the orchestrator's event stream on one replica, its unary calls, other writers and the
   watchers on the other; then swapped: nothing lost, every step ended exactly once, no
