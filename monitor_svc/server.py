@@ -69,7 +69,6 @@ async def create_server(config: MonitorConfig) -> RunningMonitor:
     if config.migrate:
         await asyncio.to_thread(upgrade, config.database_url)
     loop = asyncio.get_running_loop()
-    holder: dict[str, object] = {}
 
     def on_commit(changed: set[str], earliest: datetime | None) -> None:
         hub.notify_threadsafe(changed)
@@ -84,7 +83,6 @@ async def create_server(config: MonitorConfig) -> RunningMonitor:
     hub = WatchHub(read)
     hub.bind_loop(loop)
     timer = DeadlineTimer(store)
-    holder["store"] = store
     server = serving.make_server(config.security, [DomainErrorInterceptor(metrics.observe_rpc)])
     monitor_service_pb2_grpc.add_MonitorServiceServicer_to_server(
         MonitorServicer(store, hub), server

@@ -16,13 +16,13 @@ from orchestrator_svc.monitor_client import MonitorClient
 from orchestrator_svc.runner import JobRunner
 from orchestrator_svc.workers.base import Worker
 from stepflow_common.errors import FailedPrecondition
+from stepflow_common.status import EndReason
 from stepflow_proto.v1 import job_pb2
 
 log = structlog.get_logger(__name__)
 
 RESTARTED_ERROR = "orchestrator restarted"
 CANCEL_WAIT_S = 10.0  # how long CancelJob waits for a job's work to stop before ending it
-RESTARTED_REASON = "orchestrator_restarted"
 TERMINAL_PB = {
     job_pb2.JOB_STATUS_COMPLETED,
     job_pb2.JOB_STATUS_FAILED,
@@ -60,7 +60,10 @@ class Orchestrator:
                     continue
                 try:
                     await self.monitor.update_status(
-                        job.id, job_pb2.JOB_STATUS_FAILED, RESTARTED_ERROR, RESTARTED_REASON
+                        job.id,
+                        job_pb2.JOB_STATUS_FAILED,
+                        RESTARTED_ERROR,
+                        EndReason.ORCHESTRATOR_RESTARTED,
                     )
                     failed += 1
                 except FailedPrecondition:
@@ -129,7 +132,7 @@ class Orchestrator:
                     runner.manager_id,
                     job_pb2.JOB_STATUS_FAILED,
                     "orchestrator error",
-                    "orchestrator",
+                    EndReason.ORCHESTRATOR,
                 )
             except Exception:
                 log.exception("could not record the crash", manager_id=runner.manager_id)
@@ -160,7 +163,7 @@ class Orchestrator:
                 # and the cancel below makes it final in the monitor at once either way.
                 await runner.cancel_step(job_id, reason)
         return await self.monitor.update_status(
-            job_id, job_pb2.JOB_STATUS_CANCELLED, reason or "cancelled", "cancelled"
+            job_id, job_pb2.JOB_STATUS_CANCELLED, reason or "cancelled", EndReason.CANCELLED
         )
 
     def running(self) -> list[str]:

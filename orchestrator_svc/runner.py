@@ -22,7 +22,7 @@ from orchestrator_svc.event_stream import EventStream
 from orchestrator_svc.monitor_client import MonitorClient
 from orchestrator_svc.workers.base import ChildStatus, StepContext, StepResult, Worker
 from stepflow_common.errors import FailedPrecondition, StatusConflict
-from stepflow_common.status import Status
+from stepflow_common.status import EndReason, Status
 from stepflow_common.step_outcome import ChildTally, final_step_status
 from stepflow_proto.v1 import job_pb2
 
@@ -43,7 +43,6 @@ EVENT_KIND = {
     "failed": job_pb2.CHILD_EVENT_KIND_FAILED,
     "cancelled": job_pb2.CHILD_EVENT_KIND_CANCELLED,
 }
-END_ORCHESTRATOR = "orchestrator"
 WATCH_RETRY_S = 0.5  # pause before watching the manager again after an unexpected error
 
 
@@ -171,7 +170,9 @@ class JobRunner:
             if self._cancelled:
                 # The monitor's cascade makes every step of a cancelled job `cancelled`; ending
                 # this one the same way keeps the result independent of which write lands first.
-                await self._end_step(step, Status.CANCELLED, "job cancelled", reason="cancelled")
+                await self._end_step(
+                    step, Status.CANCELLED, "job cancelled", reason=EndReason.CANCELLED
+                )
                 return
             skip_reason = self._skip_reason(step)
             if skip_reason:
@@ -369,7 +370,7 @@ class JobRunner:
             # worker without children has no seal at all.
             await self._stream.wait_acked()
             await self._end_step(
-                step, Status.FAILED, "timed out waiting for child jobs", reason="timeout"
+                step, Status.FAILED, "timed out waiting for child jobs", reason=EndReason.TIMEOUT
             )
         return result
 
@@ -435,7 +436,7 @@ class JobRunner:
                 )
 
     async def _end_step(
-        self, step: _StepRun, status: Status, error: str, *, reason: str = END_ORCHESTRATOR
+        self, step: _StepRun, status: Status, error: str, *, reason: str = EndReason.ORCHESTRATOR
     ) -> None:
         try:
             job = await self._monitor.update_status(step.job_id, STATUS_PB[status], error, reason)
@@ -508,7 +509,7 @@ class JobRunner:
             return False
         if manager_status is Status.CANCELLED:
             self._cancelled = True
-        elif job.end_reason == "timeout":
+        elif job.end_reason == EndReason.TIMEOUT:
             self._timed_out = True
             self._manager_error = job.error
         self._stop_all()
@@ -520,9 +521,9 @@ class JobRunner:
         return True
 
     async def _finish(self) -> Status:
-        reason = END_ORCHESTRATOR
+        reason = EndReason.ORCHESTRATOR
         if self._cancelled:
-            status, error, reason = Status.CANCELLED, self._cancel_reason, "cancelled"
+            status, error, reason = Status.CANCELLED, self._cancel_reason, EndReason.CANCELLED
         elif self._timed_out:
             status, error = Status.FAILED, self._manager_error or "job timed out"
         elif self._failed_by_rule:

@@ -47,6 +47,19 @@ _RANK = {
 STEP_ONLY = frozenset({Status.SPAWNED, Status.SKIPPED})
 
 
+class EndReason(enum.StrEnum):
+    """How a job ended (``Job.end_reason``): one vocabulary for both services."""
+
+    CANCELLED = "cancelled"  # CancelJob, or UpdateJobStatus `cancelled` and its cascade
+    TIMEOUT = "timeout"  # its deadline passed
+    API = "api"  # a client set the status
+    NO_CHILDREN = "no_children"  # sealed with zero children
+    GRACE_PERIOD = "grace_period"  # handed off, no seal and no child within the grace period
+    CHILDREN_TERMINAL = "children_terminal"  # sealed, and every child ended
+    ORCHESTRATOR = "orchestrator"  # ended by the orchestrator that ran it
+    ORCHESTRATOR_RESTARTED = "orchestrator_restarted"  # its orchestrator died meanwhile
+
+
 class Transition(enum.Enum):
     """What a requested status change amounts to."""
 

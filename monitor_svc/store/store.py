@@ -35,6 +35,7 @@ from stepflow_common.errors import (
     VersionConflict,
 )
 from stepflow_common.status import (
+    EndReason,
     Kind,
     Status,
     Transition,
@@ -42,7 +43,7 @@ from stepflow_common.status import (
     check_transition,
     is_forward,
 )
-from stepflow_common.step_outcome import ChildTally, final_step_status
+from stepflow_common.step_outcome import ChildTally, children_done, final_step_status
 
 LIVE_STATUSES = ("pending", "running", "spawned")
 TERMINAL_STATUSES = ("completed", "failed", "cancelled", "skipped")
@@ -53,16 +54,6 @@ EVENT_STATUS = {
     "failed": Status.FAILED,
     "cancelled": Status.CANCELLED,
 }
-
-
-class EndReason:
-    CANCELLED = "cancelled"
-    TIMEOUT = "timeout"
-    API = "api"
-    NO_CHILDREN = "no_children"
-    GRACE_PERIOD = "grace_period"
-    CHILDREN_TERMINAL = "children_terminal"
-    ORCHESTRATOR = "orchestrator"
 
 
 @dataclass(frozen=True, slots=True)
@@ -474,7 +465,7 @@ def _check_step_end(tx: Tx, step_id: str, timers: StepTimers) -> None:
     tally = progress.tally()
     if progress.sealed_count == 0:
         set_status(tx, step, Status.COMPLETED, "", EndReason.NO_CHILDREN, timers)
-    elif tally.total >= progress.sealed_count and tally.pending == 0 and tally.running == 0:
+    elif children_done(tally, progress.sealed_count):
         status, error = final_step_status(tally)
         set_status(tx, step, status, error, EndReason.CHILDREN_TERMINAL, timers)
 

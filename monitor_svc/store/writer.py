@@ -13,7 +13,7 @@ import contextlib
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
@@ -59,8 +59,6 @@ class Writer:
         self._conn: Connection | None = None
         self._thread = threading.Thread(target=self._run, name="stepflow-writer", daemon=True)
         self._thread.start()
-        self.commits = 0
-        self.units = 0
 
     async def run(self, unit: Callable[[Tx], T]) -> T:
         """Run ``unit`` in the next group transaction; return once that is committed."""
@@ -113,8 +111,6 @@ class Writer:
             error = _as_domain_error(exc)
             _resolve_all([(job, None, error) for job in batch])
             return
-        self.commits += 1
-        self.units += len(batch)
         metrics.observe_commit(time.perf_counter() - started, len(batch))
         _resolve_all(
             [(job, result, error) for job, (result, error) in zip(batch, outcomes, strict=True)]
@@ -226,8 +222,3 @@ class Reader:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
-
-
-def chunks(items: list[T], size: int) -> Iterable[list[T]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
