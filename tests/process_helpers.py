@@ -109,6 +109,15 @@ class ServerProcess:
                 env=clean_env(),
             )
 
+    async def run(self) -> None:
+        """Start it and wait until it reports SERVING."""
+        self.start()
+        await self.wait_serving()
+
+    def send(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
     async def wait_serving(self, within: float = STARTUP_TIMEOUT_S) -> None:
         """Poll grpc.health.v1 until SERVING; fail at once if the process exits."""
         deadline = time.monotonic() + within
@@ -146,6 +155,7 @@ class ServerProcess:
         if self.proc is None:
             return None
         if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)  # a test may have left it stopped
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout)

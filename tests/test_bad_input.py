@@ -420,8 +420,8 @@ async def test_bad_requests_get_a_clear_code_and_change_nothing(stub: Stub, grou
 
 # -- numbers JSON cannot hold -------------------------------------------------------------------
 async def test_nan_and_infinity_in_metadata_are_invalid_argument(stub: Stub) -> None:
-    """A Struct may carry NaN and Infinity; JSON (the stored form) cannot. Found as INTERNAL
-    'internal error: ValueError' during this issue; now refused as bad input."""
+    """A Struct may carry NaN and Infinity; JSON (the stored form) cannot: bad input, not an
+    internal error."""
     tree = await make_tree(stub)
     before = await everything(stub)
     for number in (float("nan"), float("inf"), float("-inf")):
@@ -535,9 +535,9 @@ async def test_unknown_fields_are_ignored(stub: Stub, channel: aio.Channel) -> N
 
 
 # -- NUL characters: valid protobuf strings that PostgreSQL text cannot store -------------------
-# Found during this issue: on PostgreSQL a NUL in a name or error ended the call UNAVAILABLE
-# ("database unavailable"), and in a child event it failed the whole batch and the stream, so
-# the orchestrator resent the poisoned batch for ever. Now refused alike on both databases.
+# PostgreSQL would refuse them with a database error (retryable UNAVAILABLE, and in a child
+# event a failed batch the orchestrator would resend for ever), so they are refused as bad
+# input on both databases alike.
 async def test_a_nul_character_in_a_text_field_is_invalid_argument(stub: Stub) -> None:
     tree = await make_tree(stub)
     before = await everything(stub)

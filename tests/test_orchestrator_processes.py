@@ -9,18 +9,13 @@ gRPC health service; every wait is bounded.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import socket
-import subprocess
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from grpc import aio
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from monitor_svc.server import RunningMonitor
 from orchestrator_svc.server import OrchestratorConfig, create_server
@@ -30,6 +25,13 @@ from stepflow_proto.v1 import monitor_service_pb2_grpc as m_grpc
 from stepflow_proto.v1 import orchestrator_service_pb2 as o
 from stepflow_proto.v1 import orchestrator_service_pb2_grpc as o_grpc
 from tests.helpers import meta
+from tests.process_helpers import (
+    ORCHESTRATOR_SVC,
+    ServerProcess,
+    clean_env,
+    monitor_process,
+    orchestrator_process,
+)
 from tests.test_orchestrator_e2e import (
     LIVE,
     assert_consistent,
@@ -44,123 +46,12 @@ from tests.test_orchestrator_e2e import (
 )
 
 S = job_pb2
-BIN = Path(sys.executable).parent
-START_TIMEOUT_S = 30.0
-MONITOR_FLAGS = ["--grace-period", "1s", "--default-wait-timeout", "60s", "--shutdown-grace", "1s"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def clean_env() -> dict[str, str]:
-    """The environment without STEPFLOW_* settings that could change the servers' flags."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("STEPFLOW_")}
-
-
-class ServerProcess:
-    """One ``monitor-svc serve`` or ``orchestrator-svc serve`` process on a fixed port."""
-
-    def __init__(self, argv: list[str], port: int, log: Path) -> None:
-        self.argv, self.port, self.log = argv, port, log
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    async def start(self) -> None:
-        with self.log.open("ab") as out:
-            # A server process for the whole test, not a call awaited here.
-            self.proc = subprocess.Popen(  # noqa: ASYNC220
-                self.argv, stdout=out, stderr=subprocess.STDOUT, env=clean_env()
-            )
-        await self._wait_serving()
-
-    async def _wait_serving(self) -> None:
-        loop = asyncio.get_running_loop()
-        give_up = loop.time() + START_TIMEOUT_S
-        async with aio.insecure_channel(self.address) as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            while True:
-                assert self.proc is not None and self.proc.poll() is None, self.tail(
-                    "exited at start"
-                )
-                try:
-                    resp = await health.Check(
-                        health_pb2.HealthCheckRequest(service=""), timeout=1.0
-                    )
-                    if resp.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except aio.AioRpcError:
-                    pass
-                assert loop.time() < give_up, self.tail("not serving in time")
-                await asyncio.sleep(0.05)
-
-    def signal(self, sig: int) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGCONT)  # in case a test left it stopped
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-
-    def tail(self, what: str, lines: int = 40) -> str:
-        text = self.log.read_text(errors="replace") if self.log.exists() else ""
-        return f"{self.argv[0]} {what}; last log lines:\n" + "\n".join(text.splitlines()[-lines:])
-
-
-def monitor_process(database_url: str, tmp_path: Path, port: int | None = None) -> ServerProcess:
-    port = port or free_port()
-    argv = [
-        str(BIN / "monitor-svc"),
-        "serve",
-        "--port",
-        str(port),
-        "--database-url",
-        database_url,
-        *MONITOR_FLAGS,
-    ]
-    return ServerProcess(argv, port, tmp_path / "monitor.log")
-
-
-def orchestrator_process(
-    monitor: str, owner: str, tmp_path: Path, port: int | None = None
-) -> ServerProcess:
-    port = port or free_port()
-    argv = [
-        str(BIN / "orchestrator-svc"),
-        "serve",
-        "--port",
-        str(port),
-        "--monitor",
-        monitor,
-        "--owner",
-        owner,
-        "--shutdown-grace",
-        "1s",
-    ]
-    return ServerProcess(argv, port, tmp_path / f"orchestrator-{port}.log")
 
 
 @pytest.fixture
 async def monitor_proc(database_url: str, tmp_path: Path) -> AsyncIterator[ServerProcess]:
-    proc = monitor_process(database_url, tmp_path)
-    await proc.start()
+    proc = monitor_process(database_url, tmp_path, grace_period="1s", default_wait_timeout="60s")
+    await proc.run()
     try:
         yield proc
     finally:
@@ -222,15 +113,15 @@ async def test_monitor_killed_and_restarted_mid_job_keeps_exact_counts(
             seen = await stub.GetJob(m.GetJobRequest(job_id=manager_id))
             assert by_name(seen.job)["h1"].status in LIVE, "the hand-off ended too soon"
             # Freeze it first, so batches are sent but never acknowledged; then kill it.
-            monitor_proc.signal(signal.SIGSTOP)
+            monitor_proc.send(signal.SIGSTOP)
             await asyncio.sleep(0.3)
             assert orch.stream.buffered > 0, "no event was in flight when the monitor died"
             monitor_proc.kill()
             await asyncio.sleep(0.3)
-            await monitor_proc.start()  # the same port and database
+            await monitor_proc.run()  # the same port and database
             job = await final(stub, manager_id, within=60)
 
-            assert job.status == S.JOB_STATUS_COMPLETED, (job, monitor_proc.tail("log"))
+            assert job.status == S.JOB_STATUS_COMPLETED, (job, monitor_proc.log_tail())
             stats = by_name(job)
             for step in MONITOR_RESTART_JOB["steps"]:
                 if step["type"] == "simulate":
@@ -257,8 +148,8 @@ async def test_orchestrator_killed_mid_job_leaves_it_failed_after_restart(
     monitor: RunningMonitor, stub: m_grpc.MonitorServiceStub, tmp_path: Path
 ) -> None:
     owner = "orchestrator-under-test"
-    first = orchestrator_process(monitor.address, owner, tmp_path)
-    await first.start()
+    first = orchestrator_process(monitor.address, tmp_path, name="first", owner=owner)
+    await first.run()
     # Another instance's running job, which this owner's recovery must not touch.
     other = (
         await stub.CreateJob(
@@ -298,8 +189,8 @@ async def test_orchestrator_killed_mid_job_leaves_it_failed_after_restart(
             lambda j: "busy" in by_name(j) and by_name(j)["busy"].children.running == 3,
         )
         first.kill()
-        second = orchestrator_process(monitor.address, owner, tmp_path, port=first.port)
-        await second.start()  # recovery runs before it reports SERVING
+        second = orchestrator_process(monitor.address, tmp_path, name="second", owner=owner)
+        await second.run()  # recovery runs before it reports SERVING
         job = await final(stub, manager_id, within=5)
         assert job.status == S.JOB_STATUS_FAILED
         assert job.error == "orchestrator restarted"
@@ -336,10 +227,10 @@ async def test_cancel_a_job_whose_orchestrator_died(
 ) -> None:
     """CancelJob through another orchestrator (another owner, no runner for the job) cancels a
     job whose orchestrator was killed: the monitor's cascade does it all."""
-    dead = orchestrator_process(monitor.address, "dies", tmp_path)
-    await dead.start()
-    other = orchestrator_process(monitor.address, "survives", tmp_path)
-    await other.start()
+    dead = orchestrator_process(monitor.address, tmp_path, name="dies", owner="dies")
+    await dead.run()
+    other = orchestrator_process(monitor.address, tmp_path, name="survives", owner="survives")
+    await other.run()
     try:
         async with aio.insecure_channel(dead.address) as och:
             manager_id = await submit(
@@ -402,7 +293,7 @@ config = { command = "echo report" }
 async def run_cli(*args: str, within: float = 60.0) -> tuple[int, str, str]:
     env = clean_env() | {"COLUMNS": "160", "TERM": "dumb"}
     proc = await asyncio.create_subprocess_exec(
-        str(BIN / "orchestrator-svc"),
+        str(ORCHESTRATOR_SVC),
         *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
@@ -421,8 +312,8 @@ async def run_cli(*args: str, within: float = 60.0) -> tuple[int, str, str]:
 async def test_submit_follow_prints_the_final_table_and_exits_0(
     monitor_proc: ServerProcess, tmp_path: Path
 ) -> None:
-    orch = orchestrator_process(monitor_proc.address, "cli-test", tmp_path)
-    await orch.start()
+    orch = orchestrator_process(monitor_proc.address, tmp_path, name="cli", owner="cli-test")
+    await orch.run()
     try:
         job_file = tmp_path / "quick.toml"
         job_file.write_text(QUICK_JOB)
@@ -435,7 +326,7 @@ async def test_submit_follow_prints_the_final_table_and_exits_0(
             "--monitor",
             monitor_proc.address,
         )
-        assert code == 0, (out, err, orch.tail("log"))
+        assert code == 0, (out, err, orch.log_tail())
         # The final table: the job, its status and one row per step.
         assert "cli-follow" in out and "completed" in out, out
         for name in ("crawl", "handoff", "report"):
