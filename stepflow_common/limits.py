@@ -1,0 +1,34 @@
+"""The size and range limits both services agree on, in one place.
+
+Every answer must fit what a default gRPC client (and grpcurl) accepts, so the limits below are
+chosen from that budget down: nothing a client or a worker sends can make a job unreadable, a
+stream stall, or a value overflow later.
+"""
+
+from __future__ import annotations
+
+# What a default gRPC client accepts in one message; every answer must fit in it.
+DEFAULT_CLIENT_MESSAGE_BYTES = 4 * 1024 * 1024
+
+# What the servers accept in one request message (a batch of child events is the largest).
+MAX_REQUEST_BYTES = 16 * 1024 * 1024
+
+# An error text is stored truncated to this many characters (never refused: a refused terminal
+# event would leave its child live for ever).
+MAX_ERROR_CHARS = 8 * 1024
+
+# Longest duration accepted anywhere (a timeout, a lease, a backoff): one year, so an absolute
+# deadline computed from it can never overflow a timestamp.
+MAX_DURATION_S = 366 * 24 * 3600.0
+
+TRUNCATION_MARKER = "… [truncated {dropped} characters]"
+
+
+def truncate_text(text: str, limit: int = MAX_ERROR_CHARS) -> str:
+    """``text`` cut to at most ``limit`` characters, ending in a visible marker when cut."""
+    if len(text) <= limit:
+        return text
+    # The marker counts towards the limit (sized for the most digits it can need), so a stored
+    # value never exceeds it.
+    keep = max(limit - len(TRUNCATION_MARKER.format(dropped=len(text))), 0)
+    return text[:keep] + TRUNCATION_MARKER.format(dropped=len(text) - keep)
