@@ -260,7 +260,7 @@ async def _submit(args: argparse.Namespace) -> int:
         print(manager_id)
         return cli.EXIT_OK
     print(
-        f"submitted job {manager_id}; following it (Ctrl-C stops following, not the job)",
+        f"following job {manager_id} (Ctrl-C leaves it running)",
         file=sys.stderr,
         flush=True,
     )
