@@ -10,7 +10,7 @@ from collections.abc import Callable
 from monitor_svc.server import DEFAULT_PORT, MonitorConfig, serve
 from monitor_svc.store.engine import DEFAULT_DATABASE_URL
 from monitor_svc.store.store import StepTimers
-from stepflow_common import cli, logs
+from stepflow_common import cli, logs, metrics
 from stepflow_common.cli import add_flag, add_log_level, add_server_flags, security_from
 from stepflow_common.durations import parse_duration
 from stepflow_common.errors import InvalidArgument
@@ -163,6 +163,7 @@ def _serve_with(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
     )
     cli.check_listen(args.host, args.port)
+    metrics.serve_only("monitor")
     try:
         asyncio.run(serve(config))
     except CannotListen as exc:

@@ -16,7 +16,7 @@ from orchestrator_svc import definitions
 from orchestrator_svc.monitor_client import MonitorClient
 from orchestrator_svc.server import DEFAULT_MONITOR, DEFAULT_PORT, OrchestratorConfig, serve
 from orchestrator_svc.workers.registry import WorkerLoadError
-from stepflow_common import cli, logs, serving
+from stepflow_common import cli, logs, metrics, serving
 from stepflow_common.cli import add_flag, add_log_level, add_server_flags, security_from
 from stepflow_common.durations import parse_duration
 from stepflow_common.errors import InvalidArgument, StepflowError
@@ -162,6 +162,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         config = _serve_config(args)
         cli.check_listen(args.host, args.port)
+        metrics.serve_only("orchestrator")
         asyncio.run(serve(config))
     except InvalidArgument as exc:
         raise cli.CliError(str(exc), cli.EXIT_USAGE) from exc
