@@ -131,7 +131,7 @@ def test_zero_connect_timeout_fails_at_once(command: str) -> None:
 
 
 def test_help_lists_the_exit_statuses_and_no_empty_defaults() -> None:
-    for argv in (
+    helps: list[list[str | Path]] = [
         [MONITOR_SVC, "--help"],
         [MONITOR_SVC, "serve", "--help"],
         [MONITOR_SVC, "migrate", "--help"],
@@ -140,7 +140,8 @@ def test_help_lists_the_exit_statuses_and_no_empty_defaults() -> None:
         [ORCHESTRATOR_SVC, "serve", "--help"],
         [ORCHESTRATOR_SVC, "submit", "--help"],
         [ORCHESTRATOR_SVC, "cancel", "--help"],
-    ):
+    ]
+    for argv in helps:
         done = run(*argv, env={"COLUMNS": "100"})
         assert done.code == EXIT_OK, done.stderr
         text = " ".join(done.stdout.split())
@@ -156,10 +157,11 @@ def test_help_lists_the_exit_statuses_and_no_empty_defaults() -> None:
 def test_serve_on_a_taken_port_says_which(taken_port: int, tmp_path: Path) -> None:
     address = f"127.0.0.1:{taken_port}"
     database = f"sqlite:///{tmp_path / 'm.db'}"
-    for argv in (
+    servers: list[list[str | Path]] = [
         [MONITOR_SVC, "serve", "--port", str(taken_port), "--database-url", database],
         [ORCHESTRATOR_SVC, "serve", "--port", str(taken_port)],
-    ):
+    ]
+    for argv in servers:
         done = run(*argv, "--log-format", "console")
         assert done.code == EXIT_UNREACHABLE
         assert f"cannot listen on {address}: Address already in use" in done.line, done.line
