@@ -195,7 +195,9 @@ def _load_job(path: str) -> definitions.JobSpec:
     try:
         return definitions.load_file(path)
     except IsADirectoryError:
-        raise cli.CliError(f"{path} is a directory; give a job file (.toml or .json)", 2) from None
+        raise cli.CliError(
+            f"{path} is a directory; give a job file (.toml or .json)", cli.EXIT_USAGE
+        ) from None
     except FileNotFoundError:
         raise cli.CliError(f"no job file at {path}", cli.EXIT_USAGE) from None
     except OSError as exc:

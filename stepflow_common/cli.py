@@ -137,7 +137,9 @@ def check_listen(host: str, port: int) -> None:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
-        raise CliError(f"cannot listen on {host}:{port}: {exc.strerror}; check --host", 4) from exc
+        raise CliError(
+            f"cannot listen on {host}:{port}: {exc.strerror}; check --host", EXIT_UNREACHABLE
+        ) from exc
     for family, kind, proto, _name, address in infos:
         with socket.socket(family, kind, proto) as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

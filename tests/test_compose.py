@@ -156,6 +156,7 @@ def test_one_postgresql_version_everywhere(compose: dict[str, Any]) -> None:
     tag = image.partition(":")[2]
     tests_version = PG_BIN.parent.name  # /usr/lib/postgresql/<major>/bin
     assert tag.split(".")[0] == tests_version, (image, PG_BIN)
+    assert f"PG_VERSION={tests_version}\n" in (ROOT / ".ci" / "run").read_text()
     readme = (ROOT / "README.md").read_text()
     assert f"PostgreSQL {tests_version}" in readme
     assert not re.findall(rf"postgres(?:ql)?:? ?(?!{tests_version}\b)1\d\b", readme, re.I)
