@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 import structlog
@@ -24,6 +25,13 @@ log = structlog.get_logger(__name__)
 # Batches of one stream committed ahead of their acknowledgement: enough to keep the writer
 # busy while the next batch is parsed, few enough to bound memory per stream.
 STREAM_PIPELINE_DEPTH = 8
+
+
+def _observe(future: asyncio.Future[Any]) -> None:
+    """Retrieve the outcome of a task nobody awaits any more, logging its failure as an
+    event (asyncio would otherwise print "Task exception was never retrieved")."""
+    if not future.cancelled() and (error := future.exception()) is not None:
+        log.info("stream batch abandoned", error=f"{type(error).__name__}: {error}")
 
 
 class MonitorServicer(m_grpc.MonitorServiceServicer):
@@ -107,7 +115,12 @@ class MonitorServicer(m_grpc.MonitorServiceServicer):
                             f"the limit is {convert.MAX_EVENTS_PER_BATCH}"
                         )
                         break
-                    await pending.put(asyncio.ensure_future(self._ingest(request)))
+                    future = asyncio.ensure_future(self._ingest(request))
+                    try:
+                        await pending.put(future)
+                    except asyncio.CancelledError:
+                        future.add_done_callback(_observe)
+                        raise
             finally:
                 await pending.put(None)
 
@@ -122,7 +135,14 @@ class MonitorServicer(m_grpc.MonitorServiceServicer):
             if too_big:
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, too_big[0])
         finally:
+            # The stream ended early (the client left, a commit failed): the pump and the
+            # batches still queued end on their own, and what they raise has no one to answer.
             pump_task.cancel()
+            pump_task.add_done_callback(_observe)
+            while not pending.empty():
+                queued = pending.get_nowait()
+                if queued is not None:
+                    queued.add_done_callback(_observe)
 
     async def _ingest(self, request: m.StreamChildEventsRequest) -> m.StreamChildEventsResponse:
         decoded: list[ChildEventIn] = []

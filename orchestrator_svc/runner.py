@@ -21,6 +21,7 @@ from orchestrator_svc.definitions import JobSpec, OnError, StepSpec
 from orchestrator_svc.event_stream import EventStream
 from orchestrator_svc.monitor_client import MonitorClient
 from orchestrator_svc.workers.base import ChildStatus, StepContext, StepResult, Worker
+from stepflow_common import metrics
 from stepflow_common.errors import FailedPrecondition, StatusConflict
 from stepflow_common.status import EndReason, Status
 from stepflow_common.step_outcome import ChildTally, final_step_status
@@ -394,6 +395,7 @@ class JobRunner:
                 counts["pending"] -= 1
             counts[status] += 1
             event_kind = EVENT_KIND[status]
+            metrics.observe_child_end(step.spec.type, status)
             if status == "failed":
                 self._count_child_failure()
         seq = await self._stream.emit(
@@ -453,6 +455,7 @@ class JobRunner:
             return
         step.final, step.error = status, error
         step.ended.set()
+        metrics.observe_step_end(step.spec.type, status.value)
         step.released.set()
         step.cancel.set()  # nothing of an ended step keeps running
         if status is Status.FAILED and step.spec.on_error is not OnError.CONTINUE:
@@ -538,4 +541,5 @@ class JobRunner:
         except (StatusConflict, FailedPrecondition):
             final = STATUS_FROM_PB[(await self._monitor.get_job(self.manager_id)).status]
         log.info("job finished", manager_id=self.manager_id, status=final.value)
+        metrics.observe_job_end(final.value)
         return final

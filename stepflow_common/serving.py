@@ -111,20 +111,27 @@ def make_server(
     return aio.server(interceptors=chain, options=SERVER_OPTIONS)
 
 
+class CannotListen(OSError):
+    """The server cannot listen on its address: in use, or not an address of this host."""
+
+
 def bind(server: aio.Server, address: str, security: Security) -> int:
     """Bind ``address`` (port 0 picks a free one) and return the port."""
-    if security.tls_cert and security.tls_key:
-        ca = Path(security.tls_ca).read_bytes() if security.tls_ca else None
-        credentials = grpc.ssl_server_credentials(
-            [(Path(security.tls_key).read_bytes(), Path(security.tls_cert).read_bytes())],
-            root_certificates=ca,
-            require_client_auth=ca is not None,
-        )
-        port: int = server.add_secure_port(address, credentials)
-    else:
-        port = server.add_insecure_port(address)
+    try:
+        if security.tls_cert and security.tls_key:
+            ca = Path(security.tls_ca).read_bytes() if security.tls_ca else None
+            credentials = grpc.ssl_server_credentials(
+                [(Path(security.tls_key).read_bytes(), Path(security.tls_cert).read_bytes())],
+                root_certificates=ca,
+                require_client_auth=ca is not None,
+            )
+            port: int = server.add_secure_port(address, credentials)
+        else:
+            port = server.add_insecure_port(address)
+    except RuntimeError as exc:  # grpc's "Failed to bind to address"
+        raise CannotListen(f"cannot listen on {address}: {exc}") from exc
     if port == 0:
-        raise OSError(f"cannot bind {address}")
+        raise CannotListen(f"cannot listen on {address}")
     return port
 
 

@@ -115,6 +115,7 @@ class FanoutWorker(BaseWorker):
                 env={**settings.env, ITEM_ENV: item},
                 timeout_s=settings.timeout_s,
             )
+            outcome.log_output(job_id=ctx.child_id(index), step_id=ctx.step_id, item=item)
             return ChildOutcome(outcome.status, outcome.error)
 
         names = [item[:MAX_CHILD_NAME_CHARS] for item in settings.items]
