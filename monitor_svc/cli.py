@@ -9,7 +9,7 @@ import sys
 from monitor_svc.server import DEFAULT_PORT, MonitorConfig, serve
 from monitor_svc.store.engine import DEFAULT_DATABASE_URL
 from monitor_svc.store.store import StepTimers
-from stepflow_common import logs
+from stepflow_common import logs, serving
 from stepflow_common.cli import add_flag, add_server_flags, security_from
 from stepflow_common.durations import parse_duration
 from stepflow_common.errors import InvalidArgument
@@ -49,6 +49,23 @@ def build_parser() -> argparse.ArgumentParser:
         "a handed-off step with no seal and no child by then ends completed",
     )
     add_flag(serve_p, COMMAND, "--shutdown-grace", "10s", "time in-flight calls get on SIGTERM")
+    add_flag(
+        serve_p,
+        COMMAND,
+        "--keepalive-permit",
+        "10s",
+        "shortest interval between a client's keepalive pings that is accepted (clients must "
+        "ping no more often)",
+    )
+    add_flag(
+        serve_p,
+        COMMAND,
+        "--max-ping-strikes",
+        2,
+        "pings sooner than --keepalive-permit tolerated before the connection is closed "
+        "(0 = any number)",
+        type_=int,
+    )
     add_flag(
         serve_p,
         COMMAND,
@@ -121,6 +138,10 @@ def main(argv: list[str] | None = None) -> int:
             security=security_from(args),
             shutdown_grace_s=parse_duration(args.shutdown_grace, "--shutdown-grace"),
             metrics_port=args.metrics_port,
+            keepalive=serving.ServerKeepalive(
+                min_ping_interval_s=parse_duration(args.keepalive_permit, "--keepalive-permit"),
+                max_ping_strikes=max(args.max_ping_strikes, 0),
+            ),
         )
     except InvalidArgument as exc:
         print(f"monitor-svc: {exc}", file=sys.stderr)
