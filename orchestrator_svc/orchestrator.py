@@ -166,6 +166,10 @@ class Orchestrator:
                 # Not waited for: the runner ends a cancelled step itself before its seal,
                 # and the cancel below makes it final in the monitor at once either way.
                 await runner.cancel_step(job_id, reason)
+            elif job.kind == job_pb2.JOB_KIND_CHILD:
+                # Its process stops before the record says `cancelled`, so a caller that sees
+                # the answer can rely on the work having stopped (bounded, as above).
+                await runner.cancel_child(job.parent_id, job_id, CANCEL_WAIT_S)
         return await self.monitor.update_status(
             job_id, job_pb2.JOB_STATUS_CANCELLED, reason or "cancelled", EndReason.CANCELLED
         )

@@ -57,6 +57,34 @@ TERMINAL_STATUS_PB = {
 WATCH_RETRY_S = 0.5  # pause before watching the manager again after an unexpected error
 
 
+class _AnySet:
+    """A cancel signal set when the step's or the child's own event is."""
+
+    def __init__(self, step: asyncio.Event) -> None:
+        self.step = step
+        self.own = asyncio.Event()
+
+    def is_set(self) -> bool:
+        return self.step.is_set() or self.own.is_set()
+
+    async def wait(self) -> object:
+        if self.is_set():
+            return True
+        waits = [asyncio.ensure_future(self.step.wait()), asyncio.ensure_future(self.own.wait())]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in waits:
+                task.cancel()
+        return True
+
+
+@dataclass(slots=True)
+class _ChildControl:
+    signal: _AnySet
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+
+
 @dataclass(slots=True)
 class _StepRun:
     index: int
@@ -78,6 +106,14 @@ class _StepRun:
     # what could not be repaired (the step then cannot claim its children's outcome).
     repairs: list[asyncio.Task[None]] = field(default_factory=list)
     unrecorded: list[str] = field(default_factory=list)
+    # Children cancelled one by one (CancelJob on a child), and their workers' signals.
+    children: dict[str, _ChildControl] = field(default_factory=dict)
+
+    def child(self, child_id: str) -> _ChildControl:
+        control = self.children.get(child_id)
+        if control is None:
+            control = self.children[child_id] = _ChildControl(_AnySet(self.cancel))
+        return control
     counts: dict[str, int] = field(
         default_factory=lambda: {
             "pending": 0,
@@ -244,6 +280,16 @@ class JobRunner:
         return f"the outcome of its children is not recorded: {step.unrecorded[0]}" + (
             f" (and {more} more)" if more > 0 else ""
         )
+
+    async def cancel_child(self, step_id: str, child_id: str, wait_s: float) -> None:
+        """Stop one child's work (its process too), waiting up to ``wait_s`` for it to end."""
+        step = self._by_id.get(step_id)
+        if step is None or step.ended.is_set():
+            return
+        control = step.child(child_id)
+        control.signal.own.set()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(control.ended.wait(), wait_s)
 
     # -- steps -------------------------------------------------------------------------------
     async def _wait_to_start(self, step: _StepRun) -> None:
@@ -441,6 +487,7 @@ class JobRunner:
                 step, cid, status, error=error
             ),
             cancelled=step.cancel,
+            child_cancel=lambda cid: step.child(cid).signal,
         )
         timeout = step.spec.timeout_s
         try:
@@ -497,6 +544,9 @@ class JobRunner:
                 counts["pending"] -= 1
             counts[status] += 1
             event_kind = EVENT_KIND[status]
+            control = step.children.pop(child_id, None)
+            if control is not None:
+                control.ended.set()
             if status == "failed":
                 self._count_child_failure()
         seq = await self._stream.emit(
