@@ -114,6 +114,7 @@ class _StepRun:
         if control is None:
             control = self.children[child_id] = _ChildControl(_AnySet(self.cancel))
         return control
+
     counts: dict[str, int] = field(
         default_factory=lambda: {
             "pending": 0,

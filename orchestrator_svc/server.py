@@ -150,7 +150,11 @@ async def _connect(
             why = "the monitor is not serving yet"
         except aio.AioRpcError as exc:
             timed_out = exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-            why = "nothing answers there" if timed_out else f"{exc.code().name}: {exc.details()}"
+            why = (
+                "no answer: is the monitor running there?"
+                if timed_out
+                else f"{exc.code().name}: {exc.details()}"
+            )
         except StepflowError as exc:
             why = f"recovering this owner's jobs failed: {exc}"
         now = time.monotonic()
