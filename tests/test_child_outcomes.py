@@ -170,6 +170,12 @@ async def test_cancel_job_on_a_child_stops_its_process(clients: Any, tmp_path: P
     manager = (await stub.GetJob(m.GetJobRequest(job_id=submitted.manager_id))).job
     step_id = next(s.step_id for s in manager.step_stats if s.step_name == "fan")
     child_id = f"{step_id}.0"
+    while True:  # its process runs; its record follows once the stream's batch is committed
+        listed = {c.id: c.status for c in await children_of(stub, step_id)}
+        if listed.get(child_id) == S.JOB_STATUS_RUNNING:
+            break
+        assert time.monotonic() < deadline, listed
+        await asyncio.sleep(0.05)
 
     resp = await ostub.CancelJob(o.CancelJobRequest(job_id=child_id, reason="not needed"))
     assert resp.job.status == S.JOB_STATUS_CANCELLED
