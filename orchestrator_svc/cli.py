@@ -127,8 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "serve":
             logs.configure(args.log_format, args.log_level)
-            asyncio.run(serve(_serve_config(args)))
-            return 0
+            return asyncio.run(serve(_serve_config(args)))
         logs.configure("console", "warning")
         if args.command == "submit":
             return asyncio.run(_submit(args))

@@ -19,7 +19,7 @@ from orchestrator_svc.orchestrator import Orchestrator
 from orchestrator_svc.servicer import OrchestratorServicer
 from orchestrator_svc.workers.registry import load_registry
 from stepflow_common import metrics, serving
-from stepflow_common.errors import StepflowError
+from stepflow_common.errors import StepflowError, Unavailable
 from stepflow_common.grpc_errors import DomainErrorInterceptor
 from stepflow_proto.v1 import orchestrator_service_pb2, orchestrator_service_pb2_grpc
 
@@ -63,7 +63,7 @@ class RunningOrchestrator:
 
     async def stop(self, grace: float | None = None) -> None:
         self.connector.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
+        with contextlib.suppress(asyncio.CancelledError, StepflowError):
             await self.connector
         await serving.set_not_serving(self.health, [SERVICE_NAME])
         await self.server.stop(self.shutdown_grace_s if grace is None else grace)
@@ -155,8 +155,12 @@ async def _connect(
                 if timed_out
                 else f"{exc.code().name}: {exc.details()}"
             )
-        except StepflowError as exc:
+        except Unavailable as exc:
             why = f"recovering this owner's jobs failed: {exc}"
+        except StepflowError as exc:
+            # Not a matter of waiting (a wrong token, say): stop and say why.
+            log.error("the monitor refuses this orchestrator", monitor=config.monitor, why=str(exc))
+            raise
         now = time.monotonic()
         if told_at is None:
             log.warning(
@@ -185,12 +189,19 @@ async def _connect(
     )
 
 
-async def serve(config: OrchestratorConfig) -> None:
+async def serve(config: OrchestratorConfig) -> int:
+    """Run until SIGTERM/SIGINT (0), or until the monitor refuses this orchestrator (1)."""
     running = await create_server(config, wait_for_monitor=False)
     metrics.start_metrics_server(config.metrics_port, config.host)
     stop = asyncio.Event()
     serving.install_signal_handlers(stop)
-    await stop.wait()
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait([stopping, running.connector], return_when=asyncio.FIRST_COMPLETED)
+    refused = running.connector.done() and running.connector.exception() is not None
+    if not refused:
+        await stopping
+    stopping.cancel()
     log.info("orchestrator shutting down")
     await running.stop()
     log.info("orchestrator stopped")
+    return 1 if refused else 0
