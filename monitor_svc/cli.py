@@ -10,7 +10,7 @@ from collections.abc import Callable
 from monitor_svc.server import DEFAULT_PORT, MonitorConfig, serve
 from monitor_svc.store.engine import DEFAULT_DATABASE_URL
 from monitor_svc.store.store import StepTimers
-from stepflow_common import cli, logs, metrics
+from stepflow_common import cli, logs, metrics, serving
 from stepflow_common.cli import add_flag, add_log_level, add_server_flags, security_from
 from stepflow_common.durations import parse_duration
 from stepflow_common.errors import InvalidArgument
@@ -61,6 +61,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--shutdown-grace",
         "10s",
         "time in-flight calls get on SIGTERM (0s: stop at once)",
+    )
+    add_flag(
+        serve_p,
+        COMMAND,
+        "--keepalive-permit",
+        "10s",
+        "shortest interval between a client's keepalive pings that is accepted (clients must "
+        "ping no more often)",
+    )
+    add_flag(
+        serve_p,
+        COMMAND,
+        "--max-ping-strikes",
+        2,
+        "pings sooner than --keepalive-permit tolerated before the connection is closed "
+        "(0 = any number)",
+        type_=int,
     )
     add_flag(
         serve_p,
@@ -161,6 +178,10 @@ def _serve_with(args: argparse.Namespace) -> int:
         security=security_from(args),
         shutdown_grace_s=parse_duration(args.shutdown_grace, "--shutdown-grace", allow_zero=True),
         metrics_port=args.metrics_port,
+        keepalive=serving.ServerKeepalive(
+            min_ping_interval_s=parse_duration(args.keepalive_permit, "--keepalive-permit"),
+            max_ping_strikes=max(args.max_ping_strikes, 0),
+        ),
     )
     cli.check_listen(args.host, args.port)
     metrics.serve_only("monitor")

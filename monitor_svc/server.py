@@ -36,6 +36,7 @@ class MonitorConfig:
     migrate: bool = True
     shutdown_grace_s: float = SHUTDOWN_GRACE_S
     metrics_port: int = 0  # Prometheus /metrics on this port; 0 = off
+    keepalive: serving.ServerKeepalive = field(default_factory=serving.ServerKeepalive)
 
 
 @dataclass(slots=True)
@@ -83,7 +84,9 @@ async def create_server(config: MonitorConfig) -> RunningMonitor:
     hub = WatchHub(read)
     hub.bind_loop(loop)
     timer = DeadlineTimer(store)
-    server = serving.make_server(config.security, [DomainErrorInterceptor(metrics.observe_rpc)])
+    server = serving.make_server(
+        config.security, [DomainErrorInterceptor(metrics.observe_rpc)], config.keepalive
+    )
     monitor_service_pb2_grpc.add_MonitorServiceServicer_to_server(
         MonitorServicer(store, hub), server
     )

@@ -77,6 +77,28 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(
         serve_p,
         COMMAND,
+        "--keepalive-time",
+        "30s",
+        "ping the monitor after this long without traffic (at least the monitor's "
+        "--keepalive-permit)",
+    )
+    add_flag(
+        serve_p,
+        COMMAND,
+        "--keepalive-timeout",
+        "10s",
+        "a ping unanswered this long drops the connection to the monitor (it is re-dialled)",
+    )
+    add_flag(
+        serve_p,
+        COMMAND,
+        "--monitor-wait-log-every",
+        "10s",
+        "while the monitor is unreachable, say so this often",
+    )
+    add_flag(
+        serve_p,
+        COMMAND,
         "--metrics-port",
         0,
         "serve Prometheus /metrics on this port (0 = off)",
@@ -163,7 +185,9 @@ def _serve(args: argparse.Namespace) -> int:
         config = _serve_config(args)
         cli.check_listen(args.host, args.port)
         metrics.serve_only("orchestrator")
-        asyncio.run(serve(config))
+        if asyncio.run(serve(config)) != 0:
+            # The monitor refused this orchestrator (the reason is already logged).
+            return cli.EXIT_FAILED
     except InvalidArgument as exc:
         raise cli.CliError(str(exc), cli.EXIT_USAGE) from exc
     except WorkerLoadError as exc:
@@ -187,6 +211,11 @@ def _serve_config(args: argparse.Namespace) -> OrchestratorConfig:
         ),
         shutdown_grace_s=parse_duration(args.shutdown_grace, "--shutdown-grace", allow_zero=True),
         metrics_port=args.metrics_port,
+        keepalive=serving.ClientKeepalive(
+            time_s=parse_duration(args.keepalive_time, "--keepalive-time"),
+            timeout_s=parse_duration(args.keepalive_timeout, "--keepalive-timeout"),
+        ),
+        monitor_wait_log_s=parse_duration(args.monitor_wait_log_every, "--monitor-wait-log-every"),
     )
 
 

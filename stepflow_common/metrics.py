@@ -89,6 +89,16 @@ ACK_LAG = Histogram(
     buckets=LATENCY_BUCKETS_S,
     registry=None,
 )
+REFUSED_BATCHES = Counter(
+    "stepflow_orchestrator_refused_batches_total",
+    "Child-event batches the monitor refused whole (the stream ended RESOURCE_EXHAUSTED or "
+    "INVALID_ARGUMENT); each is split, not sent again unchanged.",
+)
+DROPPED_EVENTS = Counter(
+    "stepflow_orchestrator_dropped_events_total",
+    "Child events dropped because the monitor refused them even alone (each is logged with "
+    "its event, step and child id).",
+)
 UNACKED_EVENTS = Gauge(
     "stepflow_orchestrator_unacked_events",
     "Child events emitted but not yet acknowledged by the monitor (queued or in flight).",

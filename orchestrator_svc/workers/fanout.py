@@ -110,7 +110,7 @@ class FanoutWorker(BaseWorker):
             item = settings.items[index]
             outcome = await run_shell(
                 settings.command_for(item),
-                cancelled=ctx.cancelled,
+                cancelled=ctx.child_cancelled(ctx.child_id(index)),
                 cwd=settings.cwd,
                 env={**settings.env, ITEM_ENV: item},
                 timeout_s=settings.timeout_s,
