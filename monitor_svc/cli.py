@@ -6,13 +6,19 @@ import argparse
 import asyncio
 import sys
 
+from monitor_svc.records import DocumentLimits
 from monitor_svc.server import DEFAULT_PORT, MonitorConfig, serve
-from monitor_svc.store.engine import DEFAULT_DATABASE_URL
+from monitor_svc.store.engine import (
+    DEFAULT_DATABASE_URL,
+    SQLITE_SYNCHRONOUS_DEFAULT,
+    SQLITE_SYNCHRONOUS_MODES,
+)
 from monitor_svc.store.store import StepTimers
 from stepflow_common import logs
 from stepflow_common.cli import add_flag, add_server_flags, security_from
 from stepflow_common.durations import parse_duration
 from stepflow_common.errors import InvalidArgument
+from stepflow_common.limits import MAX_METADATA_BYTES
 
 COMMAND = "monitor"
 
@@ -49,6 +55,24 @@ def build_parser() -> argparse.ArgumentParser:
         "a handed-off step with no seal and no child by then ends completed",
     )
     add_flag(serve_p, COMMAND, "--shutdown-grace", "10s", "time in-flight calls get on SIGTERM")
+    add_flag(
+        serve_p,
+        COMMAND,
+        "--max-metadata-bytes",
+        MAX_METADATA_BYTES,
+        "largest metadata document of a job (protobuf-encoded); a merge that would pass it is "
+        "RESOURCE_EXHAUSTED. Above ~1.5 MiB a manager's answers may not fit a default "
+        "client's 4 MiB",
+        type_=int,
+    )
+    add_flag(
+        serve_p,
+        COMMAND,
+        "--sqlite-synchronous",
+        SQLITE_SYNCHRONOUS_DEFAULT,
+        "full: every acknowledged write survives a power loss; normal: faster, survives a "
+        "crash of the process but may lose the last writes on power loss or an OS crash",
+    )
     add_flag(
         serve_p,
         COMMAND,
@@ -108,25 +132,40 @@ def main(argv: list[str] | None = None) -> int:
         return _prune(args)
     logs.configure(args.log_format, args.log_level)
     try:
-        config = MonitorConfig(
-            database_url=args.database_url,
-            host=args.host,
-            port=args.port,
-            timers=StepTimers(
-                default_wait_timeout_s=parse_duration(
-                    args.default_wait_timeout, "--default-wait-timeout"
-                ),
-                grace_period_s=parse_duration(args.grace_period, "--grace-period"),
-            ),
-            security=security_from(args),
-            shutdown_grace_s=parse_duration(args.shutdown_grace, "--shutdown-grace"),
-            metrics_port=args.metrics_port,
-        )
+        config = config_from(args)
     except InvalidArgument as exc:
         print(f"monitor-svc: {exc}", file=sys.stderr)
         return 2
     asyncio.run(serve(config))
     return 0
+
+
+def config_from(args: argparse.Namespace) -> MonitorConfig:
+    """The server's configuration from ``serve``'s flags; InvalidArgument names a bad one."""
+    if args.max_metadata_bytes < 1024:
+        raise InvalidArgument("--max-metadata-bytes: must be at least 1024")
+    synchronous = args.sqlite_synchronous.lower()
+    if synchronous not in SQLITE_SYNCHRONOUS_MODES:
+        raise InvalidArgument(
+            f"--sqlite-synchronous: {args.sqlite_synchronous!r} is not one of "
+            f"{', '.join(SQLITE_SYNCHRONOUS_MODES)}"
+        )
+    return MonitorConfig(
+        database_url=args.database_url,
+        host=args.host,
+        port=args.port,
+        timers=StepTimers(
+            default_wait_timeout_s=parse_duration(
+                args.default_wait_timeout, "--default-wait-timeout"
+            ),
+            grace_period_s=parse_duration(args.grace_period, "--grace-period"),
+        ),
+        security=security_from(args),
+        shutdown_grace_s=parse_duration(args.shutdown_grace, "--shutdown-grace"),
+        metrics_port=args.metrics_port,
+        limits=DocumentLimits(max_metadata_bytes=args.max_metadata_bytes),
+        sqlite_synchronous=synchronous,
+    )
 
 
 def _prune(args: argparse.Namespace) -> int:
