@@ -25,7 +25,8 @@ MAX_METADATA_BYTES = 1024 * 1024
 
 # Steps one manager may have. Each step gets a step_stats entry the monitor writes whatever the
 # document's size (a step's end is never refused), so the count bounds that derived growth:
-# 200 entries of the largest allowed texts add under 1 MiB to the document and its duplicate.
+# 200 entries of the longest allowed texts (about 5 KB each, and as much again in the typed
+# duplicate) keep a manager with a full document under DEFAULT_CLIENT_MESSAGE_BYTES.
 MAX_STEPS_PER_MANAGER = 200
 
 # The error text in a step_stats entry (the step's own row keeps up to MAX_ERROR_CHARS).
