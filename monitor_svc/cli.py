@@ -7,13 +7,19 @@ import asyncio
 import sys
 from collections.abc import Callable
 
+from monitor_svc.records import DocumentLimits
 from monitor_svc.server import DEFAULT_PORT, MonitorConfig, serve
-from monitor_svc.store.engine import DEFAULT_DATABASE_URL
+from monitor_svc.store.engine import (
+    DEFAULT_DATABASE_URL,
+    SQLITE_SYNCHRONOUS_DEFAULT,
+    SQLITE_SYNCHRONOUS_MODES,
+)
 from monitor_svc.store.store import StepTimers
 from stepflow_common import cli, logs, metrics, serving
 from stepflow_common.cli import add_flag, add_log_level, add_server_flags, security_from
 from stepflow_common.durations import parse_duration
 from stepflow_common.errors import InvalidArgument
+from stepflow_common.limits import MAX_METADATA_BYTES
 from stepflow_common.serving import CannotListen
 
 PROG = "monitor-svc"
@@ -78,6 +84,24 @@ def build_parser() -> argparse.ArgumentParser:
         "pings sooner than --keepalive-permit tolerated before the connection is closed "
         "(0 = any number)",
         type_=int,
+    )
+    add_flag(
+        serve_p,
+        COMMAND,
+        "--max-metadata-bytes",
+        MAX_METADATA_BYTES,
+        "largest metadata document of a job (protobuf-encoded); a merge that would pass it is "
+        "RESOURCE_EXHAUSTED. Above ~1.5 MiB a manager's answers may not fit a default "
+        "client's 4 MiB",
+        type_=int,
+    )
+    add_flag(
+        serve_p,
+        COMMAND,
+        "--sqlite-synchronous",
+        SQLITE_SYNCHRONOUS_DEFAULT,
+        "full: every acknowledged write survives a power loss; normal: faster, survives a "
+        "crash of the process but may lose the last writes on power loss or an OS crash",
     )
     add_flag(
         serve_p,
@@ -165,24 +189,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _serve_with(args: argparse.Namespace) -> int:
-    config = MonitorConfig(
-        database_url=args.database_url,
-        host=args.host,
-        port=args.port,
-        timers=StepTimers(
-            default_wait_timeout_s=parse_duration(
-                args.default_wait_timeout, "--default-wait-timeout"
-            ),
-            grace_period_s=parse_duration(args.grace_period, "--grace-period"),
-        ),
-        security=security_from(args),
-        shutdown_grace_s=parse_duration(args.shutdown_grace, "--shutdown-grace", allow_zero=True),
-        metrics_port=args.metrics_port,
-        keepalive=serving.ServerKeepalive(
-            min_ping_interval_s=parse_duration(args.keepalive_permit, "--keepalive-permit"),
-            max_ping_strikes=max(args.max_ping_strikes, 0),
-        ),
-    )
+    config = config_from(args)
     cli.check_listen(args.host, args.port)
     metrics.serve_only("monitor")
     try:
@@ -210,6 +217,38 @@ def _migrate(args: argparse.Namespace) -> int:
     else:
         print(f"{where}: migrated the schema from revision {before} to {head}")
     return cli.EXIT_OK
+
+
+def config_from(args: argparse.Namespace) -> MonitorConfig:
+    """The server's configuration from ``serve``'s flags; InvalidArgument names a bad one."""
+    if args.max_metadata_bytes < 1024:
+        raise InvalidArgument("--max-metadata-bytes: must be at least 1024")
+    synchronous = args.sqlite_synchronous.lower()
+    if synchronous not in SQLITE_SYNCHRONOUS_MODES:
+        raise InvalidArgument(
+            f"--sqlite-synchronous: {args.sqlite_synchronous!r} is not one of "
+            f"{', '.join(SQLITE_SYNCHRONOUS_MODES)}"
+        )
+    return MonitorConfig(
+        database_url=args.database_url,
+        host=args.host,
+        port=args.port,
+        timers=StepTimers(
+            default_wait_timeout_s=parse_duration(
+                args.default_wait_timeout, "--default-wait-timeout"
+            ),
+            grace_period_s=parse_duration(args.grace_period, "--grace-period"),
+        ),
+        security=security_from(args),
+        shutdown_grace_s=parse_duration(args.shutdown_grace, "--shutdown-grace", allow_zero=True),
+        metrics_port=args.metrics_port,
+        keepalive=serving.ServerKeepalive(
+            min_ping_interval_s=parse_duration(args.keepalive_permit, "--keepalive-permit"),
+            max_ping_strikes=max(args.max_ping_strikes, 0),
+        ),
+        limits=DocumentLimits(max_metadata_bytes=args.max_metadata_bytes),
+        sqlite_synchronous=synchronous,
+    )
 
 
 def _prune(args: argparse.Namespace) -> int:

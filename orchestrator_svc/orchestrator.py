@@ -67,7 +67,7 @@ class Orchestrator:
                         job.id,
                         job_pb2.JOB_STATUS_FAILED,
                         RESTARTED_ERROR,
-                        EndReason.ORCHESTRATOR_RESTARTED,
+                        EndReason.ORCHESTRATOR_LOST,
                     )
                     failed += 1
                 except FailedPrecondition:

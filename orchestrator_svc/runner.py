@@ -519,11 +519,10 @@ class JobRunner:
             # Ended here in both wait modes (the monitor's own deadline for the step may fire
             # first; then this is a no-op): a handed-off step must fail *before* its seal, or
             # the monitor would end it by its children (all cancelled -> ``cancelled``), and a
-            # worker without children has no seal at all.
+            # worker without children has no seal at all. The monitor records `timeout` itself:
+            # the step's stored deadline has passed by now, and it fires that before this write.
             await self._stream.wait_acked()
-            await self._end_step(
-                step, Status.FAILED, "timed out waiting for child jobs", reason=EndReason.TIMEOUT
-            )
+            await self._end_step(step, Status.FAILED, "timed out waiting for child jobs")
         return result
 
     async def _child_event(
