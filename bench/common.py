@@ -56,6 +56,7 @@ PYSPY = BIN / "py-spy"
 PYSPY_RATE_HZ = 200
 PROFILE_DIR: Path | None = None  # set by --profile
 PG_ANALYZE = True  # cleared by --no-pg-analyze
+SQLITE_SYNCHRONOUS: str | None = None  # --sqlite-synchronous; None: the monitor's default
 
 
 # -- command line --------------------------------------------------------------------------
@@ -100,6 +101,13 @@ def base_parser(description: str) -> argparse.ArgumentParser:
         "the benchmark does, as autovacuum would on a server that has it on)",
     )
     parser.add_argument(
+        "--sqlite-synchronous",
+        choices=("full", "normal"),
+        default=None,
+        help="the monitors' --sqlite-synchronous (default: theirs, full): compare the durable "
+        "default with NORMAL",
+    )
+    parser.add_argument(
         "--keep-logs",
         action="store_true",
         help="keep the temporary directory with the servers' logs (its path is printed)",
@@ -132,8 +140,9 @@ def run_main(main: Callable[[argparse.Namespace], Any], args: argparse.Namespace
     """Run ``main(args)`` (a coroutine function) within ``--timeout``; servers are stopped
     by their context managers whatever happens."""
 
-    global PROFILE_DIR, PG_ANALYZE
+    global PROFILE_DIR, PG_ANALYZE, SQLITE_SYNCHRONOUS
     PG_ANALYZE = args.pg_analyze
+    SQLITE_SYNCHRONOUS = args.sqlite_synchronous
     if args.profile:
         PROFILE_DIR = Path(args.profile).resolve()
         PROFILE_DIR.mkdir(parents=True, exist_ok=True)
@@ -464,6 +473,8 @@ def monitor_process(
     ]
     if grace_period is not None:
         argv += ["--grace-period", grace_period]
+    if SQLITE_SYNCHRONOUS is not None:
+        argv += ["--sqlite-synchronous", SQLITE_SYNCHRONOUS]
     return ServerProcess(tag, argv, port, workdir / f"{tag}-{port}.log", database_url=database_url)
 
 

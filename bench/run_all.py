@@ -32,6 +32,9 @@ def main() -> int:
     parser.add_argument("--profile", metavar="DIR", default=None, help="py-spy every server")
     parser.add_argument("--keep-logs", action="store_true", help="keep the servers' logs")
     parser.add_argument(
+        "--sqlite-synchronous", choices=("full", "normal"), default=None, help="as in each bench"
+    )
+    parser.add_argument(
         "--only",
         default=",".join(BENCHMARKS),
         help="comma-separated subset of " + ", ".join(BENCHMARKS),
@@ -41,7 +44,7 @@ def main() -> int:
     passthrough: list[str] = []
     if args.quick:
         passthrough.append("--quick")
-    for flag in ("db", "postgres_url", "runs"):
+    for flag in ("db", "postgres_url", "runs", "sqlite_synchronous"):
         value = getattr(args, flag)
         if value is not None:
             passthrough += [f"--{flag.replace('_', '-')}", str(value)]
