@@ -66,13 +66,21 @@ def make_engine(
         # Take transaction control from pysqlite so BEGIN is ours (SQLAlchemy's recipe).
         dbapi_conn.isolation_level = None
         cursor = dbapi_conn.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute(f"PRAGMA synchronous={sqlite_synchronous.upper()}")
         cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        if writer:
+            # WAL is a property of the file: the writer sets it once. Switching the journal
+            # mode can fail at once with "database is locked" (SQLite does not wait for it),
+            # so readers, which connect at any time beside the writer, never ask for it.
+            cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA synchronous={sqlite_synchronous.upper()}")
         cursor.close()
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
         conn.exec_driver_sql(begin)
 
+    if writer:
+        # Connect now, so the file is in WAL mode before any reader opens it.
+        with engine.connect():
+            pass
     return engine
