@@ -6,9 +6,9 @@ import argparse
 import asyncio
 import sys
 
+from monitor_svc.lifecycle import StepTimers
 from monitor_svc.server import DEFAULT_PORT, MonitorConfig, serve
 from monitor_svc.store.engine import DEFAULT_DATABASE_URL
-from monitor_svc.store.store import StepTimers
 from stepflow_common import logs
 from stepflow_common.cli import add_flag, add_server_flags, security_from
 from stepflow_common.durations import parse_duration

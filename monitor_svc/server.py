@@ -10,10 +10,11 @@ import structlog
 from grpc import aio
 
 from monitor_svc.deadlines import DeadlineTimer
+from monitor_svc.lifecycle import StepTimers
 from monitor_svc.servicer import MonitorServicer
 from monitor_svc.store.migrate import upgrade
 from monitor_svc.store.notify import Listener
-from monitor_svc.store.store import MonitorStore, StepTimers, read_view
+from monitor_svc.store.store import MonitorStore, read_view
 from monitor_svc.watch import WatchHub
 from stepflow_common import metrics, serving
 from stepflow_common.grpc_errors import DomainErrorInterceptor

@@ -135,6 +135,7 @@ def row_to_state(row: Any) -> JobState:
 # event path converts a status per child.
 _STATUS = {s.value: s for s in Status}
 _KIND = {k.value: k for k in Kind}
+_LIVE = ["pending", "running", "spawned"]
 _TEXT: dict[Status | Kind, str] = {**{s: s.value for s in Status}, **{k: k.value for k in Kind}}
 
 
@@ -183,9 +184,9 @@ def state_to_insert(state: JobState) -> dict[str, Any]:
 class Tx:
     """The state of one group transaction: a cache of locked jobs and step progress rows."""
 
-    def __init__(self, conn: Connection, *, lock_rows: bool) -> None:
+    def __init__(self, conn: Connection, *, lock_rows: bool, now: datetime | None = None) -> None:
         self.conn = conn
-        self.now = utcnow()
+        self.now = now or utcnow()
         self._lock_rows = lock_rows
         self._jobs: dict[str, JobState | None] = {}
         self._dirty: set[str] = set()
@@ -267,7 +268,7 @@ class Tx:
         """A step's children, loaded into the cache (locked) so a unit can change them."""
         stmt = JOB_SELECT.where(JobRow.parent_id == step_id)
         if live_only:
-            stmt = stmt.where(JobRow.status.in_(["pending", "running", "spawned"]))
+            stmt = stmt.where(JobRow.status.in_(_LIVE))
         if self._lock_rows:
             stmt = stmt.with_for_update()
         found = []
@@ -301,6 +302,24 @@ class Tx:
             for child_id in chunk:
                 self._jobs.setdefault(child_id, None)
         return {c: s for c in child_ids if (s := self._jobs.get(c)) is not None}
+
+    # -- the clock's work ----------------------------------------------------------------------
+    def due_jobs(self) -> list[str]:
+        stmt = select(_T.c.id).where(
+            _T.c.deadline.is_not(None), _T.c.deadline <= self.now, _T.c.status.in_(_LIVE)
+        )
+        if self._lock_rows:
+            # Two monitors on one database: each due deadline is claimed by exactly one of them.
+            stmt = stmt.with_for_update(skip_locked=True)
+        return list(self.conn.execute(stmt).scalars())
+
+    def due_graces(self) -> list[str]:
+        stmt = select(_P.c.step_id).where(
+            _P.c.grace_deadline.is_not(None), _P.c.grace_deadline <= self.now
+        )
+        if self._lock_rows:
+            stmt = stmt.with_for_update(skip_locked=True)
+        return list(self.conn.execute(stmt).scalars())
 
     # -- progress ----------------------------------------------------------------------------
     def progress(self, step_id: str) -> Progress | None:
@@ -480,9 +499,3 @@ def _progress_update(p: Progress) -> dict[str, Any]:
         "b_handed": p.handed,
         "b_grace_deadline": p.grace_deadline,
     }
-
-
-def deadline_after(now: datetime, seconds: float | None) -> datetime | None:
-    from datetime import timedelta
-
-    return None if seconds is None else now + timedelta(seconds=seconds)
