@@ -34,7 +34,9 @@ class Status(enum.StrEnum):
         return self in TERMINAL
 
 
+# The two sets every other module uses (for SQL filters too): defined here only.
 TERMINAL = frozenset({Status.COMPLETED, Status.FAILED, Status.CANCELLED, Status.SKIPPED})
+LIVE = frozenset(Status) - TERMINAL
 _RANK = {
     Status.PENDING: 0,
     Status.RUNNING: 1,

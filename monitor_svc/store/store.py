@@ -19,11 +19,9 @@ from monitor_svc.store.models import JobRow, StepProgressRow
 from monitor_svc.store.tx import JOB_SELECT, SELECT_JOB, row_to_state
 from monitor_svc.store.writer import Reader, Writer
 from stepflow_common.errors import InvalidArgument, NotFound
-from stepflow_common.status import Kind, Status
+from stepflow_common.status import LIVE, Kind, Status
 from stepflow_common.step_outcome import ChildTally
 
-LIVE_STATUSES = ("pending", "running", "spawned")
-TERMINAL_STATUSES = ("completed", "failed", "cancelled", "skipped")
 _DEFAULT_TIMERS = StepTimers()
 
 
@@ -178,7 +176,7 @@ def _decode_token(token: str) -> tuple[datetime, str]:
 def _next_wakeup(conn: Connection) -> datetime | None:
     job_deadline = conn.execute(
         select(func.min(JobRow.deadline)).where(
-            JobRow.deadline.is_not(None), JobRow.status.in_(LIVE_STATUSES)
+            JobRow.deadline.is_not(None), JobRow.status.in_(sorted(s.value for s in LIVE))
         )
     ).scalar()
     grace = conn.execute(
