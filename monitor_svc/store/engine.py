@@ -12,6 +12,11 @@ SQLITE_BUSY_TIMEOUT_MS = 10_000
 DEFAULT_DATABASE_URL = "sqlite:///stepflow.db"
 
 
+def safe_url(url: str) -> str:
+    """The URL with its password hidden, for logs."""
+    return make_url(url).render_as_string(hide_password=True)
+
+
 def is_sqlite(url: str) -> bool:
     return make_url(url).get_backend_name() == "sqlite"
 
