@@ -12,6 +12,7 @@ from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
 from monitor_svc.records import ChildEventIn, JobFilter, JobState, JobView, NewJob
 from stepflow_common.errors import InvalidArgument
+from stepflow_common.proto_status import KIND_FROM_PB, KIND_TO_PB, STATUS_FROM_PB, STATUS_TO_PB
 from stepflow_common.status import Kind, Status
 from stepflow_common.step_outcome import ChildTally
 from stepflow_proto.v1 import job_pb2
@@ -26,22 +27,6 @@ MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 50
 MAX_EVENTS_PER_BATCH = 10_000
 
-KIND_TO_PB = {
-    Kind.MANAGER: job_pb2.JOB_KIND_MANAGER,
-    Kind.STEP: job_pb2.JOB_KIND_STEP,
-    Kind.CHILD: job_pb2.JOB_KIND_CHILD,
-}
-KIND_FROM_PB: dict[int, Kind] = {v: k for k, v in KIND_TO_PB.items()}
-STATUS_TO_PB = {
-    Status.PENDING: job_pb2.JOB_STATUS_PENDING,
-    Status.RUNNING: job_pb2.JOB_STATUS_RUNNING,
-    Status.SPAWNED: job_pb2.JOB_STATUS_SPAWNED,
-    Status.COMPLETED: job_pb2.JOB_STATUS_COMPLETED,
-    Status.FAILED: job_pb2.JOB_STATUS_FAILED,
-    Status.CANCELLED: job_pb2.JOB_STATUS_CANCELLED,
-    Status.SKIPPED: job_pb2.JOB_STATUS_SKIPPED,
-}
-STATUS_FROM_PB: dict[int, Status] = {v: k for k, v in STATUS_TO_PB.items()}
 EVENT_KIND_FROM_PB: dict[int, str] = {
     job_pb2.CHILD_EVENT_KIND_CREATED: "created",
     job_pb2.CHILD_EVENT_KIND_RUNNING: "running",
