@@ -201,7 +201,6 @@ class Tx:
         self._full_rows: set[str] = set()  # jobs whose whole row (metadata too) is written
         self.sqlite = not lock_rows
         self.earliest_deadline: datetime | None = None  # wakes the deadline timer after commit
-        self.after_commit: list[Callable[[], None]] = []
 
     # -- units -------------------------------------------------------------------------------
     def begin_unit(self) -> int:

@@ -101,7 +101,7 @@ class Writer:
     def _commit_group(self, batch: list[_Job]) -> None:
         started = time.perf_counter()
         try:
-            outcomes, changed, hooks, earliest = self._transact(batch)
+            outcomes, changed, earliest = self._transact(batch)
         except Exception as exc:  # the whole transaction failed: retry units one by one
             if len(batch) > 1 and not isinstance(exc, OperationalError):
                 log.warning("group commit failed; retrying units alone", error=str(exc))
@@ -115,19 +115,12 @@ class Writer:
         _resolve_all(
             [(job, result, error) for job, (result, error) in zip(batch, outcomes, strict=True)]
         )
-        for hook in hooks:
-            try:
-                hook()
-            except Exception:
-                log.exception("after-commit hook failed")
         if (changed or earliest) and self._on_commit is not None:
             self._on_commit(changed, earliest)
 
     def _transact(
         self, batch: list[_Job]
-    ) -> tuple[
-        list[tuple[Any, BaseException | None]], set[str], list[Callable[[], None]], datetime | None
-    ]:
+    ) -> tuple[list[tuple[Any, BaseException | None]], set[str], datetime | None]:
         outcomes: list[tuple[Any, BaseException | None]] = []
         conn = self._connection()
         try:
@@ -150,7 +143,7 @@ class Writer:
         except DBAPIError:
             self._drop_connection()  # reconnect for the next group (database restarted?)
             raise
-        return outcomes, changed, tx.after_commit, tx.earliest_deadline
+        return outcomes, changed, tx.earliest_deadline
 
     def _connection(self) -> Connection:
         """The writer's own connection, kept between groups: no pool checkout (and no
