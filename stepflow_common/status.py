@@ -88,10 +88,14 @@ def check_transition(current: Status, requested: Status, *, what: str = "job") -
         return Transition.NOOP
     if current.terminal:
         raise StatusConflict(
-            f"{what} is already {current} (final); cannot change it to {requested}"
+            current,
+            requested,
+            f"{what} is already {current} (final); cannot change it to {requested}",
         )
     if requested.rank <= current.rank:
-        raise StatusConflict(f"{what} is {current}; moving back to {requested} is not allowed")
+        raise StatusConflict(
+            current, requested, f"{what} is {current}; moving back to {requested} is not allowed"
+        )
     return Transition.FORWARD
 
 

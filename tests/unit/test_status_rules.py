@@ -151,7 +151,7 @@ def test_every_status_applies_to_a_step(status: Status) -> None:
     [
         (errors.InvalidArgument("x"), grpc.StatusCode.INVALID_ARGUMENT),
         (errors.NotFound("x"), grpc.StatusCode.NOT_FOUND),
-        (errors.StatusConflict("x"), grpc.StatusCode.FAILED_PRECONDITION),
+        (errors.StatusConflict("completed", "running"), grpc.StatusCode.FAILED_PRECONDITION),
         (errors.FailedPrecondition("x"), grpc.StatusCode.FAILED_PRECONDITION),
         (errors.VersionConflict("j", 1, 2), grpc.StatusCode.ABORTED),
         (errors.AlreadyExists("x"), grpc.StatusCode.ALREADY_EXISTS),
