@@ -19,7 +19,6 @@ from sqlalchemy import Connection, Table, bindparam, select, update
 
 from monitor_svc.records import (
     JOB_FIELDS,
-    JOB_VALUES,
     PROGRESS_FIELDS,
     PROGRESS_VALUES,
     JobState,
@@ -53,20 +52,20 @@ _UPDATED = tuple(f for f in JOB_FIELDS if stored(f).updated)
 _BY_CHILD_EVENT = tuple(f for f in JOB_FIELDS if stored(f).by_child_event)
 
 
-def _update_of(changed: tuple[Field[Any], ...]) -> tuple[Any, tuple[str, ...], Any]:
-    """An UPDATE of the ``changed`` fields by id, its bind names, and a getter of its values."""
+def _update_of(changed: tuple[Field[Any], ...]) -> tuple[Any, tuple[str, ...]]:
+    """An UPDATE of the ``changed`` fields by id, and its bind names."""
     binds = ("b_id", *(f"b_{column_of(f)}" for f in changed))
     stmt = (
         update(_T)
         .where(_T.c.id == bindparam("b_id"))
         .values({column_of(f): bindparam(f"b_{column_of(f)}") for f in changed})
     )
-    return stmt, binds, attrgetter("id", *(f.name for f in changed))
+    return stmt, binds
 
 
-_UPDATE_JOB, _UPDATE_BINDS, _UPDATE_VALUES = _update_of(_UPDATED)
+_UPDATE_JOB, _UPDATE_BINDS = _update_of(_UPDATED)
 # Children change only these columns: no metadata to re-serialise per child event.
-_UPDATE_CHILD, _CHILD_BINDS, _CHILD_VALUES = _update_of(_BY_CHILD_EVENT)
+_UPDATE_CHILD, _CHILD_BINDS = _update_of(_BY_CHILD_EVENT)
 _P = cast(Table, StepProgressRow.__table__)
 _PROGRESS_SELECT = select(*(_P.c[name] for name in PROGRESS_FIELDS))
 _SELECT_PROGRESS = _PROGRESS_SELECT.where(_P.c.step_id == bindparam("step_id"))
@@ -102,7 +101,7 @@ def _created_at(value: datetime) -> datetime:
     return as_utc(value) or utcnow()
 
 
-# How a field's type is stored: enums as their text, the metadata as JSON, times as UTC
+# How a field's type is read back: enums from their text, the metadata from JSON, times as UTC
 # (SQLite hands them back naive). Every other type is stored as it is.
 _DECODE_BY_TYPE: dict[str, Callable[[Any], Any]] = {
     "Kind": _KIND.__getitem__,
@@ -110,11 +109,6 @@ _DECODE_BY_TYPE: dict[str, Callable[[Any], Any]] = {
     "dict[str, Any]": _load_json,
     "datetime": _created_at,
     "datetime | None": as_utc,
-}
-_ENCODE_BY_TYPE: dict[str, Callable[[Any], Any]] = {
-    "Kind": _TEXT.__getitem__,
-    "Status": _TEXT.__getitem__,
-    "dict[str, Any]": _dump_json,
 }
 
 
@@ -125,17 +119,20 @@ _DECODE = tuple(
 )
 
 
-def _encoders(keys: tuple[str, ...], fields: tuple[Field[Any], ...]) -> Any:
-    return tuple(
-        (key, _ENCODE_BY_TYPE[str(f.type)])
+def _params_function(
+    name: str, keys: tuple[str, ...], fields: tuple[Field[Any], ...]
+) -> Callable[[JobState], dict[str, Any]]:
+    """A statement's parameters from a ``JobState``, written out from the field table once at
+    import: a plain dict literal, as fast as one written by hand (this runs per child event)."""
+    encode = {"Kind": "_TEXT[s.{}]", "Status": "_TEXT[s.{}]", "dict[str, Any]": "_dump_json(s.{})"}
+    items = ", ".join(
+        f"{key!r}: " + encode.get(str(f.type), "s.{}").format(f.name)
         for key, f in zip(keys, fields, strict=True)
-        if str(f.type) in _ENCODE_BY_TYPE
     )
-
-
-_INSERT_ENCODE = _encoders(_COLUMNS, JOB_FIELDS)
-_UPDATE_ENCODE = _encoders(_UPDATE_BINDS[1:], _UPDATED)
-_CHILD_ENCODE = _encoders(_CHILD_BINDS[1:], _BY_CHILD_EVENT)
+    namespace: dict[str, Any] = {"_TEXT": _TEXT, "_dump_json": _dump_json}
+    exec(f"def {name}(s):\n    return {{{items}}}\n", namespace)
+    function: Callable[[JobState], dict[str, Any]] = namespace[name]
+    return function
 
 
 def row_to_state(row: Any) -> JobState:
@@ -146,23 +143,12 @@ def row_to_state(row: Any) -> JobState:
     return JobState(*values)
 
 
-def state_to_insert(state: JobState) -> dict[str, Any]:
-    return _params(_COLUMNS, JOB_VALUES(state), _INSERT_ENCODE)
-
-
-def _update_params(state: JobState) -> dict[str, Any]:
-    return _params(_UPDATE_BINDS, _UPDATE_VALUES(state), _UPDATE_ENCODE)
-
-
-def _child_update_params(state: JobState) -> dict[str, Any]:
-    return _params(_CHILD_BINDS, _CHILD_VALUES(state), _CHILD_ENCODE)
-
-
-def _params(keys: tuple[str, ...], values: Any, encoders: Any) -> dict[str, Any]:
-    params = dict(zip(keys, values, strict=True))
-    for key, encode in encoders:
-        params[key] = encode(params[key])
-    return params
+_ID_FIELD = JOB_FIELDS[0]
+state_to_insert = _params_function("state_to_insert", _COLUMNS, JOB_FIELDS)
+_update_params = _params_function("update_params", _UPDATE_BINDS, (_ID_FIELD, *_UPDATED))
+_child_update_params = _params_function(
+    "child_update_params", _CHILD_BINDS, (_ID_FIELD, *_BY_CHILD_EVENT)
+)
 
 
 def row_to_progress(row: Any) -> Progress:
