@@ -13,6 +13,7 @@ from datetime import datetime
 from typing import TypeVar
 
 from monitor_svc.records import JobState, Progress, utcnow
+from stepflow_common.status import Kind
 from stepflow_common.step_outcome import ChildTally
 
 T = TypeVar("T")
@@ -62,6 +63,13 @@ class MemoryUnitOfWork:
             j
             for j in self._all_jobs()
             if j.parent_id == step_id and not (live_only and j.status.terminal)
+        ]
+
+    def live_children_of_manager(self, manager_id: str) -> list[JobState]:
+        return [
+            j
+            for j in self._all_jobs()
+            if j.manager_id == manager_id and j.kind is Kind.CHILD and not j.status.terminal
         ]
 
     def put(self, state: JobState, *, status_only: bool = False) -> None:
