@@ -7,6 +7,7 @@ import asyncio
 import sys
 from collections.abc import Callable
 
+from monitor_svc.lifecycle import StepTimers
 from monitor_svc.records import DocumentLimits
 from monitor_svc.server import DEFAULT_PORT, MonitorConfig, serve
 from monitor_svc.store.engine import (
@@ -14,7 +15,6 @@ from monitor_svc.store.engine import (
     SQLITE_SYNCHRONOUS_DEFAULT,
     SQLITE_SYNCHRONOUS_MODES,
 )
-from monitor_svc.store.store import StepTimers
 from stepflow_common import cli, logs, metrics, serving
 from stepflow_common.cli import add_flag, add_log_level, add_server_flags, security_from
 from stepflow_common.durations import parse_duration
@@ -203,9 +203,10 @@ def _serve_with(args: argparse.Namespace) -> int:
 
 def _migrate(args: argparse.Namespace) -> int:
     from monitor_svc.store import doctor
+    from monitor_svc.store.engine import safe_url
     from monitor_svc.store.migrate import upgrade
 
-    where = doctor.safe_url(args.database_url)
+    where = safe_url(args.database_url)
     before = doctor.current_revision(args.database_url)
     head = doctor.head_revision()
     if before == head:

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import re
 from collections import OrderedDict
 from datetime import datetime
 from typing import Any
@@ -13,13 +12,13 @@ from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
 from monitor_svc.records import ChildEventIn, JobFilter, JobState, JobView, NewJob
 from stepflow_common.durations import check_duration
 from stepflow_common.errors import InvalidArgument
-from stepflow_common.limits import MAX_ERROR_CHARS, MAX_METADATA_BYTES, truncate_text
+from stepflow_common.limits import ID_PATTERN, MAX_ERROR_CHARS, MAX_METADATA_BYTES, truncate_text
+from stepflow_common.proto_status import KIND_FROM_PB, KIND_TO_PB, STATUS_FROM_PB, STATUS_TO_PB
 from stepflow_common.status import EndReason, Kind, Status
 from stepflow_common.step_outcome import ChildTally
 from stepflow_proto.v1 import job_pb2
 from stepflow_proto.v1 import monitor_service_pb2 as m
 
-ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}$")
 MAX_NAME = 512
 MAX_METADATA_DEPTH = 32
 MAX_PAGE_SIZE = 1000
@@ -38,22 +37,6 @@ CLIENT_END_REASONS = (
 _INT32_MAX = 2**31 - 1
 _INT64_MAX = 2**63 - 1
 
-KIND_TO_PB = {
-    Kind.MANAGER: job_pb2.JOB_KIND_MANAGER,
-    Kind.STEP: job_pb2.JOB_KIND_STEP,
-    Kind.CHILD: job_pb2.JOB_KIND_CHILD,
-}
-KIND_FROM_PB: dict[int, Kind] = {v: k for k, v in KIND_TO_PB.items()}
-STATUS_TO_PB = {
-    Status.PENDING: job_pb2.JOB_STATUS_PENDING,
-    Status.RUNNING: job_pb2.JOB_STATUS_RUNNING,
-    Status.SPAWNED: job_pb2.JOB_STATUS_SPAWNED,
-    Status.COMPLETED: job_pb2.JOB_STATUS_COMPLETED,
-    Status.FAILED: job_pb2.JOB_STATUS_FAILED,
-    Status.CANCELLED: job_pb2.JOB_STATUS_CANCELLED,
-    Status.SKIPPED: job_pb2.JOB_STATUS_SKIPPED,
-}
-STATUS_FROM_PB: dict[int, Status] = {v: k for k, v in STATUS_TO_PB.items()}
 EVENT_KIND_FROM_PB: dict[int, str] = {
     job_pb2.CHILD_EVENT_KIND_CREATED: "created",
     job_pb2.CHILD_EVENT_KIND_RUNNING: "running",

@@ -10,45 +10,37 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable
+from dataclasses import Field
 from datetime import datetime
+from operator import attrgetter
 from typing import Any, cast
 
 from sqlalchemy import Connection, Table, bindparam, select, update
 
-from monitor_svc.records import JobState, Progress, as_utc, utcnow
+from monitor_svc.records import (
+    JOB_FIELDS,
+    PROGRESS_FIELDS,
+    PROGRESS_VALUES,
+    JobState,
+    Progress,
+    as_utc,
+    column_of,
+    stored,
+    utcnow,
+)
 from monitor_svc.store import notify
 from monitor_svc.store.models import CounterRow, JobRow, StepProgressRow
-from stepflow_common.status import Kind, Status
+from stepflow_common.status import LIVE, Kind, Status
 from stepflow_common.step_outcome import ChildTally
 
 CHANGE_SEQ = "change_seq"
 IN_CHUNK = 500
 _MISSING = object()
 
-_JOB_COLUMNS = (
-    JobRow.id,
-    JobRow.kind,
-    JobRow.parent_id,
-    JobRow.manager_id,
-    JobRow.name,
-    JobRow.type,
-    JobRow.status,
-    JobRow.error,
-    JobRow.end_reason,
-    JobRow.metadata_json,
-    JobRow.version,
-    JobRow.change_seq,
-    JobRow.step_index,
-    JobRow.timeout_s,
-    JobRow.deadline,
-    JobRow.created_at,
-    JobRow.started_at,
-    JobRow.finished_at,
-    JobRow.request_id,
-    JobRow.owner,
-)
-JOB_SELECT = select(*_JOB_COLUMNS)
 _T = cast(Table, JobRow.__table__)
+# Every statement and mapping below is derived from the fields of ``JobState``, in their order.
+_COLUMNS = tuple(column_of(f) for f in JOB_FIELDS)
+JOB_SELECT = select(*(_T.c[c] for c in _COLUMNS))
 # Statements built once: building and cache-keying a statement per call costs more than
 # running it on the hot paths.
 SELECT_JOB = JOB_SELECT.where(_T.c.id == bindparam("job_id"))
@@ -56,79 +48,37 @@ _SELECT_JOB_LOCKED = SELECT_JOB.with_for_update()
 _SELECT_BY_REQUEST = JOB_SELECT.where(_T.c.request_id == bindparam("request_id"))
 _SELECT_MANY = JOB_SELECT.where(_T.c.id.in_(bindparam("ids", expanding=True)))
 _SELECT_MANY_LOCKED = _SELECT_MANY.with_for_update()
-_UPDATE_JOB = (
-    update(_T)
-    .where(_T.c.id == bindparam("b_id"))
-    .values(
-        status=bindparam("b_status"),
-        error=bindparam("b_error"),
-        end_reason=bindparam("b_end_reason"),
-        metadata_json=bindparam("b_metadata_json"),
-        version=bindparam("b_version"),
-        change_seq=bindparam("b_change_seq"),
-        deadline=bindparam("b_deadline"),
-        started_at=bindparam("b_started_at"),
-        finished_at=bindparam("b_finished_at"),
-        owner=bindparam("b_owner"),
+_UPDATED = tuple(f for f in JOB_FIELDS if stored(f).updated)
+_BY_CHILD_EVENT = tuple(f for f in JOB_FIELDS if stored(f).by_child_event)
+
+
+def _update_of(changed: tuple[Field[Any], ...]) -> tuple[Any, tuple[str, ...]]:
+    """An UPDATE of the ``changed`` fields by id, and its bind names."""
+    binds = ("b_id", *(f"b_{column_of(f)}" for f in changed))
+    stmt = (
+        update(_T)
+        .where(_T.c.id == bindparam("b_id"))
+        .values({column_of(f): bindparam(f"b_{column_of(f)}") for f in changed})
     )
-)
-_P = cast(Table, StepProgressRow.__table__)
-_SELECT_PROGRESS = select(*_P.c).where(_P.c.step_id == bindparam("step_id"))
-_SELECT_PROGRESS_LOCKED = _SELECT_PROGRESS.with_for_update()
-_SELECT_MANAGER_PROGRESS = select(*_P.c).where(_P.c.manager_id == bindparam("manager_id"))
+    return stmt, binds
+
+
+_UPDATE_JOB, _UPDATE_BINDS = _update_of(_UPDATED)
 # Children change only these columns: no metadata to re-serialise per child event.
-_UPDATE_CHILD = (
-    update(_T)
-    .where(_T.c.id == bindparam("b_id"))
-    .values(
-        status=bindparam("b_status"),
-        error=bindparam("b_error"),
-        end_reason=bindparam("b_end_reason"),
-        version=bindparam("b_version"),
-        change_seq=bindparam("b_change_seq"),
-        started_at=bindparam("b_started_at"),
-        finished_at=bindparam("b_finished_at"),
-    )
-)
+_UPDATE_CHILD, _CHILD_BINDS = _update_of(_BY_CHILD_EVENT)
+_P = cast(Table, StepProgressRow.__table__)
+_PROGRESS_SELECT = select(*(_P.c[name] for name in PROGRESS_FIELDS))
+_SELECT_PROGRESS = _PROGRESS_SELECT.where(_P.c.step_id == bindparam("step_id"))
+_SELECT_PROGRESS_LOCKED = _SELECT_PROGRESS.with_for_update()
+_SELECT_MANAGER_PROGRESS = _PROGRESS_SELECT.where(_P.c.manager_id == bindparam("manager_id"))
+_PROGRESS_COUNTS = PROGRESS_FIELDS[2:]  # step_id and manager_id never change
 _UPDATE_PROGRESS = (
     update(_P)
     .where(_P.c.step_id == bindparam("b_step_id"))
-    .values(
-        pending=bindparam("b_pending"),
-        running=bindparam("b_running"),
-        completed=bindparam("b_completed"),
-        failed=bindparam("b_failed"),
-        cancelled=bindparam("b_cancelled"),
-        sealed_count=bindparam("b_sealed_count"),
-        handed=bindparam("b_handed"),
-        grace_deadline=bindparam("b_grace_deadline"),
-    )
+    .values({name: bindparam(f"b_{name}") for name in _PROGRESS_COUNTS})
 )
-
-
-def row_to_state(row: Any) -> JobState:
-    return JobState(
-        id=row.id,
-        kind=_KIND[row.kind],
-        parent_id=row.parent_id,
-        manager_id=row.manager_id,
-        name=row.name,
-        type=row.type,
-        status=_STATUS[row.status],
-        error=row.error,
-        end_reason=row.end_reason,
-        metadata={} if row.metadata_json == "{}" else json.loads(row.metadata_json),
-        version=row.version,
-        change_seq=row.change_seq,
-        step_index=row.step_index,
-        timeout_s=row.timeout_s,
-        deadline=as_utc(row.deadline),
-        created_at=as_utc(row.created_at) or utcnow(),
-        started_at=as_utc(row.started_at),
-        finished_at=as_utc(row.finished_at),
-        request_id=row.request_id,
-        owner=row.owner,
-    )
+_PROGRESS_BINDS = ("b_step_id", *(f"b_{name}" for name in _PROGRESS_COUNTS))
+_PROGRESS_UPDATE_VALUES = attrgetter("step_id", *_PROGRESS_COUNTS)
 
 
 # Enum member -> its text, by dict lookup: ``member.value`` is a slow descriptor call and the
@@ -136,56 +86,92 @@ def row_to_state(row: Any) -> JobState:
 _STATUS = {s.value: s for s in Status}
 _KIND = {k.value: k for k in Kind}
 _TEXT: dict[Status | Kind, str] = {**{s: s.value for s in Status}, **{k: k.value for k in Kind}}
+_LIVE = sorted(s.value for s in LIVE)
+
+
+def _load_json(text: str) -> Any:
+    return {} if text == "{}" else json.loads(text)
+
+
+def _dump_json(value: dict[str, Any]) -> str:
+    return json.dumps(value, separators=(",", ":")) if value else "{}"
+
+
+def _created_at(value: datetime) -> datetime:
+    return as_utc(value) or utcnow()
+
+
+# How a field's type is read back: enums from their text, the metadata from JSON, times as UTC
+# (SQLite hands them back naive). Every other type is stored as it is.
+_DECODE_BY_TYPE: dict[str, Callable[[Any], Any]] = {
+    "Kind": _KIND.__getitem__,
+    "Status": _STATUS.__getitem__,
+    "dict[str, Any]": _load_json,
+    "datetime": _created_at,
+    "datetime | None": as_utc,
+}
+
+
+_DECODE = tuple(
+    (i, _DECODE_BY_TYPE[str(f.type)])
+    for i, f in enumerate(JOB_FIELDS)
+    if str(f.type) in _DECODE_BY_TYPE
+)
+
+
+def _params_function(
+    name: str, keys: tuple[str, ...], fields: tuple[Field[Any], ...]
+) -> Callable[[JobState], dict[str, Any]]:
+    """A statement's parameters from a ``JobState``, written out from the field table once at
+    import: a plain dict literal, as fast as one written by hand (this runs per child event)."""
+    encode = {"Kind": "_TEXT[s.{}]", "Status": "_TEXT[s.{}]", "dict[str, Any]": "_dump_json(s.{})"}
+    items = ", ".join(
+        f"{key!r}: " + encode.get(str(f.type), "s.{}").format(f.name)
+        for key, f in zip(keys, fields, strict=True)
+    )
+    namespace: dict[str, Any] = {"_TEXT": _TEXT, "_dump_json": _dump_json}
+    exec(f"def {name}(s):\n    return {{{items}}}\n", namespace)
+    function: Callable[[JobState], dict[str, Any]] = namespace[name]
+    return function
+
+
+def row_to_state(row: Any) -> JobState:
+    """A row of ``JOB_SELECT`` (its columns are the fields, in order) as a ``JobState``."""
+    values = list(row)
+    for index, decode in _DECODE:
+        values[index] = decode(values[index])
+    return JobState(*values)
+
+
+_ID_FIELD = JOB_FIELDS[0]
+state_to_insert = _params_function("state_to_insert", _COLUMNS, JOB_FIELDS)
+_update_params = _params_function("update_params", _UPDATE_BINDS, (_ID_FIELD, *_UPDATED))
+_child_update_params = _params_function(
+    "child_update_params", _CHILD_BINDS, (_ID_FIELD, *_BY_CHILD_EVENT)
+)
 
 
 def row_to_progress(row: Any) -> Progress:
-    return Progress(
-        row.step_id,
-        row.manager_id,
-        row.pending,
-        row.running,
-        row.completed,
-        row.failed,
-        row.cancelled,
-        row.sealed_count,
-        bool(row.handed),
-        as_utc(row.grace_deadline),
-    )
+    progress = Progress(*row)
+    progress.handed = bool(progress.handed)
+    progress.grace_deadline = as_utc(progress.grace_deadline)
+    return progress
 
 
-def state_to_insert(state: JobState) -> dict[str, Any]:
-    return {
-        "id": state.id,
-        "kind": _TEXT[state.kind],
-        "parent_id": state.parent_id,
-        "manager_id": state.manager_id,
-        "name": state.name,
-        "type": state.type,
-        "status": _TEXT[state.status],
-        "error": state.error,
-        "end_reason": state.end_reason,
-        "metadata_json": json.dumps(state.metadata, separators=(",", ":"))
-        if state.metadata
-        else "{}",
-        "version": state.version,
-        "change_seq": state.change_seq,
-        "step_index": state.step_index,
-        "timeout_s": state.timeout_s,
-        "deadline": state.deadline,
-        "created_at": state.created_at,
-        "started_at": state.started_at,
-        "finished_at": state.finished_at,
-        "request_id": state.request_id,
-        "owner": state.owner,
-    }
+def _progress_insert(p: Progress) -> dict[str, Any]:
+    return dict(zip(PROGRESS_FIELDS, PROGRESS_VALUES(p), strict=True))
+
+
+def _progress_update(p: Progress) -> dict[str, Any]:
+    return dict(zip(_PROGRESS_BINDS, _PROGRESS_UPDATE_VALUES(p), strict=True))
 
 
 class Tx:
     """The state of one group transaction: a cache of locked jobs and step progress rows."""
 
-    def __init__(self, conn: Connection, *, lock_rows: bool) -> None:
+    def __init__(self, conn: Connection, *, lock_rows: bool, now: datetime | None = None) -> None:
         self.conn = conn
-        self.now = utcnow()
+        self.now = now or utcnow()
         self._lock_rows = lock_rows
         self._jobs: dict[str, JobState | None] = {}
         self._dirty: set[str] = set()
@@ -201,7 +187,6 @@ class Tx:
         self._full_rows: set[str] = set()  # jobs whose whole row (metadata too) is written
         self.sqlite = not lock_rows
         self.earliest_deadline: datetime | None = None  # wakes the deadline timer after commit
-        self.after_commit: list[Callable[[], None]] = []
 
     # -- units -------------------------------------------------------------------------------
     def begin_unit(self) -> int:
@@ -282,7 +267,7 @@ class Tx:
     ) -> list[JobState]:
         stmt = JOB_SELECT.where(where)
         if live_only:
-            stmt = stmt.where(JobRow.status.in_(["pending", "running", "spawned"]))
+            stmt = stmt.where(JobRow.status.in_(_LIVE))
         if self._lock_rows:
             stmt = stmt.with_for_update()
         found = []
@@ -316,6 +301,24 @@ class Tx:
             for child_id in chunk:
                 self._jobs.setdefault(child_id, None)
         return {c: s for c in child_ids if (s := self._jobs.get(c)) is not None}
+
+    # -- the clock's work ----------------------------------------------------------------------
+    def due_jobs(self) -> list[str]:
+        stmt = select(_T.c.id).where(
+            _T.c.deadline.is_not(None), _T.c.deadline <= self.now, _T.c.status.in_(_LIVE)
+        )
+        if self._lock_rows:
+            # Two monitors on one database: each due deadline is claimed by exactly one of them.
+            stmt = stmt.with_for_update(skip_locked=True)
+        return list(self.conn.execute(stmt).scalars())
+
+    def due_graces(self) -> list[str]:
+        stmt = select(_P.c.step_id).where(
+            _P.c.grace_deadline.is_not(None), _P.c.grace_deadline <= self.now
+        )
+        if self._lock_rows:
+            stmt = stmt.with_for_update(skip_locked=True)
+        return list(self.conn.execute(stmt).scalars())
 
     # -- progress ----------------------------------------------------------------------------
     def progress(self, step_id: str) -> Progress | None:
@@ -437,67 +440,3 @@ class Tx:
             self.conn.execute(_UPDATE_PROGRESS, changed_rows)
         if not self.sqlite:
             notify.send(self.conn, self.changed_ids())
-
-
-def _update_params(state: JobState) -> dict[str, Any]:
-    return {
-        "b_id": state.id,
-        "b_status": _TEXT[state.status],
-        "b_error": state.error,
-        "b_end_reason": state.end_reason,
-        "b_metadata_json": json.dumps(state.metadata, separators=(",", ":")),
-        "b_version": state.version,
-        "b_change_seq": state.change_seq,
-        "b_deadline": state.deadline,
-        "b_started_at": state.started_at,
-        "b_finished_at": state.finished_at,
-        "b_owner": state.owner,
-    }
-
-
-def _child_update_params(state: JobState) -> dict[str, Any]:
-    return {
-        "b_id": state.id,
-        "b_status": _TEXT[state.status],
-        "b_error": state.error,
-        "b_end_reason": state.end_reason,
-        "b_version": state.version,
-        "b_change_seq": state.change_seq,
-        "b_started_at": state.started_at,
-        "b_finished_at": state.finished_at,
-    }
-
-
-def _progress_insert(p: Progress) -> dict[str, Any]:
-    return {
-        "step_id": p.step_id,
-        "manager_id": p.manager_id,
-        "pending": p.pending,
-        "running": p.running,
-        "completed": p.completed,
-        "failed": p.failed,
-        "cancelled": p.cancelled,
-        "sealed_count": p.sealed_count,
-        "handed": p.handed,
-        "grace_deadline": p.grace_deadline,
-    }
-
-
-def _progress_update(p: Progress) -> dict[str, Any]:
-    return {
-        "b_step_id": p.step_id,
-        "b_pending": p.pending,
-        "b_running": p.running,
-        "b_completed": p.completed,
-        "b_failed": p.failed,
-        "b_cancelled": p.cancelled,
-        "b_sealed_count": p.sealed_count,
-        "b_handed": p.handed,
-        "b_grace_deadline": p.grace_deadline,
-    }
-
-
-def deadline_after(now: datetime, seconds: float | None) -> datetime | None:
-    from datetime import timedelta
-
-    return None if seconds is None else now + timedelta(seconds=seconds)
