@@ -26,10 +26,13 @@ from orchestrator_svc.workers.base import Worker
 from orchestrator_svc.workers.settings import describe, whole_number
 from stepflow_common.durations import parse_duration
 from stepflow_common.errors import InvalidArgument
+from stepflow_common.limits import MAX_STEPS_PER_MANAGER
 from stepflow_proto.v1 import orchestrator_service_pb2 as pb
 
 MAX_NAME_CHARS = 512
-MAX_STEPS = 1000
+MAX_STEPS = MAX_STEPS_PER_MANAGER
+"""The monitor refuses a manager's step beyond this: a job that could not be recorded whole
+is refused before it starts."""
 MAX_CONFIG_DEPTH = 32
 MAX_EXACT_INT = 2**53
 """Struct numbers are doubles: a larger integer would not survive SubmitJob unchanged."""
