@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
+from stepflow_common.limits import MAX_METADATA_BYTES, MAX_STEPS_PER_MANAGER
 from stepflow_common.status import Kind, Status
 from stepflow_common.step_outcome import ChildTally
 
@@ -19,6 +20,14 @@ def as_utc(value: datetime | None) -> datetime | None:
     if value is None or value.tzinfo is not None:
         return value
     return value.replace(tzinfo=UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class DocumentLimits:
+    """Bounds on what a client can make the monitor store (flags; defaults in limits.py)."""
+
+    max_metadata_bytes: int = MAX_METADATA_BYTES
+    max_steps_per_manager: int = MAX_STEPS_PER_MANAGER
 
 
 @dataclass(slots=True)

@@ -40,3 +40,7 @@ class AlreadyExists(StepflowError):
 
 class Unavailable(StepflowError):
     """A dependency (database, monitor) cannot be reached right now; retry later."""
+
+
+class ResourceExhausted(StepflowError):
+    """A limit would be passed (document size, steps per manager); nothing was changed."""

@@ -16,6 +16,7 @@ from sqlalchemy import Connection, func, or_, select
 from monitor_svc import metadata_rules as rules
 from monitor_svc.records import (
     ChildEventIn,
+    DocumentLimits,
     JobFilter,
     JobState,
     JobView,
@@ -23,7 +24,7 @@ from monitor_svc.records import (
     Progress,
     as_utc,
 )
-from monitor_svc.store.engine import is_sqlite, make_engine
+from monitor_svc.store.engine import SQLITE_SYNCHRONOUS_DEFAULT, is_sqlite, make_engine
 from monitor_svc.store.models import JobRow, StepProgressRow
 from monitor_svc.store.tx import JOB_SELECT, SELECT_JOB, Tx, deadline_after, row_to_state
 from monitor_svc.store.writer import Reader, Writer
@@ -32,6 +33,8 @@ from stepflow_common.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    ResourceExhausted,
+    StatusConflict,
     VersionConflict,
 )
 from stepflow_common.status import (
@@ -80,12 +83,19 @@ class MonitorStore:
         database_url: str,
         timers: StepTimers = StepTimers(),
         on_commit: Callable[[set[str], datetime | None], None] | None = None,
+        limits: DocumentLimits | None = None,
+        sqlite_synchronous: str = SQLITE_SYNCHRONOUS_DEFAULT,
     ) -> None:
         self.database_url = database_url
         self.timers = timers
+        self.limits = limits or DocumentLimits()
         self.sqlite = is_sqlite(database_url)
-        self._write_engine = make_engine(database_url, writer=True)
-        self._read_engine = make_engine(database_url, writer=False)
+        self._write_engine = make_engine(
+            database_url, writer=True, sqlite_synchronous=sqlite_synchronous
+        )
+        self._read_engine = make_engine(
+            database_url, writer=False, sqlite_synchronous=sqlite_synchronous
+        )
         self.writer = Writer(self._write_engine, lock_rows=not self.sqlite, on_commit=on_commit)
         self.reader = Reader(self._read_engine)
 
@@ -108,25 +118,32 @@ class MonitorStore:
         after = _decode_token(page_token) if page_token else None
         return await self.reader.run(lambda conn: _list(conn, flt, page_size, after))
 
+    def page_token_after(self, view: JobView) -> str:
+        """A ListJobs token resuming after ``view`` (for a page cut short by its size)."""
+        return _encode_token(view.job.created_at, view.job.id)
+
     async def next_wakeup(self) -> datetime | None:
         return await self.reader.run(_next_wakeup)
 
     # -- writes ------------------------------------------------------------------------------
     async def create_job(self, new: NewJob) -> JobView:
-        return await self.writer.run(lambda tx: _create_job(tx, new, self.timers))
+        return await self.writer.run(lambda tx: _create_job(tx, new, self.timers, self.limits))
 
     async def update_status(
         self, job_id: str, status: Status, error: str, end_reason: str
     ) -> JobView:
-        return await self.writer.run(
+        result = await self.writer.run(
             lambda tx: _update_status(tx, job_id, status, error, end_reason, self.timers)
         )
+        if isinstance(result, StatusConflict):
+            raise result  # after the commit of the timeout that made the request too late
+        return result
 
     async def update_metadata(
         self, job_id: str, patch: dict[str, Any], expected_version: int | None
     ) -> JobView:
         return await self.writer.run(
-            lambda tx: _update_metadata(tx, job_id, patch, expected_version)
+            lambda tx: _update_metadata(tx, job_id, patch, expected_version, self.limits)
         )
 
     async def update_step_stat(
@@ -247,7 +264,7 @@ def _require(tx: Tx, job_id: str) -> JobState:
     return job
 
 
-def _create_job(tx: Tx, new: NewJob, timers: StepTimers) -> JobView:
+def _create_job(tx: Tx, new: NewJob, timers: StepTimers, limits: DocumentLimits) -> JobView:
     if new.request_id:
         existing = tx.job_by_request_id(new.request_id)
         if existing is not None:
@@ -275,8 +292,11 @@ def _create_job(tx: Tx, new: NewJob, timers: StepTimers) -> JobView:
             raise FailedPrecondition(f"parent {parent.id} is already {parent.status}")
         job_id = uuid.uuid4().hex
         manager_id = parent.manager_id
+        if new.kind is Kind.STEP:
+            _check_room_for_step(tx, manager_id, limits)
     metadata = rules.merge_metadata({}, new.metadata).metadata  # same checks as UpdateJobMetadata
-    step_index = new.metadata.get("step_index") if new.kind is Kind.STEP else None
+    _check_document_size(job_id, {}, metadata, limits)
+    step_index = _step_index(new) if new.kind is Kind.STEP else None
     state = JobState(
         id=job_id,
         kind=new.kind,
@@ -290,7 +310,7 @@ def _create_job(tx: Tx, new: NewJob, timers: StepTimers) -> JobView:
         metadata=metadata,
         version=1,
         change_seq=0,
-        step_index=int(step_index) if isinstance(step_index, int | float) else None,
+        step_index=step_index,
         timeout_s=new.timeout_s,
         deadline=None if new.kind is Kind.STEP else deadline_after(tx.now, new.timeout_s),
         created_at=tx.now,
@@ -311,12 +331,58 @@ def _create_job(tx: Tx, new: NewJob, timers: StepTimers) -> JobView:
     return _view(tx, state)
 
 
+def _step_index(new: NewJob) -> int | None:
+    """A step's position from its metadata (``step_index``), when it is one."""
+    value = new.metadata.get("step_index")
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return None
+    if not (value == int(value) and 0 <= value <= rules.MAX_STEP_INDEX):
+        raise InvalidArgument(
+            f"metadata.step_index must be a whole number from 0 to {rules.MAX_STEP_INDEX}"
+        )
+    return int(value)
+
+
+def _check_room_for_step(tx: Tx, manager_id: str, limits: DocumentLimits) -> None:
+    """Each step gets a step_stats entry the monitor writes whatever the document's size, so
+    the number of steps bounds how far the monitor's own writes can grow the document."""
+    tx.load_manager_progress(manager_id)
+    steps = len(tx.tallies_for_manager(manager_id))
+    if steps >= limits.max_steps_per_manager:
+        raise ResourceExhausted(
+            f"manager {manager_id} has {steps} steps; the limit is "
+            f"{limits.max_steps_per_manager} steps per manager"
+        )
+
+
+def _check_document_size(
+    job_id: str, old: dict[str, Any], new: dict[str, Any], limits: DocumentLimits
+) -> None:
+    """Refuse a client's write that would make the document larger than the limit (a write
+    that does not grow an over-limit document, e.g. a status, still passes)."""
+    size = rules.size_over(new, limits.max_metadata_bytes)
+    if size is None or size <= rules.encoded_size(old):
+        return
+    raise ResourceExhausted(
+        f"job {job_id}'s metadata would be {size} bytes; the limit is "
+        f"{limits.max_metadata_bytes} bytes (remove or shrink keys first)"
+    )
+
+
 def _update_status(
     tx: Tx, job_id: str, status: Status, error: str, end_reason: str, timers: StepTimers
-) -> JobView:
+) -> JobView | StatusConflict:
     job = _require(tx, job_id)
     check_status_for_kind(job.kind, status)
-    if check_transition(job.status, status, what=f"{job.kind} {job_id}") is Transition.NOOP:
+    overdue = _fire_if_overdue(tx, job, timers)
+    try:
+        transition = check_transition(overdue.status, status, what=f"{job.kind} {job_id}")
+    except StatusConflict as exc:
+        if overdue is job:
+            raise
+        return exc  # the timeout is committed; the caller is told its write came too late
+    job = overdue
+    if transition is Transition.NOOP:
         return _view(tx, job)
     reason = end_reason or (EndReason.CANCELLED if status is Status.CANCELLED else EndReason.API)
     job = set_status(tx, job, status, error, reason, timers)
@@ -324,13 +390,18 @@ def _update_status(
 
 
 def _update_metadata(
-    tx: Tx, job_id: str, patch: dict[str, Any], expected_version: int | None
+    tx: Tx,
+    job_id: str,
+    patch: dict[str, Any],
+    expected_version: int | None,
+    limits: DocumentLimits,
 ) -> JobView:
     job = _require(tx, job_id)
     if expected_version is not None and expected_version != job.version:
         raise VersionConflict.stale(job_id, expected_version, job.version)
     merged = rules.merge_metadata(job.metadata, patch)
     if merged.changed:
+        _check_document_size(job_id, job.metadata, merged.metadata, limits)
         job = replace(job, metadata=merged.metadata, version=job.version + 1)
         tx.put(job)
     return _view(tx, job)
@@ -360,10 +431,11 @@ def set_status(
     new = replace(job, status=status, version=job.version + 1)
     if error:
         new.error = error
-    if status is Status.RUNNING and new.started_at is None:
+    if status in (Status.RUNNING, Status.SPAWNED) and new.started_at is None:
         new.started_at = tx.now
         if job.kind is Kind.STEP and job.timeout_s is not None:
-            # A step's own timeout runs from its start, not from when the job created it.
+            # A step's own timeout runs from its start (running, or spawned straight from
+            # pending by a hand-off seal), not from when the job created it.
             new.deadline = deadline_after(tx.now, job.timeout_s)
     if status.terminal:
         new.finished_at = tx.now
@@ -375,22 +447,32 @@ def set_status(
         _check_step_end(tx, job.parent_id or "", timers)
     elif job.kind is Kind.STEP:
         _on_step_status(tx, new, timers)
-    elif job.kind is Kind.MANAGER and status in (Status.CANCELLED, Status.FAILED):
-        for step in tx.children_of(new.id, live_only=True):
-            set_status(tx, step, Status.CANCELLED, "", EndReason.CANCELLED, timers)
+    elif job.kind is Kind.MANAGER and status.terminal:
+        _end_manager_descendants(tx, new.id, timers)
     latest = tx.job(new.id)
     assert latest is not None
     return latest
 
 
+def _end_manager_descendants(tx: Tx, manager_id: str, timers: StepTimers) -> None:
+    """Nothing under an ended manager stays live: a step that never started is ``skipped``,
+    one that had started ``cancelled`` (its live children with it), and the children still
+    live under steps that had already ended are cancelled too."""
+    for step in tx.children_of(manager_id, live_only=True):
+        ended = Status.SKIPPED if step.status is Status.PENDING else Status.CANCELLED
+        set_status(tx, step, ended, "", EndReason.CANCELLED, timers)
+    for child in tx.live_children_of_manager(manager_id):
+        set_status(tx, child, Status.CANCELLED, "", EndReason.CANCELLED, timers)
+
+
 def _on_step_status(tx: Tx, step: JobState, timers: StepTimers) -> None:
     progress = tx.progress(step.id)
     if step.status.terminal:
-        if step.status is not Status.COMPLETED:
-            # A step that stops early takes its live children with it (nothing stays running).
-            for child in tx.children_of(step.id, live_only=True):
-                set_status(tx, child, Status.CANCELLED, "", EndReason.CANCELLED, timers)
-            progress = tx.progress(step.id)
+        # A step that ends, whichever way, takes its live children with it: nothing under an
+        # ended step stays running.
+        for child in tx.children_of(step.id, live_only=True):
+            set_status(tx, child, Status.CANCELLED, "", EndReason.CANCELLED, timers)
+        progress = tx.progress(step.id)
         if progress is not None and progress.grace_deadline is not None:
             working = _working_progress(tx, step.id)
             working.grace_deadline = None
@@ -430,6 +512,10 @@ def _record_in_manager(tx: Tx, step_id: str) -> None:
     metadata = rules.record_step_status(manager.metadata, facts)
     if metadata != manager.metadata:
         tx.put(replace(manager, metadata=metadata, version=manager.version + 1))
+    else:
+        # The entry already says as much (a client marked it first), but the step's row
+        # changed: the manager's watchers must still wake to see it.
+        tx.touch(manager.id)
 
 
 def _working_progress(tx: Tx, step_id: str) -> Progress:
@@ -583,8 +669,16 @@ def _apply_seal(tx: Tx, event: ChildEventIn, timers: StepTimers) -> str:
     progress.grace_deadline = None
     step = tx.job(event.step_id)
     assert step is not None
-    if step.deadline is None and not step.status.terminal:
-        step = replace(step, deadline=deadline_after(tx.now, timers.default_wait_timeout_s))
+    hand_off = (
+        event.handed_to_monitor and not step.status.terminal and step.status is not Status.SPAWNED
+    )
+    if step.deadline is None and not step.status.terminal and not hand_off:
+        # (A hand-off gets its deadline from the move to spawned below.)
+        step = replace(
+            step,
+            deadline=deadline_after(tx.now, timers.default_wait_timeout_s),
+            version=step.version + 1,
+        )
         tx.put(step)
     manager = tx.job(step.manager_id)
     if manager is not None:
@@ -593,13 +687,26 @@ def _apply_seal(tx: Tx, event: ChildEventIn, timers: StepTimers) -> str:
             tx.put(replace(manager, metadata=metadata, version=manager.version + 1))
     if event.handed_to_monitor:
         progress.handed = True
-        if not step.status.terminal and step.status is not Status.SPAWNED:
+        if hand_off:
             set_status(tx, step, Status.SPAWNED, "", "", timers)
     tx.touch(step.manager_id)
     return ""
 
 
 # -- deadlines -------------------------------------------------------------------------------
+def _fire_if_overdue(tx: Tx, job: JobState, timers: StepTimers) -> JobState:
+    """A write to a job whose deadline has passed finds it timed out, as it would had the
+    timer fired on the dot: the outcome does not depend on the timer's lag."""
+    if job.status.terminal or job.deadline is None or job.deadline > tx.now:
+        return job
+    return _time_out(tx, job, timers)
+
+
+def _time_out(tx: Tx, job: JobState, timers: StepTimers) -> JobState:
+    error = "timed out waiting for child jobs" if job.kind is Kind.STEP else "job timed out"
+    return set_status(tx, job, Status.FAILED, error, EndReason.TIMEOUT, timers)
+
+
 def _fire_due(tx: Tx, timers: StepTimers) -> int:
     """End every job whose stored deadline has passed (and hand-offs past their grace)."""
     due_stmt = select(JobRow.id).where(
@@ -617,17 +724,7 @@ def _fire_due(tx: Tx, timers: StepTimers) -> int:
         job = tx.job(job_id)
         if job is None or job.status.terminal or job.deadline is None or job.deadline > tx.now:
             continue
-        if job.kind is Kind.STEP:
-            set_status(
-                tx,
-                job,
-                Status.FAILED,
-                "timed out waiting for child jobs",
-                EndReason.TIMEOUT,
-                timers,
-            )
-        else:
-            set_status(tx, job, Status.FAILED, "job timed out", EndReason.TIMEOUT, timers)
+        _time_out(tx, job, timers)
         fired += 1
     for step_id in tx.conn.execute(grace_stmt).scalars().all():
         step = tx.job(step_id)

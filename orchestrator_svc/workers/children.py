@@ -68,10 +68,11 @@ async def run_children(
                 outcome = await run_one(index, attempt)
             except Exception as exc:
                 outcome = ChildOutcome("failed", f"{type(exc).__name__}: {exc}")
-            if outcome.status != "failed" or attempt >= last or ctx.cancelled.is_set():
+            cancelled = ctx.child_cancelled(child_id)
+            if outcome.status != "failed" or attempt >= last or cancelled.is_set():
                 return outcome
             attempt += 1
-            if not await sleep_unless_cancelled(ctx.cancelled, ctx.retry.delay_before(attempt)):
+            if not await sleep_unless_cancelled(cancelled, ctx.retry.delay_before(attempt)):
                 return ChildOutcome("cancelled", CANCELLED_BEFORE_RETRY_ERROR)
 
     def already_ended(index: int) -> bool:
