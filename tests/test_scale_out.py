@@ -138,7 +138,6 @@ async def run_split(stream_on: ServerProcess, calls_on: ServerProcess, owner: st
         stream.start()
         orch = Orchestrator(MonitorClient(calls), stream, workers, owner=owner)
         try:
-            await orch.recover()
             data = [job_definition(i) for i in range(3)]
             ids = [await orch.submit(from_mapping(d, workers=workers)) for d in data]
             recorders = [Recorder(stub, i) for i in ids]
@@ -163,7 +162,7 @@ async def run_split(stream_on: ServerProcess, calls_on: ServerProcess, owner: st
                 assert n > 0 and md[f"last_{w}"] == n - 1
                 assert all(md[f"w{w}_{k}"] == k for k in range(n)), f"writer {w} lost a key"
         finally:
-            await orch.abandon()
+            await orch.drain(0)
             await stream.close(flush_timeout=5)
 
 

@@ -68,6 +68,8 @@ class Recorder:
         *,
         retry: RetryPolicy | None = None,
         existing: Mapping[str, ExistingChild] | None = None,
+        draining: asyncio.Event | None = None,
+        attempt: int = 1,
     ) -> StepContext:
         for child_id, before in (existing or {}).items():
             self.state[child_id] = "running" if before.status == "running" else before.status
@@ -82,6 +84,8 @@ class Recorder:
             cancelled=self.cancelled,
             retry=retry or RetryPolicy(),
             existing_children=existing or {},
+            draining=draining,
+            attempt=attempt,
         )
 
     async def created(self, child_id: str, name: str) -> None:
@@ -573,6 +577,58 @@ def test_fanout_validates_its_config() -> None:
         worker.validate_config({"items": [], "command": "true", "concurrency": 0})
 
 
+# -- drain (shutdown) -------------------------------------------------------------------------
+async def test_drain_lets_running_children_finish_and_leaves_the_rest_unreported() -> None:
+    """Drained (not cancelled): no child starts after it, those running finish as usual, and
+    the ones never started are not reported at all, so the next owner runs them."""
+    rec = Recorder()
+    draining = asyncio.Event()
+    release = asyncio.Event()
+
+    async def run_one(index: int, attempt: int) -> ChildOutcome:
+        if index == 2:  # the third child to start: the orchestrator is told to shut down
+            draining.set()
+        await release.wait()
+        return ChildOutcome("completed")
+
+    ctx = rec.context({}, draining=draining)
+    names = (f"c{k}" for k in range(10))
+    task = asyncio.create_task(run_children(ctx, names, run_one, concurrency=3))
+    await asyncio.wait_for(draining.wait(), 5)
+    release.set()
+    created = await asyncio.wait_for(task, 5)
+    assert created == 10
+    assert rec.count("created") == 10
+    assert rec.count("running") == 3
+    assert rec.count("completed") == 3
+    assert rec.count("cancelled") == 0
+    assert rec.tally() == ChildTally(pending=7, completed=3)
+
+
+async def test_drained_before_creating_creates_nothing_and_reports_nothing() -> None:
+    rec = Recorder()
+    draining = asyncio.Event()
+    draining.set()
+    ctx = rec.context({"children": 5}, draining=draining)
+    result = await SimulateWorker().run(ctx)
+    assert result.child_count == 0 and rec.events == []
+
+
+async def test_cancel_wins_over_drain() -> None:
+    """Cancelled while draining: the never-started children are reported cancelled."""
+    rec = Recorder()
+    draining = asyncio.Event()
+
+    async def run_one(index: int, attempt: int) -> ChildOutcome:
+        draining.set()
+        rec.cancelled.set()
+        return ChildOutcome("cancelled", "stopped")
+
+    ctx = rec.context({}, draining=draining)
+    await run_children(ctx, (f"c{k}" for k in range(4)), run_one, concurrency=1)
+    assert rec.tally() == ChildTally(cancelled=4)
+
+
 # -- python ----------------------------------------------------------------------------------
 calls: list[dict[str, Any]] = []
 
@@ -751,3 +807,32 @@ def test_as_worker_rejects_a_sync_run() -> None:
 
     with pytest.raises(WorkerLoadError, match="run\\(\\) must be an async function"):
         as_worker(SyncRun)
+
+
+# -- attempts seen by the work -----------------------------------------------------------------
+async def test_command_tells_its_process_the_step_attempt(tmp_path: Path) -> None:
+    out = tmp_path / "attempt"
+    rec = Recorder()
+    config = {"command": f'printf %s "$STEPFLOW_ATTEMPT" > {out}'}
+    assert (await CommandWorker().run(rec.context(config, attempt=2))).ok
+    assert out.read_text() == "2"
+
+
+contexts: list[Any] = []
+
+
+def takes_context(config: dict[str, Any], context: Any) -> None:
+    contexts.append(context)
+
+
+async def takes_context_by_keyword(config: dict[str, Any], *, context: Any) -> None:
+    contexts.append(context)
+
+
+async def test_python_callable_gets_the_attempt_when_it_takes_a_context() -> None:
+    contexts.clear()
+    for target in ("takes_context", "takes_context_by_keyword"):
+        rec = Recorder()
+        ctx = rec.context({"callable": f"{__name__}:{target}"}, step_id="st", attempt=3)
+        assert (await PythonWorker().run(ctx)).ok
+    assert [(c.step_id, c.step_name, c.attempt) for c in contexts] == [("st", "s", 3)] * 2

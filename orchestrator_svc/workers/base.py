@@ -94,6 +94,12 @@ class StepContext:
     create them again, must leave the ended ones alone, and runs each live one again as
     attempt ``existing.attempt + 1``. ``run_children`` does all of that for a worker.
     ``attempt`` is the step's own attempt (a step without children that is run again).
+
+    ``draining`` is set when the orchestrator shuts down (not a cancel): the worker should
+    start no more children, let the running ones finish, and return WITHOUT reporting the
+    children it never started; the job's next owner continues the step from its recorded
+    children. ``run_children`` does that. A worker that ignores it is stopped (its tasks
+    cancelled) once the shutdown grace is over.
     """
 
     step_id: str
@@ -107,6 +113,12 @@ class StepContext:
     attempt: int = 1
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     existing_children: Mapping[str, ExistingChild] = field(default_factory=lambda: NO_CHILDREN)
+    draining: CancelSignal | None = None
+
+    @property
+    def stopping(self) -> bool:
+        """Start nothing new: the step is cancelled or the orchestrator is draining."""
+        return self.cancelled.is_set() or (self.draining is not None and self.draining.is_set())
 
     def child_cancelled(self, child_id: str) -> CancelSignal:
         """Set when this one child is cancelled (CancelJob on it) or its whole step is: a

@@ -42,11 +42,14 @@ async def run_children(
     that were created but not started are reported ``cancelled`` here, running ones by
     ``run_one``. An exception from ``run_one`` fails that attempt; one from a callback stops
     the step. ``names`` may be a generator, so a large step need not hold every name at once.
+    When ``ctx.draining`` is set, no further child is created or started and the children not
+    started are NOT reported (the step is continued by the job's next owner); running ones
+    finish as usual.
     """
     existing = ctx.existing_children
     created = 0
     for index, name in enumerate(names):
-        if ctx.cancelled.is_set():
+        if ctx.stopping:
             break
         child_id = ctx.child_id(index)
         if child_id not in existing:
@@ -82,7 +85,7 @@ async def run_children(
     async def runner() -> None:
         nonlocal next_index
         handled = 0
-        while not ctx.cancelled.is_set() and next_index < created:
+        while not ctx.stopping and next_index < created:
             # Claimed before the first await, so no two runners take the same child.
             index, next_index = next_index, next_index + 1
             if existing and already_ended(index):
@@ -106,6 +109,8 @@ async def run_children(
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
 
+    if not ctx.cancelled.is_set():
+        return created  # drained: the unstarted children stay pending for the next owner
     for index in range(next_index, created):
         if existing and already_ended(index):
             continue
