@@ -41,10 +41,12 @@ class CreateJobResponse(_message.Message):
     def __init__(self, job: _Optional[_Union[_job_pb2.Job, _Mapping]] = ...) -> None: ...
 
 class GetJobRequest(_message.Message):
-    __slots__ = ("job_id",)
+    __slots__ = ("job_id", "include_definition")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_DEFINITION_FIELD_NUMBER: _ClassVar[int]
     job_id: str
-    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+    include_definition: bool
+    def __init__(self, job_id: _Optional[str] = ..., include_definition: _Optional[bool] = ...) -> None: ...
 
 class GetJobResponse(_message.Message):
     __slots__ = ("job",)
@@ -181,24 +183,28 @@ class WatchJobResponse(_message.Message):
     def __init__(self, job: _Optional[_Union[_job_pb2.Job, _Mapping]] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("owner", "lease", "max_adopt")
+    __slots__ = ("owner", "lease", "max_adopt", "instance")
     OWNER_FIELD_NUMBER: _ClassVar[int]
     LEASE_FIELD_NUMBER: _ClassVar[int]
     MAX_ADOPT_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
     owner: str
     lease: _duration_pb2.Duration
     max_adopt: int
-    def __init__(self, owner: _Optional[str] = ..., lease: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_adopt: _Optional[int] = ...) -> None: ...
+    instance: str
+    def __init__(self, owner: _Optional[str] = ..., lease: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_adopt: _Optional[int] = ..., instance: _Optional[str] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("lease_expires_at", "owned_job_ids", "adopted_job_ids")
+    __slots__ = ("lease_expires_at", "owned_job_ids", "adopted_job_ids", "resumed_job_ids")
     LEASE_EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
     OWNED_JOB_IDS_FIELD_NUMBER: _ClassVar[int]
     ADOPTED_JOB_IDS_FIELD_NUMBER: _ClassVar[int]
+    RESUMED_JOB_IDS_FIELD_NUMBER: _ClassVar[int]
     lease_expires_at: _timestamp_pb2.Timestamp
     owned_job_ids: _containers.RepeatedScalarFieldContainer[str]
     adopted_job_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, lease_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., owned_job_ids: _Optional[_Iterable[str]] = ..., adopted_job_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    resumed_job_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, lease_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., owned_job_ids: _Optional[_Iterable[str]] = ..., adopted_job_ids: _Optional[_Iterable[str]] = ..., resumed_job_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ReleaseLeaseRequest(_message.Message):
     __slots__ = ("owner",)
