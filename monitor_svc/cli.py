@@ -48,6 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
         "30s",
         "a handed-off step with no seal and no child by then ends completed",
     )
+    add_flag(
+        serve_p,
+        COMMAND,
+        "--orphan-timeout",
+        "10m",
+        "a job whose orchestrator's lease lapsed, adopted by no other orchestrator by then, "
+        "ends failed (orchestrator_lost)",
+    )
     add_flag(serve_p, COMMAND, "--shutdown-grace", "10s", "time in-flight calls get on SIGTERM")
     add_flag(
         serve_p,
@@ -117,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                     args.default_wait_timeout, "--default-wait-timeout"
                 ),
                 grace_period_s=parse_duration(args.grace_period, "--grace-period"),
+                orphan_timeout_s=parse_duration(args.orphan_timeout, "--orphan-timeout"),
             ),
             security=security_from(args),
             shutdown_grace_s=parse_duration(args.shutdown_grace, "--shutdown-grace"),

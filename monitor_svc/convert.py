@@ -8,7 +8,7 @@ from collections import OrderedDict
 from datetime import datetime
 from typing import Any
 
-from google.protobuf import json_format, struct_pb2, timestamp_pb2
+from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
 
 from monitor_svc.records import ChildEventIn, JobFilter, JobState, JobView, NewJob
 from stepflow_common.errors import InvalidArgument
@@ -119,8 +119,14 @@ def new_job(req: m.CreateJobRequest) -> NewJob:
         timeout_s = req.timeout.ToTimedelta().total_seconds()
         if timeout_s <= 0:
             raise InvalidArgument("timeout must be positive")
+    job_kind = kind(req.kind)
+    definition = None
+    if req.HasField("definition"):
+        if job_kind is not Kind.MANAGER:
+            raise InvalidArgument("definition applies to manager jobs only")
+        definition = metadata(req.definition, "definition")
     return NewJob(
-        kind=kind(req.kind),
+        kind=job_kind,
         parent_id=optional_id(req.parent_id, "parent_id"),
         name=text(req.name, "name"),
         type=text(req.type, "type", 128),
@@ -128,7 +134,18 @@ def new_job(req: m.CreateJobRequest) -> NewJob:
         timeout_s=timeout_s,
         request_id=optional_id(req.request_id, "request_id"),
         owner=text(req.owner, "owner", 128),
+        definition=definition,
     )
+
+
+def owner(value: str, *, required: bool = False) -> str:
+    if required and not value:
+        raise InvalidArgument("owner is required")
+    return text(value, "owner", 128)
+
+
+def duration_s(value: duration_pb2.Duration) -> float:
+    return float(value.seconds) + value.nanos / 1e9
 
 
 def job_filter(req: m.ListJobsRequest) -> tuple[JobFilter, int]:
@@ -175,6 +192,7 @@ def child_event(event: job_pb2.ChildEvent) -> ChildEventIn | str:
         event.child_count,
         event.handed_to_monitor,
         name[:MAX_NAME] if name else "",
+        event.attempt,
     )
 
 
@@ -227,7 +245,7 @@ def _status_pb(value: Any) -> Any:  # a job_pb2.JobStatus value
         return job_pb2.JOB_STATUS_UNSPECIFIED
 
 
-def job_pb(view: JobView) -> job_pb2.Job:
+def job_pb(view: JobView, *, include_definition: bool = False) -> job_pb2.Job:
     job: JobState = view.job
     out = job_pb2.Job(
         id=job.id,
@@ -242,7 +260,11 @@ def job_pb(view: JobView) -> job_pb2.Job:
         version=job.version,
         change_seq=job.change_seq,
         owner=job.owner,
+        attempt=job.attempt,
+        interruptions=job.interruptions,
     )
+    if include_definition and job.definition is not None:
+        out.definition.update(job.definition)
     _CONVERTED.fill_metadata(job.id, job.metadata, out.metadata)
     _stamp(out.created_at, job.created_at)
     _stamp(out.started_at, job.started_at)

@@ -40,8 +40,9 @@ class MonitorServicer(m_grpc.MonitorServiceServicer):
     async def GetJob(
         self, request: m.GetJobRequest, context: aio.ServicerContext
     ) -> m.GetJobResponse:
-        view = await self._store.get_job(convert.job_id(request.job_id))
-        return m.GetJobResponse(job=convert.job_pb(view))
+        include = request.include_definition
+        view = await self._store.get_job(convert.job_id(request.job_id), include_definition=include)
+        return m.GetJobResponse(job=convert.job_pb(view, include_definition=include))
 
     async def ListJobs(
         self, request: m.ListJobsRequest, context: aio.ServicerContext
@@ -58,6 +59,7 @@ class MonitorServicer(m_grpc.MonitorServiceServicer):
             convert.status(request.status),
             convert.text(request.error, "error", convert.MAX_ERROR),
             convert.text(request.end_reason, "end_reason", 32),
+            convert.owner(request.owner),
         )
         return m.UpdateJobStatusResponse(job=convert.job_pb(view))
 
@@ -68,7 +70,10 @@ class MonitorServicer(m_grpc.MonitorServiceServicer):
         if expected is not None and expected < 1:
             raise InvalidArgument("expected_version must be >= 1 (versions start at 1)")
         view = await self._store.update_metadata(
-            convert.job_id(request.job_id), convert.metadata(request.metadata), expected
+            convert.job_id(request.job_id),
+            convert.metadata(request.metadata),
+            expected,
+            convert.owner(request.owner),
         )
         return m.UpdateJobMetadataResponse(job=convert.job_pb(view))
 
@@ -134,7 +139,8 @@ class MonitorServicer(m_grpc.MonitorServiceServicer):
             else:
                 decoded.append(result)
         if decoded:
-            for event_id, reason in await self._store.apply_events(decoded):
+            owner = convert.owner(request.owner)
+            for event_id, reason in await self._store.apply_events(decoded, owner):
                 rejected.append(m.RejectedEvent(event_id=event_id, reason=reason))
         if rejected:
             log.info("events rejected", batch_id=request.batch_id, count=len(rejected))
@@ -150,3 +156,26 @@ class MonitorServicer(m_grpc.MonitorServiceServicer):
         await self._store.get_job(job_id)  # NOT_FOUND before the stream starts
         async for view in self._hub.watch(job_id, request.after_change_seq):
             yield m.WatchJobResponse(job=convert.job_pb(view))
+
+    async def Heartbeat(
+        self, request: m.HeartbeatRequest, context: aio.ServicerContext
+    ) -> m.HeartbeatResponse:
+        result = await self._store.heartbeat(
+            convert.owner(request.owner, required=True),
+            convert.text(request.instance, "instance", 128),
+            convert.duration_s(request.lease),
+            request.max_adopt,
+        )
+        response = m.HeartbeatResponse(
+            owned_job_ids=result.owned_job_ids,
+            adopted_job_ids=result.adopted_job_ids,
+            resumed_job_ids=result.resumed_job_ids,
+        )
+        response.lease_expires_at.FromDatetime(result.lease_expires_at)
+        return response
+
+    async def ReleaseLease(
+        self, request: m.ReleaseLeaseRequest, context: aio.ServicerContext
+    ) -> m.ReleaseLeaseResponse:
+        orphaned = await self._store.release_lease(convert.owner(request.owner, required=True))
+        return m.ReleaseLeaseResponse(orphaned_job_ids=orphaned)

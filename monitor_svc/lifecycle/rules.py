@@ -14,6 +14,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from monitor_svc import metadata_rules as rules
+from monitor_svc.lifecycle import leases
 from monitor_svc.lifecycle.uow import UnitOfWork
 from monitor_svc.records import ChildEventIn, JobState, JobView, NewJob, Progress
 from stepflow_common.errors import (
@@ -49,6 +50,7 @@ class StepTimers:
 
     default_wait_timeout_s: float = 1800.0
     grace_period_s: float = 30.0
+    orphan_timeout_s: float = 600.0  # an orphan nobody adopts by then fails orchestrator_lost
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +105,7 @@ def create_job(tx: UnitOfWork, new: NewJob, timers: StepTimers) -> JobView:
             )
         if parent.status.terminal:
             raise FailedPrecondition(f"parent {parent.id} is already {parent.status}")
+        leases.check_fence(tx, parent, new.owner)
         job_id = uuid.uuid4().hex
         manager_id = parent.manager_id
     metadata = rules.merge_metadata({}, new.metadata).metadata  # same checks as UpdateJobMetadata
@@ -128,6 +131,7 @@ def create_job(tx: UnitOfWork, new: NewJob, timers: StepTimers) -> JobView:
         finished_at=None,
         request_id=new.request_id or None,
         owner=new.owner,
+        definition=new.definition if new.kind is Kind.MANAGER else None,
     )
     if new.kind is Kind.CHILD:
         assert new.parent_id is not None
@@ -139,11 +143,21 @@ def create_job(tx: UnitOfWork, new: NewJob, timers: StepTimers) -> JobView:
 
 
 def update_status(
-    tx: UnitOfWork, job_id: str, status: Status, error: str, end_reason: str, timers: StepTimers
+    tx: UnitOfWork,
+    job_id: str,
+    status: Status,
+    error: str,
+    end_reason: str,
+    timers: StepTimers,
+    owner: str = "",
 ) -> JobView:
+    leases.check_end_reason(end_reason, owner)
     job = _require(tx, job_id)
+    leases.check_fence(tx, job, owner)
     check_status_for_kind(job.kind, status)
     if check_transition(job.status, status, what=f"{job.kind} {job_id}") is Transition.NOOP:
+        if status is Status.RUNNING:
+            job = leases.rerun_step(tx, job)
         return _view(tx, job)
     reason = end_reason or (EndReason.CANCELLED if status is Status.CANCELLED else EndReason.API)
     job = set_status(tx, job, status, error, reason, timers)
@@ -151,9 +165,14 @@ def update_status(
 
 
 def update_metadata(
-    tx: UnitOfWork, job_id: str, patch: dict[str, Any], expected_version: int | None
+    tx: UnitOfWork,
+    job_id: str,
+    patch: dict[str, Any],
+    expected_version: int | None,
+    owner: str = "",
 ) -> JobView:
     job = _require(tx, job_id)
+    leases.check_fence(tx, job, owner)
     if expected_version is not None and expected_version != job.version:
         raise VersionConflict.stale(job_id, expected_version, job.version)
     merged = rules.merge_metadata(job.metadata, patch)
@@ -189,6 +208,8 @@ def set_status(
     new = replace(job, status=status, version=job.version + 1)
     if error:
         new.error = error
+    if status is Status.RUNNING and job.kind is Kind.STEP:
+        new.attempt = job.attempt + 1
     if status is Status.RUNNING and new.started_at is None:
         new.started_at = tx.now
         if job.kind is Kind.STEP and job.timeout_s is not None:
@@ -198,6 +219,7 @@ def set_status(
         new.finished_at = tx.now
         new.end_reason = reason
         new.deadline = None
+        new.orphan_deadline = None
     tx.put(new)
     if job.kind is Kind.CHILD:
         _count_child_change(tx, job.parent_id or "", job.manager_id, job.status, status, timers)
@@ -319,7 +341,7 @@ def _check_step_end(tx: UnitOfWork, step_id: str, timers: StepTimers) -> None:
 
 # -- the child-event stream ------------------------------------------------------------------
 def apply_events(
-    tx: UnitOfWork, events: list[ChildEventIn], timers: StepTimers
+    tx: UnitOfWork, events: list[ChildEventIn], timers: StepTimers, owner: str = ""
 ) -> list[tuple[str, str]]:
     """Apply one batch of child events. Dedupe is by the child's state transition: statuses
     only move forward, so a replayed or late event finds nothing to change, and nothing extra
@@ -331,8 +353,10 @@ def apply_events(
             steps[event.step_id] = tx.job(event.step_id) if event.step_id else None
     tx.child_states({e.child_id for e in events if e.child_id})
     affected: set[str] = set()
+    fences: dict[str, str] = {}
     for event in events:
-        reason = _apply_event(tx, event, steps, timers, affected)
+        reason = _fence_event(tx, steps.get(event.step_id), owner, fences)
+        reason = reason or _apply_event(tx, event, steps, timers, affected)
         if reason:
             rejected.append((event.event_id, reason))
         else:
@@ -340,6 +364,15 @@ def apply_events(
     for step_id in affected:
         _check_step_end(tx, step_id, timers)
     return rejected
+
+
+def _fence_event(tx: UnitOfWork, step: JobState | None, owner: str, fences: dict[str, str]) -> str:
+    """The fencing rejection of an event for ``step`` (once per manager and batch)."""
+    if not owner or step is None:
+        return ""
+    if step.manager_id not in fences:
+        fences[step.manager_id] = leases.event_fence_reason(tx.job(step.manager_id), owner)
+    return fences[step.manager_id]
 
 
 def _apply_event(
@@ -370,6 +403,7 @@ def _apply_event(
         if child.status != status and is_forward(child.status, status):
             new = child.clone()
             new.status, new.version = status, child.version + 1
+            new.attempt = leases.event_attempt(child.attempt, status, event.attempt)
             if status is Status.RUNNING:
                 new.started_at = new.started_at or tx.now
             elif status.terminal:
@@ -380,6 +414,11 @@ def _apply_event(
             _count_child_change(
                 tx, event.step_id, step.manager_id, child.status, status, timers, ends
             )
+        elif status is Status.RUNNING and child.status is status and event.attempt > child.attempt:
+            # A new attempt of a running child (a retry, or a run after an interruption).
+            new = child.clone()
+            new.attempt, new.version = event.attempt, child.version + 1
+            tx.put(new, status_only=True)
         return ""
     error = event.error
     if step.status.terminal and not status.terminal:
@@ -412,6 +451,7 @@ def _apply_event(
             finished_at=tx.now if status.terminal else None,
             request_id=None,
             owner=step.owner,
+            attempt=leases.event_attempt(0, status, event.attempt),
         )
     )
     return ""
@@ -482,4 +522,4 @@ def fire_due(tx: UnitOfWork, timers: StepTimers) -> int:
         ):
             set_status(tx, step, Status.COMPLETED, "", EndReason.GRACE_PERIOD, timers)
             fired += 1
-    return fired
+    return fired + leases.fire_due(tx, timers)
