@@ -19,7 +19,7 @@ DEMO_ARGS ?=
 # `make test-pg` uses this unless the variable is already set in the environment.
 STEPFLOW_TEST_POSTGRES_URL ?= postgresql+psycopg://postgres@127.0.0.1:5432/test
 
-.PHONY: help venv gen check-gen buf-lint lint test test-pg bench soak demo clean distclean
+.PHONY: help venv gen check-gen buf-lint buf-breaking proto-release lint test test-pg bench soak demo clean distclean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(firstword $(MAKEFILE_LIST)) | \
@@ -53,10 +53,21 @@ check-gen: venv ## fail if stepflow_proto/ is stale
 buf-lint: venv ## buf lint (STANDARD rules) on protos/
 	cd protos && "$(BIN)/buf" lint
 
+# The protos as last released: a change that would break a deployed client fails `make test`.
+RELEASED_PROTOS := protos/released/stepflow-v1.json
+
+buf-breaking: venv ## buf breaking (FILE rules) against the last released protos
+	"$(BIN)/buf" breaking protos --against $(RELEASED_PROTOS)
+
+proto-release: venv ## record protos/ as released (run when tagging a release)
+	"$(BIN)/buf" build protos -o $(RELEASED_PROTOS)
+
 # Runs every linter even when an earlier one fails, so one run shows all findings.
-lint: venv ## buf lint, ruff check, ruff format --check, mypy
+lint: venv ## buf lint, buf breaking, ruff check, ruff format --check, mypy
 	@failed=""; \
 	echo "== buf lint";          (cd protos && "$(BIN)/buf" lint)   || failed="$$failed buf"; \
+	echo "== buf breaking";      "$(BIN)/buf" breaking protos --against $(RELEASED_PROTOS) \
+	                                                                || failed="$$failed buf-breaking"; \
 	echo "== ruff check";        "$(BIN)/ruff" check .              || failed="$$failed ruff-check"; \
 	echo "== ruff format --check"; "$(BIN)/ruff" format --check .   || failed="$$failed ruff-format"; \
 	echo "== mypy";              "$(BIN)/mypy"                      || failed="$$failed mypy"; \

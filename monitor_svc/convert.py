@@ -11,21 +11,33 @@ from typing import Any
 from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
 
 from monitor_svc.records import ChildEventIn, JobFilter, JobState, JobView, NewJob
+from stepflow_common.durations import check_duration
 from stepflow_common.errors import InvalidArgument
+from stepflow_common.limits import MAX_ERROR_CHARS, MAX_METADATA_BYTES, truncate_text
 from stepflow_common.proto_status import KIND_FROM_PB, KIND_TO_PB, STATUS_FROM_PB, STATUS_TO_PB
-from stepflow_common.status import Kind, Status
+from stepflow_common.status import EndReason, Kind, Status
 from stepflow_common.step_outcome import ChildTally
 from stepflow_proto.v1 import job_pb2
 from stepflow_proto.v1 import monitor_service_pb2 as m
 
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}$")
 MAX_NAME = 512
-MAX_ERROR = 64 * 1024
-MAX_METADATA_BYTES = 1024 * 1024
 MAX_METADATA_DEPTH = 32
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 50
 MAX_EVENTS_PER_BATCH = 10_000
+# What a client may record as the reason a job ended; the monitor's own reasons (timeout,
+# no_children, grace_period, children_terminal) state facts only the monitor establishes.
+CLIENT_END_REASONS = (
+    EndReason.API,
+    EndReason.ORCHESTRATOR,
+    EndReason.CANCELLED,
+    EndReason.ORCHESTRATOR_LOST,
+)
+# Typed StepStat fields read from a metadata document written by clients: out-of-range
+# numbers are clamped rather than failing every answer about the manager.
+_INT32_MAX = 2**31 - 1
+_INT64_MAX = 2**63 - 1
 
 EVENT_KIND_FROM_PB: dict[int, str] = {
     job_pb2.CHILD_EVENT_KIND_CREATED: "created",
@@ -77,10 +89,39 @@ def text(value: str, field: str, limit: int = MAX_NAME) -> str:
     return value
 
 
-def metadata(value: struct_pb2.Struct, field: str = "metadata") -> dict[str, Any]:
+def error_text(value: str, field: str = "error") -> str:
+    """An error written through the API: stored truncated (with a marker), never refused for
+    its length; a NUL is refused (PostgreSQL text cannot hold it) so the caller can fix it."""
+    if "\x00" in value:
+        raise InvalidArgument(f"{field} contains a NUL character")
+    return truncate_text(value, MAX_ERROR_CHARS)
+
+
+def event_text(value: str, limit: int) -> str:
+    """A text in a child event: truncated, and NUL replaced by U+FFFD. Never a reason to
+    reject the event, because a rejected terminal event would leave its child live."""
+    if "\x00" in value:
+        value = value.replace("\x00", "\ufffd")
+    return truncate_text(value, limit)
+
+
+def client_end_reason(value: str) -> str:
+    if value and value not in CLIENT_END_REASONS:
+        raise InvalidArgument(
+            f"end_reason {value[:40]!r} cannot be set by a client; use one of "
+            f"{', '.join(CLIENT_END_REASONS)} (or leave it empty for api)"
+        )
+    return value
+
+
+def metadata(
+    value: struct_pb2.Struct, field: str = "metadata", limit: int = MAX_METADATA_BYTES
+) -> dict[str, Any]:
     size = value.ByteSize()
-    if size > MAX_METADATA_BYTES:
-        raise InvalidArgument(f"{field} is {size} bytes; the limit is {MAX_METADATA_BYTES}")
+    if size > limit:
+        raise InvalidArgument(
+            f"{field} is {size} bytes; the limit is {limit} (the whole document's size)"
+        )
     try:
         raw = json_format.MessageToDict(value)
     except ValueError as exc:  # NaN and Infinity have no JSON form
@@ -113,24 +154,32 @@ def _whole_numbers(value: Any) -> Any:
     return value
 
 
-def new_job(req: m.CreateJobRequest) -> NewJob:
-    timeout_s = None
-    if req.HasField("timeout"):
-        timeout_s = req.timeout.ToTimedelta().total_seconds()
-        if timeout_s <= 0:
-            raise InvalidArgument("timeout must be positive")
+def timeout(value: duration_pb2.Duration, field: str = "timeout") -> float:
+    """Seconds of a positive Duration of at most MAX_DURATION_S (so every deadline computed
+    from it is a representable time)."""
+    if not -999_999_999 <= value.nanos <= 999_999_999 or (value.seconds < 0 < value.nanos):
+        raise InvalidArgument(f"{field} is not a valid google.protobuf.Duration")
+    seconds = value.seconds + value.nanos / 1e9
+    if seconds <= 0:
+        raise InvalidArgument(f"{field} must be positive")
+    check_duration(seconds, field, f"{seconds:.0f}s")
+    return seconds
+
+
+def new_job(req: m.CreateJobRequest, metadata_limit: int = MAX_METADATA_BYTES) -> NewJob:
+    timeout_s = timeout(req.timeout) if req.HasField("timeout") else None
     job_kind = kind(req.kind)
     definition = None
     if req.HasField("definition"):
         if job_kind is not Kind.MANAGER:
             raise InvalidArgument("definition applies to manager jobs only")
-        definition = metadata(req.definition, "definition")
+        definition = metadata(req.definition, "definition", limit=metadata_limit)
     return NewJob(
         kind=job_kind,
         parent_id=optional_id(req.parent_id, "parent_id"),
         name=text(req.name, "name"),
         type=text(req.type, "type", 128),
-        metadata=metadata(req.metadata),
+        metadata=metadata(req.metadata, limit=metadata_limit),
         timeout_s=timeout_s,
         request_id=optional_id(req.request_id, "request_id"),
         owner=text(req.owner, "owner", 128),
@@ -142,10 +191,6 @@ def owner(value: str, *, required: bool = False) -> str:
     if required and not value:
         raise InvalidArgument("owner is required")
     return text(value, "owner", 128)
-
-
-def duration_s(value: duration_pb2.Duration) -> float:
-    return float(value.seconds) + value.nanos / 1e9
 
 
 def job_filter(req: m.ListJobsRequest) -> tuple[JobFilter, int]:
@@ -179,19 +224,17 @@ def child_event(event: job_pb2.ChildEvent) -> ChildEventIn | str:
         return "step_id is missing or not a valid id"
     if kind_name != "sealed" and (not child_id or not _valid_id(child_id)):
         return "child_id is missing or not a valid id"
-    if error and (len(error) > MAX_ERROR or "\x00" in error):
-        return f"error is longer than {MAX_ERROR} characters or contains a NUL character"
-    if (name and "\x00" in name) or "\x00" in event.event_id:
-        return "event_id or name contains a NUL character"
+    if "\x00" in event.event_id:
+        return "event_id contains a NUL character"
     return ChildEventIn(
         event.event_id,
         step_id,
         child_id,
         kind_name,
-        error,
+        event_text(error, MAX_ERROR_CHARS) if error else "",
         event.child_count,
         event.handed_to_monitor,
-        name[:MAX_NAME] if name else "",
+        event_text(name, MAX_NAME) if name else "",
         event.attempt,
     )
 
@@ -217,25 +260,31 @@ def counts_pb(tally: ChildTally) -> job_pb2.ChildCounts:
 
 def step_stat_pb(entry: dict[str, Any], tally: ChildTally | None) -> job_pb2.StepStat:
     stat = job_pb2.StepStat(
-        step_index=_int(entry.get("step_index")),
-        step_id=str(entry.get("step_id", "")),
-        step_name=str(entry.get("step_name", "")),
-        step_type=str(entry.get("step_type", "")),
-        child_count=_int(entry.get("child_count")),
-        document_count=_int(entry.get("document_count")),
+        step_index=_int(entry.get("step_index"), _INT32_MAX),
+        step_id=_str(entry.get("step_id")),
+        step_name=_str(entry.get("step_name")),
+        step_type=_str(entry.get("step_type")),
+        child_count=_int(entry.get("child_count"), _INT64_MAX),
+        document_count=_int(entry.get("document_count"), _INT64_MAX),
         status=_status_pb(entry.get("status")),
-        error=str(entry.get("error") or ""),
+        error=_str(entry.get("error")),
     )
     if tally is not None:
         stat.children.CopyFrom(counts_pb(tally))
     return stat
 
 
-def _int(value: Any) -> int:
+def _int(value: Any, top: int) -> int:
     try:
-        return int(value)
-    except (TypeError, ValueError):
+        return max(-top - 1, min(top, int(value)))
+    except (TypeError, ValueError, OverflowError):
         return 0
+
+
+def _str(value: Any) -> str:
+    # Only text is shown as text: another JSON value in a text field would be shown as its
+    # Python repr, whose size the document limit does not bound.
+    return value if isinstance(value, str) else ""
 
 
 def _status_pb(value: Any) -> Any:  # a job_pb2.JobStatus value

@@ -8,6 +8,8 @@ it under a row lock. Statuses inside the document never move backwards.
 from __future__ import annotations
 
 import copy
+import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +17,7 @@ from typing import Any
 import structlog
 
 from stepflow_common.errors import FailedPrecondition, InvalidArgument, NotFound
+from stepflow_common.limits import MAX_STEP_STAT_ERROR_CHARS, truncate_text
 from stepflow_common.status import Status, Transition, check_transition, is_forward, parse_status
 from stepflow_common.step_outcome import ChildTally
 
@@ -24,6 +27,11 @@ STEP_STATS = "step_stats"
 CURRENT_STEP_ID = "current_step_id"
 CURRENT_STEP_STATUS = "current_step_status"
 COMPLETED_STEPS = "completed_steps"
+TEXT_FIELDS = ("step_name", "step_type", "error")
+# Whole numbers in an entry: JSON (a double) holds them exactly up to 2**53; step_index is an
+# int32 in the typed StepStat.
+MAX_WHOLE = 2**53
+MAX_STEP_INDEX = 2**31 - 1
 Metadata = dict[str, Any]
 
 
@@ -44,7 +52,11 @@ def merge_metadata(current: Mapping[str, Any], patch: Mapping[str, Any]) -> Merg
     new: Metadata = dict(current)
     ignored: list[str] = []
     for key, value in patch.items():
-        if key == STEP_STATS:
+        if key == COMPLETED_STEPS:
+            # Derived: the monitor's count of ended steps. A client's value (or delete) is
+            # ignored rather than refused, so a client that writes the counters keeps working.
+            ignored.append(f"completed_steps {value!r} (the monitor counts ended steps)")
+        elif key == STEP_STATS:
             if value is None:
                 raise InvalidArgument("metadata.step_stats cannot be deleted")
             new[STEP_STATS] = _merge_step_stats(current.get(STEP_STATS), value, ignored)
@@ -120,6 +132,8 @@ def _merge_step_stats(current: Any, patch: Any, ignored: list[str]) -> list[dict
         _validate_entry(raw)
         step_id = raw["step_id"]
         existing = by_id.get(step_id)
+        if isinstance(raw.get("error"), str):
+            raw = {**raw, "error": truncate_text(raw["error"], MAX_STEP_STAT_ERROR_CHARS)}
         if existing is None:
             entry = {k: v for k, v in raw.items() if v is not None}
             entries.append(entry)
@@ -149,16 +163,29 @@ def _validate_entry(raw: Any) -> None:
     if "status" in raw:
         parse_status(raw["status"])
     index = raw.get("step_index")
-    if index is not None and (not _is_whole(index) or index < 0):
-        raise InvalidArgument(f"step_stats[{step_id}].step_index must be a whole number >= 0")
+    if index is not None and (not _is_whole(index) or not 0 <= index <= MAX_STEP_INDEX):
+        raise InvalidArgument(
+            f"step_stats[{step_id}].step_index must be a whole number from 0 to {MAX_STEP_INDEX}"
+        )
     for name in ("child_count", "document_count"):
         value = raw.get(name)
-        if value is not None and not _is_whole(value):
-            raise InvalidArgument(f"step_stats[{step_id}].{name} must be a whole number")
+        if value is not None and (not _is_whole(value) or abs(value) > MAX_WHOLE):
+            raise InvalidArgument(
+                f"step_stats[{step_id}].{name} must be a whole number of at most 2**53"
+            )
+    for name in TEXT_FIELDS:
+        value = raw.get(name)
+        if value is not None and not isinstance(value, str):
+            raise InvalidArgument(f"step_stats[{step_id}].{name} must be a string")
 
 
 def _is_whole(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and value == int(value)
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value == int(value)
+    )
 
 
 def sort_entries(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -251,7 +278,7 @@ def record_step_status(metadata: Mapping[str, Any], facts: StepFacts) -> Metadat
     if facts.status != old and is_forward(old, facts.status):
         entry["status"] = facts.status.value
         if facts.error:
-            entry["error"] = facts.error
+            entry["error"] = truncate_text(facts.error, MAX_STEP_STAT_ERROR_CHARS)
         if facts.status.terminal:
             if facts.child_count is not None:
                 entry["child_count"] = facts.child_count
@@ -283,3 +310,60 @@ def tally_dict(tally: ChildTally) -> dict[str, int]:
         "failed": tally.failed,
         "cancelled": tally.cancelled,
     }
+
+
+# -- size ------------------------------------------------------------------------------------
+# A Struct never takes more than this many bytes per byte of its compact JSON (a number in a
+# list: 2 JSON bytes, 11 encoded), so a document whose JSON is small enough needs no walk.
+_MAX_ENCODED_PER_JSON_BYTE = 6
+
+
+def size_over(document: Mapping[str, Any], limit: int) -> int | None:
+    """The encoded size of ``document`` when it is over ``limit``, else None (cheaply)."""
+    compact = len(json.dumps(document, separators=(",", ":")))
+    if compact * _MAX_ENCODED_PER_JSON_BYTE <= limit:
+        return None
+    size = encoded_size(document)
+    return size if size > limit else None
+
+
+def encoded_size(document: Mapping[str, Any]) -> int:
+    """Bytes of ``document`` encoded as a google.protobuf.Struct: what every answer carries.
+
+    Computed by walking the values (no message is built), so checking a merge costs one pass.
+    """
+    return _struct_size(document)
+
+
+def _struct_size(value: Mapping[str, Any]) -> int:
+    total = 0
+    for key, item in value.items():
+        key_len = len(key.encode("utf-8", "surrogatepass"))
+        entry = 1 + _varint_len(key_len) + key_len
+        inner = _value_size(item)
+        entry += 1 + _varint_len(inner) + inner
+        total += 1 + _varint_len(entry) + entry
+    return total
+
+
+def _value_size(value: Any) -> int:
+    """Size of a google.protobuf.Value holding ``value`` (its oneof field included)."""
+    if value is None or isinstance(value, bool):
+        return 2
+    if isinstance(value, int | float):
+        return 9
+    if isinstance(value, str):
+        n = len(value.encode("utf-8", "surrogatepass"))
+        return 1 + _varint_len(n) + n
+    if isinstance(value, Mapping):
+        n = _struct_size(value)
+    else:
+        n = 0
+        for item in value:
+            inner = _value_size(item)
+            n += 1 + _varint_len(inner) + inner
+    return 1 + _varint_len(n) + n
+
+
+def _varint_len(n: int) -> int:
+    return (max(n.bit_length(), 1) + 6) // 7

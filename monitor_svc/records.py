@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from operator import attrgetter
 from typing import Any, NamedTuple
 
+from stepflow_common.limits import MAX_METADATA_BYTES, MAX_STEPS_PER_MANAGER
 from stepflow_common.status import Kind, Status
 from stepflow_common.step_outcome import ChildTally
 
@@ -21,6 +22,14 @@ def as_utc(value: datetime | None) -> datetime | None:
     if value is None or value.tzinfo is not None:
         return value
     return value.replace(tzinfo=UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class DocumentLimits:
+    """Bounds on what a client can make the monitor store (flags; defaults in limits.py)."""
+
+    max_metadata_bytes: int = MAX_METADATA_BYTES
+    max_steps_per_manager: int = MAX_STEPS_PER_MANAGER
 
 
 # The job record is declared once, below: the storage derives its columns, its row mapping

@@ -11,8 +11,9 @@ from grpc import aio
 
 from monitor_svc.deadlines import DeadlineTimer
 from monitor_svc.lifecycle import StepTimers
+from monitor_svc.records import DocumentLimits
 from monitor_svc.servicer import MonitorServicer
-from monitor_svc.store.engine import safe_url
+from monitor_svc.store.engine import SQLITE_SYNCHRONOUS_DEFAULT, safe_url
 from monitor_svc.store.migrate import upgrade
 from monitor_svc.store.notify import Listener
 from monitor_svc.store.store import MonitorStore, read_view
@@ -38,6 +39,9 @@ class MonitorConfig:
     migrate: bool = True
     shutdown_grace_s: float = SHUTDOWN_GRACE_S
     metrics_port: int = 0  # Prometheus /metrics on this port; 0 = off
+    keepalive: serving.ServerKeepalive = field(default_factory=serving.ServerKeepalive)
+    limits: DocumentLimits = field(default_factory=DocumentLimits)
+    sqlite_synchronous: str = SQLITE_SYNCHRONOUS_DEFAULT
 
 
 @dataclass(slots=True)
@@ -77,7 +81,13 @@ async def create_server(config: MonitorConfig) -> RunningMonitor:
         if earliest is not None:
             timer.offer_threadsafe(earliest)
 
-    store = MonitorStore(config.database_url, config.timers, on_commit=on_commit)
+    store = MonitorStore(
+        config.database_url,
+        config.timers,
+        on_commit=on_commit,
+        limits=config.limits,
+        sqlite_synchronous=config.sqlite_synchronous,
+    )
 
     async def read(job_id: str):  # type: ignore[no-untyped-def]
         return await store.reader.run(lambda conn: read_view(conn, job_id))
@@ -85,7 +95,9 @@ async def create_server(config: MonitorConfig) -> RunningMonitor:
     hub = WatchHub(read)
     hub.bind_loop(loop)
     timer = DeadlineTimer(store)
-    server = serving.make_server(config.security, [DomainErrorInterceptor(metrics.observe_rpc)])
+    server = serving.make_server(
+        config.security, [DomainErrorInterceptor(metrics.observe_rpc)], config.keepalive
+    )
     monitor_service_pb2_grpc.add_MonitorServiceServicer_to_server(
         MonitorServicer(store, hub), server
     )

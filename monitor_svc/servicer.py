@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 import structlog
@@ -16,6 +17,8 @@ from monitor_svc.store.store import MonitorStore
 from monitor_svc.watch import WatchHub
 from stepflow_common import metrics
 from stepflow_common.errors import InvalidArgument
+from stepflow_common.limits import DEFAULT_CLIENT_MESSAGE_BYTES
+from stepflow_proto.v1 import job_pb2
 from stepflow_proto.v1 import monitor_service_pb2 as m
 from stepflow_proto.v1 import monitor_service_pb2_grpc as m_grpc
 
@@ -24,6 +27,15 @@ log = structlog.get_logger(__name__)
 # Batches of one stream committed ahead of their acknowledgement: enough to keep the writer
 # busy while the next batch is parsed, few enough to bound memory per stream.
 STREAM_PIPELINE_DEPTH = 8
+# A ListJobs page holds fewer jobs than asked when more would not fit a default client.
+LIST_PAGE_BYTES = DEFAULT_CLIENT_MESSAGE_BYTES - 64 * 1024
+
+
+def _observe(future: asyncio.Future[Any]) -> None:
+    """Retrieve the outcome of a task nobody awaits any more, logging its failure as an
+    event (asyncio would otherwise print "Task exception was never retrieved")."""
+    if not future.cancelled() and (error := future.exception()) is not None:
+        log.info("stream batch abandoned", error=f"{type(error).__name__}: {error}")
 
 
 class MonitorServicer(m_grpc.MonitorServiceServicer):
@@ -34,7 +46,8 @@ class MonitorServicer(m_grpc.MonitorServiceServicer):
     async def CreateJob(
         self, request: m.CreateJobRequest, context: aio.ServicerContext
     ) -> m.CreateJobResponse:
-        view = await self._store.create_job(convert.new_job(request))
+        limit = self._store.limits.max_metadata_bytes
+        view = await self._store.create_job(convert.new_job(request, limit))
         return m.CreateJobResponse(job=convert.job_pb(view))
 
     async def GetJob(
@@ -49,7 +62,18 @@ class MonitorServicer(m_grpc.MonitorServiceServicer):
     ) -> m.ListJobsResponse:
         flt, page_size = convert.job_filter(request)
         views, token = await self._store.list_jobs(flt, page_size, request.page_token)
-        return m.ListJobsResponse(jobs=[convert.job_pb(v) for v in views], next_page_token=token)
+        jobs: list[job_pb2.Job] = []
+        budget = LIST_PAGE_BYTES
+        for view in views:
+            job = convert.job_pb(view)
+            budget -= job.ByteSize() + 8  # + the field's tag and length
+            if jobs and budget < 0:
+                # The page ends early so that it fits a default client; the token resumes
+                # after the last job it holds.
+                token = self._store.page_token_after(views[len(jobs) - 1])
+                break
+            jobs.append(job)
+        return m.ListJobsResponse(jobs=jobs, next_page_token=token)
 
     async def UpdateJobStatus(
         self, request: m.UpdateJobStatusRequest, context: aio.ServicerContext
@@ -57,8 +81,8 @@ class MonitorServicer(m_grpc.MonitorServiceServicer):
         view = await self._store.update_status(
             convert.job_id(request.job_id),
             convert.status(request.status),
-            convert.text(request.error, "error", convert.MAX_ERROR),
-            convert.text(request.end_reason, "end_reason", 32),
+            convert.error_text(request.error),
+            convert.client_end_reason(request.end_reason),
             convert.owner(request.owner),
         )
         return m.UpdateJobStatusResponse(job=convert.job_pb(view))
@@ -69,9 +93,10 @@ class MonitorServicer(m_grpc.MonitorServiceServicer):
         expected = request.expected_version if request.HasField("expected_version") else None
         if expected is not None and expected < 1:
             raise InvalidArgument("expected_version must be >= 1 (versions start at 1)")
+        limit = self._store.limits.max_metadata_bytes
         view = await self._store.update_metadata(
             convert.job_id(request.job_id),
-            convert.metadata(request.metadata),
+            convert.metadata(request.metadata, limit=limit),
             expected,
             convert.owner(request.owner),
         )
@@ -112,7 +137,12 @@ class MonitorServicer(m_grpc.MonitorServiceServicer):
                             f"the limit is {convert.MAX_EVENTS_PER_BATCH}"
                         )
                         break
-                    await pending.put(asyncio.ensure_future(self._ingest(request)))
+                    future = asyncio.ensure_future(self._ingest(request))
+                    try:
+                        await pending.put(future)
+                    except asyncio.CancelledError:
+                        future.add_done_callback(_observe)
+                        raise
             finally:
                 await pending.put(None)
 
@@ -127,7 +157,14 @@ class MonitorServicer(m_grpc.MonitorServiceServicer):
             if too_big:
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, too_big[0])
         finally:
+            # The stream ended early (the client left, a commit failed): the pump and the
+            # batches still queued end on their own, and what they raise has no one to answer.
             pump_task.cancel()
+            pump_task.add_done_callback(_observe)
+            while not pending.empty():
+                queued = pending.get_nowait()
+                if queued is not None:
+                    queued.add_done_callback(_observe)
 
     async def _ingest(self, request: m.StreamChildEventsRequest) -> m.StreamChildEventsResponse:
         decoded: list[ChildEventIn] = []
@@ -163,7 +200,7 @@ class MonitorServicer(m_grpc.MonitorServiceServicer):
         result = await self._store.heartbeat(
             convert.owner(request.owner, required=True),
             convert.text(request.instance, "instance", 128),
-            convert.duration_s(request.lease),
+            convert.timeout(request.lease, "lease"),
             request.max_adopt,
         )
         response = m.HeartbeatResponse(

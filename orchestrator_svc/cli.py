@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import signal
 import sys
 import uuid
 
@@ -11,21 +13,30 @@ import grpc
 from grpc import aio
 
 from orchestrator_svc import definitions
+from orchestrator_svc.monitor_client import MonitorClient
 from orchestrator_svc.server import DEFAULT_MONITOR, DEFAULT_PORT, OrchestratorConfig, serve
-from stepflow_common import logs, serving
-from stepflow_common.cli import add_flag, add_server_flags, security_from
+from orchestrator_svc.workers.registry import WorkerLoadError
+from stepflow_common import cli, logs, metrics, serving
+from stepflow_common.cli import add_flag, add_log_level, add_server_flags, security_from
 from stepflow_common.durations import parse_duration
-from stepflow_common.errors import InvalidArgument
+from stepflow_common.errors import InvalidArgument, StepflowError
+from stepflow_proto.v1 import job_pb2
 from stepflow_proto.v1 import orchestrator_service_pb2 as o
 from stepflow_proto.v1 import orchestrator_service_pb2_grpc as o_grpc
 
+PROG = "orchestrator-svc"
 COMMAND = "orchestrator"
 DEFAULT_ORCHESTRATOR = f"127.0.0.1:{DEFAULT_PORT}"
+DEFAULT_CONNECT_TIMEOUT = "10s"
+CONNECT_NOTICE_S = 1.0  # a wait longer than this is announced on stderr
+CALL_TIMEOUT_S = 30.0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="orchestrator-svc",
+        prog=PROG,
+        epilog=cli.EXIT_CODES_HELP,
+        formatter_class=cli.HelpFormatter,
         description="stepflow orchestrator: runs multi-step jobs and streams their child events "
         "to the monitor.",
     )
@@ -38,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
         "submitted jobs step by step and streams every child event to the monitor. At start it "
         "fails the unfinished jobs this instance (--owner) left behind; SIGTERM or Ctrl-C stops "
         "it gracefully.",
+        epilog=cli.EXIT_CODES_HELP,
+        formatter_class=cli.HelpFormatter,
     )
     add_flag(serve_p, COMMAND, "--host", "127.0.0.1", "address to listen on")
     add_flag(serve_p, COMMAND, "--port", DEFAULT_PORT, "port to listen on", type_=int)
@@ -47,14 +60,42 @@ def build_parser() -> argparse.ArgumentParser:
         COMMAND,
         "--owner",
         "",
-        "this instance's stable name; its unfinished jobs are failed when it starts "
-        "(default: orchestrator@HOSTNAME:PORT)",
+        "this instance's stable name; its unfinished jobs are failed when it starts",
+        shown_default="orchestrator@HOSTNAME:PORT",
     )
     add_flag(serve_p, COMMAND, "--monitor-token", "", "bearer token to send to the monitor")
     add_flag(
         serve_p, COMMAND, "--monitor-tls-ca", "", "PEM CA to verify the monitor's TLS certificate"
     )
-    add_flag(serve_p, COMMAND, "--shutdown-grace", "10s", "time in-flight calls get on SIGTERM")
+    add_flag(
+        serve_p,
+        COMMAND,
+        "--shutdown-grace",
+        "10s",
+        "time in-flight calls get on SIGTERM (0s: stop at once)",
+    )
+    add_flag(
+        serve_p,
+        COMMAND,
+        "--keepalive-time",
+        "30s",
+        "ping the monitor after this long without traffic (at least the monitor's "
+        "--keepalive-permit)",
+    )
+    add_flag(
+        serve_p,
+        COMMAND,
+        "--keepalive-timeout",
+        "10s",
+        "a ping unanswered this long drops the connection to the monitor (it is re-dialled)",
+    )
+    add_flag(
+        serve_p,
+        COMMAND,
+        "--monitor-wait-log-every",
+        "10s",
+        "while the monitor is unreachable, say so this often",
+    )
     add_flag(
         serve_p,
         COMMAND,
@@ -70,7 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="submit a job file (TOML or JSON)",
         description="Submit a job definition file (TOML or JSON) to the orchestrator and print "
         "the manager id. With --follow, show live per-step progress from the monitor until the "
-        "job ends, then its step table; the exit status is 0 if the job completed, 3 if not.",
+        "job ends, then its step table; the exit status is 0 if the job completed, 3 if not. "
+        "Ctrl-C stops following (exit status 130); the job goes on.",
+        epilog=cli.EXIT_CODES_HELP,
+        formatter_class=cli.HelpFormatter,
     )
     submit_p.add_argument("file", help="job definition file (.toml or .json)")
     submit_p.add_argument(
@@ -82,14 +126,26 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(
         submit_p, COMMAND, "--monitor", DEFAULT_MONITOR, "the monitor's HOST:PORT (for --follow)"
     )
-    add_flag(submit_p, COMMAND, "--request-id", "", "idempotency key (default: a new one)")
+    add_flag(
+        submit_p,
+        COMMAND,
+        "--request-id",
+        "",
+        "idempotency key: the same key again returns the same job (never read from the "
+        "environment, where one stale value would make every submit the same)",
+        env=False,
+        shown_default="a new one",
+    )
     add_flag(submit_p, COMMAND, "--auth-token", "", "bearer token for both services")
+    _client_flags(submit_p)
 
     cancel_p = sub.add_parser(
         "cancel",
         help="cancel a job (manager, step or child)",
         description="Cancel a job (manager, step or child) and everything under it, through the "
         "orchestrator; prints the job's new status.",
+        epilog=cli.EXIT_CODES_HELP,
+        formatter_class=cli.HelpFormatter,
     )
     cancel_p.add_argument("job_id")
     add_flag(
@@ -97,26 +153,50 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_flag(cancel_p, COMMAND, "--reason", "", "why (recorded as the job's error)")
     add_flag(cancel_p, COMMAND, "--auth-token", "", "bearer token")
+    _client_flags(cancel_p)
     return parser
+
+
+def _client_flags(parser: argparse.ArgumentParser) -> None:
+    add_flag(
+        parser,
+        COMMAND,
+        "--connect-timeout",
+        DEFAULT_CONNECT_TIMEOUT,
+        "how long to wait for a service that is not answering yet (0s: fail at once)",
+    )
+    add_log_level(parser, COMMAND, "warning")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    debug = args.log_level == "debug"
+    if args.command == "serve":
+        logs.configure(args.log_format, args.log_level)
+        return cli.run(PROG, lambda: _serve(args), debug=debug, log_as="orchestrator")
+    logs.configure("console", args.log_level)
+    if args.command == "submit":
+        return cli.run(PROG, lambda: asyncio.run(_submit(args)), debug=debug)
+    return cli.run(PROG, lambda: asyncio.run(_cancel(args)), debug=debug)
+
+
+def _serve(args: argparse.Namespace) -> int:
     try:
-        if args.command == "serve":
-            logs.configure(args.log_format, args.log_level)
-            asyncio.run(serve(_serve_config(args)))
-            return 0
-        logs.configure("console", "warning")
-        if args.command == "submit":
-            return asyncio.run(_submit(args))
-        return asyncio.run(_cancel(args))
+        config = _serve_config(args)
+        cli.check_listen(args.host, args.port)
+        metrics.serve_only("orchestrator")
+        if asyncio.run(serve(config)) != 0:
+            # The monitor refused this orchestrator (the reason is already logged).
+            return cli.EXIT_FAILED
     except InvalidArgument as exc:
-        print(f"orchestrator-svc: {exc}", file=sys.stderr)
-        return 2
-    except aio.AioRpcError as exc:
-        print(f"orchestrator-svc: {exc.code().name}: {exc.details()}", file=sys.stderr)
-        return 1
+        raise cli.CliError(str(exc), cli.EXIT_USAGE) from exc
+    except WorkerLoadError as exc:
+        raise cli.CliError(f"{exc}; fix or uninstall that plugin package", cli.EXIT_FAILED) from exc
+    except serving.CannotListen as exc:
+        raise cli.CliError(
+            f"{exc}; stop whatever uses the port or choose another --port", cli.EXIT_UNREACHABLE
+        ) from exc
+    return cli.EXIT_OK
 
 
 def _serve_config(args: argparse.Namespace) -> OrchestratorConfig:
@@ -129,55 +209,154 @@ def _serve_config(args: argparse.Namespace) -> OrchestratorConfig:
         monitor_security=serving.Security(
             auth_token=args.monitor_token, tls_ca=args.monitor_tls_ca
         ),
-        shutdown_grace_s=parse_duration(args.shutdown_grace, "--shutdown-grace"),
+        shutdown_grace_s=parse_duration(args.shutdown_grace, "--shutdown-grace", allow_zero=True),
         metrics_port=args.metrics_port,
+        keepalive=serving.ClientKeepalive(
+            time_s=parse_duration(args.keepalive_time, "--keepalive-time"),
+            timeout_s=parse_duration(args.keepalive_timeout, "--keepalive-timeout"),
+        ),
+        monitor_wait_log_s=parse_duration(args.monitor_wait_log_every, "--monitor-wait-log-every"),
+    )
+
+
+def _load_job(path: str) -> definitions.JobSpec:
+    """The job file, or one line saying what is wrong with it."""
+    try:
+        return definitions.load_file(path)
+    except IsADirectoryError:
+        raise cli.CliError(
+            f"{path} is a directory; give a job file (.toml or .json)", cli.EXIT_USAGE
+        ) from None
+    except FileNotFoundError:
+        raise cli.CliError(f"no job file at {path}", cli.EXIT_USAGE) from None
+    except OSError as exc:
+        raise cli.CliError(f"cannot read {path}: {exc.strerror or exc}", cli.EXIT_USAGE) from None
+    except InvalidArgument as exc:
+        message = str(exc)
+        if not message.startswith(path):
+            message = f"{path}: {message}"
+        raise cli.CliError(message, cli.EXIT_USAGE) from None
+
+
+async def _connect(
+    channel: aio.Channel, service: str, address: str, flag: str, timeout_s: float
+) -> None:
+    """Wait until ``channel`` is connected, saying so when it takes a moment.
+
+    With a zero timeout nothing is awaited: the call itself then fails at once if nothing
+    answers.
+    """
+    if timeout_s <= 0:
+        return
+    notice_s = min(CONNECT_NOTICE_S, timeout_s)
+    try:
+        await asyncio.wait_for(channel.channel_ready(), notice_s)
+        return
+    except TimeoutError:
+        pass
+    if timeout_s > notice_s:
+        print(
+            f"{PROG}: waiting up to {timeout_s:g}s for the {service} at {address}",
+            file=sys.stderr,
+            flush=True,
+        )
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(channel.channel_ready(), timeout_s - notice_s)
+            return
+    raise cli.CliError(
+        f"cannot reach the {service} at {address} (nothing answered within {timeout_s:g}s); "
+        f"is it running there? Point {flag} at it",
+        cli.EXIT_UNREACHABLE,
     )
 
 
 async def _submit(args: argparse.Namespace) -> int:
-    spec = definitions.load_file(args.file)
+    spec = _load_job(args.file)
+    connect_s = parse_duration(args.connect_timeout, "--connect-timeout", allow_zero=True)
     security = serving.Security(auth_token=args.auth_token)
     async with serving.channel(args.orchestrator, security) as channel:
+        await _connect(channel, "orchestrator", args.orchestrator, "--orchestrator", connect_s)
         stub = o_grpc.OrchestratorServiceStub(channel)
-        response = await stub.SubmitJob(
-            o.SubmitJobRequest(
-                definition=definitions.to_proto(spec),
-                request_id=args.request_id or uuid.uuid4().hex,
-            ),
-            timeout=30,
-            wait_for_ready=True,
-        )
+        try:
+            response = await stub.SubmitJob(
+                o.SubmitJobRequest(
+                    definition=definitions.to_proto(spec),
+                    request_id=args.request_id or uuid.uuid4().hex,
+                ),
+                timeout=CALL_TIMEOUT_S,
+            )
+        except aio.AioRpcError as exc:
+            raise cli.rpc_error(exc, "orchestrator", args.orchestrator, "--orchestrator") from exc
     manager_id = response.manager_id
     if not args.follow:
         print(manager_id)
-        return 0
-    from orchestrator_svc.follow import follow
-    from orchestrator_svc.monitor_client import MonitorClient
-
+        return cli.EXIT_OK
+    print(
+        f"following job {manager_id} (Ctrl-C leaves it running)",
+        file=sys.stderr,
+        flush=True,
+    )
     async with serving.channel(args.monitor, security) as channel:
-        final = await follow(MonitorClient(channel).watch(manager_id))
-    from stepflow_proto.v1 import job_pb2
+        await _connect(channel, "monitor", args.monitor, "--monitor", connect_s)
+        final = await _follow_until_interrupted(args, channel, manager_id)
+    if final.status == job_pb2.JOB_STATUS_COMPLETED:
+        return cli.EXIT_OK
+    return cli.EXIT_JOB_NOT_COMPLETED
 
-    return 0 if final.status == job_pb2.JOB_STATUS_COMPLETED else 3
+
+async def _follow_until_interrupted(
+    args: argparse.Namespace, channel: aio.Channel, manager_id: str
+) -> job_pb2.Job:
+    """The live view until the job ends; Ctrl-C stops the view (not the job) and says how to
+    cancel it."""
+    from orchestrator_svc.follow import follow
+
+    task = asyncio.ensure_future(follow(MonitorClient(channel).watch(manager_id)))
+    interrupted: list[bool] = []
+
+    def on_sigint() -> None:
+        interrupted.append(True)
+        task.cancel()
+
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGINT, on_sigint)
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if not interrupted:
+            raise
+        cancel = f"{PROG} cancel {manager_id}"
+        if args.orchestrator != DEFAULT_ORCHESTRATOR:
+            cancel += f" --orchestrator {args.orchestrator}"
+        raise cli.CliError(
+            f"stopped following job {manager_id}; it goes on. To cancel it: {cancel}",
+            cli.EXIT_INTERRUPTED,
+        ) from None
+    except StepflowError as exc:  # the watch failed for good (not a retryable outage)
+        raise cli.CliError(f"cannot follow job {manager_id}: {exc}", cli.EXIT_FAILED) from exc
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
 
 
 async def _cancel(args: argparse.Namespace) -> int:
+    connect_s = parse_duration(args.connect_timeout, "--connect-timeout", allow_zero=True)
     security = serving.Security(auth_token=args.auth_token)
     async with serving.channel(args.orchestrator, security) as channel:
+        await _connect(channel, "orchestrator", args.orchestrator, "--orchestrator", connect_s)
         stub = o_grpc.OrchestratorServiceStub(channel)
         try:
             response = await stub.CancelJob(
-                o.CancelJobRequest(job_id=args.job_id, reason=args.reason), timeout=30
+                o.CancelJobRequest(job_id=args.job_id, reason=args.reason),
+                timeout=CALL_TIMEOUT_S,
             )
         except aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:
-                print(f"orchestrator-svc: no job {args.job_id}", file=sys.stderr)
-                return 1
-            raise
+                raise cli.CliError(f"no job {args.job_id}", cli.EXIT_FAILED) from exc
+            raise cli.rpc_error(exc, "orchestrator", args.orchestrator, "--orchestrator") from exc
     from orchestrator_svc.follow import status_name
 
     print(f"{response.job.id}: {status_name(response.job.status)}")
-    return 0
+    return cli.EXIT_OK
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ from rich.table import Table
 from rich.text import Text
 
 from orchestrator_svc import definitions
-from orchestrator_svc.follow import follow, status_name
+from orchestrator_svc.follow import STYLE, follow, status_name
 from orchestrator_svc.monitor_client import MonitorClient
 from stepflow_common import logs, serving
 from stepflow_common.errors import StepflowError
@@ -95,6 +95,7 @@ class ServiceProcess:
     port: int
     process: subprocess.Popen[bytes]
     log: Path
+    serving: bool = False  # it reported SERVING; before that it has no SIGTERM handler yet
 
     @property
     def address(self) -> str:
@@ -296,6 +297,7 @@ def wait_serving(service: ServiceProcess, timeout_s: float = STARTUP_TIMEOUT_S) 
                     health_pb2.HealthCheckRequest(service=service.health_service), timeout=1.0
                 )
                 if response.status == health_pb2.HealthCheckResponse.SERVING:
+                    service.serving = True
                     return
                 last = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
             except grpc.RpcError as exc:
@@ -336,10 +338,16 @@ def _check(job: job_pb2.Job, console: Console) -> int:
     grid.add_column()
     for name, (expected, why) in EXPECTED_STEPS.items():
         got = ended.get(name, "not started")
+        # The status in its own colour (a failure is red even when it is the design); a
+        # surprise is marked as such.
         if got == expected:
-            grid.add_row(Text(name), Text(got, style="green"), Text(why))
+            grid.add_row(Text(name), _styled(got), Text(why))
         else:
-            grid.add_row(Text(name), Text(got, style="red"), Text(f"expected {expected}: {why}"))
+            grid.add_row(
+                Text(name),
+                _styled(got),
+                Text.assemble(("not as designed", "bold red"), f": expected {expected}; {why}"),
+            )
             surprises.append(f"{name} ended {got}, not {expected}")
     console.print("\n[bold]why each step ended as it did[/]")
     console.print(Padding(grid, (0, 0, 0, 2)))
@@ -354,6 +362,10 @@ def _check(job: job_pb2.Job, console: Console) -> int:
         "continued past stay visible in step_stats"
     )
     return EXIT_AS_DESIGNED
+
+
+def _styled(status: str) -> Text:
+    return Text(status, style=STYLE.get(status, ""))
 
 
 def _keep_running(
@@ -385,7 +397,8 @@ def _stop_all(services: list[ServiceProcess], console: Console) -> bool:
     with _signals_ignored():
         for service in reversed(services):
             code = service.stop()
-            if code != 0:
+            # Stopped while starting: it dies of the SIGTERM, which is the stop asked for.
+            if code != 0 and not (code == -signal.SIGTERM and not service.serving):
                 clean = False
                 console.print(
                     f"[red]the {service.name} exited with status {code}:[/]\n"
@@ -407,5 +420,15 @@ def _signals_ignored() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+def exit_with(code: int) -> None:
+    """Exit with ``code``; after Ctrl-C, die of SIGINT once everything is stopped, so a
+    calling shell or make sees an interruption, not a failure."""
+    if code == EXIT_INTERRUPTED:
+        sys.stdout.flush()
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())

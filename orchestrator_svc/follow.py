@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from rich import box
 from rich.console import Console, Group
 from rich.live import Live
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
+from rich.progress import BarColumn, Progress, Task, TaskID, TextColumn
+from rich.progress_bar import ProgressBar
 from rich.table import Column, Table
 from rich.text import Text
 
@@ -63,15 +65,19 @@ def final_table(job: job_pb2.Job) -> Table:
     table.add_column("error", min_width=12, overflow="fold")
     for stat in job.step_stats:
         c = stat.children
+        seen = c.pending + c.running + c.completed + c.failed + c.cancelled
+        # A step without children shows no counts rather than a row of zeros.
+        counts = (
+            [str(stat.child_count or seen), str(c.completed), str(c.failed), str(c.cancelled)]
+            if stat.child_count or seen
+            else ["", "", "", ""]
+        )
         table.add_row(
             str(stat.step_index + 1),
             Text(stat.step_name),
             Text(stat.step_type),
             _styled(status_name(stat.status)),
-            str(stat.child_count or (c.pending + c.running + c.completed + c.failed + c.cancelled)),
-            str(c.completed),
-            str(c.failed),
-            str(c.cancelled),
+            *counts,
             Text(_shorten(stat.error), style="red"),
         )
     return table
@@ -86,47 +92,121 @@ def _shorten(error: str) -> str:
     return error if len(error) <= ERROR_MAX_CHARS else error[: ERROR_MAX_CHARS - 1] + "\u2026"
 
 
+BAR_STYLE = {
+    "pending": "bar.back",
+    "running": "cyan",
+    "spawned": "magenta",
+    "completed": "green",
+    "failed": "red",
+    "cancelled": "yellow",
+    "skipped": "bright_black",
+}
+ENDED = frozenset({"completed", "failed", "cancelled", "skipped"})
+
+
+@dataclass(frozen=True, slots=True)
+class BarState:
+    """What one step's bar shows: filled ``completed`` of ``total`` (None: a running step
+    without children, whose length is unknown, pulses) in ``style``; child counts only for a
+    step with children."""
+
+    total: float | None
+    completed: float
+    style: str
+    children: str  # "done/total", or "" for a step without children
+    counts: str  # "run R ok O fail F cancel C", or ""
+
+
+def bar_state(stat: job_pb2.StepStat) -> BarState:
+    c = stat.children
+    seen = c.pending + c.running + c.completed + c.failed + c.cancelled
+    status = status_name(stat.status)
+    style = BAR_STYLE.get(status, "bar.back")
+    if stat.child_count == 0 and seen == 0:
+        if status in ENDED:
+            return BarState(1, 1, style, "", "")
+        return BarState(None if status == "running" else 1, 0, style, "", "")
+    total = max(stat.child_count, seen, 1)
+    done = c.completed + c.failed + c.cancelled
+    counts = f"run {c.running} ok {c.completed} fail {c.failed} cancel {c.cancelled}"
+    return BarState(total, done, style, f"{done}/{total}", counts)
+
+
+class _StatusBarColumn(BarColumn):
+    """A bar in its step's colour: how it ended, not merely that it is full."""
+
+    def render(self, task: Task) -> ProgressBar:
+        style = task.fields.get("bar_style", "bar.complete")
+        return ProgressBar(
+            total=max(0, task.total) if task.total is not None else None,
+            completed=max(0, task.completed),
+            width=None if self.bar_width is None else max(1, self.bar_width),
+            pulse=task.total is None,
+            animation_time=task.get_time(),
+            style=self.style,
+            complete_style=style,
+            finished_style=style,
+            pulse_style=style,
+        )
+
+
+class StepBars:
+    """The live part of the view: one labelled bar per step."""
+
+    def __init__(self, console: Console) -> None:
+        self.progress = Progress(
+            # The label is markup (its status is coloured); names in it are escaped.
+            TextColumn(
+                "{task.fields[label]}",
+                table_column=Column(width=24, no_wrap=True, overflow="ellipsis"),
+            ),
+            _StatusBarColumn(),
+            TextColumn("{task.fields[children]}", justify="right"),
+            TextColumn("{task.fields[counts]}"),
+            console=console,
+        )
+        self._tasks: dict[str, TaskID] = {}
+
+    def update(self, job: job_pb2.Job) -> None:
+        for stat in job.step_stats:
+            state = bar_state(stat)
+            status = status_name(stat.status)
+            style = STYLE.get(status, "default")
+            label = f"{escape(stat.step_name)} [{style}]{escape(f'[{status}]')}[/]"
+            if stat.step_id not in self._tasks:
+                # With its fields: the refresh thread may draw it before the update below.
+                self._tasks[stat.step_id] = self.progress.add_task(
+                    "",
+                    total=state.total,
+                    label=label,
+                    bar_style=state.style,
+                    children=state.children,
+                    counts=state.counts,
+                )
+            self.progress.update(
+                self._tasks[stat.step_id],
+                total=state.total,
+                completed=state.completed,
+                label=label,
+                bar_style=state.style,
+                children=state.children,
+                counts=state.counts,
+            )
+
+
 async def follow(states: AsyncIterator[job_pb2.Job], console: Console | None = None) -> job_pb2.Job:
     """Show a bar per step with its child counts until the job ends; return the last state."""
     console = console or Console()
-    progress = Progress(
-        # The label is markup (its status is coloured); names in it are escaped.
-        TextColumn(
-            "{task.fields[label]}",
-            table_column=Column(width=24, no_wrap=True, overflow="ellipsis"),
-        ),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[counts]}"),
-        console=console,
-    )
-    tasks: dict[str, TaskID] = {}
+    bars = StepBars(console)
     header = Table.grid()
     last: job_pb2.Job | None = None
     with Live(
-        Group(header, progress), console=console, refresh_per_second=8, transient=False
+        Group(header, bars.progress), console=console, refresh_per_second=8, transient=False
     ) as live:
         async for job in states:
             last = job
-            for stat in job.step_stats:
-                c = stat.children
-                seen = c.pending + c.running + c.completed + c.failed + c.cancelled
-                total = max(stat.child_count, seen, 1)
-                done = c.completed + c.failed + c.cancelled
-                status = status_name(stat.status)
-                if status in ("completed", "failed", "cancelled", "skipped") and seen == 0:
-                    done = total = 1
-                style = STYLE.get(status, "default")
-                label = f"{escape(stat.step_name)} [{style}]{escape(f'[{status}]')}[/]"
-                counts = f"run {c.running} ok {c.completed} fail {c.failed} cancel {c.cancelled}"
-                if stat.step_id not in tasks:
-                    tasks[stat.step_id] = progress.add_task(
-                        "", total=total, label=label, counts=counts
-                    )
-                progress.update(
-                    tasks[stat.step_id], total=total, completed=done, label=label, counts=counts
-                )
-            live.update(Group(_header(job), progress))
+            bars.update(job)
+            live.update(Group(_header(job), bars.progress))
     assert last is not None, "the watch ended before sending any state"
     console.print()  # ends the live view's last line where the console is not a terminal
     console.print(final_table(last))

@@ -18,6 +18,7 @@ from google.protobuf import duration_pb2, struct_pb2
 from grpc import aio
 
 from stepflow_common.grpc_errors import from_rpc_error
+from stepflow_common.limits import truncate_text
 from stepflow_proto.v1 import job_pb2
 from stepflow_proto.v1 import monitor_service_pb2 as m
 from stepflow_proto.v1 import monitor_service_pb2_grpc as m_grpc
@@ -119,7 +120,7 @@ class MonitorClient:
         request = m.UpdateJobStatusRequest(
             job_id=job_id,
             status=status,  # type: ignore[arg-type]
-            error=error,
+            error=truncate_text(error),
             end_reason=end_reason,
         )
         resp: m.UpdateJobStatusResponse = await self._call(

@@ -15,7 +15,7 @@ from orchestrator_svc.event_stream import EventStream
 from orchestrator_svc.monitor_client import MonitorClient
 from orchestrator_svc.runner import JobRunner
 from orchestrator_svc.workers.base import Worker
-from stepflow_common.errors import FailedPrecondition
+from stepflow_common.errors import FailedPrecondition, Unavailable
 from stepflow_common.status import EndReason
 from stepflow_proto.v1 import job_pb2
 
@@ -39,8 +39,12 @@ class Orchestrator:
         workers: Mapping[str, Worker],
         *,
         owner: str,
+        monitor_address: str = "",
     ) -> None:
         self.monitor = monitor
+        self.monitor_address = monitor_address
+        # False until the monitor has answered once and this owner's jobs are recovered.
+        self.connected = False
         self.stream = stream
         self.workers = workers
         self.owner = owner
@@ -63,7 +67,7 @@ class Orchestrator:
                         job.id,
                         job_pb2.JOB_STATUS_FAILED,
                         RESTARTED_ERROR,
-                        EndReason.ORCHESTRATOR_RESTARTED,
+                        EndReason.ORCHESTRATOR_LOST,
                     )
                     failed += 1
                 except FailedPrecondition:
@@ -162,9 +166,27 @@ class Orchestrator:
                 # Not waited for: the runner ends a cancelled step itself before its seal,
                 # and the cancel below makes it final in the monitor at once either way.
                 await runner.cancel_step(job_id, reason)
+            elif job.kind == job_pb2.JOB_KIND_CHILD:
+                # Its process stops before the record says `cancelled`, so a caller that sees
+                # the answer can rely on the work having stopped (bounded, as above).
+                await runner.cancel_child(job.parent_id, job_id, CANCEL_WAIT_S)
         return await self.monitor.update_status(
             job_id, job_pb2.JOB_STATUS_CANCELLED, reason or "cancelled", EndReason.CANCELLED
         )
+
+    def require_connected(self) -> None:
+        if not self.connected:
+            raise Unavailable(
+                f"the orchestrator is not connected to the monitor at {self.monitor_address} "
+                "yet; retry once its health check reports SERVING"
+            )
+
+    def on_event_rejected(self, event: job_pb2.ChildEvent, reason: str) -> None:
+        """A child event the monitor rejected or refused: the runner of its step repairs the
+        record (see ``JobRunner.on_event_rejected``)."""
+        for runner in self._runners.values():
+            if runner.on_event_rejected(event, reason):
+                return
 
     def running(self) -> list[str]:
         return list(self._runners)

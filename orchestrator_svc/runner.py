@@ -21,7 +21,8 @@ from orchestrator_svc.definitions import JobSpec, OnError, StepSpec
 from orchestrator_svc.event_stream import EventStream
 from orchestrator_svc.monitor_client import MonitorClient
 from orchestrator_svc.workers.base import ChildStatus, StepContext, StepResult, Worker
-from stepflow_common.errors import FailedPrecondition, StatusConflict
+from stepflow_common import metrics
+from stepflow_common.errors import FailedPrecondition, StatusConflict, StepflowError
 from stepflow_common.status import EndReason, Status
 from stepflow_common.step_outcome import ChildTally, final_step_status
 from stepflow_proto.v1 import job_pb2
@@ -43,7 +44,46 @@ EVENT_KIND = {
     "failed": job_pb2.CHILD_EVENT_KIND_FAILED,
     "cancelled": job_pb2.CHILD_EVENT_KIND_CANCELLED,
 }
+TERMINAL_EVENT_STATUS = {
+    job_pb2.CHILD_EVENT_KIND_COMPLETED: job_pb2.JOB_STATUS_COMPLETED,
+    job_pb2.CHILD_EVENT_KIND_FAILED: job_pb2.JOB_STATUS_FAILED,
+    job_pb2.CHILD_EVENT_KIND_CANCELLED: job_pb2.JOB_STATUS_CANCELLED,
+}
+TERMINAL_STATUS_PB = {
+    job_pb2.JOB_STATUS_COMPLETED,
+    job_pb2.JOB_STATUS_FAILED,
+    job_pb2.JOB_STATUS_CANCELLED,
+    job_pb2.JOB_STATUS_SKIPPED,
+}
 WATCH_RETRY_S = 0.5  # pause before watching the manager again after an unexpected error
+
+
+class _AnySet:
+    """A cancel signal set when the step's or the child's own event is."""
+
+    def __init__(self, step: asyncio.Event) -> None:
+        self.step = step
+        self.own = asyncio.Event()
+
+    def is_set(self) -> bool:
+        return self.step.is_set() or self.own.is_set()
+
+    async def wait(self) -> object:
+        if self.is_set():
+            return True
+        waits = [asyncio.ensure_future(self.step.wait()), asyncio.ensure_future(self.own.wait())]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in waits:
+                task.cancel()
+        return True
+
+
+@dataclass(slots=True)
+class _ChildControl:
+    signal: _AnySet
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 @dataclass(slots=True)
@@ -63,6 +103,19 @@ class _StepRun:
     first_child: asyncio.Event = field(default_factory=asyncio.Event)
     final: Status | None = None
     error: str = ""
+    # Children whose terminal event the monitor rejected: their records being repaired, and
+    # what could not be repaired (the step then cannot claim its children's outcome).
+    repairs: list[asyncio.Task[None]] = field(default_factory=list)
+    unrecorded: list[str] = field(default_factory=list)
+    # Children cancelled one by one (CancelJob on a child), and their workers' signals.
+    children: dict[str, _ChildControl] = field(default_factory=dict)
+
+    def child(self, child_id: str) -> _ChildControl:
+        control = self.children.get(child_id)
+        if control is None:
+            control = self.children[child_id] = _ChildControl(_AnySet(self.cancel))
+        return control
+
     counts: dict[str, int] = field(
         default_factory=lambda: {
             "pending": 0,
@@ -158,6 +211,87 @@ class JobRunner:
         if step is not None:
             step.cancel_reason = reason or "cancelled"
             step.cancel.set()
+
+    def on_event_rejected(self, event: job_pb2.ChildEvent, reason: str) -> bool:
+        """The monitor rejected (or refused) one of this job's events; False if not ours.
+
+        A rejected terminal event would leave its child live in the record while the worker
+        has ended it, and the step would then be decided from a tally missing that child. So
+        the child's end is written through UpdateJobStatus instead (the same transition the
+        event makes); what cannot be written is kept, and the step ends ``failed`` naming it.
+        """
+        step = self._by_id.get(event.step_id)
+        if step is None:
+            return False
+        status = TERMINAL_EVENT_STATUS.get(event.kind)
+        if status is not None:
+            step.repairs.append(
+                asyncio.create_task(
+                    self._repair_child(step, event.child_id, status, event.error, reason)
+                )
+            )
+        elif event.kind == job_pb2.CHILD_EVENT_KIND_SEALED:
+            step.unrecorded.append(f"its seal was rejected: {reason}")
+            if step.handed:
+                step.repairs.append(asyncio.create_task(self._fail_unrecorded(step)))
+        return True
+
+    async def _repair_child(
+        self, step: _StepRun, child_id: str, status: int, error: str, reason: str
+    ) -> None:
+        try:
+            current = await self._monitor.get_job(child_id)
+            if current.status in TERMINAL_STATUS_PB:
+                return  # the monitor had already ended it (a cancel): its record stands
+            await self._monitor.update_status(child_id, status, error, EndReason.ORCHESTRATOR)
+            log.warning(
+                "child's end recorded directly after its event was rejected",
+                child_id=child_id,
+                status=job_pb2.JobStatus.Name(status),
+                reason=reason,
+            )
+            return
+        except StatusConflict:
+            return  # ended meanwhile
+        except StepflowError as exc:
+            why = str(exc)
+        log.error(
+            "a child's end could not be recorded",
+            step_id=step.job_id,
+            child_id=child_id,
+            status=job_pb2.JobStatus.Name(status),
+            reason=reason,
+            error=why,
+        )
+        step.unrecorded.append(
+            f"child {child_id[:128]!r} ended {job_pb2.JobStatus.Name(status)[11:].lower()} "
+            f"but the monitor rejected it ({reason})"
+        )
+        if step.handed:
+            await self._fail_unrecorded(step)
+
+    async def _fail_unrecorded(self, step: _StepRun) -> None:
+        """A handed-off step whose children cannot all be recorded would wait out its
+        deadline: it fails now, saying why."""
+        if not step.ended.is_set():
+            await self._end_step(step, Status.FAILED, self._unrecorded_error(step))
+
+    @staticmethod
+    def _unrecorded_error(step: _StepRun) -> str:
+        more = len(step.unrecorded) - 1
+        return f"the outcome of its children is not recorded: {step.unrecorded[0]}" + (
+            f" (and {more} more)" if more > 0 else ""
+        )
+
+    async def cancel_child(self, step_id: str, child_id: str, wait_s: float) -> None:
+        """Stop one child's work (its process too), waiting up to ``wait_s`` for it to end."""
+        step = self._by_id.get(step_id)
+        if step is None or step.ended.is_set():
+            return
+        control = step.child(child_id)
+        control.signal.own.set()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(control.ended.wait(), wait_s)
 
     # -- steps -------------------------------------------------------------------------------
     async def _wait_to_start(self, step: _StepRun) -> None:
@@ -284,14 +418,31 @@ class JobRunner:
         # Wait until the monitor has committed every event of this step, so no reader sees a
         # finished step whose counts still lag.
         await self._stream.wait_acked()
+        # Rejections are reported before their batch counts as acknowledged, so every repair
+        # of this step's children has started by now.
+        await asyncio.gather(*step.repairs)
         if step.ended.is_set():
             return
         if not result.ok and not result.cancelled:
             await self._end_step(step, Status.FAILED, result.error)
         elif step.cancel.is_set() and step.final is None:
             await self._end_step(step, Status.CANCELLED, step.cancel_reason or "cancelled")
+        elif step.unrecorded:
+            await self._end_step(step, Status.FAILED, self._unrecorded_error(step))
         else:
-            status, error = final_step_status(await self._committed_tally(step))
+            tally = await self._committed_tally(step)
+            live = tally.pending + tally.running
+            if live:
+                # Every child has ended in the worker, and every event is settled: a child
+                # still live in the record lost its end, and the step must not be decided
+                # as though that child did not exist.
+                await self._end_step(
+                    step,
+                    Status.FAILED,
+                    f"{live} of {tally.total} child jobs did not end in the monitor's record",
+                )
+                return
+            status, error = final_step_status(tally)
             await self._end_step(step, status, error)
 
     async def _committed_tally(self, step: _StepRun) -> ChildTally:
@@ -338,6 +489,7 @@ class JobRunner:
                 step, cid, status, error=error
             ),
             cancelled=step.cancel,
+            child_cancel=lambda cid: step.child(cid).signal,
         )
         timeout = step.spec.timeout_s
         try:
@@ -367,11 +519,10 @@ class JobRunner:
             # Ended here in both wait modes (the monitor's own deadline for the step may fire
             # first; then this is a no-op): a handed-off step must fail *before* its seal, or
             # the monitor would end it by its children (all cancelled -> ``cancelled``), and a
-            # worker without children has no seal at all.
+            # worker without children has no seal at all. The monitor records `timeout` itself:
+            # the step's stored deadline has passed by now, and it fires that before this write.
             await self._stream.wait_acked()
-            await self._end_step(
-                step, Status.FAILED, "timed out waiting for child jobs", reason=EndReason.TIMEOUT
-            )
+            await self._end_step(step, Status.FAILED, "timed out waiting for child jobs")
         return result
 
     async def _child_event(
@@ -394,6 +545,10 @@ class JobRunner:
                 counts["pending"] -= 1
             counts[status] += 1
             event_kind = EVENT_KIND[status]
+            metrics.observe_child_end(step.spec.type, status)
+            control = step.children.pop(child_id, None)
+            if control is not None:
+                control.ended.set()
             if status == "failed":
                 self._count_child_failure()
         seq = await self._stream.emit(
@@ -453,6 +608,7 @@ class JobRunner:
             return
         step.final, step.error = status, error
         step.ended.set()
+        metrics.observe_step_end(step.spec.type, status.value)
         step.released.set()
         step.cancel.set()  # nothing of an ended step keeps running
         if status is Status.FAILED and step.spec.on_error is not OnError.CONTINUE:
@@ -538,4 +694,5 @@ class JobRunner:
         except (StatusConflict, FailedPrecondition):
             final = STATUS_FROM_PB[(await self._monitor.get_job(self.manager_id)).status]
         log.info("job finished", manager_id=self.manager_id, status=final.value)
+        metrics.observe_job_end(final.value)
         return final

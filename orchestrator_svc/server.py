@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+import time
 from dataclasses import dataclass, field
 
+import grpc
 import structlog
 from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from orchestrator_svc.event_stream import EventStream
 from orchestrator_svc.monitor_client import MonitorClient
@@ -15,6 +19,7 @@ from orchestrator_svc.orchestrator import Orchestrator
 from orchestrator_svc.servicer import OrchestratorServicer
 from orchestrator_svc.workers.registry import load_registry
 from stepflow_common import metrics, serving
+from stepflow_common.errors import StepflowError, Unavailable
 from stepflow_common.grpc_errors import DomainErrorInterceptor
 from stepflow_proto.v1 import orchestrator_service_pb2, orchestrator_service_pb2_grpc
 
@@ -36,6 +41,9 @@ class OrchestratorConfig:
     monitor_security: serving.Security = field(default_factory=serving.Security)
     shutdown_grace_s: float = 10.0
     metrics_port: int = 0  # Prometheus /metrics on this port; 0 = off
+    keepalive: serving.ClientKeepalive = field(default_factory=serving.ClientKeepalive)
+    # While the monitor cannot be reached, a log line says so this often.
+    monitor_wait_log_s: float = 10.0
 
 
 @dataclass(slots=True)
@@ -47,12 +55,16 @@ class RunningOrchestrator:
     channel: aio.Channel
     health: object
     shutdown_grace_s: float
+    connector: asyncio.Task[None]
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
     async def stop(self, grace: float | None = None) -> None:
+        self.connector.cancel()
+        with contextlib.suppress(asyncio.CancelledError, StepflowError):
+            await self.connector
         await serving.set_not_serving(self.health, [SERVICE_NAME])
         await self.server.stop(self.shutdown_grace_s if grace is None else grace)
         await self.orchestrator.abandon()
@@ -64,41 +76,132 @@ def default_owner(port: int) -> str:
     return f"orchestrator@{socket.gethostname()}:{port}"
 
 
-async def create_server(config: OrchestratorConfig) -> RunningOrchestrator:
+async def create_server(
+    config: OrchestratorConfig, *, wait_for_monitor: bool = True
+) -> RunningOrchestrator:
+    """Serve at once; the OrchestratorService is NOT_SERVING (and SubmitJob UNAVAILABLE) until
+    the monitor has answered and this owner's unfinished jobs are recovered. With
+    ``wait_for_monitor`` this returns only then."""
     workers = load_registry()
-    channel = serving.channel(config.monitor, config.monitor_security)
-    stream = EventStream(lambda: serving.channel(config.monitor, config.monitor_security))
+
+    def monitor_channel() -> aio.Channel:
+        return serving.channel(config.monitor, config.monitor_security, config.keepalive)
+
+    channel = monitor_channel()
+    stream = EventStream(monitor_channel)
     stream.start()
     metrics.track_unacked(lambda: stream.buffered)
     server = serving.make_server(config.security, [DomainErrorInterceptor(metrics.observe_rpc)])
     port = serving.bind(server, f"{config.host}:{config.port}", config.security)
     owner = config.owner or default_owner(port)
-    orchestrator = Orchestrator(MonitorClient(channel), stream, workers, owner=owner)
+    orchestrator = Orchestrator(
+        MonitorClient(channel), stream, workers, owner=owner, monitor_address=config.monitor
+    )
+    stream.on_rejected = orchestrator.on_event_rejected
     orchestrator_service_pb2_grpc.add_OrchestratorServiceServicer_to_server(
         OrchestratorServicer(orchestrator), server
     )
     health = serving.add_health_and_reflection(server, [SERVICE_NAME])
-    await orchestrator.recover()
+    await serving.set_not_serving(health, [SERVICE_NAME])
     await server.start()
-    await serving.set_serving(health, [SERVICE_NAME])
     log.info(
-        "orchestrator serving",
+        "orchestrator started; connecting to the monitor",
         port=port,
         monitor=config.monitor,
         owner=owner,
         workers=sorted(workers),
     )
-    return RunningOrchestrator(
-        server, port, orchestrator, stream, channel, health, config.shutdown_grace_s
+    connector = asyncio.create_task(
+        _connect(channel, orchestrator, health, config), name="connect-monitor"
+    )
+    running = RunningOrchestrator(
+        server, port, orchestrator, stream, channel, health, config.shutdown_grace_s, connector
+    )
+    if wait_for_monitor:
+        await asyncio.shield(connector)
+    return running
+
+
+async def _connect(
+    channel: aio.Channel,
+    orchestrator: Orchestrator,
+    health: object,
+    config: OrchestratorConfig,
+) -> None:
+    """Wait for the monitor (saying so every ``monitor_wait_log_s``), recover this owner's
+    jobs, then report SERVING. Never gives up: an orchestrator started before its monitor
+    waits for it."""
+    stub = health_pb2_grpc.HealthStub(channel)
+    started = time.monotonic()
+    told_at: float | None = None
+    while True:
+        timed_out = False
+        try:
+            # wait_for_ready: the call waits while the channel dials (its reconnect backoff is
+            # short), so the first answer comes as soon as the monitor listens.
+            resp = await stub.Check(
+                health_pb2.HealthCheckRequest(),
+                timeout=1.0 if told_at is None else config.monitor_wait_log_s,
+                wait_for_ready=True,
+            )
+            if resp.status == health_pb2.HealthCheckResponse.SERVING:
+                await orchestrator.recover()
+                break
+            why = "the monitor is not serving yet"
+        except aio.AioRpcError as exc:
+            timed_out = exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            why = (
+                "no answer: is the monitor running there?"
+                if timed_out
+                else f"{exc.code().name}: {exc.details()}"
+            )
+        except Unavailable as exc:
+            why = f"recovering this owner's jobs failed: {exc}"
+        except StepflowError as exc:
+            # Not a matter of waiting (a wrong token, say): stop and say why.
+            log.error("the monitor refuses this orchestrator", monitor=config.monitor, why=str(exc))
+            raise
+        now = time.monotonic()
+        if told_at is None:
+            log.warning(
+                "waiting for the monitor; serving NOT_SERVING until it answers",
+                monitor=config.monitor,
+                why=why,
+            )
+            told_at = now
+        elif now - told_at >= config.monitor_wait_log_s * 0.9:
+            log.warning(
+                "still waiting for the monitor",
+                monitor=config.monitor,
+                why=why,
+                waited_s=round(now - started),
+            )
+            told_at = now
+        if not timed_out:
+            await asyncio.sleep(1.0)
+    orchestrator.connected = True
+    await serving.set_serving(health, [SERVICE_NAME])
+    log.info(
+        "orchestrator serving",
+        monitor=config.monitor,
+        owner=orchestrator.owner,
+        waited_s=round(time.monotonic() - started, 1),
     )
 
 
-async def serve(config: OrchestratorConfig) -> None:
-    running = await create_server(config)
+async def serve(config: OrchestratorConfig) -> int:
+    """Run until SIGTERM/SIGINT (0), or until the monitor refuses this orchestrator (1)."""
+    running = await create_server(config, wait_for_monitor=False)
     metrics.start_metrics_server(config.metrics_port, config.host)
     stop = asyncio.Event()
     serving.install_signal_handlers(stop)
-    await stop.wait()
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait([stopping, running.connector], return_when=asyncio.FIRST_COMPLETED)
+    refused = running.connector.done() and running.connector.exception() is not None
+    if not refused:
+        await stopping
+    stopping.cancel()
     log.info("orchestrator shutting down")
     await running.stop()
     log.info("orchestrator stopped")
+    return 1 if refused else 0

@@ -20,6 +20,7 @@ class OrchestratorServicer(o_grpc.OrchestratorServiceServicer):
     async def SubmitJob(
         self, request: o.SubmitJobRequest, context: aio.ServicerContext
     ) -> o.SubmitJobResponse:
+        self._orchestrator.require_connected()
         if not request.HasField("definition"):
             raise InvalidArgument("definition is required")
         if len(request.request_id) > MAX_REQUEST_ID:
@@ -33,6 +34,7 @@ class OrchestratorServicer(o_grpc.OrchestratorServiceServicer):
     ) -> o.CancelJobResponse:
         if not request.job_id:
             raise InvalidArgument("job_id is required")
+        self._orchestrator.require_connected()
         job = await self._orchestrator.cancel(request.job_id, request.reason)
         return o.CancelJobResponse(job=job)
 

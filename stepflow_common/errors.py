@@ -81,3 +81,9 @@ class Unavailable(StepflowError):
     """A dependency (database, monitor) cannot be reached right now; retry later."""
 
     reason = "UNAVAILABLE"
+
+
+class ResourceExhausted(StepflowError):
+    """A limit would be passed (document size, steps per manager); nothing was changed."""
+
+    reason = "RESOURCE_EXHAUSTED"

@@ -26,6 +26,7 @@ CODES: dict[type[errors.StepflowError], grpc.StatusCode] = {
     errors.VersionConflict: grpc.StatusCode.ABORTED,
     errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 _FROM_CODE: dict[grpc.StatusCode, type[errors.StepflowError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidArgument,
@@ -34,6 +35,7 @@ _FROM_CODE: dict[grpc.StatusCode, type[errors.StepflowError]] = {
     grpc.StatusCode.ABORTED: errors.VersionConflict,
     grpc.StatusCode.ALREADY_EXISTS: errors.AlreadyExists,
     grpc.StatusCode.UNAVAILABLE: errors.Unavailable,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: errors.ResourceExhausted,
 }
 
 
@@ -58,6 +60,7 @@ _BY_REASON: dict[str, type[errors.StepflowError]] = {
         errors.VersionConflict,
         errors.AlreadyExists,
         errors.Unavailable,
+        errors.ResourceExhausted,
     )
 }
 

@@ -17,6 +17,21 @@ MAX_REQUEST_BYTES = 16 * 1024 * 1024
 # event would leave its child live for ever).
 MAX_ERROR_CHARS = 8 * 1024
 
+# A job's metadata document, protobuf-encoded (what every answer carries): a merge that would
+# make it larger is refused before anything is committed. With the steps' entries the monitor
+# derives (below), a manager's document and its typed step_stats duplicate stay under
+# DEFAULT_CLIENT_MESSAGE_BYTES. A flag (``--max-metadata-bytes``) can raise it.
+MAX_METADATA_BYTES = 1024 * 1024
+
+# Steps one manager may have. Each step gets a step_stats entry the monitor writes whatever the
+# document's size (a step's end is never refused), so the count bounds that derived growth:
+# 200 entries of the longest allowed texts (about 5 KB each, and as much again in the typed
+# duplicate) keep a manager with a full document under DEFAULT_CLIENT_MESSAGE_BYTES.
+MAX_STEPS_PER_MANAGER = 200
+
+# The error text in a step_stats entry (the step's own row keeps up to MAX_ERROR_CHARS).
+MAX_STEP_STAT_ERROR_CHARS = 512
+
 # Longest duration accepted anywhere (a timeout, a lease, a backoff): one year, so an absolute
 # deadline computed from it can never overflow a timestamp.
 MAX_DURATION_S = 366 * 24 * 3600.0

@@ -16,14 +16,70 @@ from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from stepflow_common.limits import MAX_REQUEST_BYTES
+
 log = structlog.get_logger(__name__)
 
-MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+MAX_MESSAGE_BYTES = MAX_REQUEST_BYTES
 HEALTH_SERVICE = "grpc.health.v1.Health"
 REFLECTION_SERVICES = (
     "grpc.reflection.v1alpha.ServerReflection",
     "grpc.reflection.v1.ServerReflection",
 )
+
+
+@dataclass(frozen=True, slots=True)
+class ServerKeepalive:
+    """What a server permits of its clients' keepalive pings.
+
+    gRPC counts a ping that arrives sooner than ``min_ping_interval_s`` after the previous one
+    (with no data sent in between) as a strike, and after ``max_ping_strikes`` strikes ends the
+    connection with GOAWAY ``too_many_pings``. Its default permit is one ping per 5 minutes, so
+    a client pinging more often loses every idle stream; this permit must stay at or below the
+    clients' ``time_s``.
+    """
+
+    min_ping_interval_s: float = 10.0
+    max_ping_strikes: int = 2
+
+    def options(self) -> list[tuple[str, int]]:
+        return [
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", _ms(self.min_ping_interval_s)),
+            ("grpc.http2.max_ping_strikes", self.max_ping_strikes),
+        ]
+
+
+@dataclass(frozen=True, slots=True)
+class ClientKeepalive:
+    """How a client checks that an idle connection is alive: a ping every ``time_s``, the
+    connection dropped (and re-dialled) when one is not answered within ``timeout_s``.
+
+    ``time_s`` must be at least the server's permit (``ServerKeepalive.min_ping_interval_s``).
+    """
+
+    time_s: float = 30.0
+    timeout_s: float = 10.0
+    # Re-dial a server that went away quickly: gRPC's own backoff reaches two minutes.
+    max_reconnect_backoff_s: float = 2.0
+
+    def options(self) -> list[tuple[str, int]]:
+        return [
+            ("grpc.keepalive_time_ms", _ms(self.time_s)),
+            ("grpc.keepalive_timeout_ms", _ms(self.timeout_s)),
+            # Keep pinging an idle stream: by default a client stops after two pings without
+            # data, and an idle stream whose peer vanished would go unnoticed.
+            ("grpc.http2.max_pings_without_data", 0),
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", _ms(self.max_reconnect_backoff_s)),
+        ]
+
+
+def _ms(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
+
+
 SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -32,8 +88,6 @@ SERVER_OPTIONS = [
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
 ]
 
 
@@ -98,7 +152,9 @@ def _deny(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
 
 
 def make_server(
-    security: Security, interceptors: Sequence[aio.ServerInterceptor] = ()
+    security: Security,
+    interceptors: Sequence[aio.ServerInterceptor] = (),
+    keepalive: ServerKeepalive | None = None,
 ) -> aio.Server:
     chain: list[aio.ServerInterceptor] = []
     if security.auth_token:
@@ -108,23 +164,31 @@ def make_server(
             )
         )
     chain.extend(interceptors)
-    return aio.server(interceptors=chain, options=SERVER_OPTIONS)
+    options = [*SERVER_OPTIONS, *(keepalive or ServerKeepalive()).options()]
+    return aio.server(interceptors=chain, options=options)
+
+
+class CannotListen(OSError):
+    """The server cannot listen on its address: in use, or not an address of this host."""
 
 
 def bind(server: aio.Server, address: str, security: Security) -> int:
     """Bind ``address`` (port 0 picks a free one) and return the port."""
-    if security.tls_cert and security.tls_key:
-        ca = Path(security.tls_ca).read_bytes() if security.tls_ca else None
-        credentials = grpc.ssl_server_credentials(
-            [(Path(security.tls_key).read_bytes(), Path(security.tls_cert).read_bytes())],
-            root_certificates=ca,
-            require_client_auth=ca is not None,
-        )
-        port: int = server.add_secure_port(address, credentials)
-    else:
-        port = server.add_insecure_port(address)
+    try:
+        if security.tls_cert and security.tls_key:
+            ca = Path(security.tls_ca).read_bytes() if security.tls_ca else None
+            credentials = grpc.ssl_server_credentials(
+                [(Path(security.tls_key).read_bytes(), Path(security.tls_cert).read_bytes())],
+                root_certificates=ca,
+                require_client_auth=ca is not None,
+            )
+            port: int = server.add_secure_port(address, credentials)
+        else:
+            port = server.add_insecure_port(address)
+    except RuntimeError as exc:  # grpc's "Failed to bind to address"
+        raise CannotListen(f"cannot listen on {address}: {exc}") from exc
     if port == 0:
-        raise OSError(f"cannot bind {address}")
+        raise CannotListen(f"cannot listen on {address}")
     return port
 
 
@@ -155,8 +219,11 @@ async def set_not_serving(health_servicer: health.aio.HealthServicer, names: Ite
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
 
 
-def channel(target: str, security: Security) -> aio.Channel:
+def channel(
+    target: str, security: Security, keepalive: ClientKeepalive | None = None
+) -> aio.Channel:
     """A client channel to the other service, with TLS and the token when configured."""
+    options = [*CHANNEL_OPTIONS, *(keepalive or ClientKeepalive()).options()]
     if security.tls_ca or (security.tls_cert and security.tls_key):
         root = Path(security.tls_ca).read_bytes() if security.tls_ca else None
         key = Path(security.tls_key).read_bytes() if security.tls_key else None
@@ -166,9 +233,9 @@ def channel(target: str, security: Security) -> aio.Channel:
             creds = grpc.composite_channel_credentials(
                 creds, grpc.access_token_call_credentials(security.auth_token)
             )
-        return aio.secure_channel(target, creds, options=CHANNEL_OPTIONS)
+        return aio.secure_channel(target, creds, options=options)
     interceptors = _token_interceptors(security.auth_token) if security.auth_token else None
-    return aio.insecure_channel(target, options=CHANNEL_OPTIONS, interceptors=interceptors)
+    return aio.insecure_channel(target, options=options, interceptors=interceptors)
 
 
 def _with_token(details: aio.ClientCallDetails, header: tuple[str, str]) -> aio.ClientCallDetails:

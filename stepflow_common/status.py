@@ -59,7 +59,7 @@ class EndReason(enum.StrEnum):
     GRACE_PERIOD = "grace_period"  # handed off, no seal and no child within the grace period
     CHILDREN_TERMINAL = "children_terminal"  # sealed, and every child ended
     ORCHESTRATOR = "orchestrator"  # ended by the orchestrator that ran it
-    ORCHESTRATOR_RESTARTED = "orchestrator_restarted"  # its orchestrator died meanwhile
+    ORCHESTRATOR_LOST = "orchestrator_lost"  # its orchestrator died or went away meanwhile
 
 
 class Transition(enum.Enum):

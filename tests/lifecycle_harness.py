@@ -13,9 +13,10 @@ from sqlalchemy import Engine
 from monitor_svc import lifecycle
 from monitor_svc.lifecycle import StepTimers, UnitOfWork
 from monitor_svc.lifecycle.memory import MemoryDatabase
-from monitor_svc.records import ChildEventIn, JobState, NewJob, utcnow
+from monitor_svc.records import ChildEventIn, DocumentLimits, JobState, NewJob, utcnow
 from monitor_svc.store.engine import is_sqlite, make_engine
 from monitor_svc.store.tx import Tx
+from stepflow_common.errors import StatusConflict
 from stepflow_common.status import Kind, Status
 from stepflow_common.step_outcome import ChildTally
 
@@ -75,6 +76,7 @@ class Life:
 
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
+        self.limits = DocumentLimits()
         self._events = 0
 
     def later(self, seconds: float) -> None:
@@ -102,7 +104,7 @@ class Life:
         **metadata: Any,
     ) -> JobState:
         new = NewJob(kind, parent_id, f"{kind}-job", "simulate", metadata, timeout_s, None, "")
-        return self.backend.run(lambda tx: lifecycle.create_job(tx, new, TIMERS)).job
+        return self.backend.run(lambda tx: lifecycle.create_job(tx, new, TIMERS, self.limits)).job
 
     def manager_with_step(
         self, *, timeout_s: float | None = None, step_timeout_s: float | None = None
@@ -119,13 +121,16 @@ class Life:
     def status(
         self, job_id: str, status: Status, error: str = "", end_reason: str = ""
     ) -> JobState:
-        return self.backend.run(
+        result = self.backend.run(
             lambda tx: lifecycle.update_status(tx, job_id, status, error, end_reason, TIMERS)
-        ).job
+        )
+        if isinstance(result, StatusConflict):
+            raise result  # as the store does, after the unit committed
+        return result.job
 
     def update(self, job_id: str, *, metadata: dict[str, Any]) -> JobState:
         return self.backend.run(
-            lambda tx: lifecycle.update_metadata(tx, job_id, metadata, None)
+            lambda tx: lifecycle.update_metadata(tx, job_id, metadata, None, self.limits)
         ).job
 
     def events(self, *events: tuple[str, str, str] | tuple[str, str, str, str]) -> list[str]:

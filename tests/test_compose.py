@@ -25,6 +25,7 @@ from sqlalchemy.engine import make_url
 from monitor_svc import cli as monitor_cli
 from orchestrator_svc import cli as orchestrator_cli
 from orchestrator_svc.demo import ServiceProcess, free_port, start_service, wait_serving
+from tests.process_helpers import PG_BIN
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -36,6 +37,7 @@ ORCHESTRATOR_PORT = 50052
 MONITOR_SERVICE = "stepflow.v1.MonitorService"
 ORCHESTRATOR_SERVICE = "stepflow.v1.OrchestratorService"
 PROBE_TIMEOUT_S = 20.0
+LOOPBACK = "127.0.0.1"
 ENV_IN_HELP = re.compile(r"\[env: ([^;\]]+)")
 
 
@@ -109,7 +111,55 @@ def test_services_build_the_dockerfile(compose: dict[str, Any], name: str) -> No
 )
 def test_ports_are_published(compose: dict[str, Any], name: str, port: int) -> None:
     ports = [str(p) for p in _service(compose, name)["ports"]]
-    assert f"{port}:{port}" in ports, ports
+    assert f"{LOOPBACK}:{port}:{port}" in ports, ports
+
+
+@pytest.mark.parametrize("name", ["postgres", "monitor", "orchestrator"])
+def test_ports_stay_on_loopback_unless_a_token_is_required(
+    compose: dict[str, Any], name: str
+) -> None:
+    """A published port on every interface with no token would be open to the network."""
+    env = _env(compose, name)
+    has_token = any(key.endswith("_AUTH_TOKEN") and value for key, value in env.items())
+    for published in _service(compose, name).get("ports", []):
+        host_ip = str(published).rsplit(":", 2)[0] if str(published).count(":") == 2 else ""
+        assert host_ip == LOOPBACK or has_token, f"{name} publishes {published} to every host"
+
+
+@pytest.mark.parametrize("name", ["postgres", "monitor", "orchestrator"])
+def test_services_restart_and_reap(compose: dict[str, Any], name: str) -> None:
+    service = _service(compose, name)
+    assert service.get("restart") in ("unless-stopped", "always", "on-failure"), name
+    if name != "postgres":
+        # The orchestrator runs steps' shell commands: PID 1 must reap what they leave.
+        assert service.get("init") is True, f"{name}: init: true"
+
+
+def test_volumes_are_named_and_used(compose: dict[str, Any]) -> None:
+    declared = set(compose.get("volumes") or {})
+    used = set()
+    for name, service in compose["services"].items():
+        for volume in service.get("volumes", []):
+            source = str(volume).split(":", 1)[0]
+            assert ":" in str(volume) and not source.startswith(("/", ".")), (
+                f"{name}: {volume} is not a named volume"
+            )
+            used.add(source)
+    assert used == declared, f"declared {sorted(declared)}, used {sorted(used)}"
+    # A VOLUME in the image would give every container an anonymous volume, used or not.
+    assert not [args for keyword, args in _dockerfile_instructions() if keyword == "VOLUME"]
+
+
+def test_one_postgresql_version_everywhere(compose: dict[str, Any]) -> None:
+    """compose runs the PostgreSQL major version the tests (and CI) run on."""
+    image = str(_service(compose, "postgres")["image"])
+    tag = image.partition(":")[2]
+    tests_version = PG_BIN.parent.name  # /usr/lib/postgresql/<major>/bin
+    assert tag.split(".")[0] == tests_version, (image, PG_BIN)
+    assert f"PG_VERSION={tests_version}\n" in (ROOT / ".ci" / "run").read_text()
+    readme = (ROOT / "README.md").read_text()
+    assert f"PostgreSQL {tests_version}" in readme
+    assert not re.findall(rf"postgres(?:ql)?:? ?(?!{tests_version}\b)1\d\b", readme, re.I)
 
 
 @pytest.mark.parametrize(
@@ -144,7 +194,7 @@ def test_monitor_environment_takes_effect(
         postgres["POSTGRES_PASSWORD"],
         postgres["POSTGRES_DB"],
     )
-    assert f"{args.metrics_port}:{args.metrics_port}" in [
+    assert f"{LOOPBACK}:{args.metrics_port}:{args.metrics_port}" in [
         str(p) for p in _service(compose, "monitor")["ports"]
     ]
 
@@ -161,7 +211,7 @@ def test_orchestrator_environment_takes_effect(
     assert args.monitor == f"monitor:{monitor_port}"
     assert args.owner, "a stable owner lets a restarted orchestrator fail its leftover jobs"
     assert args.metrics_port > 0
-    assert f"{args.metrics_port}:{args.metrics_port}" in [
+    assert f"{LOOPBACK}:{args.metrics_port}:{args.metrics_port}" in [
         str(p) for p in _service(compose, "orchestrator")["ports"]
     ]
 
@@ -274,7 +324,7 @@ def test_dockerfile_installs_the_package() -> None:
     instructions = _dockerfile_instructions()
     assert instructions[0] == ("FROM", "python:3.11-slim")
     runs = " ".join(args for keyword, args in instructions if keyword == "RUN")
-    assert re.search(r"pip install \.(\s|$)", runs), runs
+    assert re.search(r"pip install (--no-deps )?\.(\s|$)", runs), runs
     copied = {  # every COPY source (all but the last argument)
         part.rstrip("/")
         for keyword, args in instructions
@@ -290,6 +340,22 @@ def test_dockerfile_installs_the_package() -> None:
     assert {"pyproject.toml", "README.md"} <= copied  # pyproject's readme is README.md
     exposed = " ".join(args for keyword, args in instructions if keyword == "EXPOSE").split()
     assert {str(MONITOR_PORT), str(ORCHESTRATOR_PORT)} <= set(exposed)
+
+
+def test_dockerfile_installs_dependencies_before_the_code() -> None:
+    """A layer with the dependencies alone, built from pyproject.toml before any code is
+    copied, so a code change does not reinstall them."""
+    instructions = _dockerfile_instructions()
+    deps = next(
+        i for i, (keyword, args) in enumerate(instructions)
+        if keyword == "RUN" and "pip install" in args and "pyproject.toml" in args
+    )  # fmt: skip
+    copied_before = [args.split()[:-1] for kw, args in instructions[:deps] if kw == "COPY"]
+    assert copied_before == [["pyproject.toml"]], copied_before
+    after = " ".join(args for keyword, args in instructions[deps:] if keyword in ("COPY", "RUN"))
+    for package in ("stepflow_proto", "stepflow_common", "monitor_svc", "orchestrator_svc"):
+        assert package in after
+    assert "pip install --no-deps ." in after, after
 
 
 def test_dockerfile_environment_is_read() -> None:

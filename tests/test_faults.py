@@ -16,6 +16,7 @@ import asyncio
 import collections
 import contextlib
 import itertools
+import json
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -340,6 +341,19 @@ async def test_postgres_stopped_and_started_while_events_flow(tmp_path: Path) ->
                     assert "during" not in meta(job), "a write refused as UNAVAILABLE was applied"
             finally:
                 await orch.stop(grace=1.0)
+        # The outage broke streams mid-batch; the monitor's log stayed one JSON event per
+        # line throughout (no raw "Task exception was never retrieved" tracebacks).
+        log_lines = [line for line in monitor.log_text().splitlines() if line.strip()]
+        not_json = []
+        for line in log_lines:
+            if line.startswith("--- start"):  # the marker ServerProcess writes
+                continue
+            try:
+                json.loads(line)
+            except ValueError:
+                not_json.append(line)
+        assert not not_json, "\n".join(not_json[:20])
+        assert "never retrieved" not in monitor.log_text()
 
 
 # -- a client that disappears mid-stream -------------------------------------------------------

@@ -242,7 +242,10 @@ def test_demo_ctrl_c_leaves_nothing_running(pane_factory: list[Pane], tmp_path: 
         'name = "long"\n[[steps]]\nname = "slow"\ntype = "simulate"\n'
         "config = { children = 1000, duration_ms = 500, concurrency = 4 }\n"
     )
-    pane = Pane(f"{sys.executable} -m orchestrator_svc.demo --job {job}")
+    # After stopping the services the demo dies of SIGINT, as a program interrupted should
+    # (make then says "Interrupt", not "Error"); a shell that sees that stops too, so the
+    # pane's shell ignores SIGINT to live on and show the status (128 + 2).
+    pane = Pane(f"trap '' INT; {sys.executable} -m orchestrator_svc.demo --job {job}")
     pane_factory.append(pane)
     deadline = time.monotonic() + RUN_TIMEOUT_S
     while not _progress_lines(screen := pane.screen(), "slow"):
@@ -255,6 +258,23 @@ def test_demo_ctrl_c_leaves_nothing_running(pane_factory: list[Pane], tmp_path: 
     assert code == 130, final
     assert "both services stopped cleanly" in final
     assert not _strays(directory)
+
+
+@needs_tmux
+def test_demo_ctrl_c_while_starting_is_a_clean_stop(pane_factory: list[Pane]) -> None:
+    """Ctrl-C before the services serve: they die of the SIGTERM that stops them, which is
+    the stop asked for, not a failure."""
+    pane = Pane(f"trap '' INT; {sys.executable} -m orchestrator_svc.demo")
+    pane_factory.append(pane)
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while "monitor " not in (screen := pane.screen()):
+        assert time.monotonic() < deadline, f"the monitor never started:\n{screen}"
+        time.sleep(POLL_S)
+    pane.send_keys("C-c")  # the orchestrator is starting now
+    code, final = pane.wait_for_exit([])
+    assert code == 130, final
+    assert "both services stopped cleanly" in final
+    assert "exited with status" not in final
 
 
 # -- the same view without a terminal (these run everywhere, tmux or not) ----------------------

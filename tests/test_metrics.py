@@ -161,13 +161,44 @@ def test_metrics_endpoints_show_the_work(pair: Pair) -> None:
     assert accepted >= 35 * 3 + 2
     commits = value(mon, "stepflow_monitor_commit_seconds_count") or 0
     assert commits > 0
-    assert (value(mon, "stepflow_monitor_commit_units_sum") or 0) >= commits
+    assert (value(mon, "stepflow_monitor_commit_group_size_sum") or 0) >= commits
 
     orc = scrape(pair.orchestrator_metrics)
     assert value(orc, "stepflow_rpc_handled_total", service=ORCHESTRATOR, method="SubmitJob",
                  code="OK") == 1  # fmt: skip
     assert (value(orc, "stepflow_orchestrator_ack_lag_seconds_count") or 0) > 0
     assert value(orc, "stepflow_orchestrator_unacked_events") == 0  # all acknowledged
+    # Outcome counters: the job completed; its two steps ended completed; of the 30
+    # children of "work", every 10th failed.
+    assert value(orc, "stepflow_orchestrator_jobs_finished_total", status="completed") == 1
+    assert (
+        value(
+            orc, "stepflow_orchestrator_steps_finished_total", type="simulate", status="completed"
+        )
+        == 2
+    )
+    children = {
+        status: value(
+            orc, "stepflow_orchestrator_children_finished_total", type="simulate", status=status
+        )
+        for status in ("completed", "failed")
+    }
+    assert children == {"completed": 32, "failed": 3}, children
+
+
+def test_each_page_shows_its_own_service(pair: Pair) -> None:
+    """No page carries the other service's metrics as zeros."""
+    names = {
+        pair.monitor_metrics: {name for name, _ in scrape(pair.monitor_metrics)},
+        pair.orchestrator_metrics: {name for name, _ in scrape(pair.orchestrator_metrics)},
+    }
+    monitor, orchestrator = names[pair.monitor_metrics], names[pair.orchestrator_metrics]
+    assert not {n for n in monitor if n.startswith("stepflow_orchestrator_")}, monitor
+    assert not {n for n in orchestrator if n.startswith("stepflow_monitor_")}, orchestrator
+    assert "stepflow_monitor_commit_seconds_count" in monitor
+    assert "stepflow_orchestrator_ack_lag_seconds_count" in orchestrator
+    for page in (monitor, orchestrator):
+        assert "process_resident_memory_bytes" in page
 
 
 def test_metrics_are_off_by_default(monkeypatch: pytest.MonkeyPatch) -> None:

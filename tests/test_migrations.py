@@ -111,5 +111,9 @@ def test_migrate_command_is_idempotent(empty_database_url: str) -> None:
         assert done.returncode == 0, (
             f"migrate run {attempt} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
         )
-        assert _current_revision(empty_database_url) == _head_revision(empty_database_url)
+        head = _head_revision(empty_database_url)
+        assert _current_revision(empty_database_url) == head
+        # It says what it did: the first run created the schema, the second had nothing to do.
+        said = {1: f"created the schema (revision {head})", 2: "nothing to do"}[attempt]
+        assert said in done.stdout, done.stdout
     assert set(Base.metadata.tables) <= _tables(empty_database_url)

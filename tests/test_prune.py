@@ -260,11 +260,12 @@ async def test_dedupe_keeps_no_state_so_replays_add_no_rows(
     assert await tree(stub, manager.id) == first
 
 
-async def test_a_live_step_under_a_finished_manager_is_not_pruned(
+async def test_a_manager_set_completed_with_a_handed_off_step_leaves_nothing_live_to_prune(
     monitor: RunningMonitor, stub: Stub, database_url: str
 ) -> None:
     """A manager set `completed` through the API while one of its steps is still handed off
-    (spawned, children running): that step is live, so prune leaves its tree."""
+    (spawned, children running) ends that step and its children in the same call, so no live
+    job is left under a finished manager and prune removes the whole tree."""
     manager, (step,) = await manager_with_steps(stub, 1)
     kid = [
         ev(K.CHILD_EVENT_KIND_CREATED, step.id, "kid"),
@@ -273,13 +274,13 @@ async def test_a_live_step_under_a_finished_manager_is_not_pruned(
     ]
     await send(stub, [kid])
     await set_status(stub, manager.id, S.JOB_STATUS_COMPLETED)
-    assert (await get(stub, step.id)).status == S.JOB_STATUS_SPAWNED
+    assert (await get(stub, step.id)).status == S.JOB_STATUS_CANCELLED
+    assert (await get(stub, "kid")).status == S.JOB_STATUS_CANCELLED
     await asyncio.sleep(0.05)
     await asyncio.to_thread(prune, database_url, "10ms")
-    assert (await get(stub, step.id)).status == S.JOB_STATUS_SPAWNED
-    await send(stub, [[ev(K.CHILD_EVENT_KIND_COMPLETED, step.id, "kid")]])
-    done = await wait_job(stub, step.id, lambda j: j.status == S.JOB_STATUS_COMPLETED, 10)
-    assert done.end_reason == "children_terminal"
+    with pytest.raises(aio.AioRpcError) as gone:
+        await get(stub, step.id)
+    assert gone.value.code() == grpc.StatusCode.NOT_FOUND
 
 
 async def test_prune_succeeds_while_the_monitor_is_busy_writing(

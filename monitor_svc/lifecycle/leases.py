@@ -22,9 +22,10 @@ from monitor_svc.lifecycle.uow import UnitOfWork
 from monitor_svc.records import JobState, Lease
 from stepflow_common.errors import FailedPrecondition, InvalidArgument
 from stepflow_common.limits import MAX_DURATION_S
-from stepflow_common.status import Kind, Status
+from stepflow_common.status import EndReason, Kind, Status
 
-ORCHESTRATOR_LOST = "orchestrator_lost"
+ORCHESTRATOR_LOST = EndReason.ORCHESTRATOR_LOST
+
 FENCED = "fenced: "
 MIN_LEASE_S = 1.0
 MAX_ADOPT = 1000  # per heartbeat: one transaction stays short whatever the caller asks

@@ -67,6 +67,13 @@ class MemoryUnitOfWork:
             if j.parent_id == step_id and not (live_only and j.status.terminal)
         ]
 
+    def live_children_of_manager(self, manager_id: str) -> list[JobState]:
+        return [
+            j
+            for j in self._all_jobs()
+            if j.manager_id == manager_id and j.kind is Kind.CHILD and not j.status.terminal
+        ]
+
     def put(self, state: JobState, *, status_only: bool = False) -> None:
         state.change_seq = self._seq
         self._jobs[state.id] = state

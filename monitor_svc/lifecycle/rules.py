@@ -16,12 +16,14 @@ from typing import Any
 from monitor_svc import metadata_rules as rules
 from monitor_svc.lifecycle import leases
 from monitor_svc.lifecycle.uow import UnitOfWork
-from monitor_svc.records import ChildEventIn, JobState, JobView, NewJob, Progress
+from monitor_svc.records import ChildEventIn, DocumentLimits, JobState, JobView, NewJob, Progress
 from stepflow_common.errors import (
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    ResourceExhausted,
+    StatusConflict,
     VersionConflict,
 )
 from stepflow_common.status import (
@@ -79,7 +81,7 @@ def _require(tx: UnitOfWork, job_id: str) -> JobState:
     return job
 
 
-def create_job(tx: UnitOfWork, new: NewJob, timers: StepTimers) -> JobView:
+def create_job(tx: UnitOfWork, new: NewJob, timers: StepTimers, limits: DocumentLimits) -> JobView:
     if new.request_id:
         existing = tx.job_by_request_id(new.request_id)
         if existing is not None:
@@ -108,8 +110,11 @@ def create_job(tx: UnitOfWork, new: NewJob, timers: StepTimers) -> JobView:
         leases.check_fence(tx, parent, new.owner)
         job_id = uuid.uuid4().hex
         manager_id = parent.manager_id
+        if new.kind is Kind.STEP:
+            _check_room_for_step(tx, manager_id, limits)
     metadata = rules.merge_metadata({}, new.metadata).metadata  # same checks as UpdateJobMetadata
-    step_index = new.metadata.get("step_index") if new.kind is Kind.STEP else None
+    _check_document_size(job_id, {}, metadata, limits)
+    step_index = _step_index(new) if new.kind is Kind.STEP else None
     state = JobState(
         id=job_id,
         kind=new.kind,
@@ -123,7 +128,7 @@ def create_job(tx: UnitOfWork, new: NewJob, timers: StepTimers) -> JobView:
         metadata=metadata,
         version=1,
         change_seq=0,
-        step_index=int(step_index) if isinstance(step_index, int | float) else None,
+        step_index=step_index,
         timeout_s=new.timeout_s,
         deadline=None if new.kind is Kind.STEP else deadline_after(tx.now, new.timeout_s),
         created_at=tx.now,
@@ -142,6 +147,18 @@ def create_job(tx: UnitOfWork, new: NewJob, timers: StepTimers) -> JobView:
     return _view(tx, state)
 
 
+def _step_index(new: NewJob) -> int | None:
+    """A step's position from its metadata (``step_index``), when it is one."""
+    value = new.metadata.get("step_index")
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return None
+    if not (value == int(value) and 0 <= value <= rules.MAX_STEP_INDEX):
+        raise InvalidArgument(
+            f"metadata.step_index must be a whole number from 0 to {rules.MAX_STEP_INDEX}"
+        )
+    return int(value)
+
+
 def update_status(
     tx: UnitOfWork,
     job_id: str,
@@ -150,12 +167,24 @@ def update_status(
     end_reason: str,
     timers: StepTimers,
     owner: str = "",
-) -> JobView:
+) -> JobView | StatusConflict:
+    """A client's status write. A job found past its deadline is timed out first (see
+    ``_fire_if_overdue``); if that makes the write impossible, the timeout is kept and the
+    conflict is *returned*, not raised, so the unit commits: the caller raises it after the
+    commit. A write naming an ``owner`` is fenced (see ``leases``)."""
     leases.check_end_reason(end_reason, owner)
     job = _require(tx, job_id)
     leases.check_fence(tx, job, owner)
     check_status_for_kind(job.kind, status)
-    if check_transition(job.status, status, what=f"{job.kind} {job_id}") is Transition.NOOP:
+    overdue = _fire_if_overdue(tx, job, timers)
+    try:
+        transition = check_transition(overdue.status, status, what=f"{job.kind} {job_id}")
+    except StatusConflict as exc:
+        if overdue is job:
+            raise
+        return exc  # the timeout is committed; the caller is told its write came too late
+    job = overdue
+    if transition is Transition.NOOP:
         if status is Status.RUNNING:
             job = leases.rerun_step(tx, job)
         return _view(tx, job)
@@ -169,6 +198,7 @@ def update_metadata(
     job_id: str,
     patch: dict[str, Any],
     expected_version: int | None,
+    limits: DocumentLimits,
     owner: str = "",
 ) -> JobView:
     job = _require(tx, job_id)
@@ -177,6 +207,7 @@ def update_metadata(
         raise VersionConflict.stale(job_id, expected_version, job.version)
     merged = rules.merge_metadata(job.metadata, patch)
     if merged.changed:
+        _check_document_size(job_id, job.metadata, merged.metadata, limits)
         job = replace(job, metadata=merged.metadata, version=job.version + 1)
         tx.put(job)
     return _view(tx, job)
@@ -199,6 +230,34 @@ def update_step_stat(
     return StepStatResult(update.entry, tally, update.current_step_status_changed, manager.version)
 
 
+# -- limits: what a client may make the monitor store ------------------------------------------
+def _check_room_for_step(tx: UnitOfWork, manager_id: str, limits: DocumentLimits) -> None:
+    """Each step gets a step_stats entry the monitor writes whatever the document's size, so
+    the number of steps bounds how far the monitor's own writes can grow the document."""
+    tx.load_manager_progress(manager_id)
+    steps = len(tx.tallies_for_manager(manager_id))
+    if steps >= limits.max_steps_per_manager:
+        raise ResourceExhausted(
+            f"manager {manager_id} has {steps} steps; the limit is "
+            f"{limits.max_steps_per_manager} steps per manager"
+        )
+
+
+def _check_document_size(
+    job_id: str, old: dict[str, Any], new: dict[str, Any], limits: DocumentLimits
+) -> None:
+    """Refuse a client's write that would make the document larger than the limit (a write
+    that does not grow an over-limit document, e.g. a status, still passes). Only clients'
+    writes are checked: the monitor's own entries (bounded by the step count) always land."""
+    size = rules.size_over(new, limits.max_metadata_bytes)
+    if size is None or size <= rules.encoded_size(old):
+        return
+    raise ResourceExhausted(
+        f"job {job_id}'s metadata would be {size} bytes; the limit is "
+        f"{limits.max_metadata_bytes} bytes (remove or shrink keys first)"
+    )
+
+
 # -- the one place a job's status changes ------------------------------------------------------
 def set_status(
     tx: UnitOfWork, job: JobState, status: Status, error: str, reason: str, timers: StepTimers
@@ -208,12 +267,13 @@ def set_status(
     new = replace(job, status=status, version=job.version + 1)
     if error:
         new.error = error
-    if status is Status.RUNNING and job.kind is Kind.STEP:
-        new.attempt = job.attempt + 1
-    if status is Status.RUNNING and new.started_at is None:
+    if job.kind is Kind.STEP and job.status is Status.PENDING:
+        new.attempt = job.attempt + 1  # a step's run starts (running, or spawned at once)
+    if status in (Status.RUNNING, Status.SPAWNED) and new.started_at is None:
         new.started_at = tx.now
         if job.kind is Kind.STEP and job.timeout_s is not None:
-            # A step's own timeout runs from its start, not from when the job created it.
+            # A step's own timeout runs from its start (running, or spawned straight from
+            # pending by a hand-off seal), not from when the job created it.
             new.deadline = deadline_after(tx.now, job.timeout_s)
     if status.terminal:
         new.finished_at = tx.now
@@ -225,22 +285,33 @@ def set_status(
         _count_child_change(tx, job.parent_id or "", job.manager_id, job.status, status, timers)
     elif job.kind is Kind.STEP:
         _on_step_status(tx, new, timers)
-    elif job.kind is Kind.MANAGER and status in (Status.CANCELLED, Status.FAILED):
-        for step in tx.children_of(new.id, live_only=True):
-            set_status(tx, step, Status.CANCELLED, "", EndReason.CANCELLED, timers)
+    elif job.kind is Kind.MANAGER and status.terminal:
+        _end_manager_descendants(tx, new.id, timers)
     latest = tx.job(new.id)
     assert latest is not None
     return latest
 
 
+def _end_manager_descendants(tx: UnitOfWork, manager_id: str, timers: StepTimers) -> None:
+    """Nothing under an ended manager stays live, however it ended (completed included: a
+    client that completes its job early leaves nothing running): a step that never started
+    is ``skipped``, one that had started ``cancelled`` (its live children with it), and the
+    children still live under steps that had already ended are cancelled too."""
+    for step in tx.children_of(manager_id, live_only=True):
+        ended = Status.SKIPPED if step.status is Status.PENDING else Status.CANCELLED
+        set_status(tx, step, ended, "", EndReason.CANCELLED, timers)
+    for child in tx.live_children_of_manager(manager_id):
+        set_status(tx, child, Status.CANCELLED, "", EndReason.CANCELLED, timers)
+
+
 def _on_step_status(tx: UnitOfWork, step: JobState, timers: StepTimers) -> None:
     progress = tx.progress(step.id)
     if step.status.terminal:
-        if step.status is not Status.COMPLETED:
-            # A step that stops early takes its live children with it (nothing stays running).
-            for child in tx.children_of(step.id, live_only=True):
-                set_status(tx, child, Status.CANCELLED, "", EndReason.CANCELLED, timers)
-            progress = tx.progress(step.id)
+        # A step that ends, whichever way (completed included), takes its live children with
+        # it: nothing under an ended step stays running.
+        for child in tx.children_of(step.id, live_only=True):
+            set_status(tx, child, Status.CANCELLED, "", EndReason.CANCELLED, timers)
+        progress = tx.progress(step.id)
         if progress is not None and progress.grace_deadline is not None:
             working = _working_progress(tx, step.id)
             working.grace_deadline = None
@@ -280,6 +351,10 @@ def _record_in_manager(tx: UnitOfWork, step_id: str) -> None:
     metadata = rules.record_step_status(manager.metadata, facts)
     if metadata != manager.metadata:
         tx.put(replace(manager, metadata=metadata, version=manager.version + 1))
+    else:
+        # The entry already says as much (a client marked it first), but the step's row
+        # changed: the manager's watchers must still wake to see it.
+        tx.touch(manager.id)
 
 
 def _working_progress(tx: UnitOfWork, step_id: str) -> Progress:
@@ -472,8 +547,17 @@ def _apply_seal(tx: UnitOfWork, event: ChildEventIn, timers: StepTimers) -> str:
     progress.grace_deadline = None
     step = tx.job(event.step_id)
     assert step is not None
-    if step.deadline is None and not step.status.terminal:
-        step = replace(step, deadline=deadline_after(tx.now, timers.default_wait_timeout_s))
+    hand_off = (
+        event.handed_to_monitor and not step.status.terminal and step.status is not Status.SPAWNED
+    )
+    if step.deadline is None and not step.status.terminal and not hand_off:
+        # The seal starts the wait for the children; the deadline is part of the step's row,
+        # so its version moves. (A hand-off gets its deadline from the move to spawned below.)
+        step = replace(
+            step,
+            deadline=deadline_after(tx.now, timers.default_wait_timeout_s),
+            version=step.version + 1,
+        )
         tx.put(step)
     manager = tx.job(step.manager_id)
     if manager is not None:
@@ -482,13 +566,26 @@ def _apply_seal(tx: UnitOfWork, event: ChildEventIn, timers: StepTimers) -> str:
             tx.put(replace(manager, metadata=metadata, version=manager.version + 1))
     if event.handed_to_monitor:
         progress.handed = True
-        if not step.status.terminal and step.status is not Status.SPAWNED:
+        if hand_off:
             set_status(tx, step, Status.SPAWNED, "", "", timers)
     tx.touch(step.manager_id)
     return ""
 
 
 # -- deadlines -------------------------------------------------------------------------------
+def _fire_if_overdue(tx: UnitOfWork, job: JobState, timers: StepTimers) -> JobState:
+    """A write to a job whose deadline has passed finds it timed out, as it would had the
+    timer fired on the dot: the outcome does not depend on the timer's lag."""
+    if job.status.terminal or job.deadline is None or job.deadline > tx.now:
+        return job
+    return _time_out(tx, job, timers)
+
+
+def _time_out(tx: UnitOfWork, job: JobState, timers: StepTimers) -> JobState:
+    error = "timed out waiting for child jobs" if job.kind is Kind.STEP else "job timed out"
+    return set_status(tx, job, Status.FAILED, error, EndReason.TIMEOUT, timers)
+
+
 def fire_due(tx: UnitOfWork, timers: StepTimers) -> int:
     """End every job whose stored deadline has passed (and hand-offs past their grace)."""
     fired = 0
@@ -496,17 +593,7 @@ def fire_due(tx: UnitOfWork, timers: StepTimers) -> int:
         job = tx.job(job_id)
         if job is None or job.status.terminal or job.deadline is None or job.deadline > tx.now:
             continue
-        if job.kind is Kind.STEP:
-            set_status(
-                tx,
-                job,
-                Status.FAILED,
-                "timed out waiting for child jobs",
-                EndReason.TIMEOUT,
-                timers,
-            )
-        else:
-            set_status(tx, job, Status.FAILED, "job timed out", EndReason.TIMEOUT, timers)
+        _time_out(tx, job, timers)
         fired += 1
     for step_id in tx.due_graces():
         step = tx.job(step_id)

@@ -37,7 +37,14 @@ class UnitOfWork(Protocol):
         """Load many children at once; later ``cached_job`` calls find them (or their absence)."""
         ...
 
-    def children_of(self, step_id: str, *, live_only: bool) -> list[JobState]: ...
+    def children_of(self, step_id: str, *, live_only: bool) -> list[JobState]:
+        """A job's direct children (a manager's steps, a step's children), locked."""
+        ...
+
+    def live_children_of_manager(self, manager_id: str) -> list[JobState]:
+        """Every live child under a manager, whichever of its steps it belongs to, locked
+        (an ended manager ends them all, even those under steps that had already ended)."""
+        ...
 
     def put(self, state: JobState, *, status_only: bool = False) -> None:
         """Replace a job with its new state (it gets this transaction's change_seq).

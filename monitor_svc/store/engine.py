@@ -10,6 +10,11 @@ from sqlalchemy.engine import make_url
 
 SQLITE_BUSY_TIMEOUT_MS = 10_000
 DEFAULT_DATABASE_URL = "sqlite:///stepflow.db"
+# FULL: every commit is on disk (fsync of the WAL) before a call is answered, so an
+# acknowledged write survives an OS crash or power loss. NORMAL skips that fsync (faster;
+# still safe against a crash of the process) and may lose the last commits on power loss.
+SQLITE_SYNCHRONOUS_MODES = ("full", "normal")
+SQLITE_SYNCHRONOUS_DEFAULT = "full"
 
 
 def safe_url(url: str) -> str:
@@ -21,7 +26,9 @@ def is_sqlite(url: str) -> bool:
     return make_url(url).get_backend_name() == "sqlite"
 
 
-def make_engine(url: str, *, writer: bool) -> Engine:
+def make_engine(
+    url: str, *, writer: bool, sqlite_synchronous: str = SQLITE_SYNCHRONOUS_DEFAULT
+) -> Engine:
     """One engine per role. SQLite: the writer begins ``IMMEDIATE`` (the write lock up front,
     so a read-modify-write cannot interleave with another writer); readers begin deferred
     transactions for a consistent snapshot. PostgreSQL: rows are locked ``FOR UPDATE``."""
@@ -39,6 +46,11 @@ def make_engine(url: str, *, writer: bool) -> Engine:
             max_overflow=2 if writer else 8,
             pool_pre_ping=True,
             pool_recycle=1800,
+        )
+    if sqlite_synchronous not in SQLITE_SYNCHRONOUS_MODES:
+        raise ValueError(
+            f"sqlite synchronous must be one of {', '.join(SQLITE_SYNCHRONOUS_MODES)}, "
+            f"not {sqlite_synchronous!r}"
         )
     database = parsed.database or ""
     if not database or database == ":memory:":
@@ -60,9 +72,7 @@ def make_engine(url: str, *, writer: bool) -> Engine:
         dbapi_conn.isolation_level = None
         cursor = dbapi_conn.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
-        # NORMAL in WAL mode: a commit survives a crash of the process (kill -9), which is the
-        # durability the API promises; only an OS crash or power loss can lose the last commits.
-        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute(f"PRAGMA synchronous={sqlite_synchronous.upper()}")
         cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
         cursor.close()
 

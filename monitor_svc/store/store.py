@@ -14,12 +14,12 @@ from sqlalchemy import Connection, func, or_, select
 from monitor_svc import lifecycle
 from monitor_svc.lifecycle import StepStatResult, StepTimers, leases
 from monitor_svc.lifecycle.leases import HeartbeatResult
-from monitor_svc.records import ChildEventIn, JobFilter, JobView, NewJob, as_utc
-from monitor_svc.store.engine import is_sqlite, make_engine
+from monitor_svc.records import ChildEventIn, DocumentLimits, JobFilter, JobView, NewJob, as_utc
+from monitor_svc.store.engine import SQLITE_SYNCHRONOUS_DEFAULT, is_sqlite, make_engine
 from monitor_svc.store.models import JobRow, LeaseRow, StepProgressRow
 from monitor_svc.store.tx import JOB_SELECT, SELECT_JOB, read_definition, row_to_state
 from monitor_svc.store.writer import Reader, Writer
-from stepflow_common.errors import InvalidArgument, NotFound
+from stepflow_common.errors import InvalidArgument, NotFound, StatusConflict
 from stepflow_common.status import LIVE, Kind, Status
 from stepflow_common.step_outcome import ChildTally
 
@@ -34,12 +34,19 @@ class MonitorStore:
         database_url: str,
         timers: StepTimers = _DEFAULT_TIMERS,
         on_commit: Callable[[set[str], datetime | None], None] | None = None,
+        limits: DocumentLimits | None = None,
+        sqlite_synchronous: str = SQLITE_SYNCHRONOUS_DEFAULT,
     ) -> None:
         self.database_url = database_url
         self.timers = timers
+        self.limits = limits or DocumentLimits()
         self.sqlite = is_sqlite(database_url)
-        self._write_engine = make_engine(database_url, writer=True)
-        self._read_engine = make_engine(database_url, writer=False)
+        self._write_engine = make_engine(
+            database_url, writer=True, sqlite_synchronous=sqlite_synchronous
+        )
+        self._read_engine = make_engine(
+            database_url, writer=False, sqlite_synchronous=sqlite_synchronous
+        )
         self.writer = Writer(self._write_engine, lock_rows=not self.sqlite, on_commit=on_commit)
         self.reader = Reader(self._read_engine)
 
@@ -62,27 +69,38 @@ class MonitorStore:
         after = _decode_token(page_token) if page_token else None
         return await self.reader.run(lambda conn: _list(conn, flt, page_size, after))
 
+    def page_token_after(self, view: JobView) -> str:
+        """A ListJobs token resuming after ``view`` (for a page cut short by its size)."""
+        return _encode_token(view.job.created_at, view.job.id)
+
     async def next_wakeup(self) -> datetime | None:
         return await self.reader.run(_next_wakeup)
 
     # -- writes ------------------------------------------------------------------------------
     async def create_job(self, new: NewJob) -> JobView:
-        return await self.writer.run(lambda tx: lifecycle.create_job(tx, new, self.timers))
+        return await self.writer.run(
+            lambda tx: lifecycle.create_job(tx, new, self.timers, self.limits)
+        )
 
     async def update_status(
         self, job_id: str, status: Status, error: str, end_reason: str, owner: str = ""
     ) -> JobView:
-        return await self.writer.run(
+        result = await self.writer.run(
             lambda tx: lifecycle.update_status(
                 tx, job_id, status, error, end_reason, self.timers, owner
             )
         )
+        if isinstance(result, StatusConflict):
+            raise result  # after the commit of the timeout that made the request too late
+        return result
 
     async def update_metadata(
         self, job_id: str, patch: dict[str, Any], expected_version: int | None, owner: str = ""
     ) -> JobView:
         return await self.writer.run(
-            lambda tx: lifecycle.update_metadata(tx, job_id, patch, expected_version, owner)
+            lambda tx: lifecycle.update_metadata(
+                tx, job_id, patch, expected_version, self.limits, owner
+            )
         )
 
     async def update_step_stat(

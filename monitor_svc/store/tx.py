@@ -307,7 +307,22 @@ class Tx:
 
     def children_of(self, step_id: str, *, live_only: bool) -> list[JobState]:
         """A step's children, loaded into the cache (locked) so a unit can change them."""
-        stmt = JOB_SELECT.where(JobRow.parent_id == step_id)
+        return self._load_jobs(
+            JobRow.parent_id == step_id, lambda s: s.parent_id == step_id, live_only=live_only
+        )
+
+    def live_children_of_manager(self, manager_id: str) -> list[JobState]:
+        """Every live child under a manager, whichever step it belongs to (locked)."""
+        return self._load_jobs(
+            (JobRow.manager_id == manager_id) & (JobRow.kind == Kind.CHILD.value),
+            lambda s: s.manager_id == manager_id and s.kind is Kind.CHILD,
+            live_only=True,
+        )
+
+    def _load_jobs(
+        self, where: Any, matches: Callable[[JobState], bool], *, live_only: bool
+    ) -> list[JobState]:
+        stmt = JOB_SELECT.where(where)
         if live_only:
             stmt = stmt.where(JobRow.status.in_(_LIVE))
         if self._lock_rows:
@@ -319,13 +334,13 @@ class Tx:
             self._jobs.setdefault(row.id, state)
             if not live_only or not state.status.terminal:
                 found.append(state)
-        # Children of this step created earlier in this transaction are cached, not yet stored.
+        # Jobs created earlier in this transaction are cached, not yet stored.
         seen = {s.id for s in found}
         for job_id in self._new:
             new = self._jobs.get(job_id)
             if (
                 new is not None
-                and new.parent_id == step_id
+                and matches(new)
                 and job_id not in seen
                 and (not live_only or not new.status.terminal)
             ):

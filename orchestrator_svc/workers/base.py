@@ -38,7 +38,8 @@ class StepContext:
 
     ``cancelled`` is set when the step is cancelled, times out, or the job stops: the worker
     must then start no more children, cancel the running ones, report every child it created
-    and has not ended as ``cancelled``, and return.
+    and has not ended as ``cancelled``, and return. ``child_cancelled(child_id)`` is the
+    signal for one child.
     """
 
     step_id: str
@@ -48,6 +49,13 @@ class StepContext:
     child_running: ChildRunning
     child_finished: ChildFinished
     cancelled: CancelSignal
+    child_cancel: Callable[[str], CancelSignal] | None = None
+
+    def child_cancelled(self, child_id: str) -> CancelSignal:
+        """Set when this one child is cancelled (CancelJob on it) or its whole step is: a
+        worker running the child must then stop it (its process too) and report it
+        ``cancelled``."""
+        return self.cancelled if self.child_cancel is None else self.child_cancel(child_id)
 
     def child_id(self, index: int) -> str:
         """The id of the step's ``index``-th child (0-based).

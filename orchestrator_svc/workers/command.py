@@ -55,6 +55,7 @@ class CommandWorker(BaseWorker):
             env=settings.env,
             timeout_s=settings.timeout_s,
         )
+        outcome.log_output(job_id=ctx.step_id, step=ctx.step_name)
         if outcome.status == "completed":
             return StepResult.success()
         if outcome.status == "cancelled":

@@ -110,11 +110,12 @@ class FanoutWorker(BaseWorker):
             item = settings.items[index]
             outcome = await run_shell(
                 settings.command_for(item),
-                cancelled=ctx.cancelled,
+                cancelled=ctx.child_cancelled(ctx.child_id(index)),
                 cwd=settings.cwd,
                 env={**settings.env, ITEM_ENV: item},
                 timeout_s=settings.timeout_s,
             )
+            outcome.log_output(job_id=ctx.child_id(index), step_id=ctx.step_id, item=item)
             return ChildOutcome(outcome.status, outcome.error)
 
         names = [item[:MAX_CHILD_NAME_CHARS] for item in settings.items]

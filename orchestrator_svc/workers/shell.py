@@ -10,7 +10,11 @@ import signal
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import structlog
+
 from orchestrator_svc.workers.base import CancelSignal, ChildStatus
+
+log = structlog.get_logger(__name__)
 
 KILL_GRACE_S = 2.0
 """Time between SIGTERM and SIGKILL when a command is stopped."""
@@ -18,7 +22,10 @@ DRAIN_TIMEOUT_S = 1.0
 """How long to keep reading output after the shell exits: a background process that inherited
 the pipe could otherwise hold the step open forever."""
 OUTPUT_TAIL_BYTES = 4096
-"""Output kept per stream, only to explain a failure; older output is dropped as it is read."""
+"""Output kept per stream (older output is dropped as it is read): for the job's error and the
+"command output" log line."""
+OUTPUT_LOG_LINES = 20
+"""Lines of each stream the "command output" log line carries (within OUTPUT_TAIL_BYTES)."""
 ERROR_OUTPUT_CHARS = 500
 READ_CHUNK_BYTES = 64 * 1024
 
@@ -28,6 +35,21 @@ class ShellOutcome:
     status: ChildStatus
     error: str = ""
     returncode: int | None = None
+    stdout: str = ""  # the last lines of each stream (OUTPUT_LOG_LINES, OUTPUT_TAIL_BYTES)
+    stderr: str = ""
+
+    def log_output(self, **job: str) -> None:
+        """One "command output" event with the job's ids (``job``), if there was output: where
+        a person debugging a step looks first, as the job record keeps only the error."""
+        if self.stdout or self.stderr:
+            log.info(
+                "command output",
+                **job,
+                status=self.status,
+                exit_status=self.returncode,
+                stdout=self.stdout,
+                stderr=self.stderr,
+            )
 
 
 class _Tail:
@@ -44,6 +66,12 @@ class _Tail:
 
     def text(self) -> str:
         return self.data.decode("utf-8", "replace").strip()
+
+    def last_lines(self) -> str:
+        lines = self.text().splitlines()
+        if len(self.data) >= OUTPUT_TAIL_BYTES and len(lines) > 1:
+            lines = lines[1:]  # the first kept line was cut by the byte limit
+        return "\n".join(lines[-OUTPUT_LOG_LINES:])
 
 
 async def run_shell(
@@ -101,15 +129,16 @@ async def run_shell(
         finally:
             for reader in readers:
                 reader.cancel()
+    tails = {"stdout": out.last_lines(), "stderr": err.last_lines()}
     if outcome is not None:
-        return ShellOutcome(outcome.status, outcome.error, proc.returncode)
+        return ShellOutcome(outcome.status, outcome.error, proc.returncode, **tails)
     code = proc.returncode
     assert code is not None
     if code == 0:
-        return ShellOutcome("completed", "", 0)
+        return ShellOutcome("completed", "", 0, **tails)
     why = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
     detail = (err.text() or out.text())[-ERROR_OUTPUT_CHARS:]
-    return ShellOutcome("failed", f"{why}: {detail}" if detail else why, code)
+    return ShellOutcome("failed", f"{why}: {detail}" if detail else why, code, **tails)
 
 
 async def _stop(proc: asyncio.subprocess.Process) -> None:

@@ -103,7 +103,9 @@ class SimulateWorker(BaseWorker):
         async def run_one(index: int) -> ChildOutcome:
             # With duration 0 there is no sleep at all: run_children yields to the loop
             # periodically, which is what keeps thousands of children a second possible.
-            if duration_s > 0 and not await sleep_unless_cancelled(ctx.cancelled, duration_s):
+            if duration_s > 0 and not await sleep_unless_cancelled(
+                ctx.child_cancelled(ctx.child_id(index)), duration_s
+            ):
                 return ChildOutcome("cancelled", "step cancelled while the child was running")
             return settings.outcome(index + 1)
 
