@@ -7,6 +7,7 @@ import asyncio
 import sys
 from collections.abc import Callable
 
+from monitor_svc.lifecycle import StepTimers
 from monitor_svc.records import DocumentLimits
 from monitor_svc.server import DEFAULT_PORT, MonitorConfig, serve
 from monitor_svc.store.engine import (
@@ -14,7 +15,6 @@ from monitor_svc.store.engine import (
     SQLITE_SYNCHRONOUS_DEFAULT,
     SQLITE_SYNCHRONOUS_MODES,
 )
-from monitor_svc.store.store import StepTimers
 from stepflow_common import cli, logs, metrics, serving
 from stepflow_common.cli import add_flag, add_log_level, add_server_flags, security_from
 from stepflow_common.durations import parse_duration
@@ -67,6 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--shutdown-grace",
         "10s",
         "time in-flight calls get on SIGTERM (0s: stop at once)",
+    )
+    add_flag(
+        serve_p,
+        COMMAND,
+        "--orphan-timeout",
+        "10m",
+        "a job whose orchestrator's lease lapsed, adopted by no other orchestrator by then, "
+        "ends failed (orchestrator_lost)",
     )
     add_flag(
         serve_p,
@@ -203,9 +211,10 @@ def _serve_with(args: argparse.Namespace) -> int:
 
 def _migrate(args: argparse.Namespace) -> int:
     from monitor_svc.store import doctor
+    from monitor_svc.store.engine import safe_url
     from monitor_svc.store.migrate import upgrade
 
-    where = doctor.safe_url(args.database_url)
+    where = safe_url(args.database_url)
     before = doctor.current_revision(args.database_url)
     head = doctor.head_revision()
     if before == head:
@@ -238,6 +247,7 @@ def config_from(args: argparse.Namespace) -> MonitorConfig:
                 args.default_wait_timeout, "--default-wait-timeout"
             ),
             grace_period_s=parse_duration(args.grace_period, "--grace-period"),
+            orphan_timeout_s=parse_duration(args.orphan_timeout, "--orphan-timeout"),
         ),
         security=security_from(args),
         shutdown_grace_s=parse_duration(args.shutdown_grace, "--shutdown-grace", allow_zero=True),

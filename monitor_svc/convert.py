@@ -14,6 +14,7 @@ from monitor_svc.records import ChildEventIn, JobFilter, JobState, JobView, NewJ
 from stepflow_common.durations import check_duration
 from stepflow_common.errors import InvalidArgument
 from stepflow_common.limits import MAX_ERROR_CHARS, MAX_METADATA_BYTES, truncate_text
+from stepflow_common.proto_status import KIND_FROM_PB, KIND_TO_PB, STATUS_FROM_PB, STATUS_TO_PB
 from stepflow_common.status import EndReason, Kind, Status
 from stepflow_common.step_outcome import ChildTally
 from stepflow_proto.v1 import job_pb2
@@ -38,22 +39,6 @@ CLIENT_END_REASONS = (
 _INT32_MAX = 2**31 - 1
 _INT64_MAX = 2**63 - 1
 
-KIND_TO_PB = {
-    Kind.MANAGER: job_pb2.JOB_KIND_MANAGER,
-    Kind.STEP: job_pb2.JOB_KIND_STEP,
-    Kind.CHILD: job_pb2.JOB_KIND_CHILD,
-}
-KIND_FROM_PB: dict[int, Kind] = {v: k for k, v in KIND_TO_PB.items()}
-STATUS_TO_PB = {
-    Status.PENDING: job_pb2.JOB_STATUS_PENDING,
-    Status.RUNNING: job_pb2.JOB_STATUS_RUNNING,
-    Status.SPAWNED: job_pb2.JOB_STATUS_SPAWNED,
-    Status.COMPLETED: job_pb2.JOB_STATUS_COMPLETED,
-    Status.FAILED: job_pb2.JOB_STATUS_FAILED,
-    Status.CANCELLED: job_pb2.JOB_STATUS_CANCELLED,
-    Status.SKIPPED: job_pb2.JOB_STATUS_SKIPPED,
-}
-STATUS_FROM_PB: dict[int, Status] = {v: k for k, v in STATUS_TO_PB.items()}
 EVENT_KIND_FROM_PB: dict[int, str] = {
     job_pb2.CHILD_EVENT_KIND_CREATED: "created",
     job_pb2.CHILD_EVENT_KIND_RUNNING: "running",
@@ -183,8 +168,14 @@ def timeout(value: duration_pb2.Duration, field: str = "timeout") -> float:
 
 def new_job(req: m.CreateJobRequest, metadata_limit: int = MAX_METADATA_BYTES) -> NewJob:
     timeout_s = timeout(req.timeout) if req.HasField("timeout") else None
+    job_kind = kind(req.kind)
+    definition = None
+    if req.HasField("definition"):
+        if job_kind is not Kind.MANAGER:
+            raise InvalidArgument("definition applies to manager jobs only")
+        definition = metadata(req.definition, "definition", limit=metadata_limit)
     return NewJob(
-        kind=kind(req.kind),
+        kind=job_kind,
         parent_id=optional_id(req.parent_id, "parent_id"),
         name=text(req.name, "name"),
         type=text(req.type, "type", 128),
@@ -192,7 +183,14 @@ def new_job(req: m.CreateJobRequest, metadata_limit: int = MAX_METADATA_BYTES) -
         timeout_s=timeout_s,
         request_id=optional_id(req.request_id, "request_id"),
         owner=text(req.owner, "owner", 128),
+        definition=definition,
     )
+
+
+def owner(value: str, *, required: bool = False) -> str:
+    if required and not value:
+        raise InvalidArgument("owner is required")
+    return text(value, "owner", 128)
 
 
 def job_filter(req: m.ListJobsRequest) -> tuple[JobFilter, int]:
@@ -237,6 +235,7 @@ def child_event(event: job_pb2.ChildEvent) -> ChildEventIn | str:
         event.child_count,
         event.handed_to_monitor,
         event_text(name, MAX_NAME) if name else "",
+        event.attempt,
     )
 
 
@@ -295,7 +294,7 @@ def _status_pb(value: Any) -> Any:  # a job_pb2.JobStatus value
         return job_pb2.JOB_STATUS_UNSPECIFIED
 
 
-def job_pb(view: JobView) -> job_pb2.Job:
+def job_pb(view: JobView, *, include_definition: bool = False) -> job_pb2.Job:
     job: JobState = view.job
     out = job_pb2.Job(
         id=job.id,
@@ -310,7 +309,11 @@ def job_pb(view: JobView) -> job_pb2.Job:
         version=job.version,
         change_seq=job.change_seq,
         owner=job.owner,
+        attempt=job.attempt,
+        interruptions=job.interruptions,
     )
+    if include_definition and job.definition is not None:
+        out.definition.update(job.definition)
     _CONVERTED.fill_metadata(job.id, job.metadata, out.metadata)
     _stamp(out.created_at, job.created_at)
     _stamp(out.started_at, job.started_at)

@@ -30,7 +30,6 @@ class DeadlineTimer:
         self._target: datetime | None = None
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.fired = 0
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -55,7 +54,6 @@ class DeadlineTimer:
             try:
                 fired = await self._store.fire_due()
                 if fired:
-                    self.fired += fired
                     metrics.DEADLINES_FIRED.inc(fired)
                     log.info("deadlines fired", count=fired)
                 self._target = await self._store.next_wakeup()

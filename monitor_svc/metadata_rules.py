@@ -27,16 +27,6 @@ STEP_STATS = "step_stats"
 CURRENT_STEP_ID = "current_step_id"
 CURRENT_STEP_STATUS = "current_step_status"
 COMPLETED_STEPS = "completed_steps"
-ENTRY_FIELDS = (
-    "step_index",
-    "step_id",
-    "step_name",
-    "step_type",
-    "child_count",
-    "document_count",
-    "status",
-    "error",
-)
 TEXT_FIELDS = ("step_name", "step_type", "error")
 # Whole numbers in an entry: JSON (a double) holds them exactly up to 2**53; step_index is an
 # int32 in the typed StepStat.
@@ -87,16 +77,26 @@ def merge_metadata(current: Mapping[str, Any], patch: Mapping[str, Any]) -> Merg
 
 
 def _follow_current_entry(new: Metadata) -> None:
-    """The current step's entry moved forward: current_step_status follows it, so the two
-    never disagree (the first failure this design exists to prevent)."""
     current_id = new.get(CURRENT_STEP_ID)
     entry = next((e for e in new[STEP_STATS] if e.get("step_id") == current_id), None)
     if entry is None:
         return
     entry_status = _status_or_none(entry.get("status"))
+    if entry_status is not None:
+        _current_follows(new, current_id, entry_status)
+
+
+def _current_follows(new: Metadata, step_id: Any, status: Status) -> bool:
+    """The one rule tying current_step_status to its entry: when the entry of the current
+    step moves forward, current_step_status follows it, so the two never disagree (the first
+    failure this design exists to prevent). True if it moved."""
+    if new.get(CURRENT_STEP_ID) != step_id:
+        return False
     shown = _status_or_none(new.get(CURRENT_STEP_STATUS))
-    if entry_status is not None and (shown is None or is_forward(shown, entry_status)):
-        new[CURRENT_STEP_STATUS] = entry_status.value
+    if shown is not None and not is_forward(shown, status):
+        return False
+    new[CURRENT_STEP_STATUS] = status.value
+    return True
 
 
 def _guard_current_step_status(
@@ -231,12 +231,7 @@ def set_step_stat_status(
     new_entry = {**entry, "status": status.value}
     new_entries[index] = new_entry
     new: Metadata = {**metadata, STEP_STATS: new_entries}
-    current_changed = False
-    if new.get(CURRENT_STEP_ID) == step_id and new.get(CURRENT_STEP_STATUS) != status.value:
-        current = _status_or_none(new.get(CURRENT_STEP_STATUS))
-        if current is None or is_forward(current, status):
-            new[CURRENT_STEP_STATUS] = status.value
-            current_changed = True
+    current_changed = _current_follows(new, step_id, status)
     new[COMPLETED_STEPS] = count_ended_steps(new_entries)
     return StepStatUpdate(new, new_entry, new != metadata, current_changed)
 
@@ -291,10 +286,7 @@ def record_step_status(metadata: Mapping[str, Any], facts: StepFacts) -> Metadat
                 entry["children"] = tally_dict(facts.tally)
     entries[index] = entry
     new: Metadata = {**metadata, STEP_STATS: sort_entries(entries)}
-    if new.get(CURRENT_STEP_ID) == facts.step_id:
-        current = _status_or_none(new.get(CURRENT_STEP_STATUS))
-        if current is None or (current != facts.status and is_forward(current, facts.status)):
-            new[CURRENT_STEP_STATUS] = facts.status.value
+    _current_follows(new, facts.step_id, facts.status)
     new[COMPLETED_STEPS] = count_ended_steps(new[STEP_STATS])
     return new
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import Field, dataclass, field, fields
 from datetime import UTC, datetime
+from operator import attrgetter
 from typing import Any, NamedTuple
 
 from stepflow_common.limits import MAX_METADATA_BYTES, MAX_STEPS_PER_MANAGER
@@ -30,60 +32,99 @@ class DocumentLimits:
     max_steps_per_manager: int = MAX_STEPS_PER_MANAGER
 
 
+# The job record is declared once, below: the storage derives its columns, its row mapping
+# and its UPDATE statements from these fields, and ``clone`` copies them all. A field's
+# ``metadata`` says how the storage writes it (``Stored``); the column is the field's name
+# unless ``column`` says otherwise. A new field is one line here (with a default, so the
+# places that build jobs need not change) plus the migration that adds its column.
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """How a job field is stored: written by every update of the row (``updated``), also by
+    the child-event path's narrower update (``by_child_event``), under which column."""
+
+    updated: bool = False
+    by_child_event: bool = False
+    column: str = ""
+    # Not read with the row (``JOB_SELECT``): a large value only one call asks for. Such
+    # fields come last, so a row builds a ``JobState`` with their defaults.
+    selected: bool = True
+
+
+STORED = "stored"
+_FIXED = {STORED: Stored()}
+_UPDATED = {STORED: Stored(updated=True)}
+_CHILD = {STORED: Stored(updated=True, by_child_event=True)}
+
+
 @dataclass(slots=True)
 class JobState:
     """One job's row as a unit of work sees it. Units replace it, never mutate it in place."""
 
-    id: str
-    kind: Kind
-    parent_id: str | None
-    manager_id: str
-    name: str
-    type: str
-    status: Status
-    error: str
-    end_reason: str
-    metadata: dict[str, Any]
-    version: int
-    change_seq: int
-    step_index: int | None
-    timeout_s: float | None
-    deadline: datetime | None
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
-    request_id: str | None
-    owner: str
+    id: str = field(metadata=_FIXED)
+    kind: Kind = field(metadata=_FIXED)
+    parent_id: str | None = field(metadata=_FIXED)
+    manager_id: str = field(metadata=_FIXED)
+    name: str = field(metadata=_FIXED)
+    type: str = field(metadata=_FIXED)
+    status: Status = field(metadata=_CHILD)
+    error: str = field(metadata=_CHILD)
+    end_reason: str = field(metadata=_CHILD)
+    metadata: dict[str, Any] = field(
+        metadata={STORED: Stored(updated=True, column="metadata_json")}
+    )
+    version: int = field(metadata=_CHILD)
+    change_seq: int = field(metadata=_CHILD)
+    step_index: int | None = field(metadata=_FIXED)
+    timeout_s: float | None = field(metadata=_FIXED)
+    deadline: datetime | None = field(metadata=_UPDATED)
+    created_at: datetime = field(metadata=_FIXED)
+    started_at: datetime | None = field(metadata=_CHILD)
+    finished_at: datetime | None = field(metadata=_CHILD)
+    request_id: str | None = field(metadata=_FIXED)
+    owner: str = field(metadata=_UPDATED)
+    # Runs started: children by their RUNNING events, steps by their RUNNING status.
+    attempt: int = field(default=0, metadata=_CHILD)
+    # Steps and children: how often their orchestrator was lost while they ran.
+    interruptions: int = field(default=0, metadata=_UPDATED)
+    # Managers without an owner: when the job fails orchestrator_lost unless adopted first.
+    orphan_deadline: datetime | None = field(default=None, metadata=_UPDATED)
+    # Managers: the job definition they were submitted with (read on request only).
+    definition: dict[str, Any] | None = field(
+        default=None, metadata={STORED: Stored(selected=False)}
+    )
 
     def clone(self) -> JobState:
         """A copy to change and ``put`` (hot path: cheaper than ``dataclasses.replace``)."""
-        return JobState(
-            self.id,
-            self.kind,
-            self.parent_id,
-            self.manager_id,
-            self.name,
-            self.type,
-            self.status,
-            self.error,
-            self.end_reason,
-            self.metadata,
-            self.version,
-            self.change_seq,
-            self.step_index,
-            self.timeout_s,
-            self.deadline,
-            self.created_at,
-            self.started_at,
-            self.finished_at,
-            self.request_id,
-            self.owner,
-        )
+        return _clone(self)
+
+
+JOB_FIELDS: tuple[Field[Any], ...] = fields(JobState)
+
+
+def _clone_function() -> Callable[[JobState], JobState]:
+    # Written out from the fields once: the constructor call a hand-written copy would make.
+    args = ", ".join(f"s.{f.name}" for f in JOB_FIELDS)
+    namespace: dict[str, Any] = {"JobState": JobState}
+    exec(f"def clone(s):\n    return JobState({args})\n", namespace)
+    function: Callable[[JobState], JobState] = namespace["clone"]
+    return function
+
+
+_clone = _clone_function()
+
+
+def stored(f: Field[Any]) -> Stored:
+    found: Stored = f.metadata[STORED]
+    return found
+
+
+def column_of(f: Field[Any]) -> str:
+    return stored(f).column or f.name
 
 
 @dataclass(slots=True)
 class Progress:
-    """A step's live child counts and seal (one row per step)."""
+    """A step's live child counts and seal (one row per step; columns named as the fields)."""
 
     step_id: str
     manager_id: str
@@ -104,18 +145,11 @@ class Progress:
         setattr(self, status, getattr(self, status) + delta)
 
     def copy(self) -> Progress:
-        return Progress(
-            self.step_id,
-            self.manager_id,
-            self.pending,
-            self.running,
-            self.completed,
-            self.failed,
-            self.cancelled,
-            self.sealed_count,
-            self.handed,
-            self.grace_deadline,
-        )
+        return Progress(*PROGRESS_VALUES(self))
+
+
+PROGRESS_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(Progress))
+PROGRESS_VALUES = attrgetter(*PROGRESS_FIELDS)
 
 
 @dataclass(slots=True)
@@ -138,6 +172,7 @@ class NewJob:
     timeout_s: float | None
     request_id: str | None
     owner: str
+    definition: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,3 +198,13 @@ class ChildEventIn(NamedTuple):
     child_count: int
     handed_to_monitor: bool
     name: str = ""
+    attempt: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """An orchestrator's lease: its jobs are its own until ``expires_at``."""
+
+    owner: str
+    instance: str
+    expires_at: datetime

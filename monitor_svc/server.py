@@ -10,12 +10,13 @@ import structlog
 from grpc import aio
 
 from monitor_svc.deadlines import DeadlineTimer
+from monitor_svc.lifecycle import StepTimers
 from monitor_svc.records import DocumentLimits
 from monitor_svc.servicer import MonitorServicer
-from monitor_svc.store.engine import SQLITE_SYNCHRONOUS_DEFAULT
+from monitor_svc.store.engine import SQLITE_SYNCHRONOUS_DEFAULT, safe_url
 from monitor_svc.store.migrate import upgrade
 from monitor_svc.store.notify import Listener
-from monitor_svc.store.store import MonitorStore, StepTimers, read_view
+from monitor_svc.store.store import MonitorStore, read_view
 from monitor_svc.watch import WatchHub
 from stepflow_common import metrics, serving
 from stepflow_common.grpc_errors import DomainErrorInterceptor
@@ -111,7 +112,7 @@ async def create_server(config: MonitorConfig) -> RunningMonitor:
         listener.start()
         await asyncio.to_thread(listener.ready.wait, 5.0)
     await serving.set_serving(health, [SERVICE_NAME])
-    log.info("monitor serving", port=port, database=_safe_url(config.database_url))
+    log.info("monitor serving", port=port, database=safe_url(config.database_url))
     return RunningMonitor(
         server, port, store, hub, timer, health, config.shutdown_grace_s, listener
     )
@@ -126,9 +127,3 @@ async def serve(config: MonitorConfig) -> None:
     log.info("monitor shutting down", grace_s=config.shutdown_grace_s)
     await running.stop()
     log.info("monitor stopped")
-
-
-def _safe_url(url: str) -> str:
-    from sqlalchemy.engine import make_url
-
-    return make_url(url).render_as_string(hide_password=True)

@@ -47,20 +47,48 @@ def code_for(exc: errors.StepflowError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+# Trailing metadata beside the status code: the error's stable reason, and its details.
+REASON_KEY = "stepflow-error"
+DETAIL_PREFIX = "stepflow-error-"
+_BY_REASON: dict[str, type[errors.StepflowError]] = {
+    cls.reason: cls
+    for cls in (
+        errors.InvalidArgument,
+        errors.NotFound,
+        errors.FailedPrecondition,
+        errors.StatusConflict,
+        errors.VersionConflict,
+        errors.AlreadyExists,
+        errors.Unavailable,
+        errors.ResourceExhausted,
+    )
+}
+
+
+def error_metadata(exc: errors.StepflowError) -> tuple[tuple[str, str], ...]:
+    details = ((DETAIL_PREFIX + k, v) for k, v in exc.details().items())
+    return ((REASON_KEY, exc.reason), *details)
+
+
 def from_rpc_error(exc: grpc.RpcError) -> errors.StepflowError:
+    """The domain error a failed call carries: by its reason when the server sent one, else
+    by its status code."""
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
-    details = exc.details() if hasattr(exc, "details") else str(exc)
-    cls = _FROM_CODE.get(code, errors.StepflowError)
-    if code == grpc.StatusCode.FAILED_PRECONDITION and "cannot change" in (details or ""):
-        cls = errors.StatusConflict
-    return cls(details or code.name)
+    message = (exc.details() if hasattr(exc, "details") else str(exc)) or code.name
+    trailing = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
+    sent = {str(k): str(v) for k, v in (trailing or ())}
+    cls = _BY_REASON.get(sent.get(REASON_KEY, ""))
+    if cls is None:
+        return _FROM_CODE.get(code, errors.StepflowError)(message)
+    details = {k[len(DETAIL_PREFIX) :]: v for k, v in sent.items() if k.startswith(DETAIL_PREFIX)}
+    return cls.rebuild(message, details)
 
 
 async def _abort(context: aio.ServicerContext, exc: BaseException, method: str) -> None:
     if isinstance(exc, errors.StepflowError):
         code = code_for(exc)
         log.info("rpc refused", rpc=method, code=code.name, reason=str(exc))
-        await context.abort(code, str(exc))
+        await context.abort(code, str(exc), trailing_metadata=error_metadata(exc))
     log.exception("rpc failed", rpc=method)
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
 

@@ -34,7 +34,9 @@ class Status(enum.StrEnum):
         return self in TERMINAL
 
 
+# The two sets every other module uses (for SQL filters too): defined here only.
 TERMINAL = frozenset({Status.COMPLETED, Status.FAILED, Status.CANCELLED, Status.SKIPPED})
+LIVE = frozenset(Status) - TERMINAL
 _RANK = {
     Status.PENDING: 0,
     Status.RUNNING: 1,
@@ -86,10 +88,14 @@ def check_transition(current: Status, requested: Status, *, what: str = "job") -
         return Transition.NOOP
     if current.terminal:
         raise StatusConflict(
-            f"{what} is already {current} (final); cannot change it to {requested}"
+            current,
+            requested,
+            f"{what} is already {current} (final); cannot change it to {requested}",
         )
     if requested.rank <= current.rank:
-        raise StatusConflict(f"{what} is {current}; moving back to {requested} is not allowed")
+        raise StatusConflict(
+            current, requested, f"{what} is {current}; moving back to {requested} is not allowed"
+        )
     return Transition.FORWARD
 
 

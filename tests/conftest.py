@@ -3,6 +3,7 @@ from a migrated template) and real servers on free ports."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -14,9 +15,9 @@ from grpc import aio
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
+from monitor_svc.lifecycle import StepTimers
 from monitor_svc.server import MonitorConfig, RunningMonitor, create_server
 from monitor_svc.store.migrate import upgrade
-from monitor_svc.store.store import StepTimers
 from stepflow_proto.v1 import monitor_service_pb2_grpc
 
 # The orchestrator fixtures (`orchestrator`, `ostub`) for every test module.
@@ -64,11 +65,11 @@ def postgres_template() -> Iterator[str | None]:
     engine.dispose()
 
 
-@pytest.fixture(params=DB_PARAMS)
-def database_url(
-    request: pytest.FixtureRequest, tmp_path: Path, postgres_template: str | None
-) -> Iterator[str]:
-    if request.param == "sqlite":
+@contextlib.contextmanager
+def fresh_database(kind: str, tmp_path: Path, postgres_template: str | None) -> Iterator[str]:
+    """The URL of an empty database of ``kind`` (sqlite: not migrated yet; postgres: a copy of
+    the migrated template), dropped afterwards."""
+    if kind == "sqlite":
         yield f"sqlite:///{tmp_path / 'stepflow.db'}"
         return
     if postgres_template is None:
@@ -83,6 +84,14 @@ def database_url(
         with engine.connect() as conn:
             conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
         engine.dispose()
+
+
+@pytest.fixture(params=DB_PARAMS)
+def database_url(
+    request: pytest.FixtureRequest, tmp_path: Path, postgres_template: str | None
+) -> Iterator[str]:
+    with fresh_database(request.param, tmp_path, postgres_template) as url:
+        yield url
 
 
 FAST_TIMERS = StepTimers(default_wait_timeout_s=30.0, grace_period_s=0.5)

@@ -18,8 +18,8 @@ import grpc
 import pytest
 from grpc import aio
 
+from monitor_svc.lifecycle import StepTimers
 from monitor_svc.server import MonitorConfig, RunningMonitor, create_server
-from monitor_svc.store.store import StepTimers
 from stepflow_proto.v1 import job_pb2
 from stepflow_proto.v1 import monitor_service_pb2 as m
 from stepflow_proto.v1 import monitor_service_pb2_grpc as m_grpc

@@ -20,8 +20,8 @@ from google.protobuf import duration_pb2
 from grpc import aio
 
 from monitor_svc.cli import build_parser, config_from
+from monitor_svc.lifecycle import StepTimers
 from monitor_svc.server import MonitorConfig, RunningMonitor, create_server
-from monitor_svc.store.store import StepTimers
 from orchestrator_svc.definitions import from_mapping
 from stepflow_common.durations import parse_duration
 from stepflow_common.errors import InvalidArgument

@@ -18,6 +18,8 @@ import pytest
 from google.protobuf import duration_pb2, timestamp_pb2
 from grpc import aio
 
+from stepflow_common.errors import StatusConflict
+from stepflow_common.grpc_errors import from_rpc_error
 from stepflow_proto.v1 import job_pb2
 from stepflow_proto.v1 import monitor_service_pb2 as m
 from stepflow_proto.v1 import monitor_service_pb2_grpc as m_grpc
@@ -531,6 +533,27 @@ async def test_backwards_status_of_managers_and_children_is_failed_precondition(
     before = {j.id: snapshot(j) for j in await all_jobs(stub)}
     assert await refused(set_status(stub, job_id, S.JOB_STATUS_PENDING)) == C.FAILED_PRECONDITION
     assert {j.id: snapshot(j) for j in await all_jobs(stub)} == before
+
+
+@pytest.mark.parametrize(
+    ("path", "requested", "current"),
+    [
+        ([S.JOB_STATUS_COMPLETED], S.JOB_STATUS_FAILED, "completed"),
+        ([S.JOB_STATUS_RUNNING], S.JOB_STATUS_PENDING, "running"),
+    ],
+)
+async def test_a_status_conflict_reaches_the_client_with_its_data(
+    stub: Stub, path: list[int], requested: int, current: str
+) -> None:
+    """Final and backwards moves alike decode to StatusConflict from the status's details."""
+    _manager, (step,) = await manager_with_steps(stub, 1)
+    for status in path:
+        await set_status(stub, step.id, status)
+    with pytest.raises(aio.AioRpcError) as caught:
+        await set_status(stub, step.id, requested)
+    error = from_rpc_error(caught.value)
+    assert isinstance(error, StatusConflict)
+    assert (error.current, error.requested) == (current, STATUS_NAME[requested])
 
 
 async def test_same_live_status_is_a_noop(stub: Stub) -> None:

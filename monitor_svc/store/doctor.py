@@ -8,6 +8,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, exc
 from sqlalchemy.engine import URL, make_url
 
+from monitor_svc.store.engine import safe_url
 from monitor_svc.store.migrate import alembic_config
 from stepflow_common.errors import InvalidArgument
 
@@ -33,10 +34,6 @@ def check_url(url: str) -> None:
     raise InvalidArgument(
         f"--database-url: {parsed.drivername!r} databases are not supported; use {EXAMPLES}"
     )
-
-
-def safe_url(url: str) -> str:
-    return make_url(url).render_as_string(hide_password=True)
 
 
 def describe(error: BaseException, url: str) -> str | None:

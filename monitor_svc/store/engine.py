@@ -17,6 +17,11 @@ SQLITE_SYNCHRONOUS_MODES = ("full", "normal")
 SQLITE_SYNCHRONOUS_DEFAULT = "full"
 
 
+def safe_url(url: str) -> str:
+    """The URL with its password hidden, for logs."""
+    return make_url(url).render_as_string(hide_password=True)
+
+
 def is_sqlite(url: str) -> bool:
     return make_url(url).get_backend_name() == "sqlite"
 

@@ -15,7 +15,7 @@ from sqlalchemy import Engine, delete, exists, select
 from sqlalchemy.orm import aliased
 
 from monitor_svc.store.models import JobRow, StepProgressRow
-from monitor_svc.store.store import LIVE_STATUSES, TERMINAL_STATUSES
+from stepflow_common.status import LIVE, TERMINAL
 
 DEFAULT_BATCH_MANAGERS = 100
 _member = aliased(JobRow)
@@ -39,14 +39,14 @@ def prune_finished(
                     select(JobRow.id)
                     .where(
                         JobRow.kind == "manager",
-                        JobRow.status.in_(TERMINAL_STATUSES),
+                        JobRow.status.in_(sorted(s.value for s in TERMINAL)),
                         JobRow.finished_at.is_not(None),
                         JobRow.finished_at < older_than,
                         # A finished manager may still have a live descendant (a step handed
                         # to the monitor): such a tree waits for a later prune.
                         ~exists().where(
                             _member.manager_id == JobRow.id,
-                            _member.status.in_(LIVE_STATUSES),
+                            _member.status.in_(sorted(s.value for s in LIVE)),
                         ),
                     )
                     .order_by(JobRow.finished_at)

@@ -1,78 +1,29 @@
-"""The monitor's storage verbs. Each verb is one unit of work in a (group) transaction; the
-rules it applies are the pure functions of ``metadata_rules`` and ``stepflow_common``."""
+"""The monitor's storage verbs. Each write verb runs one ``lifecycle`` unit of work in a
+(group) transaction of the writer; reads run plain queries on the read pool."""
 
 from __future__ import annotations
 
 import base64
 import json
-import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, replace
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection, func, or_, select
 
-from monitor_svc import metadata_rules as rules
-from monitor_svc.records import (
-    ChildEventIn,
-    DocumentLimits,
-    JobFilter,
-    JobState,
-    JobView,
-    NewJob,
-    Progress,
-    as_utc,
-)
+from monitor_svc import lifecycle
+from monitor_svc.lifecycle import StepStatResult, StepTimers, leases
+from monitor_svc.lifecycle.leases import HeartbeatResult
+from monitor_svc.records import ChildEventIn, DocumentLimits, JobFilter, JobView, NewJob, as_utc
 from monitor_svc.store.engine import SQLITE_SYNCHRONOUS_DEFAULT, is_sqlite, make_engine
-from monitor_svc.store.models import JobRow, StepProgressRow
-from monitor_svc.store.tx import JOB_SELECT, SELECT_JOB, Tx, deadline_after, row_to_state
+from monitor_svc.store.models import JobRow, LeaseRow, StepProgressRow
+from monitor_svc.store.tx import JOB_SELECT, SELECT_JOB, read_definition, row_to_state
 from monitor_svc.store.writer import Reader, Writer
-from stepflow_common.errors import (
-    AlreadyExists,
-    FailedPrecondition,
-    InvalidArgument,
-    NotFound,
-    ResourceExhausted,
-    StatusConflict,
-    VersionConflict,
-)
-from stepflow_common.status import (
-    EndReason,
-    Kind,
-    Status,
-    Transition,
-    check_status_for_kind,
-    check_transition,
-    is_forward,
-)
-from stepflow_common.step_outcome import ChildTally, children_done, final_step_status
+from stepflow_common.errors import InvalidArgument, NotFound, StatusConflict
+from stepflow_common.status import LIVE, Kind, Status
+from stepflow_common.step_outcome import ChildTally
 
-LIVE_STATUSES = ("pending", "running", "spawned")
-TERMINAL_STATUSES = ("completed", "failed", "cancelled", "skipped")
-EVENT_STATUS = {
-    "created": Status.PENDING,
-    "running": Status.RUNNING,
-    "completed": Status.COMPLETED,
-    "failed": Status.FAILED,
-    "cancelled": Status.CANCELLED,
-}
-
-
-@dataclass(frozen=True, slots=True)
-class StepTimers:
-    """Monitor-wide timings (flags): the default wait for children and the hand-off grace."""
-
-    default_wait_timeout_s: float = 1800.0
-    grace_period_s: float = 30.0
-
-
-@dataclass(frozen=True, slots=True)
-class StepStatResult:
-    entry: dict[str, Any]
-    tally: ChildTally
-    current_step_status_changed: bool
-    version: int
+_DEFAULT_TIMERS = StepTimers()
 
 
 class MonitorStore:
@@ -81,7 +32,7 @@ class MonitorStore:
     def __init__(
         self,
         database_url: str,
-        timers: StepTimers = StepTimers(),
+        timers: StepTimers = _DEFAULT_TIMERS,
         on_commit: Callable[[set[str], datetime | None], None] | None = None,
         limits: DocumentLimits | None = None,
         sqlite_synchronous: str = SQLITE_SYNCHRONOUS_DEFAULT,
@@ -106,8 +57,8 @@ class MonitorStore:
         self._read_engine.dispose()
 
     # -- reads -------------------------------------------------------------------------------
-    async def get_job(self, job_id: str) -> JobView:
-        view = await self.reader.run(lambda conn: read_view(conn, job_id))
+    async def get_job(self, job_id: str, *, include_definition: bool = False) -> JobView:
+        view = await self.reader.run(lambda conn: read_view(conn, job_id, include_definition))
         if view is None:
             raise NotFound(f"job {job_id} not found")
         return view
@@ -127,43 +78,67 @@ class MonitorStore:
 
     # -- writes ------------------------------------------------------------------------------
     async def create_job(self, new: NewJob) -> JobView:
-        return await self.writer.run(lambda tx: _create_job(tx, new, self.timers, self.limits))
+        return await self.writer.run(
+            lambda tx: lifecycle.create_job(tx, new, self.timers, self.limits)
+        )
 
     async def update_status(
-        self, job_id: str, status: Status, error: str, end_reason: str
+        self, job_id: str, status: Status, error: str, end_reason: str, owner: str = ""
     ) -> JobView:
         result = await self.writer.run(
-            lambda tx: _update_status(tx, job_id, status, error, end_reason, self.timers)
+            lambda tx: lifecycle.update_status(
+                tx, job_id, status, error, end_reason, self.timers, owner
+            )
         )
         if isinstance(result, StatusConflict):
             raise result  # after the commit of the timeout that made the request too late
         return result
 
     async def update_metadata(
-        self, job_id: str, patch: dict[str, Any], expected_version: int | None
+        self, job_id: str, patch: dict[str, Any], expected_version: int | None, owner: str = ""
     ) -> JobView:
         return await self.writer.run(
-            lambda tx: _update_metadata(tx, job_id, patch, expected_version, self.limits)
+            lambda tx: lifecycle.update_metadata(
+                tx, job_id, patch, expected_version, self.limits, owner
+            )
         )
 
     async def update_step_stat(
         self, manager_id: str, step_id: str, status: Status
     ) -> StepStatResult:
-        return await self.writer.run(lambda tx: _update_step_stat(tx, manager_id, step_id, status))
+        return await self.writer.run(
+            lambda tx: lifecycle.update_step_stat(tx, manager_id, step_id, status)
+        )
 
-    async def apply_events(self, events: list[ChildEventIn]) -> list[tuple[str, str]]:
-        return await self.writer.run(lambda tx: apply_events(tx, events, self.timers))
+    async def apply_events(
+        self, events: list[ChildEventIn], owner: str = ""
+    ) -> list[tuple[str, str]]:
+        return await self.writer.run(
+            lambda tx: lifecycle.apply_events(tx, events, self.timers, owner)
+        )
 
     async def fire_due(self) -> int:
-        return await self.writer.run(lambda tx: _fire_due(tx, self.timers))
+        return await self.writer.run(lambda tx: lifecycle.fire_due(tx, self.timers))
+
+    async def heartbeat(
+        self, owner: str, instance: str, lease_s: float, max_adopt: int
+    ) -> HeartbeatResult:
+        return await self.writer.run(
+            lambda tx: leases.heartbeat(tx, owner, instance, lease_s, max_adopt, self.timers)
+        )
+
+    async def release_lease(self, owner: str) -> list[str]:
+        return await self.writer.run(lambda tx: leases.release_lease(tx, owner, self.timers))
 
 
 # -- reads ---------------------------------------------------------------------------------
-def read_view(conn: Connection, job_id: str) -> JobView | None:
+def read_view(conn: Connection, job_id: str, include_definition: bool = False) -> JobView | None:
     row = conn.execute(SELECT_JOB, {"job_id": job_id}).first()
     if row is None:
         return None
     job = row_to_state(row)
+    if include_definition and job.kind is Kind.MANAGER:
+        job.definition = read_definition(conn, job_id)
     tallies: dict[str, ChildTally] = {}
     if job.kind is Kind.MANAGER:
         tallies = _tallies_for_manager(conn, job.id)
@@ -238,7 +213,7 @@ def _decode_token(token: str) -> tuple[datetime, str]:
 def _next_wakeup(conn: Connection) -> datetime | None:
     job_deadline = conn.execute(
         select(func.min(JobRow.deadline)).where(
-            JobRow.deadline.is_not(None), JobRow.status.in_(LIVE_STATUSES)
+            JobRow.deadline.is_not(None), JobRow.status.in_(sorted(s.value for s in LIVE))
         )
     ).scalar()
     grace = conn.execute(
@@ -246,498 +221,11 @@ def _next_wakeup(conn: Connection) -> datetime | None:
             StepProgressRow.grace_deadline.is_not(None)
         )
     ).scalar()
-    found = [as_utc(d) for d in (job_deadline, grace) if d is not None]
+    lease = conn.execute(select(func.min(LeaseRow.expires_at))).scalar()
+    orphan = conn.execute(
+        select(func.min(JobRow.orphan_deadline)).where(
+            JobRow.orphan_deadline.is_not(None), JobRow.status.in_(sorted(s.value for s in LIVE))
+        )
+    ).scalar()
+    found = [as_utc(d) for d in (job_deadline, grace, lease, orphan) if d is not None]
     return min(d for d in found if d is not None) if found else None
-
-
-# -- write units ---------------------------------------------------------------------------
-def _view(tx: Tx, job: JobState) -> JobView:
-    if job.kind is not Kind.MANAGER:
-        return JobView(job)
-    return JobView(job, tx.tallies_for_manager(job.id))
-
-
-def _require(tx: Tx, job_id: str) -> JobState:
-    job = tx.job(job_id)
-    if job is None:
-        raise NotFound(f"job {job_id} not found")
-    return job
-
-
-def _create_job(tx: Tx, new: NewJob, timers: StepTimers, limits: DocumentLimits) -> JobView:
-    if new.request_id:
-        existing = tx.job_by_request_id(new.request_id)
-        if existing is not None:
-            if existing.kind is not new.kind or (existing.parent_id or "") != (new.parent_id or ""):
-                raise AlreadyExists(
-                    f"request_id {new.request_id} was used for another job ({existing.id})"
-                )
-            return _view(tx, existing)
-    manager_id: str
-    if new.kind is Kind.MANAGER:
-        if new.parent_id:
-            raise InvalidArgument("a manager job has no parent_id")
-        job_id = uuid.uuid4().hex
-        manager_id = job_id
-    else:
-        if not new.parent_id:
-            raise InvalidArgument(f"a {new.kind} job needs parent_id")
-        parent = _require(tx, new.parent_id)
-        wanted = Kind.MANAGER if new.kind is Kind.STEP else Kind.STEP
-        if parent.kind is not wanted:
-            raise FailedPrecondition(
-                f"the parent of a {new.kind} must be a {wanted}; {parent.id} is a {parent.kind}"
-            )
-        if parent.status.terminal:
-            raise FailedPrecondition(f"parent {parent.id} is already {parent.status}")
-        job_id = uuid.uuid4().hex
-        manager_id = parent.manager_id
-        if new.kind is Kind.STEP:
-            _check_room_for_step(tx, manager_id, limits)
-    metadata = rules.merge_metadata({}, new.metadata).metadata  # same checks as UpdateJobMetadata
-    _check_document_size(job_id, {}, metadata, limits)
-    step_index = _step_index(new) if new.kind is Kind.STEP else None
-    state = JobState(
-        id=job_id,
-        kind=new.kind,
-        parent_id=new.parent_id or None,
-        manager_id=manager_id,
-        name=new.name,
-        type=new.type,
-        status=Status.PENDING,
-        error="",
-        end_reason="",
-        metadata=metadata,
-        version=1,
-        change_seq=0,
-        step_index=step_index,
-        timeout_s=new.timeout_s,
-        deadline=None if new.kind is Kind.STEP else deadline_after(tx.now, new.timeout_s),
-        created_at=tx.now,
-        started_at=None,
-        finished_at=None,
-        request_id=new.request_id or None,
-        owner=new.owner,
-    )
-    tx.insert(state)
-    if new.kind is Kind.STEP:
-        tx.put_progress(Progress(job_id, manager_id), new=True)
-    elif new.kind is Kind.CHILD:
-        assert new.parent_id is not None
-        progress = _working_progress(tx, new.parent_id)
-        _check_room_for_child(progress)
-        progress.add(Status.PENDING, 1)
-        tx.touch(manager_id)
-    return _view(tx, state)
-
-
-def _step_index(new: NewJob) -> int | None:
-    """A step's position from its metadata (``step_index``), when it is one."""
-    value = new.metadata.get("step_index")
-    if not isinstance(value, int | float) or isinstance(value, bool):
-        return None
-    if not (value == int(value) and 0 <= value <= rules.MAX_STEP_INDEX):
-        raise InvalidArgument(
-            f"metadata.step_index must be a whole number from 0 to {rules.MAX_STEP_INDEX}"
-        )
-    return int(value)
-
-
-def _check_room_for_step(tx: Tx, manager_id: str, limits: DocumentLimits) -> None:
-    """Each step gets a step_stats entry the monitor writes whatever the document's size, so
-    the number of steps bounds how far the monitor's own writes can grow the document."""
-    tx.load_manager_progress(manager_id)
-    steps = len(tx.tallies_for_manager(manager_id))
-    if steps >= limits.max_steps_per_manager:
-        raise ResourceExhausted(
-            f"manager {manager_id} has {steps} steps; the limit is "
-            f"{limits.max_steps_per_manager} steps per manager"
-        )
-
-
-def _check_document_size(
-    job_id: str, old: dict[str, Any], new: dict[str, Any], limits: DocumentLimits
-) -> None:
-    """Refuse a client's write that would make the document larger than the limit (a write
-    that does not grow an over-limit document, e.g. a status, still passes)."""
-    size = rules.size_over(new, limits.max_metadata_bytes)
-    if size is None or size <= rules.encoded_size(old):
-        return
-    raise ResourceExhausted(
-        f"job {job_id}'s metadata would be {size} bytes; the limit is "
-        f"{limits.max_metadata_bytes} bytes (remove or shrink keys first)"
-    )
-
-
-def _update_status(
-    tx: Tx, job_id: str, status: Status, error: str, end_reason: str, timers: StepTimers
-) -> JobView | StatusConflict:
-    job = _require(tx, job_id)
-    check_status_for_kind(job.kind, status)
-    overdue = _fire_if_overdue(tx, job, timers)
-    try:
-        transition = check_transition(overdue.status, status, what=f"{job.kind} {job_id}")
-    except StatusConflict as exc:
-        if overdue is job:
-            raise
-        return exc  # the timeout is committed; the caller is told its write came too late
-    job = overdue
-    if transition is Transition.NOOP:
-        return _view(tx, job)
-    reason = end_reason or (EndReason.CANCELLED if status is Status.CANCELLED else EndReason.API)
-    job = set_status(tx, job, status, error, reason, timers)
-    return _view(tx, job)
-
-
-def _update_metadata(
-    tx: Tx,
-    job_id: str,
-    patch: dict[str, Any],
-    expected_version: int | None,
-    limits: DocumentLimits,
-) -> JobView:
-    job = _require(tx, job_id)
-    if expected_version is not None and expected_version != job.version:
-        raise VersionConflict.stale(job_id, expected_version, job.version)
-    merged = rules.merge_metadata(job.metadata, patch)
-    if merged.changed:
-        _check_document_size(job_id, job.metadata, merged.metadata, limits)
-        job = replace(job, metadata=merged.metadata, version=job.version + 1)
-        tx.put(job)
-    return _view(tx, job)
-
-
-def _update_step_stat(tx: Tx, manager_id: str, step_id: str, status: Status) -> StepStatResult:
-    manager = _require(tx, manager_id)
-    if manager.kind is not Kind.MANAGER:
-        raise FailedPrecondition(f"job {manager_id} is a {manager.kind}, not a manager")
-    update = rules.set_step_stat_status(manager.metadata, step_id, status)
-    if update.changed:
-        manager = replace(manager, metadata=update.metadata, version=manager.version + 1)
-        tx.put(manager)
-    # All the manager's step counts in one query per transaction, shared by its calls.
-    tx.load_manager_progress(manager.id)
-    progress = tx.progress(step_id)
-    tally = progress.tally() if progress is not None else ChildTally()
-    return StepStatResult(update.entry, tally, update.current_step_status_changed, manager.version)
-
-
-# -- the one place a job's status changes ------------------------------------------------------
-def set_status(
-    tx: Tx, job: JobState, status: Status, error: str, reason: str, timers: StepTimers
-) -> JobState:
-    """Move a job forward and carry the change everywhere it shows, in this transaction:
-    the manager's step_stats for a step, the step's counts for a child, and the cascade."""
-    new = replace(job, status=status, version=job.version + 1)
-    if error:
-        new.error = error
-    if status in (Status.RUNNING, Status.SPAWNED) and new.started_at is None:
-        new.started_at = tx.now
-        if job.kind is Kind.STEP and job.timeout_s is not None:
-            # A step's own timeout runs from its start (running, or spawned straight from
-            # pending by a hand-off seal), not from when the job created it.
-            new.deadline = deadline_after(tx.now, job.timeout_s)
-    if status.terminal:
-        new.finished_at = tx.now
-        new.end_reason = reason
-        new.deadline = None
-    tx.put(new)
-    if job.kind is Kind.CHILD:
-        _count_child_change(tx, job, status)
-        _check_step_end(tx, job.parent_id or "", timers)
-    elif job.kind is Kind.STEP:
-        _on_step_status(tx, new, timers)
-    elif job.kind is Kind.MANAGER and status.terminal:
-        _end_manager_descendants(tx, new.id, timers)
-    latest = tx.job(new.id)
-    assert latest is not None
-    return latest
-
-
-def _end_manager_descendants(tx: Tx, manager_id: str, timers: StepTimers) -> None:
-    """Nothing under an ended manager stays live: a step that never started is ``skipped``,
-    one that had started ``cancelled`` (its live children with it), and the children still
-    live under steps that had already ended are cancelled too."""
-    for step in tx.children_of(manager_id, live_only=True):
-        ended = Status.SKIPPED if step.status is Status.PENDING else Status.CANCELLED
-        set_status(tx, step, ended, "", EndReason.CANCELLED, timers)
-    for child in tx.live_children_of_manager(manager_id):
-        set_status(tx, child, Status.CANCELLED, "", EndReason.CANCELLED, timers)
-
-
-def _on_step_status(tx: Tx, step: JobState, timers: StepTimers) -> None:
-    progress = tx.progress(step.id)
-    if step.status.terminal:
-        # A step that ends, whichever way, takes its live children with it: nothing under an
-        # ended step stays running.
-        for child in tx.children_of(step.id, live_only=True):
-            set_status(tx, child, Status.CANCELLED, "", EndReason.CANCELLED, timers)
-        progress = tx.progress(step.id)
-        if progress is not None and progress.grace_deadline is not None:
-            working = _working_progress(tx, step.id)
-            working.grace_deadline = None
-    elif step.status is Status.SPAWNED:
-        working = _working_progress(tx, step.id)
-        if step.deadline is None:
-            tx.put(replace(step, deadline=deadline_after(tx.now, timers.default_wait_timeout_s)))
-        if working.sealed_count is None and working.tally().total == 0:
-            working.grace_deadline = tx.now + timedelta(seconds=timers.grace_period_s)
-        working.handed = True
-    _record_in_manager(tx, step.id)
-    if step.status is Status.SPAWNED:
-        _check_step_end(tx, step.id, timers)
-
-
-def _record_in_manager(tx: Tx, step_id: str) -> None:
-    step = tx.job(step_id)
-    assert step is not None
-    manager = tx.job(step.manager_id)
-    if manager is None:
-        return
-    progress = tx.progress(step_id)
-    tally = progress.tally() if progress is not None else None
-    child_count = None
-    if progress is not None:
-        child_count = progress.sealed_count if progress.sealed_count is not None else tally.total  # type: ignore[union-attr]
-    facts = rules.StepFacts(
-        step_id=step.id,
-        step_name=step.name,
-        step_type=step.type,
-        step_index=step.step_index,
-        status=step.status,
-        error=step.error,
-        child_count=child_count,
-        tally=tally,
-    )
-    metadata = rules.record_step_status(manager.metadata, facts)
-    if metadata != manager.metadata:
-        tx.put(replace(manager, metadata=metadata, version=manager.version + 1))
-    else:
-        # The entry already says as much (a client marked it first), but the step's row
-        # changed: the manager's watchers must still wake to see it.
-        tx.touch(manager.id)
-
-
-def _working_progress(tx: Tx, step_id: str) -> Progress:
-    step = tx.job(step_id)
-    assert step is not None
-    return tx.working_progress(step_id, step.manager_id)
-
-
-def _count_child_change(tx: Tx, old: JobState, status: Status) -> None:
-    """Every change of a child goes through here: its step's counts follow in this tx."""
-    step_id = old.parent_id or ""
-    progress = _working_progress(tx, step_id)
-    progress.add(old.status, -1)
-    progress.add(status, 1)
-    tx.touch(old.manager_id)
-
-
-def _check_room_for_child(progress: Progress) -> None:
-    if progress.sealed_count is not None and progress.tally().total >= progress.sealed_count:
-        raise FailedPrecondition(
-            f"step {progress.step_id} is sealed with {progress.sealed_count} children"
-        )
-
-
-def _check_step_end(tx: Tx, step_id: str, timers: StepTimers) -> None:
-    """End a handed-off step whose seal is met: zero children, or all children terminal."""
-    step = tx.job(step_id)
-    if step is None or step.status.terminal:
-        return
-    progress = tx.progress(step_id)
-    if progress is None or not progress.handed or progress.sealed_count is None:
-        return
-    tally = progress.tally()
-    if progress.sealed_count == 0:
-        set_status(tx, step, Status.COMPLETED, "", EndReason.NO_CHILDREN, timers)
-    elif children_done(tally, progress.sealed_count):
-        status, error = final_step_status(tally)
-        set_status(tx, step, status, error, EndReason.CHILDREN_TERMINAL, timers)
-
-
-# -- the child-event stream ------------------------------------------------------------------
-def apply_events(tx: Tx, events: list[ChildEventIn], timers: StepTimers) -> list[tuple[str, str]]:
-    """Apply one batch of child events. Dedupe is by the child's state transition: statuses
-    only move forward, so a replayed or late event finds nothing to change, and nothing extra
-    has to be kept (or pruned) to recognise it."""
-    rejected: list[tuple[str, str]] = []
-    steps: dict[str, JobState | None] = {}
-    for event in events:
-        if event.step_id not in steps:
-            steps[event.step_id] = tx.job(event.step_id) if event.step_id else None
-    tx.child_states({e.child_id for e in events if e.child_id})
-    affected: set[str] = set()
-    for event in events:
-        reason = _apply_event(tx, event, steps, timers)
-        if reason:
-            rejected.append((event.event_id, reason))
-        else:
-            affected.add(event.step_id)
-    for step_id in affected:
-        _check_step_end(tx, step_id, timers)
-    return rejected
-
-
-def _apply_event(
-    tx: Tx,
-    event: ChildEventIn,
-    steps: dict[str, JobState | None],
-    timers: StepTimers,
-) -> str:
-    step = steps.get(event.step_id)
-    if step is None:
-        return f"unknown step {event.step_id!r}"
-    if step.kind is not Kind.STEP:
-        return f"job {event.step_id} is a {step.kind}, not a step"
-    if event.kind == "sealed":
-        return _apply_seal(tx, event, timers)
-    status = EVENT_STATUS.get(event.kind)
-    if status is None:
-        return f"unknown event kind {event.kind!r}"
-    if not event.child_id:
-        return "child_id is required"
-    child = tx.cached_job(event.child_id)
-    if child is not None:
-        if child.kind is not Kind.CHILD or child.parent_id != event.step_id:
-            return f"job {event.child_id} is not a child of step {event.step_id}"
-        if child.status != status and is_forward(child.status, status):
-            new = child.clone()
-            new.status, new.version = status, child.version + 1
-            if status is Status.RUNNING:
-                new.started_at = new.started_at or tx.now
-            elif status.terminal:
-                new.finished_at = tx.now
-                new.end_reason = EndReason.ORCHESTRATOR
-                new.error = event.error
-            tx.put(new, status_only=True)
-            progress = _working_progress(tx, event.step_id)
-            progress.add(child.status, -1)
-            progress.add(status, 1)
-            tx.touch(step.manager_id)
-        return ""
-    progress = _working_progress(tx, event.step_id)
-    if progress.sealed_count is not None and progress.tally().total >= progress.sealed_count:
-        return f"beyond the seal's child_count {progress.sealed_count}"
-    error = event.error
-    if step.status.terminal and not status.terminal:
-        # A child first heard of after its step ended (cancelled, timed out) is recorded, but
-        # as cancelled: nothing under an ended step may stay live.
-        status, error = Status.CANCELLED, f"step already {step.status}"
-    tx.insert(
-        JobState(
-            id=event.child_id,
-            kind=Kind.CHILD,
-            parent_id=event.step_id,
-            manager_id=step.manager_id,
-            name=event.name,
-            type=step.type,
-            status=status,
-            error=error if status.terminal else "",
-            end_reason=EndReason.ORCHESTRATOR if status.terminal else "",
-            metadata={},
-            version=1,
-            change_seq=0,
-            step_index=None,
-            timeout_s=None,
-            deadline=None,
-            created_at=tx.now,
-            started_at=tx.now if status is not Status.PENDING else None,
-            finished_at=tx.now if status.terminal else None,
-            request_id=None,
-            owner=step.owner,
-        )
-    )
-    progress.add(status, 1)
-    progress.grace_deadline = None
-    tx.touch(step.manager_id)
-    return ""
-
-
-def _apply_seal(tx: Tx, event: ChildEventIn, timers: StepTimers) -> str:
-    progress = _working_progress(tx, event.step_id)
-    if event.child_count < 0:
-        return "child_count must be >= 0"
-    if progress.sealed_count is not None:
-        if progress.sealed_count == event.child_count:
-            return ""  # the same seal again
-        return f"already sealed with child_count {progress.sealed_count}"
-    seen = progress.tally().total
-    if event.child_count < seen:
-        return f"child_count {event.child_count} is below the {seen} children already seen"
-    progress.sealed_count = event.child_count
-    progress.grace_deadline = None
-    step = tx.job(event.step_id)
-    assert step is not None
-    hand_off = (
-        event.handed_to_monitor and not step.status.terminal and step.status is not Status.SPAWNED
-    )
-    if step.deadline is None and not step.status.terminal and not hand_off:
-        # (A hand-off gets its deadline from the move to spawned below.)
-        step = replace(
-            step,
-            deadline=deadline_after(tx.now, timers.default_wait_timeout_s),
-            version=step.version + 1,
-        )
-        tx.put(step)
-    manager = tx.job(step.manager_id)
-    if manager is not None:
-        metadata = rules.record_child_count(manager.metadata, step.id, event.child_count)
-        if metadata != manager.metadata:
-            tx.put(replace(manager, metadata=metadata, version=manager.version + 1))
-    if event.handed_to_monitor:
-        progress.handed = True
-        if hand_off:
-            set_status(tx, step, Status.SPAWNED, "", "", timers)
-    tx.touch(step.manager_id)
-    return ""
-
-
-# -- deadlines -------------------------------------------------------------------------------
-def _fire_if_overdue(tx: Tx, job: JobState, timers: StepTimers) -> JobState:
-    """A write to a job whose deadline has passed finds it timed out, as it would had the
-    timer fired on the dot: the outcome does not depend on the timer's lag."""
-    if job.status.terminal or job.deadline is None or job.deadline > tx.now:
-        return job
-    return _time_out(tx, job, timers)
-
-
-def _time_out(tx: Tx, job: JobState, timers: StepTimers) -> JobState:
-    error = "timed out waiting for child jobs" if job.kind is Kind.STEP else "job timed out"
-    return set_status(tx, job, Status.FAILED, error, EndReason.TIMEOUT, timers)
-
-
-def _fire_due(tx: Tx, timers: StepTimers) -> int:
-    """End every job whose stored deadline has passed (and hand-offs past their grace)."""
-    due_stmt = select(JobRow.id).where(
-        JobRow.deadline.is_not(None), JobRow.deadline <= tx.now, JobRow.status.in_(LIVE_STATUSES)
-    )
-    grace_stmt = select(StepProgressRow.step_id).where(
-        StepProgressRow.grace_deadline.is_not(None), StepProgressRow.grace_deadline <= tx.now
-    )
-    if not tx.sqlite:
-        # Two monitors on one database: each due deadline is claimed by exactly one of them.
-        due_stmt = due_stmt.with_for_update(skip_locked=True)
-        grace_stmt = grace_stmt.with_for_update(skip_locked=True)
-    fired = 0
-    for job_id in tx.conn.execute(due_stmt).scalars().all():
-        job = tx.job(job_id)
-        if job is None or job.status.terminal or job.deadline is None or job.deadline > tx.now:
-            continue
-        _time_out(tx, job, timers)
-        fired += 1
-    for step_id in tx.conn.execute(grace_stmt).scalars().all():
-        step = tx.job(step_id)
-        progress = tx.progress(step_id)
-        if step is None or progress is None:
-            continue
-        working = _working_progress(tx, step_id)
-        working.grace_deadline = None
-        if (
-            step.status is Status.SPAWNED
-            and progress.sealed_count is None
-            and progress.tally().total == 0
-        ):
-            set_status(tx, step, Status.COMPLETED, "", EndReason.GRACE_PERIOD, timers)
-            fired += 1
-    return fired

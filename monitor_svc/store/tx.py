@@ -10,45 +10,41 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable
+from dataclasses import Field
 from datetime import datetime
+from operator import attrgetter
 from typing import Any, cast
 
-from sqlalchemy import Connection, Table, bindparam, select, update
+from sqlalchemy import Connection, Table, bindparam, delete, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 
-from monitor_svc.records import JobState, Progress, as_utc, utcnow
+from monitor_svc.records import (
+    JOB_FIELDS,
+    PROGRESS_FIELDS,
+    PROGRESS_VALUES,
+    JobState,
+    Lease,
+    Progress,
+    as_utc,
+    column_of,
+    stored,
+    utcnow,
+)
 from monitor_svc.store import notify
-from monitor_svc.store.models import CounterRow, JobRow, StepProgressRow
-from stepflow_common.status import Kind, Status
+from monitor_svc.store.models import CounterRow, JobRow, LeaseRow, StepProgressRow
+from stepflow_common.status import LIVE, Kind, Status
 from stepflow_common.step_outcome import ChildTally
 
 CHANGE_SEQ = "change_seq"
 IN_CHUNK = 500
 _MISSING = object()
 
-_JOB_COLUMNS = (
-    JobRow.id,
-    JobRow.kind,
-    JobRow.parent_id,
-    JobRow.manager_id,
-    JobRow.name,
-    JobRow.type,
-    JobRow.status,
-    JobRow.error,
-    JobRow.end_reason,
-    JobRow.metadata_json,
-    JobRow.version,
-    JobRow.change_seq,
-    JobRow.step_index,
-    JobRow.timeout_s,
-    JobRow.deadline,
-    JobRow.created_at,
-    JobRow.started_at,
-    JobRow.finished_at,
-    JobRow.request_id,
-    JobRow.owner,
-)
-JOB_SELECT = select(*_JOB_COLUMNS)
 _T = cast(Table, JobRow.__table__)
+# Every statement and mapping below is derived from the fields of ``JobState``, in their order.
+_COLUMNS = tuple(column_of(f) for f in JOB_FIELDS)
+# Read with the row: every field but the few kept for the one call that asks (``selected``).
+_READ_FIELDS = tuple(f for f in JOB_FIELDS if stored(f).selected)
+JOB_SELECT = select(*(_T.c[column_of(f)] for f in _READ_FIELDS))
 # Statements built once: building and cache-keying a statement per call costs more than
 # running it on the hot paths.
 SELECT_JOB = JOB_SELECT.where(_T.c.id == bindparam("job_id"))
@@ -56,79 +52,37 @@ _SELECT_JOB_LOCKED = SELECT_JOB.with_for_update()
 _SELECT_BY_REQUEST = JOB_SELECT.where(_T.c.request_id == bindparam("request_id"))
 _SELECT_MANY = JOB_SELECT.where(_T.c.id.in_(bindparam("ids", expanding=True)))
 _SELECT_MANY_LOCKED = _SELECT_MANY.with_for_update()
-_UPDATE_JOB = (
-    update(_T)
-    .where(_T.c.id == bindparam("b_id"))
-    .values(
-        status=bindparam("b_status"),
-        error=bindparam("b_error"),
-        end_reason=bindparam("b_end_reason"),
-        metadata_json=bindparam("b_metadata_json"),
-        version=bindparam("b_version"),
-        change_seq=bindparam("b_change_seq"),
-        deadline=bindparam("b_deadline"),
-        started_at=bindparam("b_started_at"),
-        finished_at=bindparam("b_finished_at"),
-        owner=bindparam("b_owner"),
+_UPDATED = tuple(f for f in JOB_FIELDS if stored(f).updated)
+_BY_CHILD_EVENT = tuple(f for f in JOB_FIELDS if stored(f).by_child_event)
+
+
+def _update_of(changed: tuple[Field[Any], ...]) -> tuple[Any, tuple[str, ...]]:
+    """An UPDATE of the ``changed`` fields by id, and its bind names."""
+    binds = ("b_id", *(f"b_{column_of(f)}" for f in changed))
+    stmt = (
+        update(_T)
+        .where(_T.c.id == bindparam("b_id"))
+        .values({column_of(f): bindparam(f"b_{column_of(f)}") for f in changed})
     )
-)
-_P = cast(Table, StepProgressRow.__table__)
-_SELECT_PROGRESS = select(*_P.c).where(_P.c.step_id == bindparam("step_id"))
-_SELECT_PROGRESS_LOCKED = _SELECT_PROGRESS.with_for_update()
-_SELECT_MANAGER_PROGRESS = select(*_P.c).where(_P.c.manager_id == bindparam("manager_id"))
+    return stmt, binds
+
+
+_UPDATE_JOB, _UPDATE_BINDS = _update_of(_UPDATED)
 # Children change only these columns: no metadata to re-serialise per child event.
-_UPDATE_CHILD = (
-    update(_T)
-    .where(_T.c.id == bindparam("b_id"))
-    .values(
-        status=bindparam("b_status"),
-        error=bindparam("b_error"),
-        end_reason=bindparam("b_end_reason"),
-        version=bindparam("b_version"),
-        change_seq=bindparam("b_change_seq"),
-        started_at=bindparam("b_started_at"),
-        finished_at=bindparam("b_finished_at"),
-    )
-)
+_UPDATE_CHILD, _CHILD_BINDS = _update_of(_BY_CHILD_EVENT)
+_P = cast(Table, StepProgressRow.__table__)
+_PROGRESS_SELECT = select(*(_P.c[name] for name in PROGRESS_FIELDS))
+_SELECT_PROGRESS = _PROGRESS_SELECT.where(_P.c.step_id == bindparam("step_id"))
+_SELECT_PROGRESS_LOCKED = _SELECT_PROGRESS.with_for_update()
+_SELECT_MANAGER_PROGRESS = _PROGRESS_SELECT.where(_P.c.manager_id == bindparam("manager_id"))
+_PROGRESS_COUNTS = PROGRESS_FIELDS[2:]  # step_id and manager_id never change
 _UPDATE_PROGRESS = (
     update(_P)
     .where(_P.c.step_id == bindparam("b_step_id"))
-    .values(
-        pending=bindparam("b_pending"),
-        running=bindparam("b_running"),
-        completed=bindparam("b_completed"),
-        failed=bindparam("b_failed"),
-        cancelled=bindparam("b_cancelled"),
-        sealed_count=bindparam("b_sealed_count"),
-        handed=bindparam("b_handed"),
-        grace_deadline=bindparam("b_grace_deadline"),
-    )
+    .values({name: bindparam(f"b_{name}") for name in _PROGRESS_COUNTS})
 )
-
-
-def row_to_state(row: Any) -> JobState:
-    return JobState(
-        id=row.id,
-        kind=_KIND[row.kind],
-        parent_id=row.parent_id,
-        manager_id=row.manager_id,
-        name=row.name,
-        type=row.type,
-        status=_STATUS[row.status],
-        error=row.error,
-        end_reason=row.end_reason,
-        metadata={} if row.metadata_json == "{}" else json.loads(row.metadata_json),
-        version=row.version,
-        change_seq=row.change_seq,
-        step_index=row.step_index,
-        timeout_s=row.timeout_s,
-        deadline=as_utc(row.deadline),
-        created_at=as_utc(row.created_at) or utcnow(),
-        started_at=as_utc(row.started_at),
-        finished_at=as_utc(row.finished_at),
-        request_id=row.request_id,
-        owner=row.owner,
-    )
+_PROGRESS_BINDS = ("b_step_id", *(f"b_{name}" for name in _PROGRESS_COUNTS))
+_PROGRESS_UPDATE_VALUES = attrgetter("step_id", *_PROGRESS_COUNTS)
 
 
 # Enum member -> its text, by dict lookup: ``member.value`` is a slow descriptor call and the
@@ -136,56 +90,135 @@ def row_to_state(row: Any) -> JobState:
 _STATUS = {s.value: s for s in Status}
 _KIND = {k.value: k for k in Kind}
 _TEXT: dict[Status | Kind, str] = {**{s: s.value for s in Status}, **{k: k.value for k in Kind}}
+_LIVE = sorted(s.value for s in LIVE)
 
 
-def row_to_progress(row: Any) -> Progress:
-    return Progress(
-        row.step_id,
-        row.manager_id,
-        row.pending,
-        row.running,
-        row.completed,
-        row.failed,
-        row.cancelled,
-        row.sealed_count,
-        bool(row.handed),
-        as_utc(row.grace_deadline),
+def _load_json(text: str) -> Any:
+    return {} if text == "{}" else json.loads(text)
+
+
+def _dump_json(value: dict[str, Any]) -> str:
+    return json.dumps(value, separators=(",", ":")) if value else "{}"
+
+
+def _created_at(value: datetime) -> datetime:
+    return as_utc(value) or utcnow()
+
+
+# How a field's type is read back: enums from their text, the metadata from JSON, times as UTC
+# (SQLite hands them back naive). Every other type is stored as it is.
+_DECODE_BY_TYPE: dict[str, Callable[[Any], Any]] = {
+    "Kind": _KIND.__getitem__,
+    "Status": _STATUS.__getitem__,
+    "dict[str, Any]": _load_json,
+    "datetime": _created_at,
+    "datetime | None": as_utc,
+}
+
+
+_DECODE = tuple(
+    (i, _DECODE_BY_TYPE[str(f.type)])
+    for i, f in enumerate(_READ_FIELDS)
+    if str(f.type) in _DECODE_BY_TYPE
+)
+
+
+def _params_function(
+    name: str, keys: tuple[str, ...], fields: tuple[Field[Any], ...]
+) -> Callable[[JobState], dict[str, Any]]:
+    """A statement's parameters from a ``JobState``, written out from the field table once at
+    import: a plain dict literal, as fast as one written by hand (this runs per child event)."""
+    encode = {"Kind": "_TEXT[s.{}]", "Status": "_TEXT[s.{}]", "dict[str, Any]": "_dump_json(s.{})"}
+    items = ", ".join(
+        f"{key!r}: " + encode.get(str(f.type), "s.{}").format(f.name)
+        for key, f in zip(keys, fields, strict=True)
+    )
+    namespace: dict[str, Any] = {"_TEXT": _TEXT, "_dump_json": _dump_json}
+    exec(f"def {name}(s):\n    return {{{items}}}\n", namespace)
+    function: Callable[[JobState], dict[str, Any]] = namespace[name]
+    return function
+
+
+def row_to_state(row: Any) -> JobState:
+    """A row of ``JOB_SELECT`` (its columns are the fields, in order) as a ``JobState``."""
+    values = list(row)
+    for index, decode in _DECODE:
+        values[index] = decode(values[index])
+    return JobState(*values)
+
+
+_ID_FIELD = JOB_FIELDS[0]
+state_to_insert = _params_function("state_to_insert", _COLUMNS, JOB_FIELDS)
+_update_params = _params_function("update_params", _UPDATE_BINDS, (_ID_FIELD, *_UPDATED))
+_child_update_params = _params_function(
+    "child_update_params", _CHILD_BINDS, (_ID_FIELD, *_BY_CHILD_EVENT)
+)
+
+
+_L = cast(Table, LeaseRow.__table__)
+_SELECT_LEASE = select(_L.c.owner, _L.c.instance, _L.c.expires_at).where(
+    _L.c.owner == bindparam("owner")
+)
+_SELECT_LEASE_LOCKED = _SELECT_LEASE.with_for_update()
+_LIVE_MANAGERS = JOB_SELECT.where(
+    _T.c.kind == Kind.MANAGER.value,
+    _T.c.owner == bindparam("owner"),
+    _T.c.status.in_(sorted(s.value for s in LIVE)),
+).order_by(_T.c.created_at, _T.c.id)
+
+
+def _upsert_lease(sqlite_db: bool) -> Any:
+    insert = (sqlite.insert if sqlite_db else postgresql.insert)(_L)
+    return insert.on_conflict_do_update(
+        index_elements=[_L.c.owner],
+        set_={"instance": insert.excluded.instance, "expires_at": insert.excluded.expires_at},
     )
 
 
-def state_to_insert(state: JobState) -> dict[str, Any]:
-    return {
-        "id": state.id,
-        "kind": _TEXT[state.kind],
-        "parent_id": state.parent_id,
-        "manager_id": state.manager_id,
-        "name": state.name,
-        "type": state.type,
-        "status": _TEXT[state.status],
-        "error": state.error,
-        "end_reason": state.end_reason,
-        "metadata_json": json.dumps(state.metadata, separators=(",", ":"))
-        if state.metadata
-        else "{}",
-        "version": state.version,
-        "change_seq": state.change_seq,
-        "step_index": state.step_index,
-        "timeout_s": state.timeout_s,
-        "deadline": state.deadline,
-        "created_at": state.created_at,
-        "started_at": state.started_at,
-        "finished_at": state.finished_at,
-        "request_id": state.request_id,
-        "owner": state.owner,
-    }
+_UPSERT_LEASE = {True: _upsert_lease(True), False: _upsert_lease(False)}
+
+
+def _is_orphan(state: JobState) -> bool:
+    return (
+        state.kind is Kind.MANAGER
+        and state.owner == ""
+        and state.orphan_deadline is not None
+        and not state.status.terminal
+    )
+
+
+def _oldest_first(state: JobState) -> tuple[datetime, str]:
+    return state.created_at, state.id
+
+
+def read_definition(conn: Connection, manager_id: str) -> dict[str, Any] | None:
+    found: dict[str, Any] | None = conn.execute(
+        select(_T.c.definition).where(_T.c.id == manager_id)
+    ).scalar()
+    return found
+
+
+def row_to_progress(row: Any) -> Progress:
+    progress = Progress(*row)
+    progress.handed = bool(progress.handed)
+    progress.grace_deadline = as_utc(progress.grace_deadline)
+    return progress
+
+
+def _progress_insert(p: Progress) -> dict[str, Any]:
+    return dict(zip(PROGRESS_FIELDS, PROGRESS_VALUES(p), strict=True))
+
+
+def _progress_update(p: Progress) -> dict[str, Any]:
+    return dict(zip(_PROGRESS_BINDS, _PROGRESS_UPDATE_VALUES(p), strict=True))
 
 
 class Tx:
     """The state of one group transaction: a cache of locked jobs and step progress rows."""
 
-    def __init__(self, conn: Connection, *, lock_rows: bool) -> None:
+    def __init__(self, conn: Connection, *, lock_rows: bool, now: datetime | None = None) -> None:
         self.conn = conn
-        self.now = utcnow()
+        self.now = now or utcnow()
         self._lock_rows = lock_rows
         self._jobs: dict[str, JobState | None] = {}
         self._dirty: set[str] = set()
@@ -201,7 +234,8 @@ class Tx:
         self._full_rows: set[str] = set()  # jobs whose whole row (metadata too) is written
         self.sqlite = not lock_rows
         self.earliest_deadline: datetime | None = None  # wakes the deadline timer after commit
-        self.after_commit: list[Callable[[], None]] = []
+        self._leases: dict[str, Lease | None] = {}  # None: absent (or deleted here)
+        self._lease_dirty: set[str] = set()
 
     # -- units -------------------------------------------------------------------------------
     def begin_unit(self) -> int:
@@ -212,7 +246,13 @@ class Tx:
         """Undo the cache changes of a unit that raised a domain error (it wrote no SQL)."""
         while len(self._undo) > mark:
             table, key, old = self._undo.pop()
-            cache: dict[str, Any] = self._jobs if table == "job" else self._progress
+            cache: dict[str, Any]
+            if table == "job":
+                cache = self._jobs
+            elif table == "progress":
+                cache = self._progress
+            else:
+                cache = self._leases
             if old is _MISSING:
                 cache.pop(key, None)
             else:
@@ -252,6 +292,8 @@ class Tx:
         state.change_seq = self.seq
         if state.deadline is not None and not state.status.terminal:
             self._note_deadline(state.deadline)
+        if state.orphan_deadline is not None and not state.status.terminal:
+            self._note_deadline(state.orphan_deadline)
         self._jobs[state.id] = state
         self._dirty.add(state.id)
 
@@ -282,7 +324,7 @@ class Tx:
     ) -> list[JobState]:
         stmt = JOB_SELECT.where(where)
         if live_only:
-            stmt = stmt.where(JobRow.status.in_(["pending", "running", "spawned"]))
+            stmt = stmt.where(JobRow.status.in_(_LIVE))
         if self._lock_rows:
             stmt = stmt.with_for_update()
         found = []
@@ -316,6 +358,24 @@ class Tx:
             for child_id in chunk:
                 self._jobs.setdefault(child_id, None)
         return {c: s for c in child_ids if (s := self._jobs.get(c)) is not None}
+
+    # -- the clock's work ----------------------------------------------------------------------
+    def due_jobs(self) -> list[str]:
+        stmt = select(_T.c.id).where(
+            _T.c.deadline.is_not(None), _T.c.deadline <= self.now, _T.c.status.in_(_LIVE)
+        )
+        if self._lock_rows:
+            # Two monitors on one database: each due deadline is claimed by exactly one of them.
+            stmt = stmt.with_for_update(skip_locked=True)
+        return list(self.conn.execute(stmt).scalars())
+
+    def due_graces(self) -> list[str]:
+        stmt = select(_P.c.step_id).where(
+            _P.c.grace_deadline.is_not(None), _P.c.grace_deadline <= self.now
+        )
+        if self._lock_rows:
+            stmt = stmt.with_for_update(skip_locked=True)
+        return list(self.conn.execute(stmt).scalars())
 
     # -- progress ----------------------------------------------------------------------------
     def progress(self, step_id: str) -> Progress | None:
@@ -395,7 +455,7 @@ class Tx:
         return self._dirty | self._touched
 
     def flush(self) -> None:
-        if not (self._dirty or self._touched or self._progress_dirty):
+        if not (self._dirty or self._touched or self._progress_dirty or self._lease_dirty):
             return
         seq = self.seq
         inserts, updates, child_updates = [], [], []
@@ -435,69 +495,132 @@ class Tx:
             self.conn.execute(_P.insert(), new_rows)
         if changed_rows:
             self.conn.execute(_UPDATE_PROGRESS, changed_rows)
+        self._flush_leases()
         if not self.sqlite:
             notify.send(self.conn, self.changed_ids())
 
+    # -- leases and the managers they hold -------------------------------------------------------
+    def lease(self, owner: str) -> Lease | None:
+        if owner in self._leases:
+            return self._leases[owner]
+        stmt = _SELECT_LEASE_LOCKED if self._lock_rows else _SELECT_LEASE
+        row = self.conn.execute(stmt, {"owner": owner}).first()
+        found = None
+        if row is not None:
+            expires_at = as_utc(row.expires_at)
+            assert expires_at is not None
+            found = Lease(row.owner, row.instance, expires_at)
+        self._leases[owner] = found
+        return found
 
-def _update_params(state: JobState) -> dict[str, Any]:
-    return {
-        "b_id": state.id,
-        "b_status": _TEXT[state.status],
-        "b_error": state.error,
-        "b_end_reason": state.end_reason,
-        "b_metadata_json": json.dumps(state.metadata, separators=(",", ":")),
-        "b_version": state.version,
-        "b_change_seq": state.change_seq,
-        "b_deadline": state.deadline,
-        "b_started_at": state.started_at,
-        "b_finished_at": state.finished_at,
-        "b_owner": state.owner,
-    }
+    def put_lease(self, lease: Lease) -> None:
+        self._undo.append(("lease", lease.owner, self._leases.get(lease.owner, _MISSING)))
+        self._leases[lease.owner] = lease
+        self._lease_dirty.add(lease.owner)
+        self._note_deadline(lease.expires_at)
 
+    def delete_lease(self, owner: str) -> None:
+        self._undo.append(("lease", owner, self._leases.get(owner, _MISSING)))
+        self._leases[owner] = None
+        self._lease_dirty.add(owner)
 
-def _child_update_params(state: JobState) -> dict[str, Any]:
-    return {
-        "b_id": state.id,
-        "b_status": _TEXT[state.status],
-        "b_error": state.error,
-        "b_end_reason": state.end_reason,
-        "b_version": state.version,
-        "b_change_seq": state.change_seq,
-        "b_started_at": state.started_at,
-        "b_finished_at": state.finished_at,
-    }
+    def _cache_rows(self, rows: Iterable[Any]) -> list[JobState]:
+        """Rows as this transaction sees them: a job it already holds wins over its row."""
+        found = []
+        for row in rows:
+            cached = self._jobs.get(row.id)
+            state = cached if cached is not None else row_to_state(row)
+            self._jobs.setdefault(row.id, state)
+            found.append(state)
+        return found
 
+    def _changed_here(self) -> list[JobState]:
+        return [s for job_id in self._dirty if (s := self._jobs.get(job_id)) is not None]
 
-def _progress_insert(p: Progress) -> dict[str, Any]:
-    return {
-        "step_id": p.step_id,
-        "manager_id": p.manager_id,
-        "pending": p.pending,
-        "running": p.running,
-        "completed": p.completed,
-        "failed": p.failed,
-        "cancelled": p.cancelled,
-        "sealed_count": p.sealed_count,
-        "handed": p.handed,
-        "grace_deadline": p.grace_deadline,
-    }
+    def live_managers(self, owner: str) -> list[JobState]:
+        stmt = _LIVE_MANAGERS.with_for_update() if self._lock_rows else _LIVE_MANAGERS
+        found = {s.id: s for s in self._cache_rows(self.conn.execute(stmt, {"owner": owner}))}
+        for state in self._changed_here():
+            if state.kind is Kind.MANAGER and state.owner == owner:
+                found[state.id] = state
+        live = [s for s in found.values() if s.owner == owner and not s.status.terminal]
+        return sorted(live, key=_oldest_first)
 
+    def live_manager_ids(self, owner: str, limit: int) -> list[str]:
+        stmt = (
+            select(_T.c.id, _T.c.created_at)
+            .where(
+                _T.c.kind == Kind.MANAGER.value,
+                _T.c.owner == owner,
+                _T.c.status.in_(_LIVE),
+            )
+            .order_by(_T.c.created_at, _T.c.id)
+            .limit(limit)
+        )
+        found: dict[str, tuple[datetime, str]] = {}
+        for row in self.conn.execute(stmt):
+            cached = self._jobs.get(row.id)
+            if cached is None or (cached.owner == owner and not cached.status.terminal):
+                found[row.id] = (_created_at(row.created_at), row.id)
+        for state in self._changed_here():
+            if state.kind is Kind.MANAGER and state.owner == owner and not state.status.terminal:
+                found[state.id] = _oldest_first(state)
+        return [job_id for _, job_id in sorted(found.values())[:limit]]
 
-def _progress_update(p: Progress) -> dict[str, Any]:
-    return {
-        "b_step_id": p.step_id,
-        "b_pending": p.pending,
-        "b_running": p.running,
-        "b_completed": p.completed,
-        "b_failed": p.failed,
-        "b_cancelled": p.cancelled,
-        "b_sealed_count": p.sealed_count,
-        "b_handed": p.handed,
-        "b_grace_deadline": p.grace_deadline,
-    }
+    def orphans(self, limit: int) -> list[JobState]:
+        stmt = (
+            JOB_SELECT.where(
+                _T.c.orphan_deadline.is_not(None),
+                _T.c.kind == Kind.MANAGER.value,
+                _T.c.owner == "",
+                _T.c.status.in_(_LIVE),
+            )
+            .order_by(_T.c.created_at, _T.c.id)
+            .limit(limit)
+        )
+        if self._lock_rows:
+            stmt = stmt.with_for_update(skip_locked=True)
+        found = {s.id: s for s in self._cache_rows(self.conn.execute(stmt))}
+        for state in self._changed_here():
+            if _is_orphan(state):
+                found[state.id] = state
+        return sorted((s for s in found.values() if _is_orphan(s)), key=_oldest_first)[:limit]
 
+    def due_leases(self) -> list[str]:
+        stmt = select(_L.c.owner).where(_L.c.expires_at <= self.now)
+        if self._lock_rows:
+            stmt = stmt.with_for_update(skip_locked=True)
+        return list(self.conn.execute(stmt).scalars())
 
-def deadline_after(now: datetime, seconds: float | None) -> datetime | None:
-    from datetime import timedelta
+    def due_orphans(self) -> list[str]:
+        stmt = select(_T.c.id).where(
+            _T.c.orphan_deadline.is_not(None),
+            _T.c.orphan_deadline <= self.now,
+            _T.c.kind == Kind.MANAGER.value,
+            _T.c.owner == "",
+            _T.c.status.in_(_LIVE),
+        )
+        if self._lock_rows:
+            stmt = stmt.with_for_update(skip_locked=True)
+        return list(self.conn.execute(stmt).scalars())
 
-    return None if seconds is None else now + timedelta(seconds=seconds)
+    def definition_of(self, manager_id: str) -> dict[str, Any] | None:
+        if manager_id in self._new:  # created in this transaction: not stored yet
+            state = self._jobs.get(manager_id)
+            return state.definition if state is not None else None
+        return read_definition(self.conn, manager_id)
+
+    def _flush_leases(self) -> None:
+        gone, kept = [], []
+        for owner in self._lease_dirty:
+            lease = self._leases.get(owner, _MISSING)
+            if lease is None:
+                gone.append(owner)
+            elif isinstance(lease, Lease):
+                kept.append(
+                    {"owner": owner, "instance": lease.instance, "expires_at": lease.expires_at}
+                )
+        if gone:
+            self.conn.execute(delete(_L).where(_L.c.owner.in_(gone)))
+        if kept:
+            self.conn.execute(_UPSERT_LEASE[self.sqlite], kept)

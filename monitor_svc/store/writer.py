@@ -25,7 +25,7 @@ from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, OperationalErr
 
 from monitor_svc.store.tx import Tx
 from stepflow_common import metrics
-from stepflow_common.errors import InvalidArgument, StepflowError, Unavailable
+from stepflow_common.errors import AlreadyExists, InvalidArgument, StepflowError, Unavailable
 
 log = structlog.get_logger(__name__)
 
@@ -98,15 +98,20 @@ class Writer:
                 log.exception("writer group failed")
                 _resolve_all([(job, None, exc) for job in live])
 
-    def _commit_group(self, batch: list[_Job]) -> None:
+    def _commit_group(self, batch: list[_Job], *, again: bool = False) -> None:
         started = time.perf_counter()
         try:
-            outcomes, changed, hooks, earliest = self._transact(batch)
+            outcomes, changed, earliest = self._transact(batch)
         except Exception as exc:  # the whole transaction failed: retry units one by one
             if len(batch) > 1 and not isinstance(exc, OperationalError):
                 log.warning("group commit failed; retrying units alone", error=str(exc))
                 for job in batch:
                     self._commit_group([job])
+                return
+            if not again and _is_request_id_clash(exc):
+                # Another monitor committed a job with this request_id meanwhile: run the unit
+                # once more, and it finds that job (the idempotent answer).
+                self._commit_group(batch, again=True)
                 return
             error = _as_domain_error(exc)
             _resolve_all([(job, None, error) for job in batch])
@@ -115,19 +120,12 @@ class Writer:
         _resolve_all(
             [(job, result, error) for job, (result, error) in zip(batch, outcomes, strict=True)]
         )
-        for hook in hooks:
-            try:
-                hook()
-            except Exception:
-                log.exception("after-commit hook failed")
         if (changed or earliest) and self._on_commit is not None:
             self._on_commit(changed, earliest)
 
     def _transact(
         self, batch: list[_Job]
-    ) -> tuple[
-        list[tuple[Any, BaseException | None]], set[str], list[Callable[[], None]], datetime | None
-    ]:
+    ) -> tuple[list[tuple[Any, BaseException | None]], set[str], datetime | None]:
         outcomes: list[tuple[Any, BaseException | None]] = []
         conn = self._connection()
         try:
@@ -150,7 +148,7 @@ class Writer:
         except DBAPIError:
             self._drop_connection()  # reconnect for the next group (database restarted?)
             raise
-        return outcomes, changed, tx.after_commit, tx.earliest_deadline
+        return outcomes, changed, tx.earliest_deadline
 
     def _connection(self) -> Connection:
         """The writer's own connection, kept between groups: no pool checkout (and no
@@ -195,11 +193,26 @@ def _as_domain_error(exc: BaseException) -> BaseException:
     if isinstance(exc, DataError):  # a value the database refuses: retrying cannot help
         return InvalidArgument(f"the database refused a value: {exc.orig}")
     if isinstance(exc, IntegrityError):
-        return Unavailable(f"conflicting concurrent write, retry: {exc.orig}")
+        if _is_request_id_clash(exc):
+            return AlreadyExists(f"a job with this request_id was created meanwhile: {exc.orig}")
+        log.error("a write broke a database constraint", error=str(exc.orig))
+        return exc  # a bug, not a condition to retry: INTERNAL
     if isinstance(exc, DBAPIError):
         return Unavailable(f"database unavailable: {exc.orig}")
     log.error("unexpected error in a write transaction", error=repr(exc))
     return exc
+
+
+# The unique constraint on jobs.request_id, as PostgreSQL names it and as SQLite reports it.
+REQUEST_ID_CONSTRAINTS = ("jobs_request_id_key", "jobs.request_id")
+
+
+def _is_request_id_clash(exc: BaseException) -> bool:
+    if not isinstance(exc, IntegrityError):
+        return False
+    diag = getattr(exc.orig, "diag", None)
+    name = getattr(diag, "constraint_name", None) or str(exc.orig)
+    return any(c in name for c in REQUEST_ID_CONSTRAINTS)
 
 
 class Reader:

@@ -151,7 +151,7 @@ def test_every_status_applies_to_a_step(status: Status) -> None:
     [
         (errors.InvalidArgument("x"), grpc.StatusCode.INVALID_ARGUMENT),
         (errors.NotFound("x"), grpc.StatusCode.NOT_FOUND),
-        (errors.StatusConflict("x"), grpc.StatusCode.FAILED_PRECONDITION),
+        (errors.StatusConflict("completed", "running"), grpc.StatusCode.FAILED_PRECONDITION),
         (errors.FailedPrecondition("x"), grpc.StatusCode.FAILED_PRECONDITION),
         (errors.VersionConflict("j", 1, 2), grpc.StatusCode.ABORTED),
         (errors.AlreadyExists("x"), grpc.StatusCode.ALREADY_EXISTS),
@@ -168,3 +168,18 @@ def test_each_domain_error_maps_to_its_status_code(
 def test_version_conflict_carries_its_data_and_an_actionable_message() -> None:
     exc = errors.VersionConflict.stale("job-1", 3, 5)
     assert "job-1" in str(exc) and "3" in str(exc) and "5" in str(exc)
+
+
+def test_every_status_and_kind_has_one_protobuf_value_both_ways() -> None:
+    from stepflow_common.proto_status import (
+        KIND_FROM_PB,
+        KIND_TO_PB,
+        STATUS_FROM_PB,
+        STATUS_TO_PB,
+        TERMINAL_PB,
+    )
+
+    assert set(STATUS_TO_PB) == set(Status) and set(KIND_TO_PB) == set(Kind)
+    assert {STATUS_FROM_PB[v] for v in STATUS_TO_PB.values()} == set(Status)
+    assert {KIND_FROM_PB[v] for v in KIND_TO_PB.values()} == set(Kind)
+    assert {STATUS_FROM_PB[v] for v in TERMINAL_PB} == {s for s in Status if s.terminal}
