@@ -70,8 +70,10 @@ def plan_step(spec: StepSpec, record: StepRecord, *, spawns_children: bool) -> P
     if spawns_children:
         # Children never run twice at once and are counted once whatever happens, so the
         # worker may always go on; the monitor has already failed the live children that may
-        # not run again (on_interrupt = "fail", or interrupted too often).
-        if not spec.wait and record.sealed:
+        # not run again (on_interrupt = "fail", or interrupted too often). A handed-off step
+        # is the monitor's to end, but its live children still need an orchestrator to run.
+        live = any(not child.ended for child in record.children.values())
+        if not spec.wait and record.sealed and not live:
             return Plan.WATCH
         return Plan.CONTINUE
     if spec.on_interrupt is OnInterrupt.FAIL or record.interruptions >= MAX_INTERRUPTIONS:

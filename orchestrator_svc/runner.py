@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import structlog
 
-from orchestrator_svc.definitions import JobSpec, OnError, StepSpec
+from orchestrator_svc.definitions import JobSpec, OnError, OnInterrupt, StepSpec
 from orchestrator_svc.event_stream import EventStream
 from orchestrator_svc.monitor_client import JobFenced, MonitorClient
 from orchestrator_svc.resume import LOST_ERROR, JobRecord, Plan, StepRecord, plan_step
@@ -485,6 +485,8 @@ class JobRunner:
                 return
             if step.plan is Plan.CONTINUE:
                 step.started = True  # already running (or handed off) in the record
+                if step.spec.on_interrupt is OnInterrupt.FAIL:
+                    await self._fail_lost_children(step)
             else:
                 # A step that was running is not skipped now: it had started.
                 skip_reason = "" if step.plan is Plan.RERUN else self._skip_reason(step)
@@ -504,6 +506,30 @@ class JobRunner:
             log.exception("step crashed", step=step.spec.name)
             if not step.ended.is_set():
                 await self._end_step(step, Status.FAILED, f"{type(exc).__name__}: {exc}")
+
+    async def _fail_lost_children(self, step: _StepRun) -> None:
+        """Children recorded running when their orchestrator was lost, in a step whose work
+        must not run twice, end ``failed`` ``orchestrator_lost`` (the monitor does so when it
+        hands the job over for running steps; a handed-off step's are ended here)."""
+        existing = dict(step.existing)
+        for child_id, child in step.existing.items():
+            if child.status != Status.RUNNING.value:
+                continue
+            try:
+                await self._write_status(
+                    child_id,
+                    job_pb2.JOB_STATUS_FAILED,
+                    LOST_ERROR,
+                    EndReason.ORCHESTRATOR_LOST,
+                )
+            except StatusConflict:
+                continue  # ended meanwhile
+            existing[child_id] = ExistingChild("failed", child.attempt, child.interruptions)
+            step.was_running.discard(child_id)
+            step.counts["running"] -= 1
+            step.counts["failed"] += 1
+            self._count_child_failure()
+        step.existing = existing
 
     def _skip_reason(self, step: _StepRun) -> str:
         if self._stop_new:

@@ -38,8 +38,11 @@ def test_a_skipped_step_stands_and_a_pending_one_starts() -> None:
 
 def test_a_sealed_hand_off_is_watched_an_unsealed_one_continues() -> None:
     handed = step(wait=False)
-    spawned = StepRecord(Status.SPAWNED, sealed=True)
+    spawned = StepRecord(Status.SPAWNED, sealed=True, children={"c": ExistingChild("failed", 1)})
     assert plan_step(handed, spawned, spawns_children=True) is Plan.WATCH
+    # Its children still need running: the monitor ends the step, it runs none of them.
+    live = StepRecord(Status.SPAWNED, sealed=True, children={"c": ExistingChild("running", 1)})
+    assert plan_step(handed, live, spawns_children=True) is Plan.CONTINUE
     unsealed = StepRecord(Status.SPAWNED, sealed=False)
     assert plan_step(handed, unsealed, spawns_children=True) is Plan.CONTINUE
     # A waited-for step is ended by its orchestrator even once sealed: it continues.
