@@ -359,12 +359,63 @@ async def test_on_interrupt_fail_ends_the_interrupted_children_orchestrator_lost
         assert all(k.attempt == 1 for k in busy), "a child ran twice"
         assert stats["busy"].children.failed == len(lost)
         assert stats["busy"].children.completed == 12 - len(lost)
-        assert stats["busy"].status == S.JOB_STATUS_FAILED  # failures, continued past
+        assert stats["busy"].status == S.JOB_STATUS_COMPLETED  # some completed
         assert stats["once"].status == S.JOB_STATUS_COMPLETED
         await assert_tree_consistent(mstub, manager_id)
     finally:
         first.stop()
         second.stop()
+
+
+@pytest.mark.parametrize("on_interrupt", ["rerun", "fail"])
+async def test_a_step_without_children_runs_again_or_fails_as_it_says(
+    monitor_proc: ServerProcess,
+    mstub: m_grpc.MonitorServiceStub,
+    tmp_path: Path,
+    on_interrupt: str,
+) -> None:
+    first = orchestrator(monitor_proc, tmp_path, "first")
+    second = orchestrator(monitor_proc, tmp_path, "second")
+    runs = tmp_path / "runs"
+    try:
+        await first.run()
+        await second.run()
+        manager_id = await submit_to(
+            first,
+            {
+                "name": "command",
+                "steps": [
+                    {
+                        "name": "cmd",
+                        "type": "command",
+                        "on_interrupt": on_interrupt,
+                        "config": {"command": f'echo "$STEPFLOW_ATTEMPT" >> {runs}; sleep 2'},
+                    }
+                ],
+            },
+        )
+        await asyncio.wait_for(_until_exists(runs), WITHIN_S)
+        first.kill()
+        job = await final(mstub, manager_id, within=WITHIN_S)
+        step = by_name(job)["cmd"]
+        if on_interrupt == "rerun":
+            assert job.status == S.JOB_STATUS_COMPLETED, job.error
+            assert runs.read_text().split() == ["1", "2"]
+        else:
+            assert job.status == S.JOB_STATUS_FAILED
+            assert step.status == S.JOB_STATUS_FAILED
+            row = (await mstub.GetJob(_get(step.step_id))).job
+            assert row.end_reason == "orchestrator_lost", row
+            assert runs.read_text().split() == ["1"]
+        await assert_tree_consistent(mstub, manager_id)
+    finally:
+        first.stop()
+        second.stop()
+
+
+async def _until_exists(path: Path) -> None:
+    while not path.exists():
+        await asyncio.sleep(0.02)
 
 
 def _get(job_id: str) -> Any:
