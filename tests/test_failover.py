@@ -10,8 +10,12 @@ knows them) the exact counts, so a child run twice at once or counted twice show
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import os
 import signal
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +24,7 @@ from grpc import aio
 
 from stepflow_proto.v1 import job_pb2
 from stepflow_proto.v1 import monitor_service_pb2_grpc as m_grpc
+from stepflow_proto.v1 import orchestrator_service_pb2 as o
 from stepflow_proto.v1 import orchestrator_service_pb2_grpc as o_grpc
 from tests.process_helpers import (
     LIVE,
@@ -394,7 +399,7 @@ async def test_a_step_without_children_runs_again_or_fails_as_it_says(
                 ],
             },
         )
-        await asyncio.wait_for(_until_exists(runs), WITHIN_S)
+        await asyncio.to_thread(_wait_for, runs.exists)
         first.kill()
         job = await final(mstub, manager_id, within=WITHIN_S)
         step = by_name(job)["cmd"]
@@ -413,12 +418,129 @@ async def test_a_step_without_children_runs_again_or_fails_as_it_says(
         second.stop()
 
 
-async def _until_exists(path: Path) -> None:
-    while not path.exists():
-        await asyncio.sleep(0.02)
+def _wait_for(condition: Callable[[], bool], within: float = WITHIN_S) -> None:
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline, "the condition never held"
+        time.sleep(0.02)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A finished child the orchestrator has not reaped yet counts as gone.
+    with contextlib.suppress(OSError):
+        if Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z":
+            return False
+    return True
+
+
+# -- CancelJob through any orchestrator ----------------------------------------------------------
+async def test_cancel_through_another_orchestrator_stops_the_owners_processes(
+    monitor_proc: ServerProcess, mstub: m_grpc.MonitorServiceStub, tmp_path: Path
+) -> None:
+    owner = orchestrator(monitor_proc, tmp_path, "owner")
+    other = orchestrator(monitor_proc, tmp_path, "other")
+    try:
+        await owner.run()
+        await other.run()
+        manager_id = await submit_to(
+            owner,
+            {
+                "name": "cancel-anywhere",
+                "steps": [
+                    {
+                        "name": "sleepers",
+                        "type": "fanout",
+                        "config": {
+                            "items": ["a", "b"],
+                            "command": f"echo $$ > {tmp_path}/{{item}}.pid; exec sleep 60",
+                        },
+                    }
+                ],
+            },
+        )
+        pid_files = [tmp_path / "a.pid", tmp_path / "b.pid"]
+        await asyncio.to_thread(
+            _wait_for, lambda: all(p.exists() and p.read_text().strip() for p in pid_files)
+        )
+        pid_a, pid_b = (int(p.read_text()) for p in pid_files)
+        job = (await mstub.GetJob(_get(manager_id))).job
+        kids = {
+            k.name: k for k in await list_all(mstub, parent_id=by_name(job)["sleepers"].step_id)
+        }
+        async with aio.insecure_channel(other.address) as channel:
+            ostub = o_grpc.OrchestratorServiceStub(channel)
+            # One child: its process on the owner stops, the other runs on.
+            resp = await ostub.CancelJob(o.CancelJobRequest(job_id=kids["a"].id), timeout=10)
+            assert resp.job.status == S.JOB_STATUS_CANCELLED
+            await asyncio.to_thread(_wait_for, lambda: not _alive(pid_a))
+            assert _alive(pid_b)
+            # The whole job: the owner's watch sees it and stops the rest.
+            await ostub.CancelJob(o.CancelJobRequest(job_id=manager_id), timeout=10)
+            await asyncio.to_thread(_wait_for, lambda: not _alive(pid_b))
+        job = await final(mstub, manager_id, within=WITHIN_S)
+        assert job.status == S.JOB_STATUS_CANCELLED
+        await assert_tree_consistent(
+            mstub, manager_id, expected_counts={"sleepers": (0, 0, 0, 0, 2)}
+        )
+    finally:
+        owner.stop()
+        other.stop()
 
 
 def _get(job_id: str) -> Any:
     from stepflow_proto.v1 import monitor_service_pb2 as m
 
     return m.GetJobRequest(job_id=job_id)
+
+
+# -- two monitor replicas ------------------------------------------------------------------------
+async def test_two_monitor_replicas_hand_each_orphan_to_one_adopter(
+    database_url: str, monitor_proc: ServerProcess, tmp_path: Path
+) -> None:
+    if not database_url.startswith("postgresql"):
+        pytest.skip("monitor replicas share one PostgreSQL database")
+    replica = monitor_process(
+        database_url,
+        tmp_path,
+        name="replica",
+        grace_period="1s",
+        default_wait_timeout="60s",
+        extra=["--orphan-timeout", ORPHAN_TIMEOUT],
+    )
+    dies = orchestrator(monitor_proc, tmp_path, "dies")
+    left = orchestrator(monitor_proc, tmp_path, "left")
+    right = orchestrator(replica, tmp_path, "right")
+    try:
+        await replica.run()
+        for proc in (dies, left, right):
+            await proc.run()
+        ids = [await submit_to(dies, two_step_job(f"job{k}", 12, 300)) for k in range(6)]
+        async with aio.insecure_channel(monitor_proc.address) as channel:
+            stub = m_grpc.MonitorServiceStub(channel)
+            await watch_until(stub, ids[-1], busy_at_least(1), within=WITHIN_S)
+            dies.kill()
+            for manager_id in ids:
+                job = await final(stub, manager_id, within=WITHIN_S)
+                assert job.status == S.JOB_STATUS_COMPLETED, (job.error, job.end_reason)
+                assert job.owner in ("left", "right")
+                await assert_tree_consistent(stub, manager_id, expected_counts=busy_counts(12))
+                kids = await children_of(stub, manager_id, "busy")
+                assert all(k.attempt in (1, 2) for k in kids)
+        taken = {name: _taken_over(proc) for name, proc in (("left", left), ("right", right))}
+        assert taken["left"].isdisjoint(taken["right"]), taken
+        assert taken["left"] | taken["right"] == set(ids), taken
+    finally:
+        for proc in (dies, left, right, replica):
+            proc.stop()
+
+
+def _taken_over(proc: ServerProcess) -> set[str]:
+    ids: set[str] = set()
+    for line in proc.log_text().splitlines():
+        if '"jobs taken over"' in line:
+            ids.update(json.loads(line)["adopted"])
+    return ids
