@@ -115,13 +115,14 @@ class MonitorClient:
                 return jobs
 
     async def update_status(
-        self, job_id: str, status: int, error: str = "", end_reason: str = ""
+        self, job_id: str, status: int, error: str = "", end_reason: str = "", owner: str = ""
     ) -> job_pb2.Job:
         request = m.UpdateJobStatusRequest(
             job_id=job_id,
             status=status,  # type: ignore[arg-type]
             error=truncate_text(error),
             end_reason=end_reason,
+            owner=owner,
         )
         resp: m.UpdateJobStatusResponse = await self._call(
             "UpdateJobStatus",

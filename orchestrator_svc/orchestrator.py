@@ -68,6 +68,7 @@ class Orchestrator:
                         job_pb2.JOB_STATUS_FAILED,
                         RESTARTED_ERROR,
                         EndReason.ORCHESTRATOR_LOST,
+                        owner=self.owner,
                     )
                     failed += 1
                 except FailedPrecondition:
