@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import re
 from collections import OrderedDict
 from datetime import datetime
 from typing import Any
@@ -13,14 +12,13 @@ from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
 from monitor_svc.records import ChildEventIn, JobFilter, JobState, JobView, NewJob
 from stepflow_common.durations import check_duration
 from stepflow_common.errors import InvalidArgument
-from stepflow_common.limits import MAX_ERROR_CHARS, MAX_METADATA_BYTES, truncate_text
+from stepflow_common.limits import ID_PATTERN, MAX_ERROR_CHARS, MAX_METADATA_BYTES, truncate_text
 from stepflow_common.proto_status import KIND_FROM_PB, KIND_TO_PB, STATUS_FROM_PB, STATUS_TO_PB
 from stepflow_common.status import EndReason, Kind, Status
 from stepflow_common.step_outcome import ChildTally
 from stepflow_proto.v1 import job_pb2
 from stepflow_proto.v1 import monitor_service_pb2 as m
 
-ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}$")
 MAX_NAME = 512
 MAX_METADATA_DEPTH = 32
 MAX_PAGE_SIZE = 1000

@@ -15,6 +15,7 @@ import structlog
 from grpc import aio
 
 from stepflow_common import errors
+from stepflow_common.limits import ID_PATTERN
 
 log = structlog.get_logger(__name__)
 
@@ -84,12 +85,12 @@ def from_rpc_error(exc: grpc.RpcError) -> errors.StepflowError:
     return cls.rebuild(message, details)
 
 
-async def _abort(context: aio.ServicerContext, exc: BaseException, method: str) -> None:
+async def _abort(context: aio.ServicerContext, exc: BaseException) -> None:
     if isinstance(exc, errors.StepflowError):
         code = code_for(exc)
-        log.info("rpc refused", rpc=method, code=code.name, reason=str(exc))
+        log.info("rpc refused", code=code.name, reason=str(exc))
         await context.abort(code, str(exc), trailing_metadata=error_metadata(exc))
-    log.exception("rpc failed", rpc=method)
+    log.exception("rpc failed")
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
 
 
@@ -130,9 +131,75 @@ async def _checked_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
         yield request
 
 
+# The request fields that name the job a call is about, in the order they are looked up.
+JOB_ID_FIELDS = ("job_id", "manager_id", "parent_id")
+
+
+def job_named_by(request: Any) -> str:
+    """The job a request names (``job_id``, else ``manager_id``, else ``parent_id``), or "".
+    Only a well-formed id is taken: a client's junk must not reach every log line."""
+    for name in JOB_ID_FIELDS:
+        value = getattr(request, name, "")
+        if value and isinstance(value, str):
+            return value if ID_PATTERN.match(value) else ""
+    return ""
+
+
+class _Call:
+    """One call's bookkeeping, the same for every call shape: ``rpc`` (and the job its
+    request names) bound to every log line written while it runs, a domain error or a crash
+    turned into its status, and its outcome observed exactly once, however the call ended
+    (returned, refused, aborted by the handler, or cancelled by the client)."""
+
+    __slots__ = ("_bound", "_context", "_method", "_observe", "_started")
+
+    def __init__(
+        self,
+        method: str,
+        context: aio.ServicerContext,
+        observe: Callable[[str, str, float], None] | None,
+        request: Any = None,
+    ) -> None:
+        self._method = method
+        self._context = context
+        self._observe = observe
+        self._bound = {"rpc": method}
+        job_id = job_named_by(request)
+        if job_id:
+            self._bound["job_id"] = job_id
+        self._started = 0.0
+
+    async def __aenter__(self) -> _Call:
+        self._started = time.perf_counter()
+        structlog.contextvars.bind_contextvars(**self._bound)
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any
+    ) -> None:
+        try:
+            if exc is None:
+                self._finish("OK")
+            elif isinstance(exc, aio.AbortError):
+                self._finish(_code_name(self._context))  # the handler aborted on its own
+            elif isinstance(exc, Exception):
+                self._finish(_code_of(exc))
+                await _abort(self._context, exc)
+            else:
+                self._finish("CANCELLED")  # the client left: the task is cancelled / closed
+        finally:
+            # Each call runs in its own task, so unbinding cannot take another call's context.
+            structlog.contextvars.unbind_contextvars("rpc", "job_id")
+
+    def _finish(self, code: str) -> None:
+        if self._observe is not None:
+            self._observe(self._method, code, time.perf_counter() - self._started)
+
+
 class DomainErrorInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
-    """Maps domain errors raised by any handler to their status code, in one place; binds the
-    RPC name to the log context; records RPC counts and latencies."""
+    """Wraps every handler, one wrapper per call shape, all through ``_Call``: domain errors
+    mapped to their status code in one place, ``rpc`` and ``job_id`` in the log context,
+    every call's code and latency observed (stream aborts included)."""
 
     def __init__(self, observe: Callable[[str, str, float], None] | None = None) -> None:
         self._observe = observe
@@ -147,35 +214,19 @@ class DomainErrorInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
             return handler
         method = handler_call_details.method
         observe = self._observe
-
-        def finish(code: str, started: float) -> None:
-            if observe is not None:
-                observe(method, code, time.perf_counter() - started)
+        deserialize = _tolerant(handler.request_deserializer)
+        serialize = handler.response_serializer
 
         if handler.unary_unary:
             inner_uu = handler.unary_unary
 
             async def unary_unary(request: Any, context: aio.ServicerContext) -> Any:
-                started = time.perf_counter()
-                structlog.contextvars.bind_contextvars(rpc=method)
-                try:
+                async with _Call(method, context, observe, request):
                     _check_decoded(request)
-                    response = await inner_uu(request, context)
-                except aio.AbortError:
-                    finish(_code_name(context), started)
-                    raise
-                except Exception as exc:
-                    finish(_code_of(exc), started)
-                    await _abort(context, exc, method)
-                finally:
-                    structlog.contextvars.unbind_contextvars("rpc")
-                finish("OK", started)
-                return response
+                    return await inner_uu(request, context)
 
             return grpc.unary_unary_rpc_method_handler(
-                unary_unary,
-                request_deserializer=_tolerant(handler.request_deserializer),
-                response_serializer=handler.response_serializer,
+                unary_unary, request_deserializer=deserialize, response_serializer=serialize
             )
         if handler.unary_stream:
             inner_us = handler.unary_stream
@@ -183,22 +234,23 @@ class DomainErrorInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
             async def unary_stream(
                 request: Any, context: aio.ServicerContext
             ) -> AsyncIterator[Any]:
-                started = time.perf_counter()
-                try:
+                async with _Call(method, context, observe, request):
                     _check_decoded(request)
                     async for item in inner_us(request, context):
                         yield item
-                except aio.AbortError:
-                    raise
-                except Exception as exc:
-                    finish(_code_of(exc), started)
-                    await _abort(context, exc, method)
-                finish("OK", started)
 
             return grpc.unary_stream_rpc_method_handler(
-                unary_stream,
-                request_deserializer=_tolerant(handler.request_deserializer),
-                response_serializer=handler.response_serializer,
+                unary_stream, request_deserializer=deserialize, response_serializer=serialize
+            )
+        if handler.stream_unary:
+            inner_su = handler.stream_unary
+
+            async def stream_unary(request_iterator: Any, context: aio.ServicerContext) -> Any:
+                async with _Call(method, context, observe):
+                    return await inner_su(_checked_stream(request_iterator), context)
+
+            return grpc.stream_unary_rpc_method_handler(
+                stream_unary, request_deserializer=deserialize, response_serializer=serialize
             )
         if handler.stream_stream:
             inner_ss = handler.stream_stream
@@ -206,21 +258,12 @@ class DomainErrorInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
             async def stream_stream(
                 request_iterator: Any, context: aio.ServicerContext
             ) -> AsyncIterator[Any]:
-                started = time.perf_counter()
-                try:
+                async with _Call(method, context, observe):
                     async for item in inner_ss(_checked_stream(request_iterator), context):
                         yield item
-                except aio.AbortError:
-                    raise
-                except Exception as exc:
-                    finish(_code_of(exc), started)
-                    await _abort(context, exc, method)
-                finish("OK", started)
 
             return grpc.stream_stream_rpc_method_handler(
-                stream_stream,
-                request_deserializer=_tolerant(handler.request_deserializer),
-                response_serializer=handler.response_serializer,
+                stream_stream, request_deserializer=deserialize, response_serializer=serialize
             )
         return handler
 

@@ -7,6 +7,8 @@ stream stall, or a value overflow later.
 
 from __future__ import annotations
 
+import re
+
 # What a default gRPC client accepts in one message; every answer must fit in it.
 DEFAULT_CLIENT_MESSAGE_BYTES = 4 * 1024 * 1024
 
@@ -35,6 +37,10 @@ MAX_STEP_STAT_ERROR_CHARS = 512
 # Longest duration accepted anywhere (a timeout, a lease, a backoff): one year, so an absolute
 # deadline computed from it can never overflow a timestamp.
 MAX_DURATION_S = 366 * 24 * 3600.0
+
+# A job id (and a child id): 1-128 characters of a fixed alphabet, so ids are safe in logs,
+# URLs and both databases' keys.
+ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}$")
 
 TRUNCATION_MARKER = "… [truncated {dropped} characters]"
 

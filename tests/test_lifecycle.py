@@ -5,12 +5,21 @@ PostgreSQL, so the rules and the store's unit of work cannot drift apart."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
+from monitor_svc import lifecycle
+from monitor_svc.records import DocumentLimits
 from monitor_svc.store.migrate import upgrade
-from stepflow_common.errors import FailedPrecondition, StatusConflict
+from stepflow_common.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    ResourceExhausted,
+    StatusConflict,
+)
 from stepflow_common.status import EndReason, Kind, Status
 from stepflow_common.step_outcome import ChildTally
 from tests.conftest import fresh_database
@@ -76,6 +85,21 @@ def test_cancelling_a_step_cancels_its_live_children_and_reaches_the_manager(lif
     assert life.job(manager.id).status is Status.PENDING  # a step's end never ends its job
 
 
+def test_a_step_ended_completed_cancels_its_live_children(life: Life) -> None:
+    manager, step = life.manager_with_step()
+    done, running, pending = children(life, step.id, "completed", "running", "created")
+
+    ended = life.status(step.id, Status.COMPLETED)
+
+    assert (ended.status, ended.end_reason) == (Status.COMPLETED, EndReason.API)
+    assert life.job(done).status is Status.COMPLETED
+    for child_id in (running, pending):
+        child = life.job(child_id)
+        assert (child.status, child.end_reason) == (Status.CANCELLED, EndReason.CANCELLED)
+    assert life.tally(step.id) == ChildTally(completed=1, cancelled=2)
+    assert life.entry(manager.id, step.id)["status"] == "completed"
+
+
 def test_a_status_set_through_the_api_records_end_reason_api(life: Life) -> None:
     manager, step = life.manager_with_step()
     (child,) = children(life, step.id, "running")
@@ -127,6 +151,48 @@ def test_a_step_timeout_runs_from_its_start(life: Life) -> None:
     assert life.job(step.id).end_reason == EndReason.TIMEOUT
 
 
+def test_a_step_handed_off_straight_from_pending_keeps_its_own_timeout(life: Life) -> None:
+    manager = life.create(Kind.MANAGER)
+    step = life.create(Kind.STEP, manager.id, timeout_s=60, step_index=0)
+    assert life.job(step.id).deadline is None  # not started: no clock yet
+
+    assert life.seal(step.id, 1) == []  # pending -> spawned by the hand-off
+
+    spawned = life.job(step.id)
+    assert spawned.status is Status.SPAWNED
+    assert spawned.started_at == life.backend.now
+    assert spawned.deadline is not None
+    assert (spawned.deadline - spawned.started_at).total_seconds() == 60  # not the wait timeout
+    life.later(61)
+    assert life.fire_due() == 1
+    assert life.job(step.id).end_reason == EndReason.TIMEOUT
+
+
+def test_a_status_write_past_the_deadline_finds_the_job_timed_out(life: Life) -> None:
+    _, step = life.manager_with_step(step_timeout_s=60)
+    life.later(61)  # the timer has not fired yet
+
+    with pytest.raises(StatusConflict) as refused:
+        life.status(step.id, Status.COMPLETED)
+
+    assert (refused.value.current, refused.value.requested) == ("failed", "completed")
+    ended = life.job(step.id)  # the timeout was committed, though the write was refused
+    assert (ended.status, ended.end_reason) == (Status.FAILED, EndReason.TIMEOUT)
+    assert ended.error == "timed out waiting for child jobs"
+    assert life.fire_due() == 0
+
+
+def test_a_write_the_timeout_makes_a_no_op_answers_the_timed_out_job(life: Life) -> None:
+    manager = life.create(Kind.MANAGER, timeout_s=30)
+    life.later(31)
+
+    answered = life.status(manager.id, Status.FAILED, "gave up")
+
+    assert (answered.status, answered.end_reason) == (Status.FAILED, EndReason.TIMEOUT)
+    assert answered.error == "job timed out"
+    assert life.job(manager.id) == answered
+
+
 def test_a_job_timeout_fails_the_job_and_cancels_everything_live_under_it(life: Life) -> None:
     manager, step = life.manager_with_step(timeout_s=120)
     done = life.create(Kind.STEP, manager.id, step_index=1)
@@ -149,13 +215,12 @@ def test_a_job_timeout_fails_the_job_and_cancels_everything_live_under_it(life: 
 
 
 # -- path 1: a manager's end cascades --------------------------------------------------------
-@pytest.mark.parametrize("status", [Status.CANCELLED, Status.FAILED])
-def test_ending_a_manager_cancels_its_live_steps_and_their_children(
-    life: Life, status: Status
-) -> None:
+@pytest.mark.parametrize("status", [Status.COMPLETED, Status.CANCELLED, Status.FAILED])
+def test_ending_a_manager_ends_everything_live_under_it(life: Life, status: Status) -> None:
     manager, step = life.manager_with_step()
     handed = life.create(Kind.STEP, manager.id, step_index=1)
     life.status(handed.id, Status.SPAWNED)
+    never_started = life.create(Kind.STEP, manager.id, step_index=2)
     (child,) = children(life, step.id, "created")
     (handed_child,) = children(life, handed.id, "running")
 
@@ -164,8 +229,28 @@ def test_ending_a_manager_cancels_its_live_steps_and_their_children(
     for job_id in (step.id, handed.id, child, handed_child):
         job = life.job(job_id)
         assert (job.status, job.end_reason) == (Status.CANCELLED, EndReason.CANCELLED), job_id
+    skipped = life.job(never_started.id)
+    assert (skipped.status, skipped.end_reason) == (Status.SKIPPED, EndReason.CANCELLED)
+    assert skipped.started_at is None
     stats = {e["step_id"]: e["status"] for e in life.job(manager.id).metadata["step_stats"]}
-    assert stats == {step.id: "cancelled", handed.id: "cancelled"}
+    assert stats == {step.id: "cancelled", handed.id: "cancelled", never_started.id: "skipped"}
+
+
+def test_ending_a_manager_cancels_children_left_live_under_an_ended_step(life: Life) -> None:
+    """Rows stored before steps took their children with them: an ended step with a live
+    child. The manager's end still leaves nothing live."""
+    manager, step = life.manager_with_step()
+    (child,) = children(life, step.id, "running")
+    ended = life.job(step.id)
+    life.run(lambda tx: tx.put(replace(ended, status=Status.COMPLETED, finished_at=tx.now)))
+    assert life.job(child).status is Status.RUNNING
+
+    life.status(manager.id, Status.CANCELLED)
+
+    left = life.job(child)
+    assert (left.status, left.end_reason) == (Status.CANCELLED, EndReason.CANCELLED)
+    assert life.job(step.id).status is Status.COMPLETED
+    assert life.tally(step.id) == ChildTally(cancelled=1)
 
 
 # -- path 4: a hand-off with no children -----------------------------------------------------
@@ -252,6 +337,87 @@ def test_a_child_ended_through_the_api_ends_its_step(life: Life) -> None:
 
     assert life.job(step.id).status is Status.FAILED
     assert life.tally(step.id) == ChildTally(failed=1)
+
+
+def test_a_seal_that_starts_the_wait_raises_the_steps_version(life: Life) -> None:
+    _, step = life.manager_with_step()
+    before = life.job(step.id)
+    assert before.deadline is None
+
+    assert life.seal(step.id, 2, handed=False) == []
+
+    after = life.job(step.id)
+    assert after.deadline == life.backend.now + timedelta(seconds=TIMERS.default_wait_timeout_s)
+    assert after.version == before.version + 1
+    assert after.change_seq > before.change_seq
+
+
+def test_a_hand_off_ending_after_a_client_marked_its_entry_moves_the_managers_change_seq(
+    life: Life,
+) -> None:
+    manager, step = life.manager_with_step()
+    life.status(step.id, Status.SPAWNED)  # no seal, no child: ends by the grace period
+    life.run(lambda tx: lifecycle.update_step_stat(tx, manager.id, step.id, Status.COMPLETED))
+    marked = life.job(manager.id)
+    assert life.entry(manager.id, step.id)["status"] == "completed"
+
+    life.later(TIMERS.grace_period_s + 1)
+    assert life.fire_due() == 1
+
+    assert life.job(step.id).end_reason == EndReason.GRACE_PERIOD
+    after = life.job(manager.id)
+    assert after.metadata == marked.metadata  # the entry had nothing new to say
+    assert after.version == marked.version
+    assert after.change_seq > marked.change_seq  # but its watchers must wake
+
+
+# -- limits ----------------------------------------------------------------------------------
+def test_metadata_over_the_size_limit_is_refused_and_nothing_is_written(life: Life) -> None:
+    life.limits = DocumentLimits(max_metadata_bytes=200)
+    manager = life.create(Kind.MANAGER, note="small")
+    before = life.job(manager.id)
+
+    with pytest.raises(ResourceExhausted, match="the limit is 200 bytes"):
+        life.update(manager.id, metadata={"blob": "x" * 300})
+    assert life.job(manager.id) == before
+
+    with pytest.raises(ResourceExhausted, match="the limit is 200 bytes"):
+        life.create(Kind.STEP, manager.id, step_index=0, blob="x" * 300)
+    assert life.run(lambda tx: tx.children_of(manager.id, live_only=False)) == []
+
+    life.update(manager.id, metadata={"blob": "x" * 100})  # within the limit: stored
+    assert life.job(manager.id).metadata["blob"] == "x" * 100
+
+
+def test_a_write_that_does_not_grow_an_over_limit_document_passes(life: Life) -> None:
+    manager = life.create(Kind.MANAGER, blob="x" * 300)
+    life.limits = DocumentLimits(max_metadata_bytes=200)  # lowered after it was stored
+
+    shrunk = life.update(manager.id, metadata={"blob": "x" * 250})
+    assert shrunk.metadata["blob"] == "x" * 250
+    with pytest.raises(ResourceExhausted):
+        life.update(manager.id, metadata={"more": 1})
+
+
+def test_a_step_beyond_the_managers_step_limit_is_refused(life: Life) -> None:
+    life.limits = DocumentLimits(max_steps_per_manager=2)
+    manager = life.create(Kind.MANAGER)
+    first = life.create(Kind.STEP, manager.id, step_index=0)
+    second = life.create(Kind.STEP, manager.id, step_index=1)
+
+    with pytest.raises(ResourceExhausted, match="has 2 steps; the limit is 2"):
+        life.create(Kind.STEP, manager.id, step_index=2)
+
+    steps = life.run(lambda tx: tx.children_of(manager.id, live_only=False))
+    assert {s.id for s in steps} == {first.id, second.id}
+    assert life.create(Kind.CHILD, first.id).kind is Kind.CHILD  # children are not steps
+
+
+@pytest.mark.parametrize("index", [-1, 1.5, 2**31])
+def test_a_step_index_out_of_range_is_refused(life: Life, index: float) -> None:
+    manager = life.create(Kind.MANAGER)
+    with pytest.raises(InvalidArgument, match="step_index must be a whole number"):
+        life.create(Kind.STEP, manager.id, step_index=index)
 
 
 # -- the child-event stream ------------------------------------------------------------------
