@@ -467,7 +467,13 @@ async def test_cancel_through_another_orchestrator_stops_the_owners_processes(
             _wait_for, lambda: all(p.exists() and p.read_text().strip() for p in pid_files)
         )
         pid_a, pid_b = (int(p.read_text()) for p in pid_files)
-        job = (await mstub.GetJob(_get(manager_id))).job
+        # Both running in the record too (their events may still be on their way).
+        job = await watch_until(
+            mstub,
+            manager_id,
+            lambda j: "sleepers" in by_name(j) and by_name(j)["sleepers"].children.running == 2,
+            within=WITHIN_S,
+        )
         kids = {
             k.name: k for k in await list_all(mstub, parent_id=by_name(job)["sleepers"].step_id)
         }
