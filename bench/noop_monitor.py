@@ -2,9 +2,9 @@
 
 ``StreamChildEvents`` only parses each batch (grpc deserialises it) and acknowledges it at
 once, storing nothing. The job RPCs the orchestrator needs (CreateJob, GetJob, ListJobs,
-UpdateJobStatus, UpdateJobMetadata, WatchJob) keep jobs in memory, minimally: no rules, no
-step_stats bookkeeping, a shallow metadata merge. It runs as its own process, like the real
-monitor, so a baseline and a real figure share the same process layout.
+UpdateJobStatus, UpdateJobMetadata, WatchJob, Heartbeat) keep jobs in memory, minimally: no
+rules, no step_stats bookkeeping, a shallow metadata merge. It runs as its own process, like
+the real monitor, so a baseline and a real figure share the same process layout.
 
     python bench/noop_monitor.py --port 50061
 """
@@ -76,6 +76,7 @@ class NoopMonitor(m_grpc.MonitorServiceServicer):
             status=job_pb2.JOB_STATUS_PENDING,
             version=1,
             change_seq=next(self.seq),
+            owner=request.owner if parent is None else parent.owner,
         )
         job.metadata.CopyFrom(request.metadata)
         job.created_at.GetCurrentTime()
@@ -111,6 +112,23 @@ class NoopMonitor(m_grpc.MonitorServiceServicer):
                 job.metadata.fields[key].CopyFrom(value)
         self._touch(job)
         return m.UpdateJobMetadataResponse(job=job)
+
+    async def Heartbeat(self, request, context):  # type: ignore[no-untyped-def]
+        # No other orchestrator and no lease expiry here: the caller owns what it created.
+        resp = m.HeartbeatResponse(
+            owned_job_ids=[
+                job.id
+                for job in self.jobs.values()
+                if job.kind == job_pb2.JOB_KIND_MANAGER
+                and job.owner == request.owner
+                and job.status not in TERMINAL
+            ]
+        )
+        resp.lease_expires_at.GetCurrentTime()
+        return resp
+
+    async def ReleaseLease(self, request, context):  # type: ignore[no-untyped-def]
+        return m.ReleaseLeaseResponse()
 
     async def UpdateStepStatInManager(self, request, context):  # type: ignore[no-untyped-def]
         job = await self._job(request.manager_id, context)

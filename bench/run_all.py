@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/run_all.py            # full sizes, median of 3 runs (~15-25 min)
     .venv/bin/python bench/run_all.py --quick    # small sizes, one run: a smoke test for CI
+    .venv/bin/python bench/run_all.py --failover # also kill -9 failover times (bench_failover)
 
 Each benchmark prints its own table(s) to stdout (progress goes to stderr). The exit status is
 0 when every benchmark ran to the end, whatever its figures (there are no assertions on
@@ -18,6 +19,8 @@ from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
 BENCHMARKS = ("bench_unary.py", "bench_stream.py", "bench_e2e.py")
+# Run only when named in --only (or with --failover): it kills orchestrators on purpose.
+OPTIONAL = ("bench_failover.py",)
 # Upper bounds per benchmark; each also bounds itself (its --timeout) a little below these.
 QUICK_LIMIT_S = 900
 FULL_LIMIT_S = 4200
@@ -35,11 +38,16 @@ def main() -> int:
         "--sqlite-synchronous", choices=("full", "normal"), default=None, help="as in each bench"
     )
     parser.add_argument(
+        "--failover", action="store_true", help="also run bench_failover.py (kill -9 failover)"
+    )
+    parser.add_argument(
         "--only",
         default=",".join(BENCHMARKS),
-        help="comma-separated subset of " + ", ".join(BENCHMARKS),
+        help="comma-separated subset of " + ", ".join(BENCHMARKS + OPTIONAL),
     )
     args = parser.parse_args()
+    if args.failover:
+        args.only += "," + ",".join(OPTIONAL)
 
     passthrough: list[str] = []
     if args.quick:
@@ -54,7 +62,7 @@ def main() -> int:
 
     summary: list[tuple[str, str, float]] = []
     for name in [n.strip() for n in args.only.split(",") if n.strip()]:
-        if name not in BENCHMARKS:
+        if name not in BENCHMARKS + OPTIONAL:
             parser.error(f"--only: unknown benchmark {name!r}")
         argv = [sys.executable, str(BENCH_DIR / name), *passthrough]
         argv += ["--timeout", str(limit - 60)]

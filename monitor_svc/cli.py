@@ -71,6 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(
         serve_p,
         COMMAND,
+        "--orphan-timeout",
+        "10m",
+        "a job whose orchestrator's lease lapsed, adopted by no other orchestrator by then, "
+        "ends failed (orchestrator_lost)",
+    )
+    add_flag(
+        serve_p,
+        COMMAND,
         "--keepalive-permit",
         "10s",
         "shortest interval between a client's keepalive pings that is accepted (clients must "
@@ -239,6 +247,7 @@ def config_from(args: argparse.Namespace) -> MonitorConfig:
                 args.default_wait_timeout, "--default-wait-timeout"
             ),
             grace_period_s=parse_duration(args.grace_period, "--grace-period"),
+            orphan_timeout_s=parse_duration(args.orphan_timeout, "--orphan-timeout"),
         ),
         security=security_from(args),
         shutdown_grace_s=parse_duration(args.shutdown_grace, "--shutdown-grace", allow_zero=True),

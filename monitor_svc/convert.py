@@ -166,8 +166,14 @@ def timeout(value: duration_pb2.Duration, field: str = "timeout") -> float:
 
 def new_job(req: m.CreateJobRequest, metadata_limit: int = MAX_METADATA_BYTES) -> NewJob:
     timeout_s = timeout(req.timeout) if req.HasField("timeout") else None
+    job_kind = kind(req.kind)
+    definition = None
+    if req.HasField("definition"):
+        if job_kind is not Kind.MANAGER:
+            raise InvalidArgument("definition applies to manager jobs only")
+        definition = metadata(req.definition, "definition", limit=metadata_limit)
     return NewJob(
-        kind=kind(req.kind),
+        kind=job_kind,
         parent_id=optional_id(req.parent_id, "parent_id"),
         name=text(req.name, "name"),
         type=text(req.type, "type", 128),
@@ -175,7 +181,14 @@ def new_job(req: m.CreateJobRequest, metadata_limit: int = MAX_METADATA_BYTES) -
         timeout_s=timeout_s,
         request_id=optional_id(req.request_id, "request_id"),
         owner=text(req.owner, "owner", 128),
+        definition=definition,
     )
+
+
+def owner(value: str, *, required: bool = False) -> str:
+    if required and not value:
+        raise InvalidArgument("owner is required")
+    return text(value, "owner", 128)
 
 
 def job_filter(req: m.ListJobsRequest) -> tuple[JobFilter, int]:
@@ -220,6 +233,7 @@ def child_event(event: job_pb2.ChildEvent) -> ChildEventIn | str:
         event.child_count,
         event.handed_to_monitor,
         event_text(name, MAX_NAME) if name else "",
+        event.attempt,
     )
 
 
@@ -278,7 +292,7 @@ def _status_pb(value: Any) -> Any:  # a job_pb2.JobStatus value
         return job_pb2.JOB_STATUS_UNSPECIFIED
 
 
-def job_pb(view: JobView) -> job_pb2.Job:
+def job_pb(view: JobView, *, include_definition: bool = False) -> job_pb2.Job:
     job: JobState = view.job
     out = job_pb2.Job(
         id=job.id,
@@ -293,7 +307,11 @@ def job_pb(view: JobView) -> job_pb2.Job:
         version=job.version,
         change_seq=job.change_seq,
         owner=job.owner,
+        attempt=job.attempt,
+        interruptions=job.interruptions,
     )
+    if include_definition and job.definition is not None:
+        out.definition.update(job.definition)
     _CONVERTED.fill_metadata(job.id, job.metadata, out.metadata)
     _stamp(out.created_at, job.created_at)
     _stamp(out.started_at, job.started_at)

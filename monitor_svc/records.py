@@ -45,6 +45,9 @@ class Stored:
     updated: bool = False
     by_child_event: bool = False
     column: str = ""
+    # Not read with the row (``JOB_SELECT``): a large value only one call asks for. Such
+    # fields come last, so a row builds a ``JobState`` with their defaults.
+    selected: bool = True
 
 
 STORED = "stored"
@@ -79,6 +82,16 @@ class JobState:
     finished_at: datetime | None = field(metadata=_CHILD)
     request_id: str | None = field(metadata=_FIXED)
     owner: str = field(metadata=_UPDATED)
+    # Runs started: children by their RUNNING events, steps by their RUNNING status.
+    attempt: int = field(default=0, metadata=_CHILD)
+    # Steps and children: how often their orchestrator was lost while they ran.
+    interruptions: int = field(default=0, metadata=_UPDATED)
+    # Managers without an owner: when the job fails orchestrator_lost unless adopted first.
+    orphan_deadline: datetime | None = field(default=None, metadata=_UPDATED)
+    # Managers: the job definition they were submitted with (read on request only).
+    definition: dict[str, Any] | None = field(
+        default=None, metadata={STORED: Stored(selected=False)}
+    )
 
     def clone(self) -> JobState:
         """A copy to change and ``put`` (hot path: cheaper than ``dataclasses.replace``)."""
@@ -159,6 +172,7 @@ class NewJob:
     timeout_s: float | None
     request_id: str | None
     owner: str
+    definition: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,3 +198,13 @@ class ChildEventIn(NamedTuple):
     child_count: int
     handed_to_monitor: bool
     name: str = ""
+    attempt: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """An orchestrator's lease: its jobs are its own until ``expires_at``."""
+
+    owner: str
+    instance: str
+    expires_at: datetime

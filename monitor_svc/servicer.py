@@ -53,8 +53,9 @@ class MonitorServicer(m_grpc.MonitorServiceServicer):
     async def GetJob(
         self, request: m.GetJobRequest, context: aio.ServicerContext
     ) -> m.GetJobResponse:
-        view = await self._store.get_job(convert.job_id(request.job_id))
-        return m.GetJobResponse(job=convert.job_pb(view))
+        include = request.include_definition
+        view = await self._store.get_job(convert.job_id(request.job_id), include_definition=include)
+        return m.GetJobResponse(job=convert.job_pb(view, include_definition=include))
 
     async def ListJobs(
         self, request: m.ListJobsRequest, context: aio.ServicerContext
@@ -82,6 +83,7 @@ class MonitorServicer(m_grpc.MonitorServiceServicer):
             convert.status(request.status),
             convert.error_text(request.error),
             convert.client_end_reason(request.end_reason),
+            convert.owner(request.owner),
         )
         return m.UpdateJobStatusResponse(job=convert.job_pb(view))
 
@@ -96,6 +98,7 @@ class MonitorServicer(m_grpc.MonitorServiceServicer):
             convert.job_id(request.job_id),
             convert.metadata(request.metadata, limit=limit),
             expected,
+            convert.owner(request.owner),
         )
         return m.UpdateJobMetadataResponse(job=convert.job_pb(view))
 
@@ -173,7 +176,8 @@ class MonitorServicer(m_grpc.MonitorServiceServicer):
             else:
                 decoded.append(result)
         if decoded:
-            for event_id, reason in await self._store.apply_events(decoded):
+            owner = convert.owner(request.owner)
+            for event_id, reason in await self._store.apply_events(decoded, owner):
                 rejected.append(m.RejectedEvent(event_id=event_id, reason=reason))
         if rejected:
             log.info("events rejected", batch_id=request.batch_id, count=len(rejected))
@@ -189,3 +193,26 @@ class MonitorServicer(m_grpc.MonitorServiceServicer):
         await self._store.get_job(job_id)  # NOT_FOUND before the stream starts
         async for view in self._hub.watch(job_id, request.after_change_seq):
             yield m.WatchJobResponse(job=convert.job_pb(view))
+
+    async def Heartbeat(
+        self, request: m.HeartbeatRequest, context: aio.ServicerContext
+    ) -> m.HeartbeatResponse:
+        result = await self._store.heartbeat(
+            convert.owner(request.owner, required=True),
+            convert.text(request.instance, "instance", 128),
+            convert.timeout(request.lease, "lease"),
+            request.max_adopt,
+        )
+        response = m.HeartbeatResponse(
+            owned_job_ids=result.owned_job_ids,
+            adopted_job_ids=result.adopted_job_ids,
+            resumed_job_ids=result.resumed_job_ids,
+        )
+        response.lease_expires_at.FromDatetime(result.lease_expires_at)
+        return response
+
+    async def ReleaseLease(
+        self, request: m.ReleaseLeaseRequest, context: aio.ServicerContext
+    ) -> m.ReleaseLeaseResponse:
+        orphaned = await self._store.release_lease(convert.owner(request.owner, required=True))
+        return m.ReleaseLeaseResponse(orphaned_job_ids=orphaned)

@@ -30,6 +30,7 @@ DEFAULT_ORCHESTRATOR = f"127.0.0.1:{DEFAULT_PORT}"
 DEFAULT_CONNECT_TIMEOUT = "10s"
 CONNECT_NOTICE_S = 1.0  # a wait longer than this is announced on stderr
 CALL_TIMEOUT_S = 30.0
+MIN_LEASE_S = 1.0  # the monitor refuses shorter leases
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,9 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         help="run the OrchestratorService gRPC server",
         description="Run the OrchestratorService gRPC server (health and reflection on): it runs "
-        "submitted jobs step by step and streams every child event to the monitor. At start it "
-        "fails the unfinished jobs this instance (--owner) left behind; SIGTERM or Ctrl-C stops "
-        "it gracefully.",
+        "submitted jobs step by step and streams every child event to the monitor. It holds a "
+        "lease in the monitor, renewed every --lease/3: at start it resumes the unfinished jobs "
+        "this instance (--owner) left behind, and it adopts the jobs of orchestrators whose "
+        "lease lapsed. SIGTERM or Ctrl-C stops it gracefully: no new children start, running "
+        "ones get --shutdown-grace to finish, and the lease is released so another "
+        "orchestrator continues its jobs at once.",
         epilog=cli.EXIT_CODES_HELP,
         formatter_class=cli.HelpFormatter,
     )
@@ -60,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         COMMAND,
         "--owner",
         "",
-        "this instance's stable name; its unfinished jobs are failed when it starts",
+        "this instance's stable name; its unfinished jobs are resumed when it starts",
         shown_default="orchestrator@HOSTNAME:PORT",
     )
     add_flag(serve_p, COMMAND, "--monitor-token", "", "bearer token to send to the monitor")
@@ -72,7 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
         COMMAND,
         "--shutdown-grace",
         "10s",
-        "time in-flight calls get on SIGTERM (0s: stop at once)",
+        "time in-flight calls and running children get on SIGTERM (0s: stop at once)",
+    )
+    add_flag(
+        serve_p,
+        COMMAND,
+        "--lease",
+        "30s",
+        "this long after its last heartbeat, its jobs are no longer its own and another "
+        "orchestrator adopts them (heartbeats every lease/3)",
     )
     add_flag(
         serve_p,
@@ -210,6 +222,7 @@ def _serve_config(args: argparse.Namespace) -> OrchestratorConfig:
             auth_token=args.monitor_token, tls_ca=args.monitor_tls_ca
         ),
         shutdown_grace_s=parse_duration(args.shutdown_grace, "--shutdown-grace", allow_zero=True),
+        lease_s=_lease(args.lease),
         metrics_port=args.metrics_port,
         keepalive=serving.ClientKeepalive(
             time_s=parse_duration(args.keepalive_time, "--keepalive-time"),
@@ -217,6 +230,13 @@ def _serve_config(args: argparse.Namespace) -> OrchestratorConfig:
         ),
         monitor_wait_log_s=parse_duration(args.monitor_wait_log_every, "--monitor-wait-log-every"),
     )
+
+
+def _lease(value: str) -> float:
+    lease_s = parse_duration(value, "--lease")
+    if lease_s < MIN_LEASE_S:
+        raise InvalidArgument(f"--lease: at least {MIN_LEASE_S:g}s, got {value}")
+    return lease_s
 
 
 def _load_job(path: str) -> definitions.JobSpec:

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 from google.protobuf import duration_pb2, struct_pb2
 
-from orchestrator_svc.workers.base import Worker
+from orchestrator_svc.workers.base import MAX_BACKOFF_S, RetryPolicy, Worker
 from orchestrator_svc.workers.settings import describe, whole_number
 from stepflow_common.durations import parse_duration
 from stepflow_common.errors import InvalidArgument
@@ -36,9 +36,22 @@ is refused before it starts."""
 MAX_CONFIG_DEPTH = 32
 MAX_EXACT_INT = 2**53
 """Struct numbers are doubles: a larger integer would not survive SubmitJob unchanged."""
+MAX_RETRIES = 100
+DEFAULT_RETRY_BACKOFF_S = 1.0
 
 JOB_KEYS = ("name", "timeout", "error_tolerance", "config", "steps")
-STEP_KEYS = ("name", "type", "config", "on_error", "depends_on", "wait", "timeout")
+STEP_KEYS = (
+    "name",
+    "type",
+    "config",
+    "on_error",
+    "depends_on",
+    "wait",
+    "timeout",
+    "retries",
+    "retry_backoff",
+    "on_interrupt",
+)
 TOLERANCE_KEYS = ("max_child_failures", "action")
 
 _E = TypeVar("_E", bound=enum.StrEnum)
@@ -50,6 +63,13 @@ class OnError(enum.StrEnum):
     CONTINUE = "continue"  # go on with the next steps
     FAIL = "fail"  # start no new step, let running ones finish, skip the rest
     FATAL = "fatal"  # as fail, and cancel running steps and their children at once
+
+
+class OnInterrupt(enum.StrEnum):
+    """What happens to children that were live when their orchestrator was lost."""
+
+    RERUN = "rerun"  # run each again as a new attempt of the same child
+    FAIL = "fail"  # end each failed, end_reason orchestrator_lost (work that must not run twice)
 
 
 class ToleranceAction(enum.StrEnum):
@@ -74,6 +94,13 @@ class StepSpec:
     depends_on: tuple[str, ...] = ()
     wait: bool = True
     timeout_s: float | None = None
+    retries: int = 0
+    retry_backoff_s: float = DEFAULT_RETRY_BACKOFF_S
+    on_interrupt: OnInterrupt = OnInterrupt.RERUN
+
+    @property
+    def retry(self) -> RetryPolicy:
+        return RetryPolicy(self.retries, self.retry_backoff_s)
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +215,13 @@ def from_proto(
             step["wait"] = step_pb.wait
         if step_pb.HasField("timeout"):
             step["timeout"] = _duration_s(step_pb.timeout, f"{where}.timeout")
+        if step_pb.retries:
+            step["retries"] = step_pb.retries
+        if step_pb.HasField("retry_backoff"):
+            step["retry_backoff"] = _duration_s(step_pb.retry_backoff, f"{where}.retry_backoff")
+        step["on_interrupt"] = _enum_from_pb(
+            _ON_INTERRUPT_FROM_PB, step_pb.on_interrupt, f"{where}.on_interrupt", "OnInterrupt"
+        )
         data["steps"].append(step)
     return from_mapping(data, known_types=known_types, workers=workers)
 
@@ -214,7 +248,44 @@ def to_proto(spec: JobSpec) -> pb.JobDefinition:
             step_pb.config.update(step.config)
         if step.timeout_s is not None:
             step_pb.timeout.CopyFrom(_duration_pb(step.timeout_s))
+        step_pb.retries = step.retries
+        if step.retry_backoff_s != DEFAULT_RETRY_BACKOFF_S:
+            step_pb.retry_backoff.CopyFrom(_duration_pb(step.retry_backoff_s))
+        step_pb.on_interrupt = _ON_INTERRUPT_TO_PB[step.on_interrupt]
     return definition
+
+
+def to_mapping(spec: JobSpec) -> dict[str, Any]:
+    """The job-file structure of ``spec`` (JSON-ready); ``from_mapping(to_mapping(s)) == s``.
+    This is the form stored with the manager, so any orchestrator can continue the job."""
+    data: dict[str, Any] = {"name": spec.name, "steps": []}
+    if spec.timeout_s is not None:
+        data["timeout"] = spec.timeout_s
+    if spec.error_tolerance is not None:
+        data["error_tolerance"] = {
+            "max_child_failures": spec.error_tolerance.max_child_failures,
+            "action": spec.error_tolerance.action.value,
+        }
+    if spec.config:
+        data["config"] = spec.config
+    for step in spec.steps:
+        entry: dict[str, Any] = {
+            "name": step.name,
+            "type": step.type,
+            "on_error": step.on_error.value,
+            "wait": step.wait,
+            "retries": step.retries,
+            "retry_backoff": step.retry_backoff_s,
+            "on_interrupt": step.on_interrupt.value,
+        }
+        if step.config:
+            entry["config"] = step.config
+        if step.depends_on:
+            entry["depends_on"] = list(step.depends_on)
+        if step.timeout_s is not None:
+            entry["timeout"] = step.timeout_s
+        data["steps"].append(entry)
+    return data
 
 
 def validate_config(step: StepSpec, worker: Worker, *, where: str = "config") -> None:
@@ -290,7 +361,33 @@ def _step(
         ),
         wait=wait,
         timeout_s=_timeout(raw.get("timeout"), f"{where}.timeout"),
+        retries=_retries(raw.get("retries"), f"{where}.retries"),
+        retry_backoff_s=_retry_backoff(raw.get("retry_backoff"), f"{where}.retry_backoff"),
+        on_interrupt=_choice(
+            OnInterrupt, raw.get("on_interrupt"), OnInterrupt.RERUN, f"{where}.on_interrupt"
+        ),
     )
+
+
+def _retries(value: object, where: str) -> int:
+    if value is None:
+        return 0
+    retries = whole_number(value, where)
+    if not 0 <= retries <= MAX_RETRIES:
+        raise InvalidArgument(f"{where}: must be between 0 and {MAX_RETRIES}, got {retries}")
+    return retries
+
+
+def _retry_backoff(value: object, where: str) -> float:
+    seconds = _timeout(value, where)
+    if seconds is None:
+        return DEFAULT_RETRY_BACKOFF_S
+    if seconds > MAX_BACKOFF_S:
+        raise InvalidArgument(
+            f"{where}: at most {MAX_BACKOFF_S:g}s (backoff doubles up to that cap), "
+            f"got {seconds:g}s"
+        )
+    return seconds
 
 
 def _depends_on(
@@ -464,6 +561,14 @@ _ON_ERROR_TO_PB = {
 _ON_ERROR_FROM_PB: dict[int, str | None] = {
     pb.ON_ERROR_UNSPECIFIED: None,  # means fail
     **{number: member.value for member, number in _ON_ERROR_TO_PB.items()},
+}
+_ON_INTERRUPT_TO_PB = {
+    OnInterrupt.RERUN: pb.ON_INTERRUPT_RERUN,
+    OnInterrupt.FAIL: pb.ON_INTERRUPT_FAIL,
+}
+_ON_INTERRUPT_FROM_PB: dict[int, str | None] = {
+    pb.ON_INTERRUPT_UNSPECIFIED: None,  # means rerun
+    **{number: member.value for member, number in _ON_INTERRUPT_TO_PB.items()},
 }
 _ACTION_TO_PB = {
     ToleranceAction.FAIL: pb.ERROR_TOLERANCE_ACTION_FAIL,

@@ -81,6 +81,12 @@ EXPECTED_STEPS: dict[str, tuple[str, str]] = {
 }
 EXPECTED_JOB_STATUS = "completed"  # every failure above was continued past
 
+# --failover: two orchestrators; the owner is killed (SIGKILL) once this many of the first
+# step's children have ended, and the other adopts the job when the owner's lease lapses.
+FAILOVER_LEASE = "3s"
+FAILOVER_ORPHAN_TIMEOUT = "1m"
+FAILOVER_KILL_AFTER = 15
+
 
 class ServiceError(RuntimeError):
     """A service did not start, or died; the message carries its log's tail."""
@@ -208,6 +214,12 @@ def _parser() -> argparse.ArgumentParser:
         f"[default: {DEMO_JOB.relative_to(REPO_ROOT)}]",
     )
     parser.add_argument(
+        "--failover",
+        action="store_true",
+        help="run two orchestrators, kill the job's owner with SIGKILL mid-job, and show the "
+        f"other one adopting and finishing it (lease {FAILOVER_LEASE})",
+    )
+    parser.add_argument(
         "--keep-running",
         action="store_true",
         help="leave both services up after the job (for grpcurl) until Ctrl-C",
@@ -227,32 +239,36 @@ def _demo(
     python = [sys.executable, "-m"]
     common = ["--shutdown-grace", SHUTDOWN_GRACE, "--log-format", "json"]
     # Appended as soon as started: whatever happens next, the `finally` in main stops them.
+    failover = ["--orphan-timeout", FAILOVER_ORPHAN_TIMEOUT] if args.failover else []
     services.append(start_service(
         "monitor",
         MONITOR_SERVICE,
         [*python, "monitor_svc", "serve", "--database-url", database_url,
-         "--grace-period", GRACE_PERIOD, *common],
+         "--grace-period", GRACE_PERIOD, *failover, *common],
         tmp,
     ))  # fmt: skip
     monitor = services[-1]
     wait_serving(monitor)
     console.print(f"  monitor       {monitor.address}")
     console.print(f"  SQLite        {tmp / 'stepflow.db'}", soft_wrap=True)
-    services.append(
-        start_service(
-            "orchestrator",
-            ORCHESTRATOR_SERVICE,
-            [*python, "orchestrator_svc", "serve", "--monitor", monitor.address, *common],
-            tmp,
-        )
-    )
-    orchestrator = services[-1]
-    wait_serving(orchestrator)
-    console.print(f"  orchestrator  {orchestrator.address}\n")
+    names = ["orchestrator-a", "orchestrator-b"] if args.failover else ["orchestrator"]
+    for name in names:
+        lease = ["--owner", name, "--lease", FAILOVER_LEASE] if args.failover else []
+        serve = [*python, "orchestrator_svc", "serve", "--monitor", monitor.address]
+        services.append(start_service(name, ORCHESTRATOR_SERVICE, [*serve, *lease, *common], tmp))
+        wait_serving(services[-1])
+        console.print(f"  {name:<13} {services[-1].address}")
+    console.print()
+    orchestrator = services[1]
 
-    final = asyncio.run(_run_job(job_file, orchestrator, monitor, console))
+    victim = orchestrator if args.failover else None
+    final = asyncio.run(_run_job(job_file, orchestrator, monitor, console, kill=victim))
+    if victim is not None:
+        services.remove(victim)  # killed on purpose: not stopped again, not a failure
     if job_file.resolve() == DEMO_JOB:
         outcome = _check(final, console)
+        if args.failover and outcome == EXIT_AS_DESIGNED:
+            outcome = _check_failover(final, console)
     else:  # no design to hold it to: reaching an end is the whole check
         console.print(f"the job ended {status_name(final.status)}")
         outcome = EXIT_AS_DESIGNED
@@ -314,8 +330,11 @@ async def _run_job(
     orchestrator: ServiceProcess,
     monitor: ServiceProcess,
     console: Console,
+    *,
+    kill: ServiceProcess | None = None,
 ) -> job_pb2.Job:
-    """Submit the job and follow it, exactly as ``orchestrator-svc submit --follow`` does."""
+    """Submit the job and follow it, exactly as ``orchestrator-svc submit --follow`` does;
+    with ``kill``, SIGKILL that orchestrator once the first step is well under way."""
     spec = definitions.load_file(str(job_file))
     security = serving.Security()
     async with serving.channel(orchestrator.address, security) as channel:
@@ -324,8 +343,45 @@ async def _run_job(
             timeout=30,
         )
     async with serving.channel(monitor.address, security) as channel:
-        watch = MonitorClient(channel).watch(response.manager_id)
-        return await asyncio.wait_for(follow(watch, console), JOB_TIMEOUT_S)
+        client = MonitorClient(channel)
+        killer = None
+        if kill is not None:
+            killer = asyncio.create_task(_kill_mid_job(client, response.manager_id, kill, console))
+        try:
+            return await asyncio.wait_for(
+                follow(client.watch(response.manager_id), console), JOB_TIMEOUT_S
+            )
+        finally:
+            if killer is not None:
+                killer.cancel()
+
+
+async def _kill_mid_job(
+    client: MonitorClient, manager_id: str, victim: ServiceProcess, console: Console
+) -> None:
+    async for job in client.watch(manager_id):
+        if job.step_stats:
+            done = job.step_stats[0].children
+            if done.completed + done.failed >= FAILOVER_KILL_AFTER:
+                break
+    victim.process.kill()
+    victim.process.wait()
+    console.print(
+        f"[bold red]killed {victim.name}[/] (SIGKILL) with the job running: the other "
+        f"orchestrator adopts it when the lease ({FAILOVER_LEASE}) lapses; its running "
+        "children run again as their second attempt, each counted once"
+    )
+
+
+def _check_failover(job: job_pb2.Job, console: Console) -> int:
+    if job.owner != "orchestrator-b":
+        console.print(f"[red]not as designed: the job ended owned by {job.owner or 'no one'}[/]")
+        return EXIT_NOT_AS_DESIGNED
+    console.print(
+        "[green]failover as designed:[/] orchestrator-b adopted the job from the killed "
+        "orchestrator-a and finished it; the counts above are exact"
+    )
+    return EXIT_AS_DESIGNED
 
 
 def _check(job: job_pb2.Job, console: Console) -> int:

@@ -109,6 +109,7 @@ class EventStream:
         channel_factory: Callable[[], aio.Channel],
         *,
         instance_id: str | None = None,
+        owner: str = "",
         batch_max_events: int = BATCH_MAX_EVENTS,
         batch_max_bytes: int = BATCH_MAX_BYTES,
         max_buffered_events: int = MAX_BUFFERED_EVENTS,
@@ -116,6 +117,8 @@ class EventStream:
     ) -> None:
         self._channel_factory = channel_factory
         self._instance = instance_id or uuid.uuid4().hex[:12]
+        # Fences every batch: events for a job another orchestrator owns are rejected.
+        self.owner = owner
         self._seq = itertools.count(1)
         self._batch_max = batch_max_events
         self._batch_max_bytes = batch_max_bytes
@@ -245,7 +248,9 @@ class EventStream:
             batch.stream_batch_id = next(batch_ids)
             batch.sent_at = time.monotonic()
             in_flight.append(batch)
-            return m.StreamChildEventsRequest(batch_id=batch.stream_batch_id, events=batch.events)
+            return m.StreamChildEventsRequest(
+                batch_id=batch.stream_batch_id, events=batch.events, owner=self.owner
+            )
 
         async def requests() -> AsyncIterator[m.StreamChildEventsRequest]:
             # A batch leaves ``_unacked`` only when it is settled, never when it is (re)sent:

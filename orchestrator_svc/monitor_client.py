@@ -17,6 +17,7 @@ import structlog
 from google.protobuf import duration_pb2, struct_pb2
 from grpc import aio
 
+from stepflow_common.errors import FailedPrecondition, StepflowError
 from stepflow_common.grpc_errors import from_rpc_error
 from stepflow_common.limits import truncate_text
 from stepflow_proto.v1 import job_pb2
@@ -31,6 +32,23 @@ CALL_TIMEOUT_S = 10.0
 RETRY_INITIAL_S = 0.05
 RETRY_MAX_S = 2.0
 RETRY_FOR_S = 120.0  # give a restarting monitor (or database) this long before giving up
+
+
+# How the monitor words a write refused because another orchestrator owns the job now (or no
+# one does): the writer must stop its work on that job without writing anything more for it.
+FENCED_MARKERS = ("fenced: ", " is owned by ", " is orphaned")
+
+
+class JobFenced(StepflowError):
+    """A write for a job this orchestrator no longer owns was refused.
+
+    Deliberately not a ``FailedPrecondition``: the handlers that treat a refused write as "the
+    monitor ended it first" and carry on must not swallow it.
+    """
+
+
+def is_fenced(reason: str) -> bool:
+    return any(marker in reason for marker in FENCED_MARKERS)
 
 
 def to_struct(value: dict[str, Any]) -> struct_pb2.Struct:
@@ -53,7 +71,10 @@ class MonitorClient:
                 return await fn()
             except aio.AioRpcError as exc:
                 if exc.code() not in RETRYABLE or loop.time() + delay > give_up:
-                    raise from_rpc_error(exc) from exc
+                    error = from_rpc_error(exc)
+                    if isinstance(error, FailedPrecondition) and is_fenced(str(error)):
+                        raise JobFenced(str(error)) from exc
+                    raise error from exc
                 log.info("monitor call retried", call=what, code=exc.code().name, retry_in_s=delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX_S)
@@ -69,6 +90,7 @@ class MonitorClient:
         timeout_s: float | None = None,
         request_id: str = "",
         owner: str = "",
+        definition: dict[str, Any] | None = None,
     ) -> job_pb2.Job:
         request = m.CreateJobRequest(
             kind=kind,  # type: ignore[arg-type]
@@ -79,6 +101,8 @@ class MonitorClient:
             request_id=request_id,
             owner=owner,
         )
+        if definition is not None:
+            request.definition.CopyFrom(to_struct(definition))
         if timeout_s is not None:
             duration = duration_pb2.Duration()
             duration.FromTimedelta(timedelta(seconds=timeout_s))
@@ -89,12 +113,11 @@ class MonitorClient:
         )
         return resp.job
 
-    async def get_job(self, job_id: str) -> job_pb2.Job:
+    async def get_job(self, job_id: str, *, include_definition: bool = False) -> job_pb2.Job:
+        request = m.GetJobRequest(job_id=job_id, include_definition=include_definition)
         resp: m.GetJobResponse = await self._call(
             "GetJob",
-            lambda: self.stub.GetJob(
-                m.GetJobRequest(job_id=job_id), timeout=CALL_TIMEOUT_S, wait_for_ready=True
-            ),
+            lambda: self.stub.GetJob(request, timeout=CALL_TIMEOUT_S, wait_for_ready=True),
         )
         return resp.job
 
@@ -115,13 +138,15 @@ class MonitorClient:
                 return jobs
 
     async def update_status(
-        self, job_id: str, status: int, error: str = "", end_reason: str = ""
+        self, job_id: str, status: int, error: str = "", end_reason: str = "", *, owner: str = ""
     ) -> job_pb2.Job:
+        """``owner`` fences the write: refused (JobFenced) unless it still owns the job."""
         request = m.UpdateJobStatusRequest(
             job_id=job_id,
             status=status,  # type: ignore[arg-type]
             error=truncate_text(error),
             end_reason=end_reason,
+            owner=owner,
         )
         resp: m.UpdateJobStatusResponse = await self._call(
             "UpdateJobStatus",
@@ -130,9 +155,16 @@ class MonitorClient:
         return resp.job
 
     async def update_metadata(
-        self, job_id: str, metadata: dict[str, Any], expected_version: int | None = None
+        self,
+        job_id: str,
+        metadata: dict[str, Any],
+        expected_version: int | None = None,
+        *,
+        owner: str = "",
     ) -> job_pb2.Job:
-        request = m.UpdateJobMetadataRequest(job_id=job_id, metadata=to_struct(metadata))
+        request = m.UpdateJobMetadataRequest(
+            job_id=job_id, metadata=to_struct(metadata), owner=owner
+        )
         if expected_version is not None:
             request.expected_version = expected_version
         resp: m.UpdateJobMetadataResponse = await self._call(
@@ -142,6 +174,29 @@ class MonitorClient:
             ),
         )
         return resp.job
+
+    async def heartbeat(
+        self, *, owner: str, instance: str, lease_s: float, max_adopt: int, timeout_s: float
+    ) -> m.HeartbeatResponse:
+        """Renew this orchestrator's lease; one attempt, bounded by ``timeout_s`` (the lease
+        loop itself tries again on its next beat)."""
+        request = m.HeartbeatRequest(owner=owner, instance=instance, max_adopt=max_adopt)
+        request.lease.FromTimedelta(timedelta(seconds=lease_s))
+        try:
+            resp: m.HeartbeatResponse = await self.stub.Heartbeat(request, timeout=timeout_s)
+        except aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from exc
+        return resp
+
+    async def release_lease(self, owner: str, *, timeout_s: float) -> list[str]:
+        """Give the lease up (shutdown); the ids of the unfinished jobs it orphaned."""
+        try:
+            resp: m.ReleaseLeaseResponse = await self.stub.ReleaseLease(
+                m.ReleaseLeaseRequest(owner=owner), timeout=timeout_s
+            )
+        except aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from exc
+        return list(resp.orphaned_job_ids)
 
     async def watch(self, job_id: str, after_change_seq: int = 0) -> AsyncIterator[job_pb2.Job]:
         """The job's states until it is terminal; resumes after a broken stream from the last

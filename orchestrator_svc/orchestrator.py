@@ -1,28 +1,35 @@
-"""The orchestrator's state: the jobs this instance runs, submit (idempotent), cancel, and the
-recovery of jobs a previous run of this instance left unfinished."""
+"""The orchestrator's state: the jobs this instance runs, submit (idempotent), cancel, and its
+lease: the heartbeat that keeps its jobs its own, resumes them after a restart, adopts the jobs
+of orchestrators that went away, and stops its work on jobs another one owns now."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
 from collections.abc import Mapping
 
 import structlog
 
-from orchestrator_svc.definitions import JobSpec
+from orchestrator_svc import resume
+from orchestrator_svc.definitions import JobSpec, to_mapping
 from orchestrator_svc.event_stream import EventStream
-from orchestrator_svc.monitor_client import MonitorClient
+from orchestrator_svc.monitor_client import JobFenced, MonitorClient, is_fenced
 from orchestrator_svc.runner import JobRunner
 from orchestrator_svc.workers.base import Worker
-from stepflow_common.errors import FailedPrecondition, Unavailable
+from stepflow_common.errors import FailedPrecondition, StepflowError, Unavailable
 from stepflow_common.status import EndReason
 from stepflow_proto.v1 import job_pb2
+from stepflow_proto.v1 import monitor_service_pb2 as m
 
 log = structlog.get_logger(__name__)
 
-RESTARTED_ERROR = "orchestrator restarted"
 CANCEL_WAIT_S = 10.0  # how long CancelJob waits for a job's work to stop before ending it
+DEFAULT_LEASE_S = 30.0
+DEFAULT_CAPACITY = 16
+"""Jobs an orchestrator runs before it stops adopting others' (it still takes submits)."""
+STOP_WAIT_S = 5.0  # after the shutdown grace, how long stopped runners get to unwind
 TERMINAL_PB = {
     job_pb2.JOB_STATUS_COMPLETED,
     job_pb2.JOB_STATUS_FAILED,
@@ -40,48 +47,150 @@ class Orchestrator:
         *,
         owner: str,
         monitor_address: str = "",
+        lease_s: float = DEFAULT_LEASE_S,
+        capacity: int = DEFAULT_CAPACITY,
+        instance: str = "",
     ) -> None:
         self.monitor = monitor
         self.monitor_address = monitor_address
-        # False until the monitor has answered once and this owner's jobs are recovered.
+        # False until the monitor has answered the first heartbeat.
         self.connected = False
+        self.ready = asyncio.Event()
         self.stream = stream
         self.workers = workers
         self.owner = owner
+        # Unique per process: the monitor tells a restart (a new instance) from a renewal.
+        self.instance = instance or uuid.uuid4().hex
+        self.lease_s = lease_s
+        self.capacity = capacity
+        self.draining = False
         self._runners: dict[str, JobRunner] = {}
+        # The heartbeat count when each runner started: an answer to an earlier heartbeat
+        # does not know the job yet, so it cannot say the job is no longer ours.
+        self._since: dict[str, int] = {}
+        self._loading: set[str] = set()
+        self._unrunnable: set[str] = set()
+        self._beats = 0
+        # When the lease lapses unless renewed (monotonic clock; None before the first beat).
+        self._lease_until: float | None = None
         self._tasks: set[asyncio.Task[object]] = set()
         self._submit_lock = asyncio.Lock()
 
-    async def recover(self) -> int:
-        """Fail the jobs this owner left unfinished (its in-memory work is gone); the monitor
-        cancels their steps and children in the same transaction."""
-        failed = 0
-        for status in (job_pb2.JOB_STATUS_PENDING, job_pb2.JOB_STATUS_RUNNING):
-            for job in await self.monitor.list_jobs(
-                owner=self.owner, kind=job_pb2.JOB_KIND_MANAGER, status=status
-            ):
-                if job.id in self._runners:
-                    continue
-                try:
-                    await self.monitor.update_status(
-                        job.id,
-                        job_pb2.JOB_STATUS_FAILED,
-                        RESTARTED_ERROR,
-                        EndReason.ORCHESTRATOR_LOST,
-                    )
-                    failed += 1
-                except FailedPrecondition:
-                    pass  # ended meanwhile
-        if failed:
-            log.warning("failed jobs left by a previous run", count=failed, owner=self.owner)
-        return failed
+    # -- the lease -----------------------------------------------------------------------------
+    async def heartbeat(self) -> m.HeartbeatResponse:
+        """Renew the lease once and act on the answer: continue the jobs that are ours and not
+        running here (resumed after a restart, adopted, or left over), and stop the work on
+        jobs that are no longer ours."""
+        free = self.capacity - len(self._runners) - len(self._loading)
+        max_adopt = 0 if self.draining else max(0, free)
+        self._beats += 1
+        beat = self._beats
+        sent = time.monotonic()
+        resp = await self.monitor.heartbeat(
+            owner=self.owner,
+            instance=self.instance,
+            lease_s=self.lease_s,
+            max_adopt=max_adopt,
+            timeout_s=max(self.lease_s / 3, 1.0),
+        )
+        self._lease_until = sent + self.lease_s
+        if resp.adopted_job_ids or resp.resumed_job_ids:
+            log.info(
+                "jobs taken over",
+                owner=self.owner,
+                adopted=list(resp.adopted_job_ids),
+                resumed=list(resp.resumed_job_ids),
+            )
+        async with self._submit_lock:  # a submit in flight registers its runner first
+            owned = set(resp.owned_job_ids)
+            for job_id, runner in list(self._runners.items()):
+                if job_id not in owned and self._since.get(job_id, beat) < beat:
+                    runner.fence("another orchestrator owns it now")
+            for job_id in [*resp.resumed_job_ids, *resp.adopted_job_ids, *resp.owned_job_ids]:
+                self._continue_soon(job_id)
+        return resp
 
+    async def lease_loop(self) -> None:
+        """Heartbeat every lease/3 until cancelled. A lease that lapses unrenewed (the monitor
+        unreachable, or this process frozen) stops all work here: another orchestrator may
+        own those jobs by now, and the answer that says which comes only with a heartbeat."""
+        interval = self.lease_s / 3
+        while True:
+            await asyncio.sleep(interval)
+            if self._lease_until is not None and time.monotonic() > self._lease_until:
+                for runner in list(self._runners.values()):
+                    runner.fence("this orchestrator's lease lapsed")
+            try:
+                await self.heartbeat()
+            except StepflowError as exc:
+                log.warning("heartbeat failed; trying again", owner=self.owner, error=str(exc))
+            except Exception:
+                log.exception("heartbeat failed; trying again", owner=self.owner)
+
+    async def release_lease(self, timeout_s: float = 5.0) -> None:
+        """Give the lease up (shutdown), so another orchestrator adopts what is left at once."""
+        try:
+            orphaned = await self.monitor.release_lease(self.owner, timeout_s=timeout_s)
+        except StepflowError as exc:
+            log.warning("could not release the lease; it lapses", owner=self.owner, error=str(exc))
+            return
+        log.info("lease released", owner=self.owner, orphaned=orphaned)
+
+    def _continue_soon(self, job_id: str) -> None:
+        if (
+            self.draining
+            or job_id in self._runners
+            or job_id in self._loading
+            or job_id in self._unrunnable
+        ):
+            return
+        self._loading.add(job_id)
+        task: asyncio.Task[object] = asyncio.create_task(
+            self._continue(job_id), name=f"continue-{job_id}"
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _continue(self, job_id: str) -> object:
+        """Read a job this orchestrator now owns and run it on from where it was."""
+        try:
+            record = await resume.load(self.monitor, job_id, self.workers, owner=self.owner)
+        except JobFenced:
+            return None  # adopted by another meanwhile
+        except (StepflowError, KeyError) as exc:
+            # No stored definition, or a step type this orchestrator lacks: it stays owned here
+            # (another orchestrator adopts it if this one goes away) and is not tried again.
+            log.error("cannot continue job", manager_id=job_id, error=str(exc))
+            self._unrunnable.add(job_id)
+            return None
+        finally:
+            self._loading.discard(job_id)
+        if record.ended or record.manager.owner != self.owner or self.draining:
+            return None
+        async with self._submit_lock:
+            if job_id in self._runners:
+                return None
+            runner = JobRunner.resumed(
+                record,
+                monitor=self.monitor,
+                stream=self.stream,
+                workers=self.workers,
+                owner=self.owner,
+            )
+            self._start(runner)
+        return None
+
+    # -- jobs ------------------------------------------------------------------------------------
     async def submit(self, spec: JobSpec, request_id: str = "") -> str:
-        """Create the manager and its steps in the monitor and start running the job.
+        """Create the manager (with its definition) and its steps in the monitor and start
+        running the job.
 
         A retried submit with the same request_id finds the same manager (CreateJob is
-        idempotent by request_id) and does not run it again.
+        idempotent by request_id), through any orchestrator, and does not run it again:
+        whoever owns it runs it.
         """
+        if self.draining:
+            raise Unavailable("the orchestrator is shutting down; submit to another one")
         # Without a caller's key, one of our own: the monitor client retries CreateJob when the
         # answer is lost (UNAVAILABLE, DEADLINE_EXCEEDED), which without a key could create
         # a second manager.
@@ -94,41 +203,58 @@ class Orchestrator:
                 request_id=request_id,
                 owner=self.owner,
                 metadata={"definition_config": spec.config} if spec.config else {},
+                definition=to_mapping(spec),
             )
             if (
                 manager.id in self._runners
+                or manager.id in self._loading
                 or manager.status != job_pb2.JOB_STATUS_PENDING
                 or manager.owner != self.owner  # another orchestrator took this request
             ):
                 return manager.id
-            steps = [
-                await self.monitor.create_job(
-                    kind=job_pb2.JOB_KIND_STEP,
-                    parent_id=manager.id,
-                    name=step.name,
-                    type_=step.type,
-                    metadata={"step_index": index},
-                    timeout_s=step.timeout_s,
-                    request_id=f"{manager.id}.step.{index}",
-                    owner=self.owner,
-                )
-                for index, step in enumerate(spec.steps)
-            ]
+            try:
+                steps = [
+                    await self.monitor.create_job(
+                        kind=job_pb2.JOB_KIND_STEP,
+                        parent_id=manager.id,
+                        name=step.name,
+                        type_=step.type,
+                        metadata={"step_index": index},
+                        timeout_s=step.timeout_s,
+                        request_id=resume.step_request_id(manager.id, index),
+                        owner=self.owner,
+                    )
+                    for index, step in enumerate(spec.steps)
+                ]
+            except JobFenced:
+                return manager.id  # adopted meanwhile: its new owner runs it
             runner = JobRunner(
-                spec, manager, steps, monitor=self.monitor, stream=self.stream, workers=self.workers
+                spec,
+                manager,
+                steps,
+                monitor=self.monitor,
+                stream=self.stream,
+                workers=self.workers,
+                owner=self.owner,
             )
-            self._runners[manager.id] = runner
-            task: asyncio.Task[object] = asyncio.create_task(
-                self._run(runner), name=f"job-{manager.id}"
-            )
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._start(runner)
             log.info("job submitted", manager_id=manager.id, name=spec.name, steps=len(steps))
             return manager.id
+
+    def _start(self, runner: JobRunner) -> None:
+        self._runners[runner.manager_id] = runner
+        self._since[runner.manager_id] = self._beats
+        task: asyncio.Task[object] = asyncio.create_task(
+            self._run(runner), name=f"job-{runner.manager_id}"
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _run(self, runner: JobRunner) -> object:
         try:
             return await runner.run()
+        except JobFenced:
+            return None  # another orchestrator owns it: nothing more is written
         except Exception:
             log.exception("job runner crashed", manager_id=runner.manager_id)
             try:
@@ -137,12 +263,15 @@ class Orchestrator:
                     job_pb2.JOB_STATUS_FAILED,
                     "orchestrator error",
                     EndReason.ORCHESTRATOR,
+                    owner=self.owner,
                 )
             except Exception:
                 log.exception("could not record the crash", manager_id=runner.manager_id)
             return None
         finally:
-            self._runners.pop(runner.manager_id, None)
+            if self._runners.get(runner.manager_id) is runner:
+                del self._runners[runner.manager_id]
+                self._since.pop(runner.manager_id, None)
 
     async def cancel(self, job_id: str, reason: str = "") -> job_pb2.Job:
         """Stop the job's work here (if this instance runs it), then record `cancelled` in the
@@ -183,9 +312,14 @@ class Orchestrator:
 
     def on_event_rejected(self, event: job_pb2.ChildEvent, reason: str) -> None:
         """A child event the monitor rejected or refused: the runner of its step repairs the
-        record (see ``JobRunner.on_event_rejected``)."""
+        record (see ``JobRunner.on_event_rejected``), or stops at once if the job is fenced
+        (another orchestrator owns it now)."""
         for runner in self._runners.values():
-            if runner.on_event_rejected(event, reason):
+            if is_fenced(reason):
+                if runner.owns_step(event.step_id):
+                    runner.fence(reason)
+                    return
+            elif runner.on_event_rejected(event, reason):
                 return
 
     def running(self) -> list[str]:
@@ -195,8 +329,22 @@ class Orchestrator:
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=timeout_s)
 
-    async def abandon(self) -> None:
-        """Shutdown: stop running jobs' tasks (they are failed by the next start's recovery)."""
+    async def drain(self, grace_s: float) -> None:
+        """Shutdown: start no new job, step or child; give running children ``grace_s`` to
+        finish; then stop what is left without recording it. The jobs stay running in the
+        monitor for the next owner (after ReleaseLease, another orchestrator adopts them)."""
+        self.draining = True
+        for runner in list(self._runners.values()):
+            runner.drain()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=grace_s)
+        left = list(self._runners.values())
+        for runner in left:
+            runner.fence("the shutdown grace is over")
         for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+            if task.get_name().startswith("continue-"):
+                task.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=STOP_WAIT_S)
+        if left:
+            log.info("jobs left to the next owner", count=len(left))

@@ -12,15 +12,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import structlog
 
-from orchestrator_svc.definitions import JobSpec, OnError, StepSpec
+from orchestrator_svc.definitions import JobSpec, OnError, OnInterrupt, StepSpec
 from orchestrator_svc.event_stream import EventStream
-from orchestrator_svc.monitor_client import MonitorClient
-from orchestrator_svc.workers.base import ChildStatus, StepContext, StepResult, Worker
+from orchestrator_svc.monitor_client import JobFenced, MonitorClient
+from orchestrator_svc.resume import LOST_ERROR, JobRecord, Plan, StepRecord, plan_step
+from orchestrator_svc.workers.base import (
+    NO_CHILDREN,
+    ChildStatus,
+    ExistingChild,
+    StepContext,
+    StepResult,
+    Worker,
+)
 from stepflow_common import metrics
 from stepflow_common.errors import FailedPrecondition, StatusConflict, StepflowError
 from stepflow_common.status import EndReason, Status
@@ -28,6 +37,8 @@ from stepflow_common.step_outcome import ChildTally, final_step_status
 from stepflow_proto.v1 import job_pb2
 
 log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
 
 STATUS_PB = {
     Status.PENDING: job_pb2.JOB_STATUS_PENDING,
@@ -109,11 +120,24 @@ class _StepRun:
     unrecorded: list[str] = field(default_factory=list)
     # Children cancelled one by one (CancelJob on a child), and their workers' signals.
     children: dict[str, _ChildControl] = field(default_factory=dict)
+    # Continuing a job: what this step does next, the step's attempt, the children it already
+    # has, and those of them recorded running (their next RUNNING event moves no count).
+    plan: Plan = Plan.START
+    attempt: int = 1
+    existing: Mapping[str, ExistingChild] = field(default_factory=lambda: NO_CHILDREN)
+    was_running: set[str] = field(default_factory=set)
+    # Cancelled events this runner sent for the step: more in the monitor means a child was
+    # cancelled through the API (perhaps through another orchestrator).
+    cancelled_sent: int = 0
+    cancelled_seen: int = 0  # the monitor's cancelled count last looked into
+    cancelled_elsewhere: set[str] = field(default_factory=set)
 
     def child(self, child_id: str) -> _ChildControl:
         control = self.children.get(child_id)
         if control is None:
             control = self.children[child_id] = _ChildControl(_AnySet(self.cancel))
+            if child_id in self.cancelled_elsewhere:
+                control.signal.own.set()  # cancelled through the API before it started
         return control
 
     counts: dict[str, int] = field(
@@ -143,9 +167,12 @@ class JobRunner:
         monitor: MonitorClient,
         stream: EventStream,
         workers: Mapping[str, Worker],
+        owner: str = "",
+        resume: JobRecord | None = None,
     ) -> None:
         self.spec = spec
         self.manager_id = manager.id
+        self.owner = owner
         self._monitor = monitor
         self._stream = stream
         self._workers = workers
@@ -163,15 +190,47 @@ class JobRunner:
         self._child_failures = 0
         self._tolerance_exceeded = False
         self._side_writes: list[asyncio.Task[job_pb2.Job]] = []
+        self._resume = resume
+        # Drained (shutdown): no new step or child starts, and what is left unfinished stays
+        # unrecorded for the next owner. Fenced: another orchestrator owns the job now.
+        self.draining = asyncio.Event()
+        self.fenced = False
+        self._task: asyncio.Task[Any] | None = None
         self.finished = asyncio.Event()
 
+    @classmethod
+    def resumed(
+        cls,
+        record: JobRecord,
+        *,
+        monitor: MonitorClient,
+        stream: EventStream,
+        workers: Mapping[str, Worker],
+        owner: str,
+    ) -> JobRunner:
+        """A runner that continues a job from what the monitor recorded (see ``resume``)."""
+        return cls(
+            record.spec,
+            record.manager,
+            record.steps,
+            monitor=monitor,
+            stream=stream,
+            workers=workers,
+            owner=owner,
+            resume=record,
+        )
+
     # -- public ------------------------------------------------------------------------------
-    async def run(self) -> Status:
+    async def run(self) -> Status | None:
+        """Drive the job to its end; None when it was drained or fenced (not ended here)."""
+        self._task = asyncio.current_task()
+        if self._resume is not None:
+            self._apply_records(self._resume)
         watcher = asyncio.create_task(self._watch_manager(), name=f"watch-{self.manager_id}")
         step_tasks: list[asyncio.Task[None]] = []
         try:
-            await self._monitor.update_status(self.manager_id, job_pb2.JOB_STATUS_RUNNING)
-            await self._monitor.update_metadata(
+            await self._write_status(self.manager_id, job_pb2.JOB_STATUS_RUNNING)
+            await self._write_metadata(
                 self.manager_id,
                 {
                     "total_steps": len(self._steps),
@@ -180,25 +239,136 @@ class JobRunner:
                 },
             )
             for step in self._steps:
-                await self._wait_to_start(step)
+                if step.ended.is_set() or step.handed:
+                    continue  # continued job: ended, or with the monitor
+                if not await self._unless_drained(self._wait_to_start(step)):
+                    break
                 task = asyncio.create_task(self._run_step(step), name=f"step-{step.spec.name}")
                 step_tasks.append(task)
                 # The next step starts once this one has ended or been handed off.
                 released = asyncio.ensure_future(step.released.wait())
-                await asyncio.wait([task, released], return_when=asyncio.FIRST_COMPLETED)
-                released.cancel()
+                try:
+                    moved_on = await self._unless_drained(
+                        asyncio.wait([task, released], return_when=asyncio.FIRST_COMPLETED)
+                    )
+                finally:
+                    released.cancel()
+                if not moved_on:
+                    break
             await asyncio.gather(*step_tasks)
             for step in self._steps:
-                await step.ended.wait()
+                if not await self._unless_drained(step.ended.wait()):
+                    break
+            if self.draining.is_set():
+                log.info("job drained; its next owner continues it", manager_id=self.manager_id)
+                return None
             await asyncio.gather(*self._side_writes)
             return await self._finish()
+        except asyncio.CancelledError:
+            if self.fenced:
+                return None
+            raise
+        except JobFenced:
+            self.fence()
+            return None
         finally:
             watcher.cancel()
-            # Only left running when the job itself was cancelled (shutdown) or crashed: its
-            # steps' workers must not run on unowned.
+            # Left running only when the job was fenced, drained past its grace, or crashed:
+            # its steps' workers must not run on unowned (their processes are killed).
             for task in step_tasks:
                 task.cancel()
+            await asyncio.gather(*step_tasks, return_exceptions=True)
             self.finished.set()
+
+    async def _unless_drained(self, aw: Awaitable[Any]) -> bool:
+        """Await ``aw``; False (``aw`` abandoned) if the runner is drained first."""
+        if self.draining.is_set():
+            if asyncio.iscoroutine(aw):
+                aw.close()
+            elif isinstance(aw, asyncio.Future):
+                aw.cancel()
+            return False
+        work = asyncio.ensure_future(aw)
+        drained = asyncio.ensure_future(self.draining.wait())
+        try:
+            await asyncio.wait([work, drained], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            drained.cancel()
+            if not work.done():
+                work.cancel()
+        return work.done() and not work.cancelled()
+
+    def owns_step(self, step_id: str) -> bool:
+        return step_id in self._by_id
+
+    def drain(self) -> None:
+        """Shutdown: start no new step or child, let running children finish, leave the rest
+        (and the step they belong to) unrecorded for the job's next owner."""
+        self.draining.set()
+
+    def fence(self, why: str = "another orchestrator owns it now") -> None:
+        """Stop all the job's work here at once (processes killed) without writing anything
+        more for it: another orchestrator owns it now (or will, after a shutdown)."""
+        if self.fenced:
+            return
+        self.fenced = True
+        log.warning("job's work here stops", manager_id=self.manager_id, why=why)
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+
+    def _apply_records(self, record: JobRecord) -> None:
+        """Continue a job: each step's plan from its record; ended steps stand and count for
+        on_error and the error tolerance, handed-off ones are watched."""
+        for step, rec in zip(self._steps, record.records, strict=True):
+            worker = self._workers[step.spec.type]
+            step.plan = plan_step(step.spec, rec, spawns_children=worker.spawns_children)
+            self._child_failures += rec.failed_children
+            if step.plan is Plan.STANDS:
+                step.started = rec.status is not Status.SKIPPED
+                self._record_end(step, rec.status, rec.error, observe=False)
+            elif step.plan is Plan.WATCH:
+                step.started = True
+                self._hand_off(step)
+            elif step.plan is Plan.CONTINUE:
+                self._adopt_children(step, rec)
+            elif step.plan is Plan.RERUN:
+                step.attempt = rec.attempt + 1
+        self._check_tolerance()
+        log.info(
+            "continuing job",
+            manager_id=self.manager_id,
+            plans={s.spec.name: s.plan.value for s in self._steps},
+            child_failures=self._child_failures,
+        )
+
+    @staticmethod
+    def _adopt_children(step: _StepRun, rec: StepRecord) -> None:
+        step.existing = rec.children
+        for child_id, child in rec.children.items():
+            step.counts[child.status] += 1
+            if child.status == Status.RUNNING.value:
+                step.was_running.add(child_id)
+            elif child.status == Status.CANCELLED.value:
+                step.cancelled_sent += 1
+
+    async def _write_status(
+        self, job_id: str, status: int, error: str = "", end_reason: str = ""
+    ) -> job_pb2.Job:
+        return await self._fenced_write(
+            self._monitor.update_status(job_id, status, error, end_reason, owner=self.owner)
+        )
+
+    async def _write_metadata(self, job_id: str, metadata: dict[str, Any]) -> job_pb2.Job:
+        return await self._fenced_write(
+            self._monitor.update_metadata(job_id, metadata, owner=self.owner)
+        )
+
+    async def _fenced_write(self, write: Awaitable[T]) -> T:
+        try:
+            return await write
+        except JobFenced:
+            self.fence()
+            raise
 
     async def cancel(self, reason: str = "") -> None:
         """Stop all work at once (CancelJob); the job then ends `cancelled` with ``reason``."""
@@ -243,7 +413,7 @@ class JobRunner:
             current = await self._monitor.get_job(child_id)
             if current.status in TERMINAL_STATUS_PB:
                 return  # the monitor had already ended it (a cancel): its record stands
-            await self._monitor.update_status(child_id, status, error, EndReason.ORCHESTRATOR)
+            await self._write_status(child_id, status, error, EndReason.ORCHESTRATOR)
             log.warning(
                 "child's end recorded directly after its event was rejected",
                 child_id=child_id,
@@ -308,21 +478,58 @@ class JobRunner:
                     step, Status.CANCELLED, "job cancelled", reason=EndReason.CANCELLED
                 )
                 return
-            skip_reason = self._skip_reason(step)
-            if skip_reason:
-                await self._end_step(step, Status.SKIPPED, skip_reason)
+            if step.plan is Plan.LOST:
+                await self._end_step(
+                    step, Status.FAILED, LOST_ERROR, reason=EndReason.ORCHESTRATOR_LOST
+                )
                 return
-            if not await self._start_step(step):
-                return
+            if step.plan is Plan.CONTINUE:
+                step.started = True  # already running (or handed off) in the record
+                if step.spec.on_interrupt is OnInterrupt.FAIL:
+                    await self._fail_lost_children(step)
+            else:
+                # A step that was running is not skipped now: it had started.
+                skip_reason = "" if step.plan is Plan.RERUN else self._skip_reason(step)
+                if skip_reason:
+                    await self._end_step(step, Status.SKIPPED, skip_reason)
+                    return
+                if not await self._start_step(step):
+                    return
             worker = self._workers[step.spec.type]
             if worker.spawns_children:
                 await self._run_spawning(step, worker)
             else:
                 await self._run_simple(step, worker)
+        except JobFenced:
+            raise  # the runner stops; nothing more is written for this job
         except Exception as exc:
             log.exception("step crashed", step=step.spec.name)
             if not step.ended.is_set():
                 await self._end_step(step, Status.FAILED, f"{type(exc).__name__}: {exc}")
+
+    async def _fail_lost_children(self, step: _StepRun) -> None:
+        """Children recorded running when their orchestrator was lost, in a step whose work
+        must not run twice, end ``failed`` ``orchestrator_lost`` (the monitor does so when it
+        hands the job over for running steps; a handed-off step's are ended here)."""
+        existing = dict(step.existing)
+        for child_id, child in step.existing.items():
+            if child.status != Status.RUNNING.value:
+                continue
+            try:
+                await self._write_status(
+                    child_id,
+                    job_pb2.JOB_STATUS_FAILED,
+                    LOST_ERROR,
+                    EndReason.ORCHESTRATOR_LOST,
+                )
+            except StatusConflict:
+                continue  # ended meanwhile
+            existing[child_id] = ExistingChild("failed", child.attempt, child.interruptions)
+            step.was_running.discard(child_id)
+            step.counts["running"] -= 1
+            step.counts["failed"] += 1
+            self._count_child_failure()
+        step.existing = existing
 
     def _skip_reason(self, step: _StepRun) -> str:
         if self._stop_new:
@@ -343,12 +550,13 @@ class JobRunner:
         step.started = True
         spec = step.spec
         try:
-            await self._monitor.update_status(step.job_id, job_pb2.JOB_STATUS_RUNNING)
+            row = await self._write_status(step.job_id, job_pb2.JOB_STATUS_RUNNING)
+            step.attempt = max(step.attempt, row.attempt)
         except (StatusConflict, FailedPrecondition):
             job = await self._monitor.get_job(step.job_id)
             self._record_end(step, STATUS_FROM_PB[job.status], job.error)
             return False
-        await self._monitor.update_metadata(
+        await self._write_metadata(
             self.manager_id,
             {
                 "step_stats": [
@@ -388,6 +596,11 @@ class JobRunner:
             spawned_writer = asyncio.create_task(self._write_spawned(step))
         try:
             result = await self._run_worker(step, worker)
+            if self.draining.is_set() and not step.cancel.is_set():
+                # Drained: its worker stopped claiming children, and the ones it never started
+                # are not reported. No seal and no end: the job's next owner continues the step
+                # from its recorded children.
+                return
             stopped = self._halted or bool(step.cancel_reason)
             if not step.spec.wait and stopped and not step.ended.is_set():
                 # Cancelled, or stopped with the job (fatal, tolerance, cancel): end it before
@@ -476,20 +689,27 @@ class JobRunner:
         await step.first_child.wait()
         await self._stream.wait_acked(step.first_child_seq)
         with contextlib.suppress(StatusConflict, FailedPrecondition):
-            await self._monitor.update_status(step.job_id, job_pb2.JOB_STATUS_SPAWNED)
+            await self._write_status(step.job_id, job_pb2.JOB_STATUS_SPAWNED)
 
     async def _run_worker(self, step: _StepRun, worker: Worker) -> StepResult:
+        async def child_running(child_id: str, attempt: int = 1, /) -> None:
+            await self._child_event(step, child_id, "running", attempt=attempt)
+
         ctx = StepContext(
             step_id=step.job_id,
             step_name=step.spec.name,
             config=step.spec.config,
             child_created=lambda cid, name: self._child_event(step, cid, "created", name=name),
-            child_running=lambda cid: self._child_event(step, cid, "running"),
+            child_running=child_running,
             child_finished=lambda cid, status, error: self._child_event(
                 step, cid, status, error=error
             ),
             cancelled=step.cancel,
             child_cancel=lambda cid: step.child(cid).signal,
+            attempt=step.attempt,
+            retry=step.spec.retry,
+            existing_children=step.existing,
+            draining=self.draining,
         )
         timeout = step.spec.timeout_s
         try:
@@ -526,18 +746,29 @@ class JobRunner:
         return result
 
     async def _child_event(
-        self, step: _StepRun, child_id: str, kind: str, *, name: str = "", error: str = ""
+        self,
+        step: _StepRun,
+        child_id: str,
+        kind: str,
+        *,
+        name: str = "",
+        error: str = "",
+        attempt: int = 0,
     ) -> None:
         counts = step.counts
         if kind == "created":
             counts["pending"] += 1
             event_kind = job_pb2.CHILD_EVENT_KIND_CREATED
         elif kind == "running":
-            counts["pending"] -= 1
-            counts["running"] += 1
+            if child_id in step.was_running:
+                step.was_running.discard(child_id)  # running again: no count moves
+            elif attempt <= 1:  # a later attempt of a running child moves no count
+                counts["pending"] -= 1
+                counts["running"] += 1
             event_kind = job_pb2.CHILD_EVENT_KIND_RUNNING
         else:
             status: ChildStatus = kind  # type: ignore[assignment]
+            step.was_running.discard(child_id)
             # A child that never ran (cancelled before start) leaves pending, not running.
             if counts["running"] > 0 and not error.startswith("step cancelled before"):
                 counts["running"] -= 1
@@ -551,9 +782,16 @@ class JobRunner:
                 control.ended.set()
             if status == "failed":
                 self._count_child_failure()
+            elif status == "cancelled":
+                step.cancelled_sent += 1
         seq = await self._stream.emit(
             job_pb2.ChildEvent(
-                kind=event_kind, step_id=step.job_id, child_id=child_id, error=error, name=name
+                kind=event_kind,
+                step_id=step.job_id,
+                child_id=child_id,
+                error=error,
+                name=name,
+                attempt=attempt,
             )
         )
         if kind == "created" and not step.first_child.is_set():
@@ -562,6 +800,9 @@ class JobRunner:
 
     def _count_child_failure(self) -> None:
         self._child_failures += 1
+        self._check_tolerance()
+
+    def _check_tolerance(self) -> None:
         tolerance = self.spec.error_tolerance
         if tolerance is None or self._tolerance_exceeded:
             return
@@ -584,9 +825,7 @@ class JobRunner:
                 # or land after the manager is final.
                 self._side_writes.append(
                     asyncio.create_task(
-                        self._monitor.update_metadata(
-                            self.manager_id, {"error_tolerance_exceeded": message}
-                        )
+                        self._write_metadata(self.manager_id, {"error_tolerance_exceeded": message})
                     )
                 )
 
@@ -594,7 +833,7 @@ class JobRunner:
         self, step: _StepRun, status: Status, error: str, *, reason: str = EndReason.ORCHESTRATOR
     ) -> None:
         try:
-            job = await self._monitor.update_status(step.job_id, STATUS_PB[status], error, reason)
+            job = await self._write_status(step.job_id, STATUS_PB[status], error, reason)
             final = STATUS_FROM_PB[job.status]
             error = job.error
         except (StatusConflict, FailedPrecondition):
@@ -603,12 +842,15 @@ class JobRunner:
             final, error = STATUS_FROM_PB[job.status], job.error
         self._record_end(step, final, error)
 
-    def _record_end(self, step: _StepRun, status: Status, error: str) -> None:
+    def _record_end(
+        self, step: _StepRun, status: Status, error: str, *, observe: bool = True
+    ) -> None:
         if step.ended.is_set():
             return
         step.final, step.error = status, error
         step.ended.set()
-        metrics.observe_step_end(step.spec.type, status.value)
+        if observe:  # a continued job's steps that had ended were counted by their runner
+            metrics.observe_step_end(step.spec.type, status.value)
         step.released.set()
         step.cancel.set()  # nothing of an ended step keeps running
         if status is Status.FAILED and step.spec.on_error is not OnError.CONTINUE:
@@ -646,8 +888,25 @@ class JobRunner:
 
     async def _on_manager_state(self, job: job_pb2.Job) -> bool:
         """Apply one state of the manager; True once it is terminal."""
+        manager_status = STATUS_FROM_PB.get(job.status)
+        if (
+            self.owner
+            and job.owner != self.owner
+            and manager_status is not None
+            and not manager_status.terminal
+        ):
+            # Adopted by another orchestrator (or orphaned: this one's lease lapsed).
+            self.fence("its manager has another owner")
+            return True
         for stat in job.step_stats:
             step = self._by_id.get(stat.step_id)
+            if (
+                step is not None
+                and step.started
+                and not step.ended.is_set()
+                and stat.children.cancelled > max(step.cancelled_sent, step.cancelled_seen)
+            ):
+                await self._stop_cancelled_children(step, stat.children.cancelled)
             status = STATUS_FROM_PB.get(stat.status)
             if step is None or status is None or not status.terminal or step.ended.is_set():
                 continue
@@ -660,7 +919,6 @@ class JobRunner:
                 # A client ended the step through its entry: stop it and end its row too.
                 step.cancel.set()
                 await self._end_step(step, status, stat.error)
-        manager_status = STATUS_FROM_PB.get(job.status)
         if manager_status is None or not manager_status.terminal:
             return False
         if manager_status is Status.CANCELLED:
@@ -676,6 +934,20 @@ class JobRunner:
                 self._record_end(step, STATUS_FROM_PB[fresh.status], fresh.error)
         return True
 
+    async def _stop_cancelled_children(self, step: _StepRun, cancelled: int) -> None:
+        """More of the step's children are cancelled in the monitor than this runner ended so:
+        some were cancelled through the API, perhaps through another orchestrator. Their work
+        stops here too (processes killed); those not started yet will not start."""
+        step.cancelled_seen = cancelled
+        for child in await self._monitor.list_jobs(
+            parent_id=step.job_id, status=job_pb2.JOB_STATUS_CANCELLED
+        ):
+            control = step.children.get(child.id)
+            if control is not None:
+                control.signal.own.set()
+            else:
+                step.cancelled_elsewhere.add(child.id)
+
     async def _finish(self) -> Status:
         reason = EndReason.ORCHESTRATOR
         if self._cancelled:
@@ -687,9 +959,7 @@ class JobRunner:
         else:
             status, error = Status.COMPLETED, ""
         try:
-            job = await self._monitor.update_status(
-                self.manager_id, STATUS_PB[status], error, reason
-            )
+            job = await self._write_status(self.manager_id, STATUS_PB[status], error, reason)
             final = STATUS_FROM_PB[job.status]
         except (StatusConflict, FailedPrecondition):
             final = STATUS_FROM_PB[(await self._monitor.get_job(self.manager_id)).status]

@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from orchestrator_svc.event_stream import EventStream
 from orchestrator_svc.monitor_client import MonitorClient
-from orchestrator_svc.orchestrator import Orchestrator
+from orchestrator_svc.orchestrator import DEFAULT_CAPACITY, DEFAULT_LEASE_S, Orchestrator
 from orchestrator_svc.servicer import OrchestratorServicer
 from orchestrator_svc.workers.registry import load_registry
 from stepflow_common import metrics, serving
@@ -28,6 +28,7 @@ log = structlog.get_logger(__name__)
 SERVICE_NAME = orchestrator_service_pb2.DESCRIPTOR.services_by_name["OrchestratorService"].full_name
 DEFAULT_PORT = 50052
 DEFAULT_MONITOR = "127.0.0.1:50051"
+FLUSH_MIN_S = 2.0  # what a drained job's last events get to reach the monitor at least
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,8 +36,11 @@ class OrchestratorConfig:
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
     monitor: str = DEFAULT_MONITOR
-    # Stable across restarts of this instance: its unfinished jobs are failed on start.
+    # Stable across restarts of this instance: its unfinished jobs are resumed on start.
     owner: str = ""
+    # After this long without a heartbeat, this orchestrator's jobs are no longer its own.
+    lease_s: float = DEFAULT_LEASE_S
+    capacity: int = DEFAULT_CAPACITY
     security: serving.Security = field(default_factory=serving.Security)
     monitor_security: serving.Security = field(default_factory=serving.Security)
     shutdown_grace_s: float = 10.0
@@ -62,13 +66,17 @@ class RunningOrchestrator:
         return f"127.0.0.1:{self.port}"
 
     async def stop(self, grace: float | None = None) -> None:
+        """Drain (no new children; running ones get the grace to finish), flush the event
+        stream, then release the lease so another orchestrator adopts what is left at once."""
+        grace_s = self.shutdown_grace_s if grace is None else grace
         self.connector.cancel()
         with contextlib.suppress(asyncio.CancelledError, StepflowError):
             await self.connector
         await serving.set_not_serving(self.health, [SERVICE_NAME])
-        await self.server.stop(self.shutdown_grace_s if grace is None else grace)
-        await self.orchestrator.abandon()
-        await self.stream.close(flush_timeout=self.shutdown_grace_s if grace is None else grace)
+        await asyncio.gather(self.server.stop(grace_s), self.orchestrator.drain(grace_s))
+        await self.stream.close(flush_timeout=max(grace_s, FLUSH_MIN_S))
+        if self.orchestrator.connected:
+            await self.orchestrator.release_lease()
         await self.channel.close()
 
 
@@ -94,8 +102,15 @@ async def create_server(
     server = serving.make_server(config.security, [DomainErrorInterceptor(metrics.observe_rpc)])
     port = serving.bind(server, f"{config.host}:{config.port}", config.security)
     owner = config.owner or default_owner(port)
+    stream.owner = owner
     orchestrator = Orchestrator(
-        MonitorClient(channel), stream, workers, owner=owner, monitor_address=config.monitor
+        MonitorClient(channel),
+        stream,
+        workers,
+        owner=owner,
+        monitor_address=config.monitor,
+        lease_s=config.lease_s,
+        capacity=config.capacity,
     )
     stream.on_rejected = orchestrator.on_event_rejected
     orchestrator_service_pb2_grpc.add_OrchestratorServiceServicer_to_server(
@@ -118,7 +133,11 @@ async def create_server(
         server, port, orchestrator, stream, channel, health, config.shutdown_grace_s, connector
     )
     if wait_for_monitor:
-        await asyncio.shield(connector)
+        ready = asyncio.ensure_future(orchestrator.ready.wait())
+        await asyncio.wait([ready, connector], return_when=asyncio.FIRST_COMPLETED)
+        ready.cancel()
+        if connector.done():
+            connector.result()  # the monitor refused this orchestrator: say why
     return running
 
 
@@ -128,9 +147,9 @@ async def _connect(
     health: object,
     config: OrchestratorConfig,
 ) -> None:
-    """Wait for the monitor (saying so every ``monitor_wait_log_s``), recover this owner's
-    jobs, then report SERVING. Never gives up: an orchestrator started before its monitor
-    waits for it."""
+    """Wait for the monitor (saying so every ``monitor_wait_log_s``), take the lease (which
+    resumes this owner's unfinished jobs), then report SERVING and keep the lease. Never gives
+    up: an orchestrator started before its monitor waits for it."""
     stub = health_pb2_grpc.HealthStub(channel)
     started = time.monotonic()
     told_at: float | None = None
@@ -145,7 +164,7 @@ async def _connect(
                 wait_for_ready=True,
             )
             if resp.status == health_pb2.HealthCheckResponse.SERVING:
-                await orchestrator.recover()
+                await orchestrator.heartbeat()
                 break
             why = "the monitor is not serving yet"
         except aio.AioRpcError as exc:
@@ -156,7 +175,7 @@ async def _connect(
                 else f"{exc.code().name}: {exc.details()}"
             )
         except Unavailable as exc:
-            why = f"recovering this owner's jobs failed: {exc}"
+            why = f"taking the lease failed: {exc}"
         except StepflowError as exc:
             # Not a matter of waiting (a wrong token, say): stop and say why.
             log.error("the monitor refuses this orchestrator", monitor=config.monitor, why=str(exc))
@@ -180,13 +199,17 @@ async def _connect(
         if not timed_out:
             await asyncio.sleep(1.0)
     orchestrator.connected = True
+    orchestrator.ready.set()
     await serving.set_serving(health, [SERVICE_NAME])
     log.info(
         "orchestrator serving",
         monitor=config.monitor,
         owner=orchestrator.owner,
+        instance=orchestrator.instance,
+        lease_s=orchestrator.lease_s,
         waited_s=round(time.monotonic() - started, 1),
     )
+    await orchestrator.lease_loop()
 
 
 async def serve(config: OrchestratorConfig) -> int:

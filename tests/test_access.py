@@ -461,7 +461,7 @@ async def test_an_orchestrator_with_the_wrong_monitor_token_is_refused(
     database_url: str, tmp_path: Path
 ) -> None:
     """The monitor lets no orchestrator in without its token: the orchestrator, which must
-    first recover its unfinished jobs from the monitor, stops at start and says why."""
+    first take its lease in the monitor, stops at start and says why."""
     monitor = monitor_process(database_url, tmp_path, extra=["--auth-token", TOKEN])
     orchestrator = orchestrator_process(
         monitor.address, tmp_path, extra=["--monitor-token", "not-the-token"]

@@ -209,7 +209,7 @@ def test_orchestrator_environment_takes_effect(
     assert args.port == ORCHESTRATOR_PORT
     monitor_port = _env(compose, "monitor")["STEPFLOW_MONITOR_PORT"]
     assert args.monitor == f"monitor:{monitor_port}"
-    assert args.owner, "a stable owner lets a restarted orchestrator fail its leftover jobs"
+    assert args.owner, "a stable owner lets a restarted orchestrator resume its jobs"
     assert args.metrics_port > 0
     assert f"{LOOPBACK}:{args.metrics_port}:{args.metrics_port}" in [
         str(p) for p in _service(compose, "orchestrator")["ports"]

@@ -64,7 +64,7 @@ def test_an_added_field_is_not_breaking(tmp_path: Path) -> None:
         ),
         pytest.param(JOB_PROTO, "string owner = 18;", "int64 owner = 18;", "type", id="retype"),
         pytest.param(
-            JOB_PROTO, "string owner = 18;", "string owner = 19;", "deleted", id="renumber"
+            JOB_PROTO, "string owner = 18;", "string owner = 99;", "deleted", id="renumber"
         ),
         pytest.param(
             MONITOR_PROTO,

@@ -244,7 +244,7 @@ def test_worker_plugin_example_runs(tmp_path: Path) -> None:
     async def created(child_id: str, name: str) -> None:
         events.append(("created", child_id))
 
-    async def running(child_id: str) -> None:
+    async def running(child_id: str, attempt: int = 1) -> None:
         events.append(("running", child_id))
 
     async def finished(child_id: str, status: str, error: str) -> None:

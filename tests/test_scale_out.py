@@ -138,7 +138,6 @@ async def run_split(stream_on: ServerProcess, calls_on: ServerProcess, owner: st
         stream.start()
         orch = Orchestrator(MonitorClient(calls), stream, workers, owner=owner)
         try:
-            await orch.recover()
             data = [job_definition(i) for i in range(3)]
             ids = [await orch.submit(from_mapping(d, workers=workers)) for d in data]
             recorders = [Recorder(stub, i) for i in ids]
@@ -163,7 +162,7 @@ async def run_split(stream_on: ServerProcess, calls_on: ServerProcess, owner: st
                 assert n > 0 and md[f"last_{w}"] == n - 1
                 assert all(md[f"w{w}_{k}"] == k for k in range(n)), f"writer {w} lost a key"
         finally:
-            await orch.abandon()
+            await orch.drain(0)
             await stream.close(flush_timeout=5)
 
 
@@ -372,3 +371,44 @@ async def test_child_events_through_one_replica_reach_a_watch_on_the_other(
         assert len(acks) == 10
         await watching
         assert time.monotonic() - started < 3.0
+
+
+# -- leases: each orphan adopted by exactly one caller ------------------------------------------
+async def test_each_orphan_is_adopted_once_across_replicas(
+    database_url: str, tmp_path: Path
+) -> None:
+    """Forty orphans; two orchestrators heartbeat at once, each through its own replica, a few
+    adoptions at a time, until none is left: every orphan is adopted by exactly one of them,
+    and ends up owned by that one."""
+    a = monitor_process(database_url, tmp_path, name="monitor-a")
+    b = monitor_process(database_url, tmp_path, name="monitor-b")
+    async with (
+        running(a, b),
+        aio.insecure_channel(a.address) as ca,
+        aio.insecure_channel(b.address) as cb,
+    ):
+        stubs = [Stub(ca), Stub(cb)]
+        orphans = []
+        for i in range(40):
+            request = m.CreateJobRequest(kind=S.JOB_KIND_MANAGER, name=f"o{i}", owner="gone")
+            orphans.append((await stubs[i % 2].CreateJob(request, timeout=CALL_S)).job.id)
+        released = await stubs[0].ReleaseLease(m.ReleaseLeaseRequest(owner="gone"))
+        assert sorted(released.orphaned_job_ids) == sorted(orphans)
+
+        async def adopter(stub: Stub, owner: str) -> list[str]:
+            adopted: list[str] = []
+            while True:
+                request = m.HeartbeatRequest(owner=owner, instance=owner, max_adopt=3)
+                request.lease.FromSeconds(60)
+                answer = await stub.Heartbeat(request, timeout=CALL_S)
+                adopted.extend(answer.adopted_job_ids)
+                if not answer.adopted_job_ids:
+                    return adopted
+
+        took_a, took_b = await asyncio.gather(
+            adopter(stubs[0], "orch-a"), adopter(stubs[1], "orch-b")
+        )
+        assert sorted(took_a + took_b) == sorted(orphans)  # each exactly once
+        for owner, took in (("orch-a", took_a), ("orch-b", took_b)):
+            for job_id in took:
+                assert (await get(stubs[1], job_id)).owner == owner

@@ -18,12 +18,19 @@ import pytest
 from orchestrator_svc.workers.base import (
     BaseWorker,
     ChildStatus,
+    ExistingChild,
+    RetryPolicy,
     StepContext,
     StepResult,
     Worker,
     sleep_unless_cancelled,
 )
-from orchestrator_svc.workers.children import NOT_STARTED_ERROR
+from orchestrator_svc.workers.children import (
+    CANCELLED_BEFORE_RETRY_ERROR,
+    NOT_STARTED_ERROR,
+    ChildOutcome,
+    run_children,
+)
 from orchestrator_svc.workers.command import CommandWorker
 from orchestrator_svc.workers.fanout import FanoutWorker
 from orchestrator_svc.workers.python_call import PythonWorker
@@ -47,12 +54,26 @@ class Recorder:
     state: dict[str, str] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
     names: dict[str, str] = field(default_factory=dict)
+    attempts: dict[str, int] = field(default_factory=dict)
+    attempts_seen: set[str] = field(default_factory=set)
     running_now: int = 0
     max_running: int = 0
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
     on_event: Callable[[Recorder], Awaitable[None]] | None = None
 
-    def context(self, config: Mapping[str, Any], step_id: str = "step-1") -> StepContext:
+    def context(
+        self,
+        config: Mapping[str, Any],
+        step_id: str = "step-1",
+        *,
+        retry: RetryPolicy | None = None,
+        existing: Mapping[str, ExistingChild] | None = None,
+        draining: asyncio.Event | None = None,
+        attempt: int = 1,
+    ) -> StepContext:
+        for child_id, before in (existing or {}).items():
+            self.state[child_id] = "running" if before.status == "running" else before.status
+            self.attempts[child_id] = before.attempt
         return StepContext(
             step_id=step_id,
             step_name="s",
@@ -61,6 +82,10 @@ class Recorder:
             child_running=self.running,
             child_finished=self.finished,
             cancelled=self.cancelled,
+            retry=retry or RetryPolicy(),
+            existing_children=existing or {},
+            draining=draining,
+            attempt=attempt,
         )
 
     async def created(self, child_id: str, name: str) -> None:
@@ -70,10 +95,19 @@ class Recorder:
         self.events.append(("created", child_id))
         await self._hook()
 
-    async def running(self, child_id: str) -> None:
-        assert self.state.get(child_id) == "pending", (
-            f"{child_id} ran from {self.state.get(child_id)}"
-        )
+    async def running(self, child_id: str, attempt: int = 1) -> None:
+        before = self.state.get(child_id)
+        if before == "running" and child_id not in self.attempts_seen:
+            self.running_now += 1  # a resumed child: running before this run began
+        self.attempts_seen.add(child_id)
+        expected = self.attempts.get(child_id, 0) + 1
+        assert attempt == expected, f"{child_id} ran attempt {attempt} after {expected - 1}"
+        self.attempts[child_id] = attempt
+        if before == "running":  # a retry: the child stays running between attempts
+            self.events.append(("retry", child_id, str(attempt)))
+            await self._hook()
+            return
+        assert before == "pending", f"{child_id} ran from {before}"
         self.state[child_id] = "running"
         self.running_now += 1
         self.max_running = max(self.max_running, self.running_now)
@@ -114,6 +148,130 @@ def cancel_when(predicate: Callable[[Recorder], bool]) -> Callable[[Recorder], A
             rec.cancelled.set()
 
     return hook
+
+
+# -- retries and resume (run_children, shared by every spawning worker) ----------------------
+def flaky(fail_attempts: dict[int, int]) -> Callable[[int, int], Awaitable[ChildOutcome]]:
+    """Child ``index`` fails its first ``fail_attempts[index]`` attempts, then completes."""
+
+    async def run_one(index: int, attempt: int) -> ChildOutcome:
+        if attempt <= fail_attempts.get(index, 0):
+            return ChildOutcome("failed", f"attempt {attempt} failed")
+        return ChildOutcome("completed")
+
+    return run_one
+
+
+async def test_a_child_failing_twice_then_succeeding_is_completed_on_attempt_3() -> None:
+    rec = Recorder()
+    ctx = rec.context({}, retry=RetryPolicy(retries=2, backoff_s=0.001))
+    count = await run_children(ctx, ["a", "b"], flaky({0: 2}), concurrency=2)
+    assert count == 2
+    assert rec.state == {"step-1.0": "completed", "step-1.1": "completed"}
+    assert rec.attempts == {"step-1.0": 3, "step-1.1": 1}
+    # One child in the counts whatever its attempts: created once, ended once.
+    assert rec.count("created") == 2 and rec.count("completed") == 2
+    assert [e for e in rec.events if e[0] == "retry"] == [
+        ("retry", "step-1.0", "2"),
+        ("retry", "step-1.0", "3"),
+    ]
+
+
+async def test_a_child_fails_only_when_its_last_attempt_fails() -> None:
+    rec = Recorder()
+    ctx = rec.context({}, retry=RetryPolicy(retries=2, backoff_s=0.001))
+    await run_children(ctx, ["a"], flaky({0: 5}), concurrency=1)
+    assert rec.state == {"step-1.0": "failed"} and rec.attempts == {"step-1.0": 3}
+    assert rec.errors["step-1.0"] == "attempt 3 failed"
+    assert rec.count("failed") == 1
+
+
+async def test_no_retries_by_default() -> None:
+    rec = Recorder()
+    await run_children(rec.context({}), ["a"], flaky({0: 1}), concurrency=1)
+    assert rec.state == {"step-1.0": "failed"} and rec.attempts == {"step-1.0": 1}
+
+
+async def test_cancelled_while_waiting_to_retry_ends_the_child_cancelled() -> None:
+    rec = Recorder()
+    ctx = rec.context({}, retry=RetryPolicy(retries=3, backoff_s=30.0))
+    first_failed = asyncio.Event()
+
+    async def always_fails(index: int, attempt: int) -> ChildOutcome:
+        first_failed.set()
+        return ChildOutcome("failed", "boom")
+
+    task = asyncio.create_task(run_children(ctx, ["a"], always_fails, concurrency=1))
+    await asyncio.wait_for(first_failed.wait(), 5)
+    await asyncio.sleep(0)  # now in its 30 s backoff
+    rec.cancelled.set()
+    await asyncio.wait_for(task, 5)
+    assert rec.state == {"step-1.0": "cancelled"}
+    assert rec.errors["step-1.0"] == CANCELLED_BEFORE_RETRY_ERROR
+
+
+async def test_resume_creates_nothing_again_and_reruns_only_live_children() -> None:
+    rec = Recorder()
+    existing = {
+        "step-1.0": ExistingChild("completed", attempt=1),
+        "step-1.1": ExistingChild("failed", attempt=1),
+        "step-1.2": ExistingChild("running", attempt=1, interruptions=1),
+        "step-1.3": ExistingChild("pending"),
+    }
+    ctx = rec.context({}, existing=existing)
+    runs: list[tuple[int, int]] = []
+
+    async def run_one(index: int, attempt: int) -> ChildOutcome:
+        runs.append((index, attempt))
+        return ChildOutcome("completed")
+
+    count = await run_children(ctx, ["a", "b", "c", "d", "e"], run_one, concurrency=2)
+    assert count == 5
+    # Only the child it never had is created; the ended ones are not run again.
+    assert [e for e in rec.events if e[0] == "created"] == [("created", "step-1.4")]
+    assert sorted(runs) == [(2, 2), (3, 1), (4, 1)]
+    assert rec.state == {
+        "step-1.0": "completed",
+        "step-1.1": "failed",
+        "step-1.2": "completed",
+        "step-1.3": "completed",
+        "step-1.4": "completed",
+    }
+
+
+async def test_an_interrupted_child_keeps_its_retries() -> None:
+    """A run cut short by a lost orchestrator did not fail: it does not use up a retry."""
+    rec = Recorder()
+    existing = {"step-1.0": ExistingChild("running", attempt=2, interruptions=2)}
+    ctx = rec.context({}, retry=RetryPolicy(retries=1, backoff_s=0.001), existing=existing)
+    attempts: list[int] = []
+
+    async def run_one(index: int, attempt: int) -> ChildOutcome:
+        attempts.append(attempt)
+        return ChildOutcome("failed", "boom")
+
+    await run_children(ctx, ["a"], run_one, concurrency=1)
+    assert attempts == [3, 4] and rec.state == {"step-1.0": "failed"}
+
+
+async def test_resume_after_cancel_reports_only_live_children_cancelled() -> None:
+    rec = Recorder()
+    existing = {
+        "step-1.0": ExistingChild("completed", attempt=1),
+        "step-1.1": ExistingChild("pending"),
+    }
+    ctx = rec.context({}, existing=existing)
+    rec.cancelled.set()
+    count = await run_children(ctx, ["a", "b", "c"], flaky({}), concurrency=1)
+    assert count == 0  # cancelled before it looked at any child
+    assert rec.events == []
+
+
+async def test_fanout_tells_a_command_its_attempt() -> None:
+    rec = Recorder()
+    config = {"items": ["x"], "command": 'test "$STEPFLOW_ATTEMPT" -ge 3'}
+    await FanoutWorker().run(rec.context(config, retry=RetryPolicy(retries=4, backoff_s=0.001)))
+    assert rec.state == {"step-1.0": "completed"} and rec.attempts == {"step-1.0": 3}
 
 
 # -- simulate --------------------------------------------------------------------------------
@@ -419,6 +577,58 @@ def test_fanout_validates_its_config() -> None:
         worker.validate_config({"items": [], "command": "true", "concurrency": 0})
 
 
+# -- drain (shutdown) -------------------------------------------------------------------------
+async def test_drain_lets_running_children_finish_and_leaves_the_rest_unreported() -> None:
+    """Drained (not cancelled): no child starts after it, those running finish as usual, and
+    the ones never started are not reported at all, so the next owner runs them."""
+    rec = Recorder()
+    draining = asyncio.Event()
+    release = asyncio.Event()
+
+    async def run_one(index: int, attempt: int) -> ChildOutcome:
+        if index == 2:  # the third child to start: the orchestrator is told to shut down
+            draining.set()
+        await release.wait()
+        return ChildOutcome("completed")
+
+    ctx = rec.context({}, draining=draining)
+    names = (f"c{k}" for k in range(10))
+    task = asyncio.create_task(run_children(ctx, names, run_one, concurrency=3))
+    await asyncio.wait_for(draining.wait(), 5)
+    release.set()
+    created = await asyncio.wait_for(task, 5)
+    assert created == 10
+    assert rec.count("created") == 10
+    assert rec.count("running") == 3
+    assert rec.count("completed") == 3
+    assert rec.count("cancelled") == 0
+    assert rec.tally() == ChildTally(pending=7, completed=3)
+
+
+async def test_drained_before_creating_creates_nothing_and_reports_nothing() -> None:
+    rec = Recorder()
+    draining = asyncio.Event()
+    draining.set()
+    ctx = rec.context({"children": 5}, draining=draining)
+    result = await SimulateWorker().run(ctx)
+    assert result.child_count == 0 and rec.events == []
+
+
+async def test_cancel_wins_over_drain() -> None:
+    """Cancelled while draining: the never-started children are reported cancelled."""
+    rec = Recorder()
+    draining = asyncio.Event()
+
+    async def run_one(index: int, attempt: int) -> ChildOutcome:
+        draining.set()
+        rec.cancelled.set()
+        return ChildOutcome("cancelled", "stopped")
+
+    ctx = rec.context({}, draining=draining)
+    await run_children(ctx, (f"c{k}" for k in range(4)), run_one, concurrency=1)
+    assert rec.tally() == ChildTally(cancelled=4)
+
+
 # -- python ----------------------------------------------------------------------------------
 calls: list[dict[str, Any]] = []
 
@@ -597,3 +807,32 @@ def test_as_worker_rejects_a_sync_run() -> None:
 
     with pytest.raises(WorkerLoadError, match="run\\(\\) must be an async function"):
         as_worker(SyncRun)
+
+
+# -- attempts seen by the work -----------------------------------------------------------------
+async def test_command_tells_its_process_the_step_attempt(tmp_path: Path) -> None:
+    out = tmp_path / "attempt"
+    rec = Recorder()
+    config = {"command": f'printf %s "$STEPFLOW_ATTEMPT" > {out}'}
+    assert (await CommandWorker().run(rec.context(config, attempt=2))).ok
+    assert out.read_text() == "2"
+
+
+contexts: list[Any] = []
+
+
+def takes_context(config: dict[str, Any], context: Any) -> None:
+    contexts.append(context)
+
+
+async def takes_context_by_keyword(config: dict[str, Any], *, context: Any) -> None:
+    contexts.append(context)
+
+
+async def test_python_callable_gets_the_attempt_when_it_takes_a_context() -> None:
+    contexts.clear()
+    for target in ("takes_context", "takes_context_by_keyword"):
+        rec = Recorder()
+        ctx = rec.context({"callable": f"{__name__}:{target}"}, step_id="st", attempt=3)
+        assert (await PythonWorker().run(ctx)).ok
+    assert [(c.step_id, c.step_name, c.attempt) for c in contexts] == [("st", "s", 3)] * 2

@@ -1,10 +1,12 @@
 """The job lifecycle: every rule of a job's life, from creation to its end, in one place.
 
 ``rules`` holds the rules as plain functions over a ``UnitOfWork`` (``uow``); the store runs
-them in its SQL transactions, ``memory`` runs them over dicts (the rules' own tests). Neither
-SQL nor gRPC is imported here.
+them in its SQL transactions, ``memory`` runs them over dicts (the rules' own tests);
+``leases`` holds the rules of orchestrators coming and going (leases, adoption, fencing).
+Neither SQL nor gRPC is imported here.
 """
 
+from monitor_svc.lifecycle import leases
 from monitor_svc.lifecycle.rules import (
     StepStatResult,
     StepTimers,
@@ -27,6 +29,7 @@ __all__ = [
     "create_job",
     "deadline_after",
     "fire_due",
+    "leases",
     "set_status",
     "update_metadata",
     "update_status",

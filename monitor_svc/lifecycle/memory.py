@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from datetime import datetime
-from typing import TypeVar
+from typing import Any, TypeVar
 
-from monitor_svc.records import JobState, Progress, utcnow
+from monitor_svc.records import JobState, Lease, Progress, utcnow
 from stepflow_common.status import Kind
 from stepflow_common.step_outcome import ChildTally
 
@@ -27,6 +27,7 @@ class MemoryDatabase:
         self.progress: dict[str, Progress] = {}
         self.change_seq = 0
         self.now = now or utcnow()
+        self.leases: dict[str, Lease] = {}
 
     def run(self, unit: Callable[[MemoryUnitOfWork], T]) -> T:
         uow = MemoryUnitOfWork(self)
@@ -43,6 +44,7 @@ class MemoryUnitOfWork:
         self._jobs: dict[str, JobState] = {}
         self._progress: dict[str, Progress] = {}
         self._touched: set[str] = set()
+        self._leases: dict[str, Lease | None] = {}  # None: deleted in this unit
 
     # -- jobs --------------------------------------------------------------------------------
     def job(self, job_id: str) -> JobState | None:
@@ -127,8 +129,57 @@ class MemoryUnitOfWork:
             if p.grace_deadline is not None and p.grace_deadline <= self.now
         ]
 
+    # -- leases ------------------------------------------------------------------------------
+    def lease(self, owner: str) -> Lease | None:
+        if owner in self._leases:
+            return self._leases[owner]
+        return self._db.leases.get(owner)
+
+    def put_lease(self, lease: Lease) -> None:
+        self._leases[lease.owner] = lease
+
+    def delete_lease(self, owner: str) -> None:
+        self._leases[owner] = None
+
+    def _live_managers(self, owner: str) -> list[JobState]:
+        found = [
+            j
+            for j in self._all_jobs()
+            if j.kind is Kind.MANAGER and j.owner == owner and not j.status.terminal
+        ]
+        return sorted(found, key=lambda j: (j.created_at, j.id))
+
+    def live_managers(self, owner: str) -> list[JobState]:
+        return self._live_managers(owner)
+
+    def live_manager_ids(self, owner: str, limit: int) -> list[str]:
+        return [j.id for j in self._live_managers(owner)[:limit]]
+
+    def orphans(self, limit: int) -> list[JobState]:
+        return [j for j in self._live_managers("") if j.orphan_deadline is not None][:limit]
+
+    def due_leases(self) -> list[str]:
+        merged: dict[str, Lease | None] = {**self._db.leases, **self._leases}
+        return [o for o, lease in merged.items() if lease and lease.expires_at <= self.now]
+
+    def due_orphans(self) -> list[str]:
+        return [
+            j.id
+            for j in self._live_managers("")
+            if j.orphan_deadline is not None and j.orphan_deadline <= self.now
+        ]
+
+    def definition_of(self, manager_id: str) -> dict[str, Any] | None:
+        job = self.job(manager_id)
+        return job.definition if job is not None else None
+
     # -- commit --------------------------------------------------------------------------------
     def commit(self) -> None:
+        for owner, lease in self._leases.items():
+            if lease is None:
+                self._db.leases.pop(owner, None)
+            else:
+                self._db.leases[owner] = lease
         if not (self._jobs or self._progress or self._touched):
             return
         self._db.change_seq = self._seq

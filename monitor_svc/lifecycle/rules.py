@@ -14,6 +14,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from monitor_svc import metadata_rules as rules
+from monitor_svc.lifecycle import leases
 from monitor_svc.lifecycle.uow import UnitOfWork
 from monitor_svc.records import ChildEventIn, DocumentLimits, JobState, JobView, NewJob, Progress
 from stepflow_common.errors import (
@@ -51,6 +52,7 @@ class StepTimers:
 
     default_wait_timeout_s: float = 1800.0
     grace_period_s: float = 30.0
+    orphan_timeout_s: float = 600.0  # an orphan nobody adopts by then fails orchestrator_lost
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +107,7 @@ def create_job(tx: UnitOfWork, new: NewJob, timers: StepTimers, limits: Document
             )
         if parent.status.terminal:
             raise FailedPrecondition(f"parent {parent.id} is already {parent.status}")
+        leases.check_fence(tx, parent, new.owner)
         job_id = uuid.uuid4().hex
         manager_id = parent.manager_id
         if new.kind is Kind.STEP:
@@ -133,6 +136,7 @@ def create_job(tx: UnitOfWork, new: NewJob, timers: StepTimers, limits: Document
         finished_at=None,
         request_id=new.request_id or None,
         owner=new.owner,
+        definition=new.definition if new.kind is Kind.MANAGER else None,
     )
     if new.kind is Kind.CHILD:
         assert new.parent_id is not None
@@ -156,13 +160,21 @@ def _step_index(new: NewJob) -> int | None:
 
 
 def update_status(
-    tx: UnitOfWork, job_id: str, status: Status, error: str, end_reason: str, timers: StepTimers
+    tx: UnitOfWork,
+    job_id: str,
+    status: Status,
+    error: str,
+    end_reason: str,
+    timers: StepTimers,
+    owner: str = "",
 ) -> JobView | StatusConflict:
     """A client's status write. A job found past its deadline is timed out first (see
     ``_fire_if_overdue``); if that makes the write impossible, the timeout is kept and the
     conflict is *returned*, not raised, so the unit commits: the caller raises it after the
-    commit."""
+    commit. A write naming an ``owner`` is fenced (see ``leases``)."""
+    leases.check_end_reason(end_reason, owner)
     job = _require(tx, job_id)
+    leases.check_fence(tx, job, owner)
     check_status_for_kind(job.kind, status)
     overdue = _fire_if_overdue(tx, job, timers)
     try:
@@ -173,6 +185,8 @@ def update_status(
         return exc  # the timeout is committed; the caller is told its write came too late
     job = overdue
     if transition is Transition.NOOP:
+        if status is Status.RUNNING:
+            job = leases.rerun_step(tx, job)
         return _view(tx, job)
     reason = end_reason or (EndReason.CANCELLED if status is Status.CANCELLED else EndReason.API)
     job = set_status(tx, job, status, error, reason, timers)
@@ -185,8 +199,10 @@ def update_metadata(
     patch: dict[str, Any],
     expected_version: int | None,
     limits: DocumentLimits,
+    owner: str = "",
 ) -> JobView:
     job = _require(tx, job_id)
+    leases.check_fence(tx, job, owner)
     if expected_version is not None and expected_version != job.version:
         raise VersionConflict.stale(job_id, expected_version, job.version)
     merged = rules.merge_metadata(job.metadata, patch)
@@ -251,6 +267,8 @@ def set_status(
     new = replace(job, status=status, version=job.version + 1)
     if error:
         new.error = error
+    if job.kind is Kind.STEP and job.status is Status.PENDING:
+        new.attempt = job.attempt + 1  # a step's run starts (running, or spawned at once)
     if status in (Status.RUNNING, Status.SPAWNED) and new.started_at is None:
         new.started_at = tx.now
         if job.kind is Kind.STEP and job.timeout_s is not None:
@@ -261,6 +279,7 @@ def set_status(
         new.finished_at = tx.now
         new.end_reason = reason
         new.deadline = None
+        new.orphan_deadline = None
     tx.put(new)
     if job.kind is Kind.CHILD:
         _count_child_change(tx, job.parent_id or "", job.manager_id, job.status, status, timers)
@@ -397,7 +416,7 @@ def _check_step_end(tx: UnitOfWork, step_id: str, timers: StepTimers) -> None:
 
 # -- the child-event stream ------------------------------------------------------------------
 def apply_events(
-    tx: UnitOfWork, events: list[ChildEventIn], timers: StepTimers
+    tx: UnitOfWork, events: list[ChildEventIn], timers: StepTimers, owner: str = ""
 ) -> list[tuple[str, str]]:
     """Apply one batch of child events. Dedupe is by the child's state transition: statuses
     only move forward, so a replayed or late event finds nothing to change, and nothing extra
@@ -409,8 +428,10 @@ def apply_events(
             steps[event.step_id] = tx.job(event.step_id) if event.step_id else None
     tx.child_states({e.child_id for e in events if e.child_id})
     affected: set[str] = set()
+    fences: dict[str, str] = {}
     for event in events:
-        reason = _apply_event(tx, event, steps, timers, affected)
+        reason = _fence_event(tx, steps.get(event.step_id), owner, fences)
+        reason = reason or _apply_event(tx, event, steps, timers, affected)
         if reason:
             rejected.append((event.event_id, reason))
         else:
@@ -418,6 +439,15 @@ def apply_events(
     for step_id in affected:
         _check_step_end(tx, step_id, timers)
     return rejected
+
+
+def _fence_event(tx: UnitOfWork, step: JobState | None, owner: str, fences: dict[str, str]) -> str:
+    """The fencing rejection of an event for ``step`` (once per manager and batch)."""
+    if not owner or step is None:
+        return ""
+    if step.manager_id not in fences:
+        fences[step.manager_id] = leases.event_fence_reason(tx.job(step.manager_id), owner)
+    return fences[step.manager_id]
 
 
 def _apply_event(
@@ -448,6 +478,7 @@ def _apply_event(
         if child.status != status and is_forward(child.status, status):
             new = child.clone()
             new.status, new.version = status, child.version + 1
+            new.attempt = leases.event_attempt(child.attempt, status, event.attempt)
             if status is Status.RUNNING:
                 new.started_at = new.started_at or tx.now
             elif status.terminal:
@@ -458,6 +489,11 @@ def _apply_event(
             _count_child_change(
                 tx, event.step_id, step.manager_id, child.status, status, timers, ends
             )
+        elif status is Status.RUNNING and child.status is status and event.attempt > child.attempt:
+            # A new attempt of a running child (a retry, or a run after an interruption).
+            new = child.clone()
+            new.attempt, new.version = event.attempt, child.version + 1
+            tx.put(new, status_only=True)
         return ""
     error = event.error
     if step.status.terminal and not status.terminal:
@@ -490,6 +526,7 @@ def _apply_event(
             finished_at=tx.now if status.terminal else None,
             request_id=None,
             owner=step.owner,
+            attempt=leases.event_attempt(0, status, event.attempt),
         )
     )
     return ""
@@ -572,4 +609,4 @@ def fire_due(tx: UnitOfWork, timers: StepTimers) -> int:
         ):
             set_status(tx, step, Status.COMPLETED, "", EndReason.GRACE_PERIOD, timers)
             fired += 1
-    return fired
+    return fired + leases.fire_due(tx, timers)

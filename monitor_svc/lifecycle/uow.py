@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import datetime
-from typing import Protocol
+from typing import Any, Protocol
 
-from monitor_svc.records import JobState, Progress
+from monitor_svc.records import JobState, Lease, Progress
 from stepflow_common.step_outcome import ChildTally
 
 
@@ -79,4 +79,41 @@ class UnitOfWork(Protocol):
 
     def due_graces(self) -> list[str]:
         """Steps whose hand-off grace period ended at or before ``now``."""
+        ...
+
+    # -- leases and the managers they hold -------------------------------------------------------
+    def lease(self, owner: str) -> Lease | None:
+        """An owner's lease, locked for this transaction."""
+        ...
+
+    def put_lease(self, lease: Lease) -> None:
+        """Take or renew a lease (its expiry is a deadline the timer fires)."""
+        ...
+
+    def delete_lease(self, owner: str) -> None: ...
+
+    def live_managers(self, owner: str) -> list[JobState]:
+        """The owner's unfinished managers, locked, oldest first."""
+        ...
+
+    def live_manager_ids(self, owner: str, limit: int) -> list[str]:
+        """Ids of the owner's unfinished managers, oldest first (not locked)."""
+        ...
+
+    def orphans(self, limit: int) -> list[JobState]:
+        """Up to ``limit`` unfinished managers orphaned by a lost lease, oldest first, locked;
+        one another transaction already holds is skipped, so two monitors never hand one
+        orphan to two callers."""
+        ...
+
+    def due_leases(self) -> list[str]:
+        """Owners whose lease expired at or before ``now`` (claimed by this transaction)."""
+        ...
+
+    def due_orphans(self) -> list[str]:
+        """Orphaned managers whose orphan deadline is at or before ``now`` (claimed)."""
+        ...
+
+    def definition_of(self, manager_id: str) -> dict[str, Any] | None:
+        """The job definition stored with a manager (not part of the job as read)."""
         ...

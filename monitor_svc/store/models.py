@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import BigInteger, Boolean, DateTime, Index, Integer, String, Text, text
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Index, Integer, String, Text, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 ID_LENGTH = 128
@@ -39,6 +40,10 @@ class JobRow(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     request_id: Mapped[str | None] = mapped_column(String(ID_LENGTH), unique=True)
     owner: Mapped[str] = mapped_column(String(ID_LENGTH), default="")
+    attempt: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    interruptions: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    orphan_deadline: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    definition: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
 
     __table_args__ = (
         Index("ix_jobs_parent_id", "parent_id"),
@@ -51,6 +56,13 @@ class JobRow(Base):
             "deadline",
             postgresql_where=text("status NOT IN ('completed','failed','cancelled','skipped')"),
             sqlite_where=text("status NOT IN ('completed','failed','cancelled','skipped')"),
+        ),
+        # Only orphaned managers carry an orphan deadline (adoption and the orphan timeout).
+        Index(
+            "ix_jobs_orphan_deadline",
+            "orphan_deadline",
+            postgresql_where=text("orphan_deadline IS NOT NULL"),
+            sqlite_where=text("orphan_deadline IS NOT NULL"),
         ),
     )
 
@@ -81,3 +93,14 @@ class CounterRow(Base):
 
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class LeaseRow(Base):
+    """An orchestrator's lease (one per owner): its managers stay its own until
+    ``expires_at``; the deadline timer orphans them after that."""
+
+    __tablename__ = "leases"
+
+    owner: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    instance: Mapped[str] = mapped_column(String(ID_LENGTH), default="")
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)

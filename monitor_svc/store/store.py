@@ -12,11 +12,12 @@ from typing import Any
 from sqlalchemy import Connection, func, or_, select
 
 from monitor_svc import lifecycle
-from monitor_svc.lifecycle import StepStatResult, StepTimers
+from monitor_svc.lifecycle import StepStatResult, StepTimers, leases
+from monitor_svc.lifecycle.leases import HeartbeatResult
 from monitor_svc.records import ChildEventIn, DocumentLimits, JobFilter, JobView, NewJob, as_utc
 from monitor_svc.store.engine import SQLITE_SYNCHRONOUS_DEFAULT, is_sqlite, make_engine
-from monitor_svc.store.models import JobRow, StepProgressRow
-from monitor_svc.store.tx import JOB_SELECT, SELECT_JOB, row_to_state
+from monitor_svc.store.models import JobRow, LeaseRow, StepProgressRow
+from monitor_svc.store.tx import JOB_SELECT, SELECT_JOB, read_definition, row_to_state
 from monitor_svc.store.writer import Reader, Writer
 from stepflow_common.errors import InvalidArgument, NotFound, StatusConflict
 from stepflow_common.status import LIVE, Kind, Status
@@ -56,8 +57,8 @@ class MonitorStore:
         self._read_engine.dispose()
 
     # -- reads -------------------------------------------------------------------------------
-    async def get_job(self, job_id: str) -> JobView:
-        view = await self.reader.run(lambda conn: read_view(conn, job_id))
+    async def get_job(self, job_id: str, *, include_definition: bool = False) -> JobView:
+        view = await self.reader.run(lambda conn: read_view(conn, job_id, include_definition))
         if view is None:
             raise NotFound(f"job {job_id} not found")
         return view
@@ -82,20 +83,24 @@ class MonitorStore:
         )
 
     async def update_status(
-        self, job_id: str, status: Status, error: str, end_reason: str
+        self, job_id: str, status: Status, error: str, end_reason: str, owner: str = ""
     ) -> JobView:
         result = await self.writer.run(
-            lambda tx: lifecycle.update_status(tx, job_id, status, error, end_reason, self.timers)
+            lambda tx: lifecycle.update_status(
+                tx, job_id, status, error, end_reason, self.timers, owner
+            )
         )
         if isinstance(result, StatusConflict):
             raise result  # after the commit of the timeout that made the request too late
         return result
 
     async def update_metadata(
-        self, job_id: str, patch: dict[str, Any], expected_version: int | None
+        self, job_id: str, patch: dict[str, Any], expected_version: int | None, owner: str = ""
     ) -> JobView:
         return await self.writer.run(
-            lambda tx: lifecycle.update_metadata(tx, job_id, patch, expected_version, self.limits)
+            lambda tx: lifecycle.update_metadata(
+                tx, job_id, patch, expected_version, self.limits, owner
+            )
         )
 
     async def update_step_stat(
@@ -105,19 +110,35 @@ class MonitorStore:
             lambda tx: lifecycle.update_step_stat(tx, manager_id, step_id, status)
         )
 
-    async def apply_events(self, events: list[ChildEventIn]) -> list[tuple[str, str]]:
-        return await self.writer.run(lambda tx: lifecycle.apply_events(tx, events, self.timers))
+    async def apply_events(
+        self, events: list[ChildEventIn], owner: str = ""
+    ) -> list[tuple[str, str]]:
+        return await self.writer.run(
+            lambda tx: lifecycle.apply_events(tx, events, self.timers, owner)
+        )
 
     async def fire_due(self) -> int:
         return await self.writer.run(lambda tx: lifecycle.fire_due(tx, self.timers))
 
+    async def heartbeat(
+        self, owner: str, instance: str, lease_s: float, max_adopt: int
+    ) -> HeartbeatResult:
+        return await self.writer.run(
+            lambda tx: leases.heartbeat(tx, owner, instance, lease_s, max_adopt, self.timers)
+        )
+
+    async def release_lease(self, owner: str) -> list[str]:
+        return await self.writer.run(lambda tx: leases.release_lease(tx, owner, self.timers))
+
 
 # -- reads ---------------------------------------------------------------------------------
-def read_view(conn: Connection, job_id: str) -> JobView | None:
+def read_view(conn: Connection, job_id: str, include_definition: bool = False) -> JobView | None:
     row = conn.execute(SELECT_JOB, {"job_id": job_id}).first()
     if row is None:
         return None
     job = row_to_state(row)
+    if include_definition and job.kind is Kind.MANAGER:
+        job.definition = read_definition(conn, job_id)
     tallies: dict[str, ChildTally] = {}
     if job.kind is Kind.MANAGER:
         tallies = _tallies_for_manager(conn, job.id)
@@ -200,5 +221,11 @@ def _next_wakeup(conn: Connection) -> datetime | None:
             StepProgressRow.grace_deadline.is_not(None)
         )
     ).scalar()
-    found = [as_utc(d) for d in (job_deadline, grace) if d is not None]
+    lease = conn.execute(select(func.min(LeaseRow.expires_at))).scalar()
+    orphan = conn.execute(
+        select(func.min(JobRow.orphan_deadline)).where(
+            JobRow.orphan_deadline.is_not(None), JobRow.status.in_(sorted(s.value for s in LIVE))
+        )
+    ).scalar()
+    found = [as_utc(d) for d in (job_deadline, grace, lease, orphan) if d is not None]
     return min(d for d in found if d is not None) if found else None

@@ -15,13 +15,15 @@ from datetime import datetime
 from operator import attrgetter
 from typing import Any, cast
 
-from sqlalchemy import Connection, Table, bindparam, select, update
+from sqlalchemy import Connection, Table, bindparam, delete, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 
 from monitor_svc.records import (
     JOB_FIELDS,
     PROGRESS_FIELDS,
     PROGRESS_VALUES,
     JobState,
+    Lease,
     Progress,
     as_utc,
     column_of,
@@ -29,7 +31,7 @@ from monitor_svc.records import (
     utcnow,
 )
 from monitor_svc.store import notify
-from monitor_svc.store.models import CounterRow, JobRow, StepProgressRow
+from monitor_svc.store.models import CounterRow, JobRow, LeaseRow, StepProgressRow
 from stepflow_common.status import LIVE, Kind, Status
 from stepflow_common.step_outcome import ChildTally
 
@@ -40,7 +42,9 @@ _MISSING = object()
 _T = cast(Table, JobRow.__table__)
 # Every statement and mapping below is derived from the fields of ``JobState``, in their order.
 _COLUMNS = tuple(column_of(f) for f in JOB_FIELDS)
-JOB_SELECT = select(*(_T.c[c] for c in _COLUMNS))
+# Read with the row: every field but the few kept for the one call that asks (``selected``).
+_READ_FIELDS = tuple(f for f in JOB_FIELDS if stored(f).selected)
+JOB_SELECT = select(*(_T.c[column_of(f)] for f in _READ_FIELDS))
 # Statements built once: building and cache-keying a statement per call costs more than
 # running it on the hot paths.
 SELECT_JOB = JOB_SELECT.where(_T.c.id == bindparam("job_id"))
@@ -114,7 +118,7 @@ _DECODE_BY_TYPE: dict[str, Callable[[Any], Any]] = {
 
 _DECODE = tuple(
     (i, _DECODE_BY_TYPE[str(f.type)])
-    for i, f in enumerate(JOB_FIELDS)
+    for i, f in enumerate(_READ_FIELDS)
     if str(f.type) in _DECODE_BY_TYPE
 )
 
@@ -149,6 +153,49 @@ _update_params = _params_function("update_params", _UPDATE_BINDS, (_ID_FIELD, *_
 _child_update_params = _params_function(
     "child_update_params", _CHILD_BINDS, (_ID_FIELD, *_BY_CHILD_EVENT)
 )
+
+
+_L = cast(Table, LeaseRow.__table__)
+_SELECT_LEASE = select(_L.c.owner, _L.c.instance, _L.c.expires_at).where(
+    _L.c.owner == bindparam("owner")
+)
+_SELECT_LEASE_LOCKED = _SELECT_LEASE.with_for_update()
+_LIVE_MANAGERS = JOB_SELECT.where(
+    _T.c.kind == Kind.MANAGER.value,
+    _T.c.owner == bindparam("owner"),
+    _T.c.status.in_(sorted(s.value for s in LIVE)),
+).order_by(_T.c.created_at, _T.c.id)
+
+
+def _upsert_lease(sqlite_db: bool) -> Any:
+    insert = (sqlite.insert if sqlite_db else postgresql.insert)(_L)
+    return insert.on_conflict_do_update(
+        index_elements=[_L.c.owner],
+        set_={"instance": insert.excluded.instance, "expires_at": insert.excluded.expires_at},
+    )
+
+
+_UPSERT_LEASE = {True: _upsert_lease(True), False: _upsert_lease(False)}
+
+
+def _is_orphan(state: JobState) -> bool:
+    return (
+        state.kind is Kind.MANAGER
+        and state.owner == ""
+        and state.orphan_deadline is not None
+        and not state.status.terminal
+    )
+
+
+def _oldest_first(state: JobState) -> tuple[datetime, str]:
+    return state.created_at, state.id
+
+
+def read_definition(conn: Connection, manager_id: str) -> dict[str, Any] | None:
+    found: dict[str, Any] | None = conn.execute(
+        select(_T.c.definition).where(_T.c.id == manager_id)
+    ).scalar()
+    return found
 
 
 def row_to_progress(row: Any) -> Progress:
@@ -187,6 +234,8 @@ class Tx:
         self._full_rows: set[str] = set()  # jobs whose whole row (metadata too) is written
         self.sqlite = not lock_rows
         self.earliest_deadline: datetime | None = None  # wakes the deadline timer after commit
+        self._leases: dict[str, Lease | None] = {}  # None: absent (or deleted here)
+        self._lease_dirty: set[str] = set()
 
     # -- units -------------------------------------------------------------------------------
     def begin_unit(self) -> int:
@@ -197,7 +246,13 @@ class Tx:
         """Undo the cache changes of a unit that raised a domain error (it wrote no SQL)."""
         while len(self._undo) > mark:
             table, key, old = self._undo.pop()
-            cache: dict[str, Any] = self._jobs if table == "job" else self._progress
+            cache: dict[str, Any]
+            if table == "job":
+                cache = self._jobs
+            elif table == "progress":
+                cache = self._progress
+            else:
+                cache = self._leases
             if old is _MISSING:
                 cache.pop(key, None)
             else:
@@ -237,6 +292,8 @@ class Tx:
         state.change_seq = self.seq
         if state.deadline is not None and not state.status.terminal:
             self._note_deadline(state.deadline)
+        if state.orphan_deadline is not None and not state.status.terminal:
+            self._note_deadline(state.orphan_deadline)
         self._jobs[state.id] = state
         self._dirty.add(state.id)
 
@@ -398,7 +455,7 @@ class Tx:
         return self._dirty | self._touched
 
     def flush(self) -> None:
-        if not (self._dirty or self._touched or self._progress_dirty):
+        if not (self._dirty or self._touched or self._progress_dirty or self._lease_dirty):
             return
         seq = self.seq
         inserts, updates, child_updates = [], [], []
@@ -438,5 +495,132 @@ class Tx:
             self.conn.execute(_P.insert(), new_rows)
         if changed_rows:
             self.conn.execute(_UPDATE_PROGRESS, changed_rows)
+        self._flush_leases()
         if not self.sqlite:
             notify.send(self.conn, self.changed_ids())
+
+    # -- leases and the managers they hold -------------------------------------------------------
+    def lease(self, owner: str) -> Lease | None:
+        if owner in self._leases:
+            return self._leases[owner]
+        stmt = _SELECT_LEASE_LOCKED if self._lock_rows else _SELECT_LEASE
+        row = self.conn.execute(stmt, {"owner": owner}).first()
+        found = None
+        if row is not None:
+            expires_at = as_utc(row.expires_at)
+            assert expires_at is not None
+            found = Lease(row.owner, row.instance, expires_at)
+        self._leases[owner] = found
+        return found
+
+    def put_lease(self, lease: Lease) -> None:
+        self._undo.append(("lease", lease.owner, self._leases.get(lease.owner, _MISSING)))
+        self._leases[lease.owner] = lease
+        self._lease_dirty.add(lease.owner)
+        self._note_deadline(lease.expires_at)
+
+    def delete_lease(self, owner: str) -> None:
+        self._undo.append(("lease", owner, self._leases.get(owner, _MISSING)))
+        self._leases[owner] = None
+        self._lease_dirty.add(owner)
+
+    def _cache_rows(self, rows: Iterable[Any]) -> list[JobState]:
+        """Rows as this transaction sees them: a job it already holds wins over its row."""
+        found = []
+        for row in rows:
+            cached = self._jobs.get(row.id)
+            state = cached if cached is not None else row_to_state(row)
+            self._jobs.setdefault(row.id, state)
+            found.append(state)
+        return found
+
+    def _changed_here(self) -> list[JobState]:
+        return [s for job_id in self._dirty if (s := self._jobs.get(job_id)) is not None]
+
+    def live_managers(self, owner: str) -> list[JobState]:
+        stmt = _LIVE_MANAGERS.with_for_update() if self._lock_rows else _LIVE_MANAGERS
+        found = {s.id: s for s in self._cache_rows(self.conn.execute(stmt, {"owner": owner}))}
+        for state in self._changed_here():
+            if state.kind is Kind.MANAGER and state.owner == owner:
+                found[state.id] = state
+        live = [s for s in found.values() if s.owner == owner and not s.status.terminal]
+        return sorted(live, key=_oldest_first)
+
+    def live_manager_ids(self, owner: str, limit: int) -> list[str]:
+        stmt = (
+            select(_T.c.id, _T.c.created_at)
+            .where(
+                _T.c.kind == Kind.MANAGER.value,
+                _T.c.owner == owner,
+                _T.c.status.in_(_LIVE),
+            )
+            .order_by(_T.c.created_at, _T.c.id)
+            .limit(limit)
+        )
+        found: dict[str, tuple[datetime, str]] = {}
+        for row in self.conn.execute(stmt):
+            cached = self._jobs.get(row.id)
+            if cached is None or (cached.owner == owner and not cached.status.terminal):
+                found[row.id] = (_created_at(row.created_at), row.id)
+        for state in self._changed_here():
+            if state.kind is Kind.MANAGER and state.owner == owner and not state.status.terminal:
+                found[state.id] = _oldest_first(state)
+        return [job_id for _, job_id in sorted(found.values())[:limit]]
+
+    def orphans(self, limit: int) -> list[JobState]:
+        stmt = (
+            JOB_SELECT.where(
+                _T.c.orphan_deadline.is_not(None),
+                _T.c.kind == Kind.MANAGER.value,
+                _T.c.owner == "",
+                _T.c.status.in_(_LIVE),
+            )
+            .order_by(_T.c.created_at, _T.c.id)
+            .limit(limit)
+        )
+        if self._lock_rows:
+            stmt = stmt.with_for_update(skip_locked=True)
+        found = {s.id: s for s in self._cache_rows(self.conn.execute(stmt))}
+        for state in self._changed_here():
+            if _is_orphan(state):
+                found[state.id] = state
+        return sorted((s for s in found.values() if _is_orphan(s)), key=_oldest_first)[:limit]
+
+    def due_leases(self) -> list[str]:
+        stmt = select(_L.c.owner).where(_L.c.expires_at <= self.now)
+        if self._lock_rows:
+            stmt = stmt.with_for_update(skip_locked=True)
+        return list(self.conn.execute(stmt).scalars())
+
+    def due_orphans(self) -> list[str]:
+        stmt = select(_T.c.id).where(
+            _T.c.orphan_deadline.is_not(None),
+            _T.c.orphan_deadline <= self.now,
+            _T.c.kind == Kind.MANAGER.value,
+            _T.c.owner == "",
+            _T.c.status.in_(_LIVE),
+        )
+        if self._lock_rows:
+            stmt = stmt.with_for_update(skip_locked=True)
+        return list(self.conn.execute(stmt).scalars())
+
+    def definition_of(self, manager_id: str) -> dict[str, Any] | None:
+        if manager_id in self._new:  # created in this transaction: not stored yet
+            state = self._jobs.get(manager_id)
+            return state.definition if state is not None else None
+        return read_definition(self.conn, manager_id)
+
+    def _flush_leases(self) -> None:
+        gone, kept = [], []
+        for owner in self._lease_dirty:
+            lease = self._leases.get(owner, _MISSING)
+            if lease is None:
+                gone.append(owner)
+            elif isinstance(lease, Lease):
+                kept.append(
+                    {"owner": owner, "instance": lease.instance, "expires_at": lease.expires_at}
+                )
+        if gone:
+            self.conn.execute(delete(_L).where(_L.c.owner.in_(gone)))
+        if kept:
+            self.conn.execute(_UPSERT_LEASE[self.sqlite], kept)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Literal, Protocol, runtime_checkable
 
 ChildStatus = Literal["completed", "failed", "cancelled"]
@@ -18,8 +19,14 @@ ChildStatus = Literal["completed", "failed", "cancelled"]
 
 ChildCreated = Callable[[str, str], Awaitable[None]]
 """``child_created(child_id, name)``: the child exists (pending)."""
-ChildRunning = Callable[[str], Awaitable[None]]
-"""``child_running(child_id)``: the child started."""
+
+
+class ChildRunning(Protocol):
+    """``child_running(child_id, attempt=1)``: the child started (its ``attempt``-th run)."""
+
+    def __call__(self, child_id: str, attempt: int = 1, /) -> Awaitable[None]: ...
+
+
 ChildFinished = Callable[[str, ChildStatus, str], Awaitable[None]]
 """``child_finished(child_id, status, error)``: the child ended; ``error`` is "" on success."""
 
@@ -32,6 +39,47 @@ class CancelSignal(Protocol):
     async def wait(self) -> object: ...
 
 
+MAX_BACKOFF_S = 60.0
+"""Retry backoff doubles per attempt up to this cap."""
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How often a failed child runs again, and how long it waits first."""
+
+    retries: int = 0
+    backoff_s: float = 1.0
+
+    def delay_before(self, attempt: int) -> float:
+        """Seconds to wait before ``attempt`` (2 = the first retry): doubling, capped."""
+        return min(self.backoff_s * 2.0 ** max(attempt - 2, 0), MAX_BACKOFF_S)
+
+    def last_attempt(self, interruptions: int = 0) -> int:
+        """The highest attempt a child may reach: the first run, its retries, and one more run
+        for each time an orchestrator was lost while it ran (those runs did not fail)."""
+        return 1 + self.retries + interruptions
+
+
+@dataclass(frozen=True, slots=True)
+class ExistingChild:
+    """A child the step already has: a step continued after its orchestrator was lost (or
+    restarted) resumes child by child instead of creating its children again."""
+
+    status: str
+    """pending, running, completed, failed or cancelled."""
+    attempt: int = 0
+    """The attempt last started (1 = the first; 0 = never started)."""
+    interruptions: int = 0
+    """How many times an orchestrator was lost while this child was live."""
+
+    @property
+    def ended(self) -> bool:
+        return self.status in ("completed", "failed", "cancelled")
+
+
+NO_CHILDREN: Mapping[str, ExistingChild] = MappingProxyType({})
+
+
 @dataclass(frozen=True, slots=True)
 class StepContext:
     """Everything a worker may use while running one step.
@@ -40,6 +88,18 @@ class StepContext:
     must then start no more children, cancel the running ones, report every child it created
     and has not ended as ``cancelled``, and return. ``child_cancelled(child_id)`` is the
     signal for one child.
+
+    ``existing_children`` (by child id) is empty on a first run. When a step continues after
+    its orchestrator was lost, it holds the children already recorded: a worker must not
+    create them again, must leave the ended ones alone, and runs each live one again as
+    attempt ``existing.attempt + 1``. ``run_children`` does all of that for a worker.
+    ``attempt`` is the step's own attempt (a step without children that is run again).
+
+    ``draining`` is set when the orchestrator shuts down (not a cancel): the worker should
+    start no more children, let the running ones finish, and return WITHOUT reporting the
+    children it never started; the job's next owner continues the step from its recorded
+    children. ``run_children`` does that. A worker that ignores it is stopped (its tasks
+    cancelled) once the shutdown grace is over.
     """
 
     step_id: str
@@ -50,6 +110,15 @@ class StepContext:
     child_finished: ChildFinished
     cancelled: CancelSignal
     child_cancel: Callable[[str], CancelSignal] | None = None
+    attempt: int = 1
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    existing_children: Mapping[str, ExistingChild] = field(default_factory=lambda: NO_CHILDREN)
+    draining: CancelSignal | None = None
+
+    @property
+    def stopping(self) -> bool:
+        """Start nothing new: the step is cancelled or the orchestrator is draining."""
+        return self.cancelled.is_set() or (self.draining is not None and self.draining.is_set())
 
     def child_cancelled(self, child_id: str) -> CancelSignal:
         """Set when this one child is cancelled (CancelJob on it) or its whole step is: a

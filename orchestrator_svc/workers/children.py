@@ -1,5 +1,6 @@
 """The one child lifecycle every spawning worker shares: create, run with bounded
-concurrency, end each child exactly once, and honour cancellation."""
+concurrency, retry a failed child, resume a step's existing children, end each child exactly
+once, and honour cancellation."""
 
 from __future__ import annotations
 
@@ -7,13 +8,14 @@ import asyncio
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
-from orchestrator_svc.workers.base import ChildStatus, StepContext
+from orchestrator_svc.workers.base import ChildStatus, StepContext, sleep_unless_cancelled
 
 YIELD_EVERY_CHILDREN = 64
 """Children handled between forced event-loop yields when nothing else suspends (callbacks
 that return at once and zero-length children would otherwise starve the loop)."""
 
 NOT_STARTED_ERROR = "step cancelled before the child started"
+CANCELLED_BEFORE_RETRY_ERROR = "step cancelled while the child waited to be retried"
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,8 +24,9 @@ class ChildOutcome:
     error: str = ""
 
 
-RunOne = Callable[[int], Awaitable[ChildOutcome]]
-"""Runs child ``index``; must return ``cancelled`` promptly once ``ctx.cancelled`` is set."""
+RunOne = Callable[[int, int], Awaitable[ChildOutcome]]
+"""``run_one(index, attempt)`` runs child ``index`` once (``attempt`` 1 is its first run); must
+return ``cancelled`` promptly once ``ctx.cancelled`` is set."""
 
 
 async def run_children(
@@ -32,33 +35,62 @@ async def run_children(
     """Create one child per name, run them ``concurrency`` at a time; return how many exist.
 
     Every child is created before any runs, so the monitor shows the whole step (N pending)
-    from the start. On cancellation no further child is created or started; children that
-    were created but not started are reported ``cancelled`` here, running ones by ``run_one``.
-    An exception from ``run_one`` fails that child; one from a callback stops the step.
-    ``names`` may be a generator, so a large step need not hold every name at once.
+    from the start. A child that fails runs again (``ctx.retry``) after a backoff, staying
+    ``running`` between attempts; only its last attempt's outcome is reported. Children in
+    ``ctx.existing_children`` are not created again: ended ones are left alone, live ones run
+    as their next attempt. On cancellation no further child is created or started; children
+    that were created but not started are reported ``cancelled`` here, running ones by
+    ``run_one``. An exception from ``run_one`` fails that attempt; one from a callback stops
+    the step. ``names`` may be a generator, so a large step need not hold every name at once.
+    When ``ctx.draining`` is set, no further child is created or started and the children not
+    started are NOT reported (the step is continued by the job's next owner); running ones
+    finish as usual.
     """
+    existing = ctx.existing_children
     created = 0
     for index, name in enumerate(names):
-        if ctx.cancelled.is_set():
+        if ctx.stopping:
             break
-        await ctx.child_created(ctx.child_id(index), name)
+        child_id = ctx.child_id(index)
+        if child_id not in existing:
+            await ctx.child_created(child_id, name)
         created += 1
         if index % YIELD_EVERY_CHILDREN == YIELD_EVERY_CHILDREN - 1:
             await asyncio.sleep(0)
 
     next_index = 0
 
+    async def run_attempts(index: int) -> ChildOutcome:
+        child_id = ctx.child_id(index)
+        before = existing.get(child_id)
+        attempt = before.attempt + 1 if before is not None else 1
+        last = ctx.retry.last_attempt(before.interruptions if before is not None else 0)
+        while True:
+            await ctx.child_running(child_id, attempt)
+            try:
+                outcome = await run_one(index, attempt)
+            except Exception as exc:
+                outcome = ChildOutcome("failed", f"{type(exc).__name__}: {exc}")
+            cancelled = ctx.child_cancelled(child_id)
+            if outcome.status != "failed" or attempt >= last or cancelled.is_set():
+                return outcome
+            attempt += 1
+            if not await sleep_unless_cancelled(cancelled, ctx.retry.delay_before(attempt)):
+                return ChildOutcome("cancelled", CANCELLED_BEFORE_RETRY_ERROR)
+
+    def already_ended(index: int) -> bool:
+        before = existing.get(ctx.child_id(index))
+        return before is not None and before.ended
+
     async def runner() -> None:
         nonlocal next_index
         handled = 0
-        while not ctx.cancelled.is_set() and next_index < created:
+        while not ctx.stopping and next_index < created:
             # Claimed before the first await, so no two runners take the same child.
             index, next_index = next_index, next_index + 1
-            await ctx.child_running(ctx.child_id(index))
-            try:
-                outcome = await run_one(index)
-            except Exception as exc:
-                outcome = ChildOutcome("failed", f"{type(exc).__name__}: {exc}")
+            if existing and already_ended(index):
+                continue
+            outcome = await run_attempts(index)
             await ctx.child_finished(ctx.child_id(index), outcome.status, outcome.error)
             handled += 1
             if handled % YIELD_EVERY_CHILDREN == 0:
@@ -77,7 +109,11 @@ async def run_children(
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
 
+    if not ctx.cancelled.is_set():
+        return created  # drained: the unstarted children stay pending for the next owner
     for index in range(next_index, created):
+        if existing and already_ended(index):
+            continue
         await ctx.child_finished(ctx.child_id(index), "cancelled", NOT_STARTED_ERROR)
         if index % YIELD_EVERY_CHILDREN == YIELD_EVERY_CHILDREN - 1:
             await asyncio.sleep(0)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from orchestrator_svc.workers.base import BaseWorker, StepContext, StepResult
+from orchestrator_svc.workers.fanout import ATTEMPT_ENV
 from orchestrator_svc.workers.settings import (
     get_duration,
     get_str,
@@ -40,7 +41,10 @@ class CommandSettings:
 
 class CommandWorker(BaseWorker):
     type = "command"
-    description = "Runs one shell command (config: command, cwd, env, timeout); no children."
+    description = (
+        "Runs one shell command (config: command, cwd, env, timeout; the step's attempt in "
+        "$STEPFLOW_ATTEMPT); no children."
+    )
     spawns_children = False
 
     def validate_config(self, config: Mapping[str, Any]) -> None:
@@ -52,7 +56,7 @@ class CommandWorker(BaseWorker):
             settings.command,
             cancelled=ctx.cancelled,
             cwd=settings.cwd,
-            env=settings.env,
+            env={**settings.env, ATTEMPT_ENV: str(ctx.attempt)},
             timeout_s=settings.timeout_s,
         )
         outcome.log_output(job_id=ctx.step_id, step=ctx.step_name)

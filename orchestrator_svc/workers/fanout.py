@@ -25,6 +25,7 @@ from stepflow_common.errors import InvalidArgument
 KEYS = frozenset({"items", "command", "concurrency", "cwd", "env", "timeout"})
 PLACEHOLDER = "{item}"
 ITEM_ENV = "STEPFLOW_ITEM"
+ATTEMPT_ENV = "STEPFLOW_ATTEMPT"
 DEFAULT_CONCURRENCY = 8
 MAX_CONCURRENCY = 1024
 MAX_ITEMS = 100_000
@@ -106,13 +107,13 @@ class FanoutWorker(BaseWorker):
     async def run(self, ctx: StepContext) -> StepResult:
         settings = FanoutSettings.parse(ctx.config)
 
-        async def run_one(index: int) -> ChildOutcome:
+        async def run_one(index: int, attempt: int) -> ChildOutcome:
             item = settings.items[index]
             outcome = await run_shell(
                 settings.command_for(item),
                 cancelled=ctx.child_cancelled(ctx.child_id(index)),
                 cwd=settings.cwd,
-                env={**settings.env, ITEM_ENV: item},
+                env={**settings.env, ITEM_ENV: item, ATTEMPT_ENV: str(attempt)},
                 timeout_s=settings.timeout_s,
             )
             outcome.log_output(job_id=ctx.child_id(index), step_id=ctx.step_id, item=item)

@@ -9,6 +9,7 @@ import importlib.util
 import inspect
 import re
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from orchestrator_svc.workers.base import BaseWorker, StepContext, StepResult
@@ -21,6 +22,34 @@ TARGET_PATTERN = re.compile(
 CANCEL_GRACE_S = 5.0
 """How long a cancelled coroutine function gets to clean up before the step returns anyway."""
 MAX_ERROR_CHARS = 2000
+
+
+@dataclass(frozen=True, slots=True)
+class CallContext:
+    """What a callable that accepts a second argument (or a ``context`` keyword) is given."""
+
+    step_id: str
+    step_name: str
+    attempt: int
+    """1 on the first run; higher when the step runs again after its orchestrator was lost."""
+
+
+def wants_context(function: Callable[..., Any]) -> bool:
+    """Whether ``function`` takes a context: a ``context`` parameter, a second positional
+    parameter, or ``*args``."""
+    try:
+        parameters = list(inspect.signature(function).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    if any(p.name == "context" for p in parameters):
+        return True
+    positional = [
+        p
+        for p in parameters
+        if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    ]
+    var_positional = any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in parameters)
+    return len(positional) >= 2 or var_positional
 
 
 def parse_target(value: str) -> tuple[str, str]:
@@ -53,7 +82,8 @@ def resolve(value: str) -> Callable[..., Any]:
 class PythonWorker(BaseWorker):
     type = "python"
     description = (
-        "Calls config.callable ('module:function', sync or async) with the step's config; "
+        "Calls config.callable ('module:function', sync or async) with the step's config (and "
+        "a context with the step's attempt, if it takes a second argument or `context`); "
         "returning is success, raising is failure. No children."
     )
     spawns_children = False
@@ -78,7 +108,8 @@ class PythonWorker(BaseWorker):
             function = resolve(value)
         except InvalidArgument as exc:
             return StepResult.failure(str(exc))
-        call = asyncio.ensure_future(_call(function, dict(ctx.config)))
+        context = CallContext(ctx.step_id, ctx.step_name, ctx.attempt)
+        call = asyncio.ensure_future(_call(function, dict(ctx.config), context))
         cancel_seen = asyncio.ensure_future(ctx.cancelled.wait())
         try:
             await asyncio.wait({call, cancel_seen}, return_when=asyncio.FIRST_COMPLETED)
@@ -96,12 +127,20 @@ class PythonWorker(BaseWorker):
         return StepResult.success()
 
 
-async def _call(function: Callable[..., Any], config: dict[str, Any]) -> None:
+async def _call(function: Callable[..., Any], config: dict[str, Any], context: CallContext) -> None:
+    args: tuple[Any, ...] = (config,)
+    kwargs: dict[str, Any] = {}
+    if wants_context(function):
+        named = "context" in inspect.signature(function).parameters
+        if named:
+            kwargs["context"] = context
+        else:
+            args = (config, context)
     if inspect.iscoroutinefunction(function):
-        result = await function(config)
+        result = await function(*args, **kwargs)
     else:
         # A thread keeps a blocking function from stalling every other step. Python cannot
         # stop a thread: on cancellation the step returns and the call runs on unobserved.
-        result = await asyncio.to_thread(function, config)
+        result = await asyncio.to_thread(function, *args, **kwargs)
     if inspect.isawaitable(result):  # e.g. an object whose __call__ is async
         await result

@@ -100,7 +100,7 @@ class SimulateWorker(BaseWorker):
         settings = SimulateSettings.parse(ctx.config)
         duration_s = settings.duration_ms / 1000
 
-        async def run_one(index: int) -> ChildOutcome:
+        async def run_one(index: int, attempt: int) -> ChildOutcome:
             # With duration 0 there is no sleep at all: run_children yields to the loop
             # periodically, which is what keeps thousands of children a second possible.
             if duration_s > 0 and not await sleep_unless_cancelled(

@@ -95,7 +95,7 @@ class StepStat(_message.Message):
     def __init__(self, step_index: _Optional[int] = ..., step_id: _Optional[str] = ..., step_name: _Optional[str] = ..., step_type: _Optional[str] = ..., child_count: _Optional[int] = ..., document_count: _Optional[int] = ..., status: _Optional[_Union[JobStatus, str]] = ..., error: _Optional[str] = ..., children: _Optional[_Union[ChildCounts, _Mapping]] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("id", "kind", "parent_id", "manager_id", "name", "type", "status", "error", "end_reason", "metadata", "version", "change_seq", "step_stats", "created_at", "started_at", "finished_at", "deadline", "owner")
+    __slots__ = ("id", "kind", "parent_id", "manager_id", "name", "type", "status", "error", "end_reason", "metadata", "version", "change_seq", "step_stats", "created_at", "started_at", "finished_at", "deadline", "owner", "attempt", "interruptions", "definition")
     ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     PARENT_ID_FIELD_NUMBER: _ClassVar[int]
@@ -114,6 +114,9 @@ class Job(_message.Message):
     FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    INTERRUPTIONS_FIELD_NUMBER: _ClassVar[int]
+    DEFINITION_FIELD_NUMBER: _ClassVar[int]
     id: str
     kind: JobKind
     parent_id: str
@@ -132,10 +135,13 @@ class Job(_message.Message):
     finished_at: _timestamp_pb2.Timestamp
     deadline: _timestamp_pb2.Timestamp
     owner: str
-    def __init__(self, id: _Optional[str] = ..., kind: _Optional[_Union[JobKind, str]] = ..., parent_id: _Optional[str] = ..., manager_id: _Optional[str] = ..., name: _Optional[str] = ..., type: _Optional[str] = ..., status: _Optional[_Union[JobStatus, str]] = ..., error: _Optional[str] = ..., end_reason: _Optional[str] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., version: _Optional[int] = ..., change_seq: _Optional[int] = ..., step_stats: _Optional[_Iterable[_Union[StepStat, _Mapping]]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., owner: _Optional[str] = ...) -> None: ...
+    attempt: int
+    interruptions: int
+    definition: _struct_pb2.Struct
+    def __init__(self, id: _Optional[str] = ..., kind: _Optional[_Union[JobKind, str]] = ..., parent_id: _Optional[str] = ..., manager_id: _Optional[str] = ..., name: _Optional[str] = ..., type: _Optional[str] = ..., status: _Optional[_Union[JobStatus, str]] = ..., error: _Optional[str] = ..., end_reason: _Optional[str] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., version: _Optional[int] = ..., change_seq: _Optional[int] = ..., step_stats: _Optional[_Iterable[_Union[StepStat, _Mapping]]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., owner: _Optional[str] = ..., attempt: _Optional[int] = ..., interruptions: _Optional[int] = ..., definition: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class ChildEvent(_message.Message):
-    __slots__ = ("event_id", "step_id", "child_id", "kind", "error", "child_count", "handed_to_monitor", "occurred_at", "name")
+    __slots__ = ("event_id", "step_id", "child_id", "kind", "error", "child_count", "handed_to_monitor", "occurred_at", "name", "attempt")
     EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     CHILD_ID_FIELD_NUMBER: _ClassVar[int]
@@ -145,6 +151,7 @@ class ChildEvent(_message.Message):
     HANDED_TO_MONITOR_FIELD_NUMBER: _ClassVar[int]
     OCCURRED_AT_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     event_id: str
     step_id: str
     child_id: str
@@ -154,4 +161,5 @@ class ChildEvent(_message.Message):
     handed_to_monitor: bool
     occurred_at: _timestamp_pb2.Timestamp
     name: str
-    def __init__(self, event_id: _Optional[str] = ..., step_id: _Optional[str] = ..., child_id: _Optional[str] = ..., kind: _Optional[_Union[ChildEventKind, str]] = ..., error: _Optional[str] = ..., child_count: _Optional[int] = ..., handed_to_monitor: _Optional[bool] = ..., occurred_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., name: _Optional[str] = ...) -> None: ...
+    attempt: int
+    def __init__(self, event_id: _Optional[str] = ..., step_id: _Optional[str] = ..., child_id: _Optional[str] = ..., kind: _Optional[_Union[ChildEventKind, str]] = ..., error: _Optional[str] = ..., child_count: _Optional[int] = ..., handed_to_monitor: _Optional[bool] = ..., occurred_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., name: _Optional[str] = ..., attempt: _Optional[int] = ...) -> None: ...

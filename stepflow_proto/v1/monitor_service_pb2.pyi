@@ -13,7 +13,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class CreateJobRequest(_message.Message):
-    __slots__ = ("request_id", "kind", "parent_id", "name", "type", "metadata", "timeout", "owner")
+    __slots__ = ("request_id", "kind", "parent_id", "name", "type", "metadata", "timeout", "owner", "definition")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     PARENT_ID_FIELD_NUMBER: _ClassVar[int]
@@ -22,6 +22,7 @@ class CreateJobRequest(_message.Message):
     METADATA_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
+    DEFINITION_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     kind: _job_pb2.JobKind
     parent_id: str
@@ -30,7 +31,8 @@ class CreateJobRequest(_message.Message):
     metadata: _struct_pb2.Struct
     timeout: _duration_pb2.Duration
     owner: str
-    def __init__(self, request_id: _Optional[str] = ..., kind: _Optional[_Union[_job_pb2.JobKind, str]] = ..., parent_id: _Optional[str] = ..., name: _Optional[str] = ..., type: _Optional[str] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., owner: _Optional[str] = ...) -> None: ...
+    definition: _struct_pb2.Struct
+    def __init__(self, request_id: _Optional[str] = ..., kind: _Optional[_Union[_job_pb2.JobKind, str]] = ..., parent_id: _Optional[str] = ..., name: _Optional[str] = ..., type: _Optional[str] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., owner: _Optional[str] = ..., definition: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class CreateJobResponse(_message.Message):
     __slots__ = ("job",)
@@ -39,10 +41,12 @@ class CreateJobResponse(_message.Message):
     def __init__(self, job: _Optional[_Union[_job_pb2.Job, _Mapping]] = ...) -> None: ...
 
 class GetJobRequest(_message.Message):
-    __slots__ = ("job_id",)
+    __slots__ = ("job_id", "include_definition")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_DEFINITION_FIELD_NUMBER: _ClassVar[int]
     job_id: str
-    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+    include_definition: bool
+    def __init__(self, job_id: _Optional[str] = ..., include_definition: _Optional[bool] = ...) -> None: ...
 
 class GetJobResponse(_message.Message):
     __slots__ = ("job",)
@@ -81,16 +85,18 @@ class ListJobsResponse(_message.Message):
     def __init__(self, jobs: _Optional[_Iterable[_Union[_job_pb2.Job, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class UpdateJobStatusRequest(_message.Message):
-    __slots__ = ("job_id", "status", "error", "end_reason")
+    __slots__ = ("job_id", "status", "error", "end_reason", "owner")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     END_REASON_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     status: _job_pb2.JobStatus
     error: str
     end_reason: str
-    def __init__(self, job_id: _Optional[str] = ..., status: _Optional[_Union[_job_pb2.JobStatus, str]] = ..., error: _Optional[str] = ..., end_reason: _Optional[str] = ...) -> None: ...
+    owner: str
+    def __init__(self, job_id: _Optional[str] = ..., status: _Optional[_Union[_job_pb2.JobStatus, str]] = ..., error: _Optional[str] = ..., end_reason: _Optional[str] = ..., owner: _Optional[str] = ...) -> None: ...
 
 class UpdateJobStatusResponse(_message.Message):
     __slots__ = ("job",)
@@ -99,14 +105,16 @@ class UpdateJobStatusResponse(_message.Message):
     def __init__(self, job: _Optional[_Union[_job_pb2.Job, _Mapping]] = ...) -> None: ...
 
 class UpdateJobMetadataRequest(_message.Message):
-    __slots__ = ("job_id", "metadata", "expected_version")
+    __slots__ = ("job_id", "metadata", "expected_version", "owner")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     metadata: _struct_pb2.Struct
     expected_version: int
-    def __init__(self, job_id: _Optional[str] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., expected_version: _Optional[int] = ...) -> None: ...
+    owner: str
+    def __init__(self, job_id: _Optional[str] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., expected_version: _Optional[int] = ..., owner: _Optional[str] = ...) -> None: ...
 
 class UpdateJobMetadataResponse(_message.Message):
     __slots__ = ("job",)
@@ -135,12 +143,14 @@ class UpdateStepStatInManagerResponse(_message.Message):
     def __init__(self, step_stat: _Optional[_Union[_job_pb2.StepStat, _Mapping]] = ..., current_step_status_changed: _Optional[bool] = ..., version: _Optional[int] = ...) -> None: ...
 
 class StreamChildEventsRequest(_message.Message):
-    __slots__ = ("batch_id", "events")
+    __slots__ = ("batch_id", "events", "owner")
     BATCH_ID_FIELD_NUMBER: _ClassVar[int]
     EVENTS_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
     batch_id: int
     events: _containers.RepeatedCompositeFieldContainer[_job_pb2.ChildEvent]
-    def __init__(self, batch_id: _Optional[int] = ..., events: _Optional[_Iterable[_Union[_job_pb2.ChildEvent, _Mapping]]] = ...) -> None: ...
+    owner: str
+    def __init__(self, batch_id: _Optional[int] = ..., events: _Optional[_Iterable[_Union[_job_pb2.ChildEvent, _Mapping]]] = ..., owner: _Optional[str] = ...) -> None: ...
 
 class StreamChildEventsResponse(_message.Message):
     __slots__ = ("batch_id", "rejected")
@@ -171,3 +181,39 @@ class WatchJobResponse(_message.Message):
     JOB_FIELD_NUMBER: _ClassVar[int]
     job: _job_pb2.Job
     def __init__(self, job: _Optional[_Union[_job_pb2.Job, _Mapping]] = ...) -> None: ...
+
+class HeartbeatRequest(_message.Message):
+    __slots__ = ("owner", "lease", "max_adopt", "instance")
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    LEASE_FIELD_NUMBER: _ClassVar[int]
+    MAX_ADOPT_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    owner: str
+    lease: _duration_pb2.Duration
+    max_adopt: int
+    instance: str
+    def __init__(self, owner: _Optional[str] = ..., lease: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_adopt: _Optional[int] = ..., instance: _Optional[str] = ...) -> None: ...
+
+class HeartbeatResponse(_message.Message):
+    __slots__ = ("lease_expires_at", "owned_job_ids", "adopted_job_ids", "resumed_job_ids")
+    LEASE_EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    OWNED_JOB_IDS_FIELD_NUMBER: _ClassVar[int]
+    ADOPTED_JOB_IDS_FIELD_NUMBER: _ClassVar[int]
+    RESUMED_JOB_IDS_FIELD_NUMBER: _ClassVar[int]
+    lease_expires_at: _timestamp_pb2.Timestamp
+    owned_job_ids: _containers.RepeatedScalarFieldContainer[str]
+    adopted_job_ids: _containers.RepeatedScalarFieldContainer[str]
+    resumed_job_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, lease_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., owned_job_ids: _Optional[_Iterable[str]] = ..., adopted_job_ids: _Optional[_Iterable[str]] = ..., resumed_job_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ReleaseLeaseRequest(_message.Message):
+    __slots__ = ("owner",)
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    owner: str
+    def __init__(self, owner: _Optional[str] = ...) -> None: ...
+
+class ReleaseLeaseResponse(_message.Message):
+    __slots__ = ("orphaned_job_ids",)
+    ORPHANED_JOB_IDS_FIELD_NUMBER: _ClassVar[int]
+    orphaned_job_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, orphaned_job_ids: _Optional[_Iterable[str]] = ...) -> None: ...

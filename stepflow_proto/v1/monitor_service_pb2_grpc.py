@@ -75,6 +75,16 @@ class MonitorServiceStub:
                 request_serializer=stepflow_dot_v1_dot_monitor__service__pb2.WatchJobRequest.SerializeToString,
                 response_deserializer=stepflow_dot_v1_dot_monitor__service__pb2.WatchJobResponse.FromString,
                 _registered_method=True)
+        self.Heartbeat = channel.unary_unary(
+                '/stepflow.v1.MonitorService/Heartbeat',
+                request_serializer=stepflow_dot_v1_dot_monitor__service__pb2.HeartbeatRequest.SerializeToString,
+                response_deserializer=stepflow_dot_v1_dot_monitor__service__pb2.HeartbeatResponse.FromString,
+                _registered_method=True)
+        self.ReleaseLease = channel.unary_unary(
+                '/stepflow.v1.MonitorService/ReleaseLease',
+                request_serializer=stepflow_dot_v1_dot_monitor__service__pb2.ReleaseLeaseRequest.SerializeToString,
+                response_deserializer=stepflow_dot_v1_dot_monitor__service__pb2.ReleaseLeaseResponse.FromString,
+                _registered_method=True)
 
 
 class MonitorServiceServicer:
@@ -137,6 +147,22 @@ class MonitorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Heartbeat(self, request, context):
+        """An orchestrator's lease: takes or renews it, and answers which unfinished managers are now
+        the caller's (its own, and orphans it adopts in this call).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseLease(self, request, context):
+        """Gives a lease up at once (graceful shutdown): the owner's unfinished managers are orphaned
+        and adopted by a live orchestrator without waiting for the lease to lapse.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MonitorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -179,6 +205,16 @@ def add_MonitorServiceServicer_to_server(servicer, server):
                     servicer.WatchJob,
                     request_deserializer=stepflow_dot_v1_dot_monitor__service__pb2.WatchJobRequest.FromString,
                     response_serializer=stepflow_dot_v1_dot_monitor__service__pb2.WatchJobResponse.SerializeToString,
+            ),
+            'Heartbeat': grpc.unary_unary_rpc_method_handler(
+                    servicer.Heartbeat,
+                    request_deserializer=stepflow_dot_v1_dot_monitor__service__pb2.HeartbeatRequest.FromString,
+                    response_serializer=stepflow_dot_v1_dot_monitor__service__pb2.HeartbeatResponse.SerializeToString,
+            ),
+            'ReleaseLease': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseLease,
+                    request_deserializer=stepflow_dot_v1_dot_monitor__service__pb2.ReleaseLeaseRequest.FromString,
+                    response_serializer=stepflow_dot_v1_dot_monitor__service__pb2.ReleaseLeaseResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -398,6 +434,60 @@ class MonitorService:
             '/stepflow.v1.MonitorService/WatchJob',
             stepflow_dot_v1_dot_monitor__service__pb2.WatchJobRequest.SerializeToString,
             stepflow_dot_v1_dot_monitor__service__pb2.WatchJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Heartbeat(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stepflow.v1.MonitorService/Heartbeat',
+            stepflow_dot_v1_dot_monitor__service__pb2.HeartbeatRequest.SerializeToString,
+            stepflow_dot_v1_dot_monitor__service__pb2.HeartbeatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseLease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stepflow.v1.MonitorService/ReleaseLease',
+            stepflow_dot_v1_dot_monitor__service__pb2.ReleaseLeaseRequest.SerializeToString,
+            stepflow_dot_v1_dot_monitor__service__pb2.ReleaseLeaseResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -49,6 +49,14 @@ class MonitorServiceStub:
     """Child-event batches in, one acknowledgement out per batch once it is committed."""
     WatchJob: _grpc.UnaryStreamMultiCallable[_monitor_service_pb2.WatchJobRequest, _monitor_service_pb2.WatchJobResponse]
     """The job's full state at once and after every committed change; ends when it is terminal."""
+    Heartbeat: _grpc.UnaryUnaryMultiCallable[_monitor_service_pb2.HeartbeatRequest, _monitor_service_pb2.HeartbeatResponse]
+    """An orchestrator's lease: takes or renews it, and answers which unfinished managers are now
+    the caller's (its own, and orphans it adopts in this call).
+    """
+    ReleaseLease: _grpc.UnaryUnaryMultiCallable[_monitor_service_pb2.ReleaseLeaseRequest, _monitor_service_pb2.ReleaseLeaseResponse]
+    """Gives a lease up at once (graceful shutdown): the owner's unfinished managers are orphaned
+    and adopted by a live orchestrator without waiting for the lease to lapse.
+    """
 
 @_typing.type_check_only
 class MonitorServiceAsyncStub(MonitorServiceStub):
@@ -71,6 +79,14 @@ class MonitorServiceAsyncStub(MonitorServiceStub):
     """Child-event batches in, one acknowledgement out per batch once it is committed."""
     WatchJob: _aio.UnaryStreamMultiCallable[_monitor_service_pb2.WatchJobRequest, _monitor_service_pb2.WatchJobResponse]  # type: ignore[assignment]
     """The job's full state at once and after every committed change; ends when it is terminal."""
+    Heartbeat: _aio.UnaryUnaryMultiCallable[_monitor_service_pb2.HeartbeatRequest, _monitor_service_pb2.HeartbeatResponse]  # type: ignore[assignment]
+    """An orchestrator's lease: takes or renews it, and answers which unfinished managers are now
+    the caller's (its own, and orphans it adopts in this call).
+    """
+    ReleaseLease: _aio.UnaryUnaryMultiCallable[_monitor_service_pb2.ReleaseLeaseRequest, _monitor_service_pb2.ReleaseLeaseResponse]  # type: ignore[assignment]
+    """Gives a lease up at once (graceful shutdown): the owner's unfinished managers are orphaned
+    and adopted by a live orchestrator without waiting for the lease to lapse.
+    """
 
 class MonitorServiceServicer(metaclass=_abc_1.ABCMeta):
     """Owns the job records and the managers' metadata; ingests child events and ends steps."""
@@ -138,5 +154,25 @@ class MonitorServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_monitor_service_pb2.WatchJobResponse], _abc.AsyncIterator[_monitor_service_pb2.WatchJobResponse]]:
         """The job's full state at once and after every committed change; ends when it is terminal."""
+
+    @_abc_1.abstractmethod
+    def Heartbeat(
+        self,
+        request: _monitor_service_pb2.HeartbeatRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_monitor_service_pb2.HeartbeatResponse, _abc.Awaitable[_monitor_service_pb2.HeartbeatResponse]]:
+        """An orchestrator's lease: takes or renews it, and answers which unfinished managers are now
+        the caller's (its own, and orphans it adopts in this call).
+        """
+
+    @_abc_1.abstractmethod
+    def ReleaseLease(
+        self,
+        request: _monitor_service_pb2.ReleaseLeaseRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_monitor_service_pb2.ReleaseLeaseResponse, _abc.Awaitable[_monitor_service_pb2.ReleaseLeaseResponse]]:
+        """Gives a lease up at once (graceful shutdown): the owner's unfinished managers are orphaned
+        and adopted by a live orchestrator without waiting for the lease to lapse.
+        """
 
 def add_MonitorServiceServicer_to_server(servicer: MonitorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -24,6 +24,12 @@ class ErrorToleranceAction(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ERROR_TOLERANCE_ACTION_UNSPECIFIED: _ClassVar[ErrorToleranceAction]
     ERROR_TOLERANCE_ACTION_FAIL: _ClassVar[ErrorToleranceAction]
     ERROR_TOLERANCE_ACTION_CONTINUE: _ClassVar[ErrorToleranceAction]
+
+class OnInterrupt(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ON_INTERRUPT_UNSPECIFIED: _ClassVar[OnInterrupt]
+    ON_INTERRUPT_RERUN: _ClassVar[OnInterrupt]
+    ON_INTERRUPT_FAIL: _ClassVar[OnInterrupt]
 ON_ERROR_UNSPECIFIED: OnError
 ON_ERROR_CONTINUE: OnError
 ON_ERROR_FAIL: OnError
@@ -31,6 +37,9 @@ ON_ERROR_FATAL: OnError
 ERROR_TOLERANCE_ACTION_UNSPECIFIED: ErrorToleranceAction
 ERROR_TOLERANCE_ACTION_FAIL: ErrorToleranceAction
 ERROR_TOLERANCE_ACTION_CONTINUE: ErrorToleranceAction
+ON_INTERRUPT_UNSPECIFIED: OnInterrupt
+ON_INTERRUPT_RERUN: OnInterrupt
+ON_INTERRUPT_FAIL: OnInterrupt
 
 class ErrorTolerance(_message.Message):
     __slots__ = ("max_child_failures", "action")
@@ -41,7 +50,7 @@ class ErrorTolerance(_message.Message):
     def __init__(self, max_child_failures: _Optional[int] = ..., action: _Optional[_Union[ErrorToleranceAction, str]] = ...) -> None: ...
 
 class StepDefinition(_message.Message):
-    __slots__ = ("name", "type", "config", "on_error", "depends_on", "wait", "timeout")
+    __slots__ = ("name", "type", "config", "on_error", "depends_on", "wait", "timeout", "retries", "retry_backoff", "on_interrupt")
     NAME_FIELD_NUMBER: _ClassVar[int]
     TYPE_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FIELD_NUMBER: _ClassVar[int]
@@ -49,6 +58,9 @@ class StepDefinition(_message.Message):
     DEPENDS_ON_FIELD_NUMBER: _ClassVar[int]
     WAIT_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    RETRIES_FIELD_NUMBER: _ClassVar[int]
+    RETRY_BACKOFF_FIELD_NUMBER: _ClassVar[int]
+    ON_INTERRUPT_FIELD_NUMBER: _ClassVar[int]
     name: str
     type: str
     config: _struct_pb2.Struct
@@ -56,7 +68,10 @@ class StepDefinition(_message.Message):
     depends_on: _containers.RepeatedScalarFieldContainer[str]
     wait: bool
     timeout: _duration_pb2.Duration
-    def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ..., config: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., on_error: _Optional[_Union[OnError, str]] = ..., depends_on: _Optional[_Iterable[str]] = ..., wait: _Optional[bool] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    retries: int
+    retry_backoff: _duration_pb2.Duration
+    on_interrupt: OnInterrupt
+    def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ..., config: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., on_error: _Optional[_Union[OnError, str]] = ..., depends_on: _Optional[_Iterable[str]] = ..., wait: _Optional[bool] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., retries: _Optional[int] = ..., retry_backoff: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., on_interrupt: _Optional[_Union[OnInterrupt, str]] = ...) -> None: ...
 
 class JobDefinition(_message.Message):
     __slots__ = ("name", "timeout", "error_tolerance", "config", "steps")

@@ -36,6 +36,9 @@ SPEC_EXAMPLE = JobSpec(
             depends_on=(),
             wait=False,
             timeout_s=600.0,
+            retries=2,
+            retry_backoff_s=1.0,
+            on_interrupt=d.OnInterrupt.RERUN,
         ),
         StepSpec(
             name="index",
@@ -622,3 +625,74 @@ def test_spec_values_are_frozen() -> None:
     spec = copy.deepcopy(SPEC_EXAMPLE)
     with pytest.raises(AttributeError):
         spec.name = "other"  # type: ignore[misc]
+
+
+# -- retries and interruptions -------------------------------------------------------------------
+def test_retry_settings_parse_and_default() -> None:
+    data = valid()
+    data["steps"][0].update(retries=3, retry_backoff="250ms", on_interrupt="fail")
+    crawl, index = d.from_mapping(data).steps
+    assert (crawl.retries, crawl.retry_backoff_s, crawl.on_interrupt) == (
+        3,
+        0.25,
+        d.OnInterrupt.FAIL,
+    )
+    assert (index.retries, index.retry_backoff_s, index.on_interrupt) == (
+        0,
+        1.0,
+        d.OnInterrupt.RERUN,
+    )
+
+
+def test_backoff_doubles_per_attempt_up_to_a_minute() -> None:
+    retry = StepSpec(name="a", type="command", retries=10, retry_backoff_s=1.0).retry
+    assert [retry.delay_before(n) for n in (2, 3, 4, 5, 8, 9)] == [1, 2, 4, 8, 60, 60]
+    assert retry.last_attempt() == 11 and retry.last_attempt(interruptions=2) == 13
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "problem"),
+    [
+        ("retries", -1, "steps[0].retries: must be between 0 and 100, got -1"),
+        ("retries", 101, "steps[0].retries: must be between 0 and 100, got 101"),
+        ("retries", 1.5, "steps[0].retries: expected a whole number"),
+        ("retries", "2", "steps[0].retries: expected a whole number"),
+        ("retry_backoff", "2m", "steps[0].retry_backoff: at most 60s"),
+        ("retry_backoff", "0s", "steps[0].retry_backoff: must be greater than zero"),
+        ("retry_backoff", "soon", "steps[0].retry_backoff: 'soon' is not a duration"),
+        ("on_interrupt", "retry", "steps[0].on_interrupt: 'retry' is not one of 'rerun', 'fail'"),
+    ],
+)
+def test_retry_settings_errors_name_the_field(key: str, value: object, problem: str) -> None:
+    data = valid()
+    data["steps"][0][key] = value
+    assert error_of(data).startswith(problem)
+
+
+def test_retry_settings_round_trip_through_the_proto() -> None:
+    data = valid()
+    data["steps"][0].update(retries=4, retry_backoff="3s", on_interrupt="fail")
+    spec = d.from_mapping(data)
+    message = d.to_proto(spec)
+    crawl = message.steps[0]
+    assert crawl.retries == 4 and crawl.retry_backoff.ToSeconds() == 3
+    assert crawl.on_interrupt == pb.ON_INTERRUPT_FAIL
+    assert message.steps[1].on_interrupt == pb.ON_INTERRUPT_RERUN
+    assert not message.steps[1].HasField("retry_backoff")
+    assert d.from_proto(pb.JobDefinition.FromString(message.SerializeToString())) == spec
+
+
+def test_unknown_on_interrupt_number_from_a_newer_client() -> None:
+    message = pb.JobDefinition(
+        name="j", steps=[pb.StepDefinition(name="a", type="command", on_interrupt=7)]
+    )
+    with pytest.raises(InvalidArgument, match=r"steps\[0\]\.on_interrupt: unknown OnInterrupt"):
+        d.from_proto(message)
+
+
+@pytest.mark.parametrize("name", ["nightly-crawl.toml", "demo.toml", "quick.toml"])
+def test_the_stored_form_round_trips(name: str) -> None:
+    """What is stored with the manager gives back the same job, through JSON."""
+    spec = d.load_file(EXAMPLES / name, workers=WORKERS)
+    stored = json.loads(json.dumps(d.to_mapping(spec)))
+    assert d.from_mapping(stored, workers=WORKERS) == spec
