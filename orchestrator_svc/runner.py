@@ -509,8 +509,9 @@ class JobRunner:
 
     async def _fail_lost_children(self, step: _StepRun) -> None:
         """Children recorded running when their orchestrator was lost, in a step whose work
-        must not run twice, end ``failed`` ``orchestrator_lost`` (the monitor does so when it
-        hands the job over for running steps; a handed-off step's are ended here)."""
+        must not run twice, end ``failed`` ``orchestrator_lost``. The monitor already does so
+        when it hands the job over; this holds when a record read says otherwise (a child
+        ended meanwhile is left as it is)."""
         existing = dict(step.existing)
         for child_id, child in step.existing.items():
             if child.status != Status.RUNNING.value:

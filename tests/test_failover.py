@@ -406,6 +406,8 @@ async def test_a_step_without_children_runs_again_or_fails_as_it_says(
         if on_interrupt == "rerun":
             assert job.status == S.JOB_STATUS_COMPLETED, job.error
             assert runs.read_text().split() == ["1", "2"]
+            row = (await mstub.GetJob(_get(step.step_id))).job
+            assert (row.attempt, row.interruptions) == (2, 1), row
         else:
             assert job.status == S.JOB_STATUS_FAILED
             assert step.status == S.JOB_STATUS_FAILED

@@ -279,6 +279,32 @@ def test_on_interrupt_fail_ends_running_children_orchestrator_lost(life: Life) -
     assert life.job(s0.id).status is Status.RUNNING  # the orchestrator ends a step it waits for
 
 
+def test_a_handed_off_steps_running_children_are_interrupted_but_the_step_is_not(
+    life: Life,
+) -> None:
+    """A spawned step is ended by the monitor, but its children still need an orchestrator to
+    run them: they were interrupted like a running step's, and the same rules apply."""
+    beat(life, "orch-a")
+    _, s0, run, wait, _ = job_with_children(life, "orch-a", on_interrupt="fail")
+    assert life.job(s0.id).status is Status.RUNNING
+    events_in = [ChildEventIn(f"{s0.id}-seal", s0.id, "", "sealed", "", 3, True, "", 0)]
+    assert life.run(lambda tx: lifecycle.apply_events(tx, events_in, TIMERS, "")) == []
+    assert life.job(s0.id).status is Status.SPAWNED
+    release(life, "orch-a")
+
+    beat(life, "orch-b", max_adopt=1)
+
+    lost = life.job(run)
+    assert (lost.status, lost.end_reason, lost.interruptions) == (
+        Status.FAILED,
+        EndReason.ORCHESTRATOR_LOST,
+        1,
+    )
+    assert life.job(wait).status is Status.PENDING
+    spawned = life.job(s0.id)
+    assert (spawned.status, spawned.interruptions) == (Status.SPAWNED, 0)
+
+
 def test_a_third_interruption_fails_the_child(life: Life) -> None:
     beat(life, "orch-a", "i1")
     _, s0, run, _, _ = job_with_children(life, "orch-a")

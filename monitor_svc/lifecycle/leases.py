@@ -102,16 +102,20 @@ def _expire(tx: UnitOfWork, owner: str, timers: rules.StepTimers) -> list[str]:
 
 # -- taking a job over -------------------------------------------------------------------------
 def take_over(tx: UnitOfWork, manager: JobState, owner: str, timers: rules.StepTimers) -> None:
-    """``owner`` continues ``manager``: each running step and each running child of it was
-    interrupted. A child whose step must not run twice (``on_interrupt = "fail"``), or
-    interrupted for the third time, ends failed ``orchestrator_lost``; pending children never
-    ran and are left alone."""
+    """``owner`` continues ``manager``: each running step and each running child of a running
+    or handed-off step was interrupted (a handed-off step's children still need an
+    orchestrator to run them). A child whose step must not run twice (``on_interrupt =
+    "fail"``), or interrupted for the third time, ends failed ``orchestrator_lost``; pending
+    children never ran and are left alone."""
     tx.put(replace(manager, owner=owner, orphan_deadline=None, version=manager.version + 1))
     definition: dict[str, Any] | None = None
     for step in tx.children_of(manager.id, live_only=True):
-        if step.status is not Status.RUNNING:
-            continue  # pending: never ran; spawned: the monitor finishes it
-        tx.put(replace(step, interruptions=step.interruptions + 1, version=step.version + 1))
+        if step.status is Status.PENDING:
+            continue  # never ran
+        if step.status is Status.RUNNING:
+            # A spawned step is not run again (the monitor ends it): only its children are.
+            step = replace(step, interruptions=step.interruptions + 1, version=step.version + 1)
+            tx.put(step)
         if definition is None:
             definition = tx.definition_of(manager.id) or {}
         fail_all = _on_interrupt(definition, step) == "fail"
