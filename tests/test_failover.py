@@ -506,11 +506,13 @@ def _get(job_id: str) -> Any:
 
 
 # -- two monitor replicas ------------------------------------------------------------------------
+# Replicas share one PostgreSQL database (SQLite has one writer process), so PostgreSQL only.
+@pytest.mark.parametrize(
+    "database_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
+)
 async def test_two_monitor_replicas_hand_each_orphan_to_one_adopter(
     database_url: str, monitor_proc: ServerProcess, tmp_path: Path
 ) -> None:
-    if not database_url.startswith("postgresql"):
-        pytest.skip("monitor replicas share one PostgreSQL database")
     replica = monitor_process(
         database_url,
         tmp_path,
