@@ -21,6 +21,9 @@ from orchestrator_svc.records import Job
 from orchestrator_svc.server import RunningOrchestrator
 from orchestrator_svc.workers.base import BaseWorker, StepContext, StepResult
 from orchestrator_svc.workers.simulate import expected_tally
+from stepflow_common.proto_status import LIVE_PB as LIVE
+from stepflow_common.proto_status import STATUS_TO_PB
+from stepflow_common.proto_status import TERMINAL_PB as TERMINAL
 from stepflow_common.status import Status
 from stepflow_proto.v1 import job_pb2
 from stepflow_proto.v1 import monitor_service_pb2 as m
@@ -35,22 +38,7 @@ Stub = m_grpc.MonitorServiceStub
 OStub = o_grpc.OrchestratorServiceStub
 
 WAIT_S = 20.0  # the longest any single wait in this file may take
-TERMINAL = {
-    S.JOB_STATUS_COMPLETED,
-    S.JOB_STATUS_FAILED,
-    S.JOB_STATUS_CANCELLED,
-    S.JOB_STATUS_SKIPPED,
-}
-LIVE = {S.JOB_STATUS_PENDING, S.JOB_STATUS_RUNNING, S.JOB_STATUS_SPAWNED}
-STATUS_BY_NAME = {
-    "pending": S.JOB_STATUS_PENDING,
-    "running": S.JOB_STATUS_RUNNING,
-    "spawned": S.JOB_STATUS_SPAWNED,
-    "completed": S.JOB_STATUS_COMPLETED,
-    "failed": S.JOB_STATUS_FAILED,
-    "cancelled": S.JOB_STATUS_CANCELLED,
-    "skipped": S.JOB_STATUS_SKIPPED,
-}
+STATUS_BY_NAME = {status.value: pb for status, pb in STATUS_TO_PB.items()}
 
 
 # -- reading the monitor -------------------------------------------------------------------------
