@@ -21,6 +21,7 @@ from stepflow_common import cli, logs, metrics, serving
 from stepflow_common.cli import add_flag, add_log_level, add_server_flags, security_from
 from stepflow_common.durations import parse_duration
 from stepflow_common.errors import InvalidArgument, StepflowError
+from stepflow_common.proto_status import STATUS_FROM_PB
 from stepflow_common.status import Status
 from stepflow_proto.v1 import orchestrator_service_pb2 as o
 from stepflow_proto.v1 import orchestrator_service_pb2_grpc as o_grpc
@@ -376,7 +377,7 @@ async def _cancel(args: argparse.Namespace) -> int:
             raise cli.rpc_error(exc, "orchestrator", args.orchestrator, "--orchestrator") from exc
     from orchestrator_svc.follow import status_name
 
-    print(f"{response.job.id}: {status_name(response.job.status)}")
+    print(f"{response.job.id}: {status_name(STATUS_FROM_PB.get(response.job.status))}")
     return cli.EXIT_OK
 
 
