@@ -25,6 +25,8 @@ import common
 from google.protobuf import struct_pb2
 from grpc import aio
 
+from stepflow_common.proto_status import STATUS_TO_PB
+from stepflow_common.proto_status import TERMINAL_PB as TERMINAL
 from stepflow_proto.v1 import job_pb2
 from stepflow_proto.v1 import monitor_service_pb2 as m
 from stepflow_proto.v1 import monitor_service_pb2_grpc as m_grpc
@@ -36,13 +38,7 @@ CHILDREN = 2_000
 QUICK_CHILDREN = 300
 JOB_TIMEOUT_S = 600.0
 TARGET_CHILDREN_S = {"sqlite": 5_000}
-TERMINAL = {
-    job_pb2.JOB_STATUS_COMPLETED,
-    job_pb2.JOB_STATUS_FAILED,
-    job_pb2.JOB_STATUS_CANCELLED,
-    job_pb2.JOB_STATUS_SKIPPED,
-}
-STATUS_NAME = {v: k.removeprefix("JOB_STATUS_").lower() for k, v in job_pb2.JobStatus.items()}
+STATUS_NAME = {pb: status.value for status, pb in STATUS_TO_PB.items()}
 
 
 @dataclass

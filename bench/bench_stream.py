@@ -34,6 +34,7 @@ import common
 from grpc import aio
 
 from orchestrator_svc.event_stream import BATCH_MAX_EVENTS
+from stepflow_common.proto_status import TERMINAL_PB as TERMINAL
 from stepflow_proto.v1 import job_pb2
 from stepflow_proto.v1 import monitor_service_pb2 as m
 from stepflow_proto.v1 import monitor_service_pb2_grpc as m_grpc
@@ -42,12 +43,6 @@ CHILDREN_PER_STEP = 2_000
 STREAM_COUNTS = (1, 4)
 NOOP_BATCH_REPEAT = 20  # the batched no-op is ~100x faster: send its batches 20 times
 WINDOW = 16  # batches in flight per stream (the orchestrator's MAX_BATCHES_IN_FLIGHT)
-TERMINAL = {
-    job_pb2.JOB_STATUS_COMPLETED,
-    job_pb2.JOB_STATUS_FAILED,
-    job_pb2.JOB_STATUS_CANCELLED,
-    job_pb2.JOB_STATUS_SKIPPED,
-}
 # Issue 4's targets (one stream) and reference figures.
 TARGET_EVENTS_S = {"sqlite": 60_000, "postgres": 15_000}
 TARGET_VS_SINGLE = {"sqlite": 4.5}

@@ -23,16 +23,10 @@ from common import CHANNEL_OPTIONS
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from stepflow_common.proto_status import TERMINAL_PB as TERMINAL
 from stepflow_proto.v1 import job_pb2
 from stepflow_proto.v1 import monitor_service_pb2 as m
 from stepflow_proto.v1 import monitor_service_pb2_grpc as m_grpc
-
-TERMINAL = {
-    job_pb2.JOB_STATUS_COMPLETED,
-    job_pb2.JOB_STATUS_FAILED,
-    job_pb2.JOB_STATUS_CANCELLED,
-    job_pb2.JOB_STATUS_SKIPPED,
-}
 
 
 class NoopMonitor(m_grpc.MonitorServiceServicer):

@@ -39,18 +39,13 @@ from grpc import aio
 
 from orchestrator_svc.definitions import from_mapping, to_proto
 from orchestrator_svc.workers.simulate import expected_tally
+from stepflow_common.proto_status import TERMINAL_PB as TERMINAL
 from stepflow_proto.v1 import job_pb2
 from stepflow_proto.v1 import monitor_service_pb2 as m
 from stepflow_proto.v1 import monitor_service_pb2_grpc as m_grpc
 from stepflow_proto.v1 import orchestrator_service_pb2 as o
 from stepflow_proto.v1 import orchestrator_service_pb2_grpc as o_grpc
 
-TERMINAL = {
-    job_pb2.JOB_STATUS_COMPLETED,
-    job_pb2.JOB_STATUS_FAILED,
-    job_pb2.JOB_STATUS_CANCELLED,
-    job_pb2.JOB_STATUS_SKIPPED,
-}
 CALL_S = 30.0
 JOB_TIMEOUT_S = 120.0  # one job must end within this, however loaded the soak is
 DRAIN_S = JOB_TIMEOUT_S + 10  # the jobs in flight when the time is up finish

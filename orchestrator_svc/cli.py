@@ -14,13 +14,15 @@ from grpc import aio
 
 from orchestrator_svc import definitions
 from orchestrator_svc.monitor_client import MonitorClient
+from orchestrator_svc.records import Job
 from orchestrator_svc.server import DEFAULT_MONITOR, DEFAULT_PORT, OrchestratorConfig, serve
 from orchestrator_svc.workers.registry import WorkerLoadError
 from stepflow_common import cli, logs, metrics, serving
 from stepflow_common.cli import add_flag, add_log_level, add_server_flags, security_from
 from stepflow_common.durations import parse_duration
 from stepflow_common.errors import InvalidArgument, StepflowError
-from stepflow_proto.v1 import job_pb2
+from stepflow_common.proto_status import STATUS_FROM_PB
+from stepflow_common.status import Status
 from stepflow_proto.v1 import orchestrator_service_pb2 as o
 from stepflow_proto.v1 import orchestrator_service_pb2_grpc as o_grpc
 
@@ -319,14 +321,14 @@ async def _submit(args: argparse.Namespace) -> int:
     async with serving.channel(args.monitor, security) as channel:
         await _connect(channel, "monitor", args.monitor, "--monitor", connect_s)
         final = await _follow_until_interrupted(args, channel, manager_id)
-    if final.status == job_pb2.JOB_STATUS_COMPLETED:
+    if final.status is Status.COMPLETED:
         return cli.EXIT_OK
     return cli.EXIT_JOB_NOT_COMPLETED
 
 
 async def _follow_until_interrupted(
     args: argparse.Namespace, channel: aio.Channel, manager_id: str
-) -> job_pb2.Job:
+) -> Job:
     """The live view until the job ends; Ctrl-C stops the view (not the job) and says how to
     cancel it."""
     from orchestrator_svc.follow import follow
@@ -375,7 +377,7 @@ async def _cancel(args: argparse.Namespace) -> int:
             raise cli.rpc_error(exc, "orchestrator", args.orchestrator, "--orchestrator") from exc
     from orchestrator_svc.follow import status_name
 
-    print(f"{response.job.id}: {status_name(response.job.status)}")
+    print(f"{response.job.id}: {status_name(STATUS_FROM_PB.get(response.job.status))}")
     return cli.EXIT_OK
 
 

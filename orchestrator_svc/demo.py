@@ -46,9 +46,9 @@ from rich.text import Text
 from orchestrator_svc import definitions
 from orchestrator_svc.follow import STYLE, follow, status_name
 from orchestrator_svc.monitor_client import MonitorClient
+from orchestrator_svc.records import Job
 from stepflow_common import logs, serving
 from stepflow_common.errors import StepflowError
-from stepflow_proto.v1 import job_pb2
 from stepflow_proto.v1 import orchestrator_service_pb2 as o
 from stepflow_proto.v1 import orchestrator_service_pb2_grpc as o_grpc
 
@@ -332,7 +332,7 @@ async def _run_job(
     console: Console,
     *,
     kill: ServiceProcess | None = None,
-) -> job_pb2.Job:
+) -> Job:
     """Submit the job and follow it, exactly as ``orchestrator-svc submit --follow`` does;
     with ``kill``, SIGKILL that orchestrator once the first step is well under way."""
     spec = definitions.load_file(str(job_file))
@@ -373,7 +373,7 @@ async def _kill_mid_job(
     )
 
 
-def _check_failover(job: job_pb2.Job, console: Console) -> int:
+def _check_failover(job: Job, console: Console) -> int:
     if job.owner != "orchestrator-b":
         console.print(f"[red]not as designed: the job ended owned by {job.owner or 'no one'}[/]")
         return EXIT_NOT_AS_DESIGNED
@@ -384,7 +384,7 @@ def _check_failover(job: job_pb2.Job, console: Console) -> int:
     return EXIT_AS_DESIGNED
 
 
-def _check(job: job_pb2.Job, console: Console) -> int:
+def _check(job: Job, console: Console) -> int:
     """Compare every step's end with the design; print why each ended as it did."""
     ended = {stat.step_name: status_name(stat.status) for stat in job.step_stats}
     surprises = []
@@ -427,7 +427,7 @@ def _styled(status: str) -> Text:
 def _keep_running(
     monitor: ServiceProcess,
     orchestrator: ServiceProcess,
-    job: job_pb2.Job,
+    job: Job,
     console: Console,
 ) -> None:
     console.print("\nboth services stay up until Ctrl-C; try, from the repository:")

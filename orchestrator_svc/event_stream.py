@@ -35,6 +35,8 @@ import grpc
 import structlog
 from grpc import aio
 
+from orchestrator_svc.convert import event_from_pb, event_to_pb
+from orchestrator_svc.records import ChildEvent
 from stepflow_common import metrics
 from stepflow_common.limits import MAX_ERROR_CHARS, MAX_REQUEST_BYTES, truncate_text
 from stepflow_proto.v1 import job_pb2
@@ -57,7 +59,7 @@ MAX_NAME_CHARS = 512  # the monitor keeps no more of a child's name
 # same way, so it is split instead.
 REFUSED = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INVALID_ARGUMENT})
 
-Rejected = Callable[[job_pb2.ChildEvent, str], None]
+Rejected = Callable[[ChildEvent, str], None]
 """``on_rejected(event, reason)``: the monitor rejected ``event`` (in an ack) or refused it
 even alone (dropped); either is final."""
 
@@ -139,15 +141,16 @@ class EventStream:
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self.stats = StreamStats()
-        self.connected = asyncio.Event()
 
     # -- producer side -----------------------------------------------------------------------
-    async def emit(self, event: job_pb2.ChildEvent) -> int:
-        """Queue one event (its event_id is assigned here); waits while the buffer is full.
+    async def emit(self, child_event: ChildEvent) -> int:
+        """Queue one event (its event_id is assigned here); waits while the buffer is full;
+        returns its sequence number (see ``wait_acked``).
 
         Texts are bounded first (an error to MAX_ERROR_CHARS with a visible marker), so every
         event is small whatever a worker reports.
         """
+        event = event_to_pb(child_event)
         if len(event.error) > MAX_ERROR_CHARS or "\x00" in event.error:
             event.error = truncate_text(event.error.replace("\x00", "\ufffd"))
         if len(event.name) > MAX_NAME_CHARS or "\x00" in event.name:
@@ -204,7 +207,6 @@ class EventStream:
                 except asyncio.CancelledError:
                     raise
                 except aio.AioRpcError as exc:
-                    self.connected.clear()
                     if exc.code() in REFUSED:
                         await self._refused(in_flight, exc)
                         backoff = BACKOFF_INITIAL_S  # the connection is fine: resend at once
@@ -217,10 +219,8 @@ class EventStream:
                             retry_in_s=backoff,
                         )
                 except _StreamEnded as exc:
-                    self.connected.clear()
                     log.warning("event stream restarted", why=str(exc), retry_in_s=backoff)
                 except Exception:
-                    self.connected.clear()
                     log.exception("event stream failed; reconnecting", retry_in_s=backoff)
                 self.stats.reconnects += 1
                 await asyncio.sleep(backoff)
@@ -274,7 +274,6 @@ class EventStream:
 
         self._stream_no = stream_no
         call = stub.StreamChildEvents(requests(), wait_for_ready=True)
-        self.connected.set()
         try:
             async for ack in call:
                 await self._on_ack(ack, in_flight)
@@ -320,7 +319,7 @@ class EventStream:
             )
             if self.on_rejected is not None:
                 try:
-                    self.on_rejected(event, reason)
+                    self.on_rejected(event_from_pb(event), reason)
                 except Exception:
                     log.exception("rejection handler failed", event_id=event.event_id)
         async with self._changed:

@@ -14,18 +14,9 @@ from rich.progress_bar import ProgressBar
 from rich.table import Column, Table
 from rich.text import Text
 
-from stepflow_proto.v1 import job_pb2
+from orchestrator_svc.records import Job, StepStat
+from stepflow_common.status import Status
 
-STATUS_NAMES: dict[int, str] = {
-    job_pb2.JOB_STATUS_UNSPECIFIED: "-",
-    job_pb2.JOB_STATUS_PENDING: "pending",
-    job_pb2.JOB_STATUS_RUNNING: "running",
-    job_pb2.JOB_STATUS_SPAWNED: "spawned",
-    job_pb2.JOB_STATUS_COMPLETED: "completed",
-    job_pb2.JOB_STATUS_FAILED: "failed",
-    job_pb2.JOB_STATUS_CANCELLED: "cancelled",
-    job_pb2.JOB_STATUS_SKIPPED: "skipped",
-}
 STYLE = {
     "completed": "green",
     "failed": "red",
@@ -36,16 +27,16 @@ STYLE = {
 }
 
 
-def status_name(value: int) -> str:
-    return STATUS_NAMES.get(value, str(value))
+def status_name(status: Status | None) -> str:
+    return "-" if status is None else status.value
 
 
-STATUS_WIDTH = max(len(name) for name in STATUS_NAMES.values())
+STATUS_WIDTH = max(len(status.value) for status in Status)
 STEP_NAME_MAX_WIDTH = 16
 ERROR_MAX_CHARS = 200  # the table wraps it; the full text is in GetJob
 
 
-def final_table(job: job_pb2.Job) -> Table:
+def final_table(job: Job) -> Table:
     """The job's step_stats, readable in an 80-column terminal: short headers, status names
     never cut, long step names cut with an ellipsis, the error wrapped in the space left."""
     title = Text.assemble((job.name, "bold"), f" {job.id} ", _styled(status_name(job.status)))
@@ -117,7 +108,7 @@ class BarState:
     counts: str  # "run R ok O fail F cancel C", or ""
 
 
-def bar_state(stat: job_pb2.StepStat) -> BarState:
+def bar_state(stat: StepStat) -> BarState:
     c = stat.children
     seen = c.pending + c.running + c.completed + c.failed + c.cancelled
     status = status_name(stat.status)
@@ -167,7 +158,7 @@ class StepBars:
         )
         self._tasks: dict[str, TaskID] = {}
 
-    def update(self, job: job_pb2.Job) -> None:
+    def update(self, job: Job) -> None:
         for stat in job.step_stats:
             state = bar_state(stat)
             status = status_name(stat.status)
@@ -194,12 +185,12 @@ class StepBars:
             )
 
 
-async def follow(states: AsyncIterator[job_pb2.Job], console: Console | None = None) -> job_pb2.Job:
+async def follow(states: AsyncIterator[Job], console: Console | None = None) -> Job:
     """Show a bar per step with its child counts until the job ends; return the last state."""
     console = console or Console()
     bars = StepBars(console)
     header = Table.grid()
-    last: job_pb2.Job | None = None
+    last: Job | None = None
     with Live(
         Group(header, bars.progress), console=console, refresh_per_second=8, transient=False
     ) as live:
@@ -213,7 +204,7 @@ async def follow(states: AsyncIterator[job_pb2.Job], console: Console | None = N
     return last
 
 
-def _header(job: job_pb2.Job) -> Table:
+def _header(job: Job) -> Table:
     grid = Table.grid(padding=(0, 1))
     grid.add_row(
         Text(job.name, style="bold"),

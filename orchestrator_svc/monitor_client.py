@@ -14,13 +14,16 @@ from typing import Any, TypeVar
 
 import grpc
 import structlog
-from google.protobuf import duration_pb2, struct_pb2
+from google.protobuf import duration_pb2
 from grpc import aio
 
+from orchestrator_svc.convert import job_from_pb, to_struct
+from orchestrator_svc.records import Job, LeaseAnswer
 from stepflow_common.errors import FailedPrecondition, StepflowError
 from stepflow_common.grpc_errors import from_rpc_error
 from stepflow_common.limits import truncate_text
-from stepflow_proto.v1 import job_pb2
+from stepflow_common.proto_status import KIND_TO_PB, STATUS_TO_PB
+from stepflow_common.status import Kind, Status
 from stepflow_proto.v1 import monitor_service_pb2 as m
 from stepflow_proto.v1 import monitor_service_pb2_grpc as m_grpc
 
@@ -51,12 +54,6 @@ def is_fenced(reason: str) -> bool:
     return any(marker in reason for marker in FENCED_MARKERS)
 
 
-def to_struct(value: dict[str, Any]) -> struct_pb2.Struct:
-    out = struct_pb2.Struct()
-    out.update(value)
-    return out
-
-
 class MonitorClient:
     def __init__(self, channel: aio.Channel, *, retry_for_s: float = RETRY_FOR_S) -> None:
         self.stub = m_grpc.MonitorServiceStub(channel)
@@ -82,7 +79,7 @@ class MonitorClient:
     async def create_job(
         self,
         *,
-        kind: int,
+        kind: Kind,
         name: str,
         parent_id: str = "",
         type_: str = "",
@@ -91,9 +88,9 @@ class MonitorClient:
         request_id: str = "",
         owner: str = "",
         definition: dict[str, Any] | None = None,
-    ) -> job_pb2.Job:
+    ) -> Job:
         request = m.CreateJobRequest(
-            kind=kind,  # type: ignore[arg-type]
+            kind=KIND_TO_PB[kind],
             name=name,
             parent_id=parent_id,
             type=type_,
@@ -111,39 +108,48 @@ class MonitorClient:
             "CreateJob",
             lambda: self.stub.CreateJob(request, timeout=CALL_TIMEOUT_S, wait_for_ready=True),
         )
-        return resp.job
+        return job_from_pb(resp.job)
 
-    async def get_job(self, job_id: str, *, include_definition: bool = False) -> job_pb2.Job:
+    async def get_job(self, job_id: str, *, include_definition: bool = False) -> Job:
         request = m.GetJobRequest(job_id=job_id, include_definition=include_definition)
         resp: m.GetJobResponse = await self._call(
             "GetJob",
             lambda: self.stub.GetJob(request, timeout=CALL_TIMEOUT_S, wait_for_ready=True),
         )
-        return resp.job
+        return job_from_pb(resp.job)
 
-    async def list_jobs(self, **filters: Any) -> list[job_pb2.Job]:
-        jobs: list[job_pb2.Job] = []
+    async def list_jobs(self, *, parent_id: str, status: Status | None = None) -> list[Job]:
+        """Every child of ``parent_id`` (with ``status``, if given), page by page."""
+        jobs: list[Job] = []
         token = ""
         while True:
-            request = m.ListJobsRequest(page_size=500, page_token=token, **filters)
+            request = m.ListJobsRequest(page_size=500, page_token=token, parent_id=parent_id)
+            if status is not None:
+                request.status = STATUS_TO_PB[status]
             resp: m.ListJobsResponse = await self._call(
                 "ListJobs",
                 lambda request=request: self.stub.ListJobs(  # type: ignore[misc]
                     request, timeout=CALL_TIMEOUT_S, wait_for_ready=True
                 ),
             )
-            jobs.extend(resp.jobs)
+            jobs.extend(job_from_pb(job) for job in resp.jobs)
             token = resp.next_page_token
             if not token:
                 return jobs
 
     async def update_status(
-        self, job_id: str, status: int, error: str = "", end_reason: str = "", *, owner: str = ""
-    ) -> job_pb2.Job:
+        self,
+        job_id: str,
+        status: Status,
+        error: str = "",
+        end_reason: str = "",
+        *,
+        owner: str = "",
+    ) -> Job:
         """``owner`` fences the write: refused (JobFenced) unless it still owns the job."""
         request = m.UpdateJobStatusRequest(
             job_id=job_id,
-            status=status,  # type: ignore[arg-type]
+            status=STATUS_TO_PB[status],
             error=truncate_text(error),
             end_reason=end_reason,
             owner=owner,
@@ -152,7 +158,7 @@ class MonitorClient:
             "UpdateJobStatus",
             lambda: self.stub.UpdateJobStatus(request, timeout=CALL_TIMEOUT_S, wait_for_ready=True),
         )
-        return resp.job
+        return job_from_pb(resp.job)
 
     async def update_metadata(
         self,
@@ -161,7 +167,7 @@ class MonitorClient:
         expected_version: int | None = None,
         *,
         owner: str = "",
-    ) -> job_pb2.Job:
+    ) -> Job:
         request = m.UpdateJobMetadataRequest(
             job_id=job_id, metadata=to_struct(metadata), owner=owner
         )
@@ -173,11 +179,11 @@ class MonitorClient:
                 request, timeout=CALL_TIMEOUT_S, wait_for_ready=True
             ),
         )
-        return resp.job
+        return job_from_pb(resp.job)
 
     async def heartbeat(
         self, *, owner: str, instance: str, lease_s: float, max_adopt: int, timeout_s: float
-    ) -> m.HeartbeatResponse:
+    ) -> LeaseAnswer:
         """Renew this orchestrator's lease; one attempt, bounded by ``timeout_s`` (the lease
         loop itself tries again on its next beat)."""
         request = m.HeartbeatRequest(owner=owner, instance=instance, max_adopt=max_adopt)
@@ -186,7 +192,11 @@ class MonitorClient:
             resp: m.HeartbeatResponse = await self.stub.Heartbeat(request, timeout=timeout_s)
         except aio.AioRpcError as exc:
             raise from_rpc_error(exc) from exc
-        return resp
+        return LeaseAnswer(
+            owned=tuple(resp.owned_job_ids),
+            adopted=tuple(resp.adopted_job_ids),
+            resumed=tuple(resp.resumed_job_ids),
+        )
 
     async def release_lease(self, owner: str, *, timeout_s: float) -> list[str]:
         """Give the lease up (shutdown); the ids of the unfinished jobs it orphaned."""
@@ -198,7 +208,7 @@ class MonitorClient:
             raise from_rpc_error(exc) from exc
         return list(resp.orphaned_job_ids)
 
-    async def watch(self, job_id: str, after_change_seq: int = 0) -> AsyncIterator[job_pb2.Job]:
+    async def watch(self, job_id: str, after_change_seq: int = 0) -> AsyncIterator[Job]:
         """The job's states until it is terminal; resumes after a broken stream from the last
         change_seq seen (latest state wins)."""
         seen = after_change_seq
@@ -211,7 +221,7 @@ class MonitorClient:
                 async for resp in call:
                     delay = RETRY_INITIAL_S
                     seen = resp.job.change_seq
-                    yield resp.job
+                    yield job_from_pb(resp.job)
                 return
             except aio.AioRpcError as exc:
                 if exc.code() not in RETRYABLE:

@@ -16,12 +16,11 @@ from orchestrator_svc import resume
 from orchestrator_svc.definitions import JobSpec, to_mapping
 from orchestrator_svc.event_stream import EventStream
 from orchestrator_svc.monitor_client import JobFenced, MonitorClient, is_fenced
+from orchestrator_svc.records import ChildEvent, Job, LeaseAnswer
 from orchestrator_svc.runner import JobRunner
 from orchestrator_svc.workers.base import Worker
 from stepflow_common.errors import FailedPrecondition, StepflowError, Unavailable
-from stepflow_common.status import EndReason
-from stepflow_proto.v1 import job_pb2
-from stepflow_proto.v1 import monitor_service_pb2 as m
+from stepflow_common.status import EndReason, Kind, Status
 
 log = structlog.get_logger(__name__)
 
@@ -30,12 +29,6 @@ DEFAULT_LEASE_S = 30.0
 DEFAULT_CAPACITY = 16
 """Jobs an orchestrator runs before it stops adopting others' (it still takes submits)."""
 STOP_WAIT_S = 5.0  # after the shutdown grace, how long stopped runners get to unwind
-TERMINAL_PB = {
-    job_pb2.JOB_STATUS_COMPLETED,
-    job_pb2.JOB_STATUS_FAILED,
-    job_pb2.JOB_STATUS_CANCELLED,
-    job_pb2.JOB_STATUS_SKIPPED,
-}
 
 
 class Orchestrator:
@@ -77,7 +70,7 @@ class Orchestrator:
         self._submit_lock = asyncio.Lock()
 
     # -- the lease -----------------------------------------------------------------------------
-    async def heartbeat(self) -> m.HeartbeatResponse:
+    async def heartbeat(self) -> LeaseAnswer:
         """Renew the lease once and act on the answer: continue the jobs that are ours and not
         running here (resumed after a restart, adopted, or left over), and stop the work on
         jobs that are no longer ours."""
@@ -94,19 +87,19 @@ class Orchestrator:
             timeout_s=max(self.lease_s / 3, 1.0),
         )
         self._lease_until = sent + self.lease_s
-        if resp.adopted_job_ids or resp.resumed_job_ids:
+        if resp.adopted or resp.resumed:
             log.info(
                 "jobs taken over",
                 owner=self.owner,
-                adopted=list(resp.adopted_job_ids),
-                resumed=list(resp.resumed_job_ids),
+                adopted=list(resp.adopted),
+                resumed=list(resp.resumed),
             )
         async with self._submit_lock:  # a submit in flight registers its runner first
-            owned = set(resp.owned_job_ids)
+            owned = set(resp.owned)
             for job_id, runner in list(self._runners.items()):
                 if job_id not in owned and self._since.get(job_id, beat) < beat:
                     runner.fence("another orchestrator owns it now")
-            for job_id in [*resp.resumed_job_ids, *resp.adopted_job_ids, *resp.owned_job_ids]:
+            for job_id in [*resp.resumed, *resp.adopted, *resp.owned]:
                 self._continue_soon(job_id)
         return resp
 
@@ -197,7 +190,7 @@ class Orchestrator:
         request_id = request_id or f"submit-{uuid.uuid4().hex}"
         async with self._submit_lock:
             manager = await self.monitor.create_job(
-                kind=job_pb2.JOB_KIND_MANAGER,
+                kind=Kind.MANAGER,
                 name=spec.name,
                 timeout_s=spec.timeout_s,
                 request_id=request_id,
@@ -208,14 +201,14 @@ class Orchestrator:
             if (
                 manager.id in self._runners
                 or manager.id in self._loading
-                or manager.status != job_pb2.JOB_STATUS_PENDING
+                or manager.status is not Status.PENDING
                 or manager.owner != self.owner  # another orchestrator took this request
             ):
                 return manager.id
             try:
                 steps = [
                     await self.monitor.create_job(
-                        kind=job_pb2.JOB_KIND_STEP,
+                        kind=Kind.STEP,
                         parent_id=manager.id,
                         name=step.name,
                         type_=step.type,
@@ -260,7 +253,7 @@ class Orchestrator:
             try:
                 await self.monitor.update_status(
                     runner.manager_id,
-                    job_pb2.JOB_STATUS_FAILED,
+                    Status.FAILED,
                     "orchestrator error",
                     EndReason.ORCHESTRATOR,
                     owner=self.owner,
@@ -273,17 +266,17 @@ class Orchestrator:
                 del self._runners[runner.manager_id]
                 self._since.pop(runner.manager_id, None)
 
-    async def cancel(self, job_id: str, reason: str = "") -> job_pb2.Job:
+    async def cancel(self, job_id: str, reason: str = "") -> Job:
         """Stop the job's work here (if this instance runs it), then record `cancelled` in the
         monitor, which cascades to everything under it. Works with no runner too."""
         job = await self.monitor.get_job(job_id)
-        if job.status == job_pb2.JOB_STATUS_CANCELLED:
+        if job.status is Status.CANCELLED:
             return job
-        if job.status in TERMINAL_PB:
+        if job.status.terminal:
             raise FailedPrecondition(f"job {job_id} has already ended; it cannot be cancelled")
         runner = self._runners.get(job.manager_id)
         if runner is not None:
-            if job.kind == job_pb2.JOB_KIND_MANAGER:
+            if job.kind is Kind.MANAGER:
                 await runner.cancel(reason)
                 # Stop the work first, so the job's own last writes (its steps' ends, a step
                 # that was just starting) come before its end: the state a watcher sees last
@@ -291,16 +284,16 @@ class Orchestrator:
                 # cancel below ends everything in the monitor anyway.
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(runner.finished.wait(), CANCEL_WAIT_S)
-            elif job.kind == job_pb2.JOB_KIND_STEP:
+            elif job.kind is Kind.STEP:
                 # Not waited for: the runner ends a cancelled step itself before its seal,
                 # and the cancel below makes it final in the monitor at once either way.
                 await runner.cancel_step(job_id, reason)
-            elif job.kind == job_pb2.JOB_KIND_CHILD:
+            elif job.kind is Kind.CHILD:
                 # Its process stops before the record says `cancelled`, so a caller that sees
                 # the answer can rely on the work having stopped (bounded, as above).
                 await runner.cancel_child(job.parent_id, job_id, CANCEL_WAIT_S)
         return await self.monitor.update_status(
-            job_id, job_pb2.JOB_STATUS_CANCELLED, reason or "cancelled", EndReason.CANCELLED
+            job_id, Status.CANCELLED, reason or "cancelled", EndReason.CANCELLED
         )
 
     def require_connected(self) -> None:
@@ -310,7 +303,7 @@ class Orchestrator:
                 "yet; retry once its health check reports SERVING"
             )
 
-    def on_event_rejected(self, event: job_pb2.ChildEvent, reason: str) -> None:
+    def on_event_rejected(self, event: ChildEvent, reason: str) -> None:
         """A child event the monitor rejected or refused: the runner of its step repairs the
         record (see ``JobRunner.on_event_rejected``), or stops at once if the job is fenced
         (another orchestrator owns it now)."""

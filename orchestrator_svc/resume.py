@@ -14,29 +14,17 @@ import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from google.protobuf import json_format
-
 from orchestrator_svc.definitions import JobSpec, OnInterrupt, StepSpec, from_mapping
 from orchestrator_svc.monitor_client import MonitorClient
+from orchestrator_svc.records import Job
 from orchestrator_svc.workers.base import NO_CHILDREN, ExistingChild, Worker
 from stepflow_common.errors import FailedPrecondition
-from stepflow_common.status import Status
-from stepflow_proto.v1 import job_pb2
+from stepflow_common.status import Kind, Status
 
 MAX_INTERRUPTIONS = 3
 """A step or child interrupted this many times does not run again: it fails
 ``orchestrator_lost`` (work that kills its orchestrator every time must end somewhere)."""
 LOST_ERROR = "its orchestrator was lost while it ran"
-
-_STATUS = {
-    job_pb2.JOB_STATUS_PENDING: Status.PENDING,
-    job_pb2.JOB_STATUS_RUNNING: Status.RUNNING,
-    job_pb2.JOB_STATUS_SPAWNED: Status.SPAWNED,
-    job_pb2.JOB_STATUS_COMPLETED: Status.COMPLETED,
-    job_pb2.JOB_STATUS_FAILED: Status.FAILED,
-    job_pb2.JOB_STATUS_CANCELLED: Status.CANCELLED,
-    job_pb2.JOB_STATUS_SKIPPED: Status.SKIPPED,
-}
 
 
 class Plan(enum.Enum):
@@ -85,18 +73,18 @@ def plan_step(spec: StepSpec, record: StepRecord, *, spawns_children: bool) -> P
 class JobRecord:
     """A job to continue: its manager, definition and steps (in definition order)."""
 
-    manager: job_pb2.Job
+    manager: Job
     spec: JobSpec
-    steps: list[job_pb2.Job]
+    steps: list[Job]
     records: list[StepRecord]
 
     @property
     def ended(self) -> bool:
-        return _STATUS[self.manager.status].terminal
+        return self.manager.status.terminal
 
 
-def child_status(job: job_pb2.Job) -> str:
-    return _STATUS[job.status].value
+def child_status(job: Job) -> str:
+    return job.status.value
 
 
 async def load(
@@ -105,16 +93,16 @@ async def load(
     """Read a job to continue. Steps the submitter did not get to create are created now (by
     the same request ids, so nothing is created twice)."""
     manager = await monitor.get_job(manager_id, include_definition=True)
-    if not manager.HasField("definition") or not manager.definition.fields:
+    if not manager.definition:
         raise FailedPrecondition(
             f"job {manager_id} has no stored definition; it cannot be continued"
         )
-    spec = from_mapping(json_format.MessageToDict(manager.definition), workers=workers)
-    if _STATUS[manager.status].terminal:
+    spec = from_mapping(manager.definition, workers=workers)
+    if manager.status.terminal:
         return JobRecord(manager, spec, [], [])
     steps = [
         await monitor.create_job(
-            kind=job_pb2.JOB_KIND_STEP,
+            kind=Kind.STEP,
             parent_id=manager.id,
             name=step.name,
             type_=step.type,
@@ -129,7 +117,7 @@ async def load(
     records: list[StepRecord] = []
     for step_spec, row in zip(spec.steps, steps, strict=True):
         stat = stats.get(row.id)
-        status = _STATUS[row.status]
+        status = row.status
         children: Mapping[str, ExistingChild] = NO_CHILDREN
         if status in (Status.RUNNING, Status.SPAWNED) and workers[step_spec.type].spawns_children:
             children = {

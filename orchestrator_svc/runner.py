@@ -21,6 +21,7 @@ import structlog
 from orchestrator_svc.definitions import JobSpec, OnError, OnInterrupt, StepSpec
 from orchestrator_svc.event_stream import EventStream
 from orchestrator_svc.monitor_client import JobFenced, MonitorClient
+from orchestrator_svc.records import ChildEvent, EventKind, Job
 from orchestrator_svc.resume import LOST_ERROR, JobRecord, Plan, StepRecord, plan_step
 from orchestrator_svc.workers.base import (
     NO_CHILDREN,
@@ -34,37 +35,15 @@ from stepflow_common import metrics
 from stepflow_common.errors import FailedPrecondition, StatusConflict, StepflowError
 from stepflow_common.status import EndReason, Status
 from stepflow_common.step_outcome import ChildTally, final_step_status
-from stepflow_proto.v1 import job_pb2
 
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 
-STATUS_PB = {
-    Status.PENDING: job_pb2.JOB_STATUS_PENDING,
-    Status.RUNNING: job_pb2.JOB_STATUS_RUNNING,
-    Status.SPAWNED: job_pb2.JOB_STATUS_SPAWNED,
-    Status.COMPLETED: job_pb2.JOB_STATUS_COMPLETED,
-    Status.FAILED: job_pb2.JOB_STATUS_FAILED,
-    Status.CANCELLED: job_pb2.JOB_STATUS_CANCELLED,
-    Status.SKIPPED: job_pb2.JOB_STATUS_SKIPPED,
-}
-STATUS_FROM_PB = {v: k for k, v in STATUS_PB.items()}
-EVENT_KIND = {
-    "completed": job_pb2.CHILD_EVENT_KIND_COMPLETED,
-    "failed": job_pb2.CHILD_EVENT_KIND_FAILED,
-    "cancelled": job_pb2.CHILD_EVENT_KIND_CANCELLED,
-}
 TERMINAL_EVENT_STATUS = {
-    job_pb2.CHILD_EVENT_KIND_COMPLETED: job_pb2.JOB_STATUS_COMPLETED,
-    job_pb2.CHILD_EVENT_KIND_FAILED: job_pb2.JOB_STATUS_FAILED,
-    job_pb2.CHILD_EVENT_KIND_CANCELLED: job_pb2.JOB_STATUS_CANCELLED,
-}
-TERMINAL_STATUS_PB = {
-    job_pb2.JOB_STATUS_COMPLETED,
-    job_pb2.JOB_STATUS_FAILED,
-    job_pb2.JOB_STATUS_CANCELLED,
-    job_pb2.JOB_STATUS_SKIPPED,
+    EventKind.COMPLETED: Status.COMPLETED,
+    EventKind.FAILED: Status.FAILED,
+    EventKind.CANCELLED: Status.CANCELLED,
 }
 WATCH_RETRY_S = 0.5  # pause before watching the manager again after an unexpected error
 
@@ -121,11 +100,14 @@ class _StepRun:
     # Children cancelled one by one (CancelJob on a child), and their workers' signals.
     children: dict[str, _ChildControl] = field(default_factory=dict)
     # Continuing a job: what this step does next, the step's attempt, the children it already
-    # has, and those of them recorded running (their next RUNNING event moves no count).
+    # has.
     plan: Plan = Plan.START
     attempt: int = 1
     existing: Mapping[str, ExistingChild] = field(default_factory=lambda: NO_CHILDREN)
-    was_running: set[str] = field(default_factory=set)
+    # The children counted ``running`` (seen running here, or recorded running): a further
+    # RUNNING event of one moves no count, and its end leaves ``running``; any other child's
+    # end (it never ran: cancelled before it started) leaves ``pending``.
+    counted_running: set[str] = field(default_factory=set)
     # Cancelled events this runner sent for the step: more in the monitor means a child was
     # cancelled through the API (perhaps through another orchestrator).
     cancelled_sent: int = 0
@@ -161,8 +143,8 @@ class JobRunner:
     def __init__(
         self,
         spec: JobSpec,
-        manager: job_pb2.Job,
-        steps: list[job_pb2.Job],
+        manager: Job,
+        steps: list[Job],
         *,
         monitor: MonitorClient,
         stream: EventStream,
@@ -189,7 +171,7 @@ class JobRunner:
         self._timed_out = False
         self._child_failures = 0
         self._tolerance_exceeded = False
-        self._side_writes: list[asyncio.Task[job_pb2.Job]] = []
+        self._side_writes: list[asyncio.Task[Job]] = []
         self._resume = resume
         # Drained (shutdown): no new step or child starts, and what is left unfinished stays
         # unrecorded for the next owner. Fenced: another orchestrator owns the job now.
@@ -229,7 +211,7 @@ class JobRunner:
         watcher = asyncio.create_task(self._watch_manager(), name=f"watch-{self.manager_id}")
         step_tasks: list[asyncio.Task[None]] = []
         try:
-            await self._write_status(self.manager_id, job_pb2.JOB_STATUS_RUNNING)
+            await self._write_status(self.manager_id, Status.RUNNING)
             await self._write_metadata(
                 self.manager_id,
                 {
@@ -347,18 +329,18 @@ class JobRunner:
         for child_id, child in rec.children.items():
             step.counts[child.status] += 1
             if child.status == Status.RUNNING.value:
-                step.was_running.add(child_id)
+                step.counted_running.add(child_id)
             elif child.status == Status.CANCELLED.value:
                 step.cancelled_sent += 1
 
     async def _write_status(
-        self, job_id: str, status: int, error: str = "", end_reason: str = ""
-    ) -> job_pb2.Job:
+        self, job_id: str, status: Status, error: str = "", end_reason: str = ""
+    ) -> Job:
         return await self._fenced_write(
             self._monitor.update_status(job_id, status, error, end_reason, owner=self.owner)
         )
 
-    async def _write_metadata(self, job_id: str, metadata: dict[str, Any]) -> job_pb2.Job:
+    async def _write_metadata(self, job_id: str, metadata: dict[str, Any]) -> Job:
         return await self._fenced_write(
             self._monitor.update_metadata(job_id, metadata, owner=self.owner)
         )
@@ -382,7 +364,7 @@ class JobRunner:
             step.cancel_reason = reason or "cancelled"
             step.cancel.set()
 
-    def on_event_rejected(self, event: job_pb2.ChildEvent, reason: str) -> bool:
+    def on_event_rejected(self, event: ChildEvent, reason: str) -> bool:
         """The monitor rejected (or refused) one of this job's events; False if not ours.
 
         A rejected terminal event would leave its child live in the record while the worker
@@ -400,24 +382,24 @@ class JobRunner:
                     self._repair_child(step, event.child_id, status, event.error, reason)
                 )
             )
-        elif event.kind == job_pb2.CHILD_EVENT_KIND_SEALED:
+        elif event.kind == EventKind.SEALED:
             step.unrecorded.append(f"its seal was rejected: {reason}")
             if step.handed:
                 step.repairs.append(asyncio.create_task(self._fail_unrecorded(step)))
         return True
 
     async def _repair_child(
-        self, step: _StepRun, child_id: str, status: int, error: str, reason: str
+        self, step: _StepRun, child_id: str, status: Status, error: str, reason: str
     ) -> None:
         try:
             current = await self._monitor.get_job(child_id)
-            if current.status in TERMINAL_STATUS_PB:
+            if current.status.terminal:
                 return  # the monitor had already ended it (a cancel): its record stands
             await self._write_status(child_id, status, error, EndReason.ORCHESTRATOR)
             log.warning(
                 "child's end recorded directly after its event was rejected",
                 child_id=child_id,
-                status=job_pb2.JobStatus.Name(status),
+                status=status.value,
                 reason=reason,
             )
             return
@@ -429,13 +411,12 @@ class JobRunner:
             "a child's end could not be recorded",
             step_id=step.job_id,
             child_id=child_id,
-            status=job_pb2.JobStatus.Name(status),
+            status=status.value,
             reason=reason,
             error=why,
         )
         step.unrecorded.append(
-            f"child {child_id[:128]!r} ended {job_pb2.JobStatus.Name(status)[11:].lower()} "
-            f"but the monitor rejected it ({reason})"
+            f"child {child_id[:128]!r} ended {status} but the monitor rejected it ({reason})"
         )
         if step.handed:
             await self._fail_unrecorded(step)
@@ -519,14 +500,14 @@ class JobRunner:
             try:
                 await self._write_status(
                     child_id,
-                    job_pb2.JOB_STATUS_FAILED,
+                    Status.FAILED,
                     LOST_ERROR,
                     EndReason.ORCHESTRATOR_LOST,
                 )
             except StatusConflict:
                 continue  # ended meanwhile
             existing[child_id] = ExistingChild("failed", child.attempt, child.interruptions)
-            step.was_running.discard(child_id)
+            step.counted_running.discard(child_id)
             step.counts["running"] -= 1
             step.counts["failed"] += 1
             self._count_child_failure()
@@ -551,11 +532,11 @@ class JobRunner:
         step.started = True
         spec = step.spec
         try:
-            row = await self._write_status(step.job_id, job_pb2.JOB_STATUS_RUNNING)
+            row = await self._write_status(step.job_id, Status.RUNNING)
             step.attempt = max(step.attempt, row.attempt)
         except (StatusConflict, FailedPrecondition):
             job = await self._monitor.get_job(step.job_id)
-            self._record_end(step, STATUS_FROM_PB[job.status], job.error)
+            self._record_end(step, job.status, job.error)
             return False
         await self._write_metadata(
             self.manager_id,
@@ -614,8 +595,8 @@ class JobRunner:
                 await self._end_step(
                     step, Status.CANCELLED, why or "job stopped", reason="cancelled"
                 )
-            seal = job_pb2.ChildEvent(
-                kind=job_pb2.CHILD_EVENT_KIND_SEALED,
+            seal = ChildEvent(
+                kind=EventKind.SEALED,
                 step_id=step.job_id,
                 child_count=result.child_count,
                 handed_to_monitor=not step.spec.wait,
@@ -669,8 +650,7 @@ class JobRunner:
         manager = await self._monitor.get_job(self.manager_id)
         for stat in manager.step_stats:
             if stat.step_id == step.job_id:
-                c = stat.children
-                return ChildTally(c.pending, c.running, c.completed, c.failed, c.cancelled)
+                return stat.children
         return step.tally()
 
     def _hand_off(self, step: _StepRun) -> None:
@@ -690,7 +670,7 @@ class JobRunner:
         await step.first_child.wait()
         await self._stream.wait_acked(step.first_child_seq)
         with contextlib.suppress(StatusConflict, FailedPrecondition):
-            await self._write_status(step.job_id, job_pb2.JOB_STATUS_SPAWNED)
+            await self._write_status(step.job_id, Status.SPAWNED)
 
     async def _run_worker(self, step: _StepRun, worker: Worker) -> StepResult:
         async def child_running(child_id: str, attempt: int = 1, /) -> None:
@@ -759,24 +739,24 @@ class JobRunner:
         counts = step.counts
         if kind == "created":
             counts["pending"] += 1
-            event_kind = job_pb2.CHILD_EVENT_KIND_CREATED
+            event_kind = EventKind.CREATED
         elif kind == "running":
-            if child_id in step.was_running:
-                step.was_running.discard(child_id)  # running again: no count moves
-            elif attempt <= 1:  # a later attempt of a running child moves no count
+            # Running again (a later attempt, or after its orchestrator was lost): no count
+            # moves.
+            if child_id not in step.counted_running:
+                step.counted_running.add(child_id)
                 counts["pending"] -= 1
                 counts["running"] += 1
-            event_kind = job_pb2.CHILD_EVENT_KIND_RUNNING
+            event_kind = EventKind.RUNNING
         else:
             status: ChildStatus = kind  # type: ignore[assignment]
-            step.was_running.discard(child_id)
-            # A child that never ran (cancelled before start) leaves pending, not running.
-            if counts["running"] > 0 and not error.startswith("step cancelled before"):
+            if child_id in step.counted_running:
+                step.counted_running.discard(child_id)
                 counts["running"] -= 1
             else:
                 counts["pending"] -= 1
             counts[status] += 1
-            event_kind = EVENT_KIND[status]
+            event_kind = EventKind(status)
             metrics.observe_child_end(step.spec.type, status)
             control = step.children.pop(child_id, None)
             if control is not None:
@@ -786,7 +766,7 @@ class JobRunner:
             elif status == "cancelled":
                 step.cancelled_sent += 1
         seq = await self._stream.emit(
-            job_pb2.ChildEvent(
+            ChildEvent(
                 kind=event_kind,
                 step_id=step.job_id,
                 child_id=child_id,
@@ -834,13 +814,13 @@ class JobRunner:
         self, step: _StepRun, status: Status, error: str, *, reason: str = EndReason.ORCHESTRATOR
     ) -> None:
         try:
-            job = await self._write_status(step.job_id, STATUS_PB[status], error, reason)
-            final = STATUS_FROM_PB[job.status]
+            job = await self._write_status(step.job_id, status, error, reason)
+            final = job.status
             error = job.error
         except (StatusConflict, FailedPrecondition):
             # The monitor ended it first (deadline, cancel through the API): its word stands.
             job = await self._monitor.get_job(step.job_id)
-            final, error = STATUS_FROM_PB[job.status], job.error
+            final, error = job.status, job.error
         self._record_end(step, final, error)
 
     def _record_end(
@@ -887,9 +867,9 @@ class JobRunner:
                 log.exception("manager watch failed; watching again", manager_id=self.manager_id)
             await asyncio.sleep(WATCH_RETRY_S)
 
-    async def _on_manager_state(self, job: job_pb2.Job) -> bool:
+    async def _on_manager_state(self, job: Job) -> bool:
         """Apply one state of the manager; True once it is terminal."""
-        manager_status = STATUS_FROM_PB.get(job.status)
+        manager_status = job.status
         if (
             self.owner
             and job.owner != self.owner
@@ -908,12 +888,12 @@ class JobRunner:
                 and stat.children.cancelled > max(step.cancelled_sent, step.cancelled_seen)
             ):
                 await self._stop_cancelled_children(step, stat.children.cancelled)
-            status = STATUS_FROM_PB.get(stat.status)
+            status = stat.status
             if step is None or status is None or not status.terminal or step.ended.is_set():
                 continue
             # The entry is a hint (clients may change it alone); the step's row decides.
             row = await self._monitor.get_job(step.job_id)
-            row_status = STATUS_FROM_PB.get(row.status)
+            row_status = row.status
             if row_status is not None and row_status.terminal:
                 self._record_end(step, row_status, row.error)
             elif step.started and not step.handed:
@@ -932,7 +912,7 @@ class JobRunner:
             if not step.ended.is_set() and not step.started:
                 # Never started: the monitor's cascade already made it terminal.
                 fresh = await self._monitor.get_job(step.job_id)
-                self._record_end(step, STATUS_FROM_PB[fresh.status], fresh.error)
+                self._record_end(step, fresh.status, fresh.error)
         return True
 
     async def _stop_cancelled_children(self, step: _StepRun, cancelled: int) -> None:
@@ -940,9 +920,7 @@ class JobRunner:
         some were cancelled through the API, perhaps through another orchestrator. Their work
         stops here too (processes killed); those not started yet will not start."""
         step.cancelled_seen = cancelled
-        for child in await self._monitor.list_jobs(
-            parent_id=step.job_id, status=job_pb2.JOB_STATUS_CANCELLED
-        ):
+        for child in await self._monitor.list_jobs(parent_id=step.job_id, status=Status.CANCELLED):
             control = step.children.get(child.id)
             if control is not None:
                 control.signal.own.set()
@@ -960,10 +938,10 @@ class JobRunner:
         else:
             status, error = Status.COMPLETED, ""
         try:
-            job = await self._write_status(self.manager_id, STATUS_PB[status], error, reason)
-            final = STATUS_FROM_PB[job.status]
+            job = await self._write_status(self.manager_id, status, error, reason)
+            final = job.status
         except (StatusConflict, FailedPrecondition):
-            final = STATUS_FROM_PB[(await self._monitor.get_job(self.manager_id)).status]
+            final = (await self._monitor.get_job(self.manager_id)).status
         log.info("job finished", manager_id=self.manager_id, status=final.value)
         metrics.observe_job_end(final.value)
         return final

@@ -5,6 +5,7 @@ from __future__ import annotations
 from grpc import aio
 
 from orchestrator_svc import definitions
+from orchestrator_svc.convert import job_to_pb
 from orchestrator_svc.orchestrator import Orchestrator
 from stepflow_common.errors import InvalidArgument
 from stepflow_proto.v1 import orchestrator_service_pb2 as o
@@ -36,7 +37,7 @@ class OrchestratorServicer(o_grpc.OrchestratorServiceServicer):
             raise InvalidArgument("job_id is required")
         self._orchestrator.require_connected()
         job = await self._orchestrator.cancel(request.job_id, request.reason)
-        return o.CancelJobResponse(job=job)
+        return o.CancelJobResponse(job=job_to_pb(job))
 
     async def ListWorkers(
         self, request: o.ListWorkersRequest, context: aio.ServicerContext

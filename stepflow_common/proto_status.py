@@ -3,7 +3,7 @@ edge of both services (servicers, clients, tests)."""
 
 from __future__ import annotations
 
-from stepflow_common.status import TERMINAL, Kind, Status
+from stepflow_common.status import LIVE, TERMINAL, Kind, Status
 from stepflow_proto.v1 import job_pb2
 
 KIND_TO_PB: dict[Kind, job_pb2.JobKind] = {
@@ -23,3 +23,4 @@ STATUS_TO_PB: dict[Status, job_pb2.JobStatus] = {
 }
 STATUS_FROM_PB: dict[int, Status] = {v: k for k, v in STATUS_TO_PB.items()}
 TERMINAL_PB = frozenset(STATUS_TO_PB[s] for s in TERMINAL)
+LIVE_PB = frozenset(STATUS_TO_PB[s] for s in LIVE)

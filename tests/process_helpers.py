@@ -28,6 +28,7 @@ import grpc
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from stepflow_common.proto_status import TERMINAL_PB as TERMINAL
 from stepflow_proto.v1 import job_pb2
 from stepflow_proto.v1 import monitor_service_pb2 as m
 from stepflow_proto.v1 import monitor_service_pb2_grpc as m_grpc
@@ -47,13 +48,6 @@ FAST_RECONNECT = [
 ]
 
 S = job_pb2
-TERMINAL = {
-    S.JOB_STATUS_COMPLETED,
-    S.JOB_STATUS_FAILED,
-    S.JOB_STATUS_CANCELLED,
-    S.JOB_STATUS_SKIPPED,
-}
-LIVE = {S.JOB_STATUS_PENDING, S.JOB_STATUS_RUNNING, S.JOB_STATUS_SPAWNED}
 
 
 def free_port() -> int:

@@ -20,6 +20,7 @@ from grpc import aio
 
 from monitor_svc.lifecycle import StepTimers
 from monitor_svc.server import MonitorConfig, RunningMonitor, create_server
+from stepflow_common.proto_status import STATUS_TO_PB, TERMINAL_PB
 from stepflow_proto.v1 import job_pb2
 from stepflow_proto.v1 import monitor_service_pb2 as m
 from stepflow_proto.v1 import monitor_service_pb2_grpc as m_grpc
@@ -31,16 +32,8 @@ S = job_pb2
 Stub = m_grpc.MonitorServiceStub
 CLIENTS = 16
 RPC_TIMEOUT_S = 30.0
-FINAL = [S.JOB_STATUS_COMPLETED, S.JOB_STATUS_FAILED, S.JOB_STATUS_CANCELLED, S.JOB_STATUS_SKIPPED]
-NAME = {
-    S.JOB_STATUS_PENDING: "pending",
-    S.JOB_STATUS_RUNNING: "running",
-    S.JOB_STATUS_SPAWNED: "spawned",
-    S.JOB_STATUS_COMPLETED: "completed",
-    S.JOB_STATUS_FAILED: "failed",
-    S.JOB_STATUS_CANCELLED: "cancelled",
-    S.JOB_STATUS_SKIPPED: "skipped",
-}
+FINAL = sorted(TERMINAL_PB)
+NAME = {pb: status.value for status, pb in STATUS_TO_PB.items()}
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,12 +22,12 @@ from typing import Any
 import pytest
 from grpc import aio
 
+from stepflow_common.proto_status import LIVE_PB as LIVE
 from stepflow_proto.v1 import job_pb2
 from stepflow_proto.v1 import monitor_service_pb2_grpc as m_grpc
 from stepflow_proto.v1 import orchestrator_service_pb2 as o
 from stepflow_proto.v1 import orchestrator_service_pb2_grpc as o_grpc
 from tests.process_helpers import (
-    LIVE,
     ServerProcess,
     assert_tree_consistent,
     list_all,

@@ -35,6 +35,7 @@ from monitor_svc.server import RunningMonitor
 from orchestrator_svc.server import OrchestratorConfig
 from orchestrator_svc.server import create_server as create_orchestrator
 from orchestrator_svc.workers.simulate import expected_tally
+from stepflow_common.proto_status import LIVE_PB as LIVE
 from stepflow_proto.v1 import job_pb2
 from stepflow_proto.v1 import monitor_service_pb2 as m
 from stepflow_proto.v1 import monitor_service_pb2_grpc as m_grpc
@@ -44,7 +45,6 @@ from tests.helpers import manager_with_steps, meta, struct
 from tests.orchestrator_fixtures import definition
 from tests.process_helpers import (
     FAST_RECONNECT,
-    LIVE,
     TERMINAL,
     assert_ended_once,
     assert_tree_consistent,

@@ -27,8 +27,10 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+from orchestrator_svc.convert import job_from_pb
 from orchestrator_svc.demo import ServiceProcess, start_service, wait_serving
 from orchestrator_svc.follow import final_table, follow
+from orchestrator_svc.records import Job
 from stepflow_proto.v1 import job_pb2
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -278,8 +280,10 @@ def test_demo_ctrl_c_while_starting_is_a_clean_stop(pane_factory: list[Pane]) ->
 
 
 # -- the same view without a terminal (these run everywhere, tmux or not) ----------------------
-def _job(status: int, steps: list[tuple[str, str, int, int, int, int, int, str]]) -> job_pb2.Job:
-    job = job_pb2.Job(id="f" * 32, name="demo [nightly]", status=status)
+def _job(status: int, steps: list[tuple[str, str, int, int, int, int, int, str]]) -> Job:
+    job = job_pb2.Job(
+        id="f" * 32, kind=job_pb2.JOB_KIND_MANAGER, name="demo [nightly]", status=status
+    )
     for index, (name, type_, step_status, count, ok, failed, cancelled, error) in enumerate(steps):
         stat = job.step_stats.add(
             step_index=index,
@@ -295,7 +299,7 @@ def _job(status: int, steps: list[tuple[str, str, int, int, int, int, int, str]]
             failed,
             cancelled,
         )
-    return job
+    return job_from_pb(job)
 
 
 FINISHED = _job(
@@ -337,7 +341,7 @@ def test_follow_keeps_status_labels() -> None:
     )
     for state, shown in ((running, "crawl [eu] [running]"), (FINISHED, "broken [failed]")):
 
-        async def states(state: job_pb2.Job = state) -> AsyncIterator[job_pb2.Job]:
+        async def states(state: Job = state) -> AsyncIterator[Job]:
             yield state
 
         console = Console(width=WIDTH, record=True, force_terminal=False, color_system=None)

@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from orchestrator_svc import definitions
 from orchestrator_svc.demo import ServiceProcess, free_port, start_service, wait_serving
+from stepflow_common.proto_status import TERMINAL_PB as TERMINAL
 from stepflow_proto.v1 import job_pb2
 from stepflow_proto.v1 import monitor_service_pb2 as m
 from stepflow_proto.v1 import monitor_service_pb2_grpc as m_grpc
@@ -42,11 +43,6 @@ JOB = {
         },
         {"name": "handoff", "type": "simulate", "wait": False, "config": {"children": 5}},
     ],
-}
-TERMINAL = {
-    job_pb2.JOB_STATUS_COMPLETED,
-    job_pb2.JOB_STATUS_FAILED,
-    job_pb2.JOB_STATUS_CANCELLED,
 }
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]

@@ -20,6 +20,7 @@ from grpc import aio
 
 from stepflow_common.errors import StatusConflict
 from stepflow_common.grpc_errors import from_rpc_error
+from stepflow_common.proto_status import STATUS_TO_PB, TERMINAL_PB
 from stepflow_proto.v1 import job_pb2
 from stepflow_proto.v1 import monitor_service_pb2 as m
 from stepflow_proto.v1 import monitor_service_pb2_grpc as m_grpc
@@ -31,21 +32,8 @@ S = job_pb2
 C = grpc.StatusCode
 Stub = m_grpc.MonitorServiceStub
 RPC_TIMEOUT_S = 10.0
-TERMINAL = [
-    S.JOB_STATUS_COMPLETED,
-    S.JOB_STATUS_FAILED,
-    S.JOB_STATUS_CANCELLED,
-    S.JOB_STATUS_SKIPPED,
-]
-STATUS_NAME = {
-    S.JOB_STATUS_PENDING: "pending",
-    S.JOB_STATUS_RUNNING: "running",
-    S.JOB_STATUS_SPAWNED: "spawned",
-    S.JOB_STATUS_COMPLETED: "completed",
-    S.JOB_STATUS_FAILED: "failed",
-    S.JOB_STATUS_CANCELLED: "cancelled",
-    S.JOB_STATUS_SKIPPED: "skipped",
-}
+TERMINAL = sorted(TERMINAL_PB)
+STATUS_NAME = {pb: status.value for status, pb in STATUS_TO_PB.items()}
 
 
 # -- small call wrappers ----------------------------------------------------------------------

@@ -17,9 +17,14 @@ import grpc
 import pytest
 from grpc import aio
 
+from orchestrator_svc.records import Job
 from orchestrator_svc.server import RunningOrchestrator
 from orchestrator_svc.workers.base import BaseWorker, StepContext, StepResult
 from orchestrator_svc.workers.simulate import expected_tally
+from stepflow_common.proto_status import LIVE_PB as LIVE
+from stepflow_common.proto_status import STATUS_TO_PB
+from stepflow_common.proto_status import TERMINAL_PB as TERMINAL
+from stepflow_common.status import Status
 from stepflow_proto.v1 import job_pb2
 from stepflow_proto.v1 import monitor_service_pb2 as m
 from stepflow_proto.v1 import monitor_service_pb2_grpc as m_grpc
@@ -33,22 +38,7 @@ Stub = m_grpc.MonitorServiceStub
 OStub = o_grpc.OrchestratorServiceStub
 
 WAIT_S = 20.0  # the longest any single wait in this file may take
-TERMINAL = {
-    S.JOB_STATUS_COMPLETED,
-    S.JOB_STATUS_FAILED,
-    S.JOB_STATUS_CANCELLED,
-    S.JOB_STATUS_SKIPPED,
-}
-LIVE = {S.JOB_STATUS_PENDING, S.JOB_STATUS_RUNNING, S.JOB_STATUS_SPAWNED}
-STATUS_BY_NAME = {
-    "pending": S.JOB_STATUS_PENDING,
-    "running": S.JOB_STATUS_RUNNING,
-    "spawned": S.JOB_STATUS_SPAWNED,
-    "completed": S.JOB_STATUS_COMPLETED,
-    "failed": S.JOB_STATUS_FAILED,
-    "cancelled": S.JOB_STATUS_CANCELLED,
-    "skipped": S.JOB_STATUS_SKIPPED,
-}
+STATUS_BY_NAME = {status.value: pb for status, pb in STATUS_TO_PB.items()}
 
 
 # -- reading the monitor -------------------------------------------------------------------------
@@ -1173,14 +1163,12 @@ async def test_the_orchestrator_never_writes_spawned_for_a_wait_true_step(
     spawned_writes: list[tuple[str, str]] = []
     real_status, real_metadata = client.update_status, client.update_metadata
 
-    async def spy_status(job_id: str, status: int, *args: Any, **kw: Any) -> job_pb2.Job:
-        if status == S.JOB_STATUS_SPAWNED:
+    async def spy_status(job_id: str, status: Status, *args: Any, **kw: Any) -> Job:
+        if status is Status.SPAWNED:
             spawned_writes.append(("status", job_id))
         return await real_status(job_id, status, *args, **kw)
 
-    async def spy_metadata(
-        job_id: str, metadata: dict[str, Any], *args: Any, **kw: Any
-    ) -> job_pb2.Job:
+    async def spy_metadata(job_id: str, metadata: dict[str, Any], *args: Any, **kw: Any) -> Job:
         for entry in metadata.get("step_stats", []):
             if entry.get("status") == "spawned":
                 spawned_writes.append(("step_stats", entry["step_id"]))

@@ -16,7 +16,7 @@ import grpc
 from grpc import aio
 
 from orchestrator_svc.event_stream import EventStream
-from stepflow_proto.v1 import job_pb2
+from orchestrator_svc.records import ChildEvent, EventKind
 from stepflow_proto.v1 import monitor_service_pb2 as m
 
 
@@ -84,11 +84,8 @@ async def test_unacknowledged_batches_survive_a_second_break_during_the_resend()
     try:
         emitted = []
         for i in range(3):
-            event = job_pb2.ChildEvent(
-                kind=job_pb2.CHILD_EVENT_KIND_CREATED, step_id="s", child_id=f"c{i}"
-            )
-            await stream.emit(event)
-            emitted.append(event.event_id)
+            seq = await stream.emit(ChildEvent(EventKind.CREATED, step_id="s", child_id=f"c{i}"))
+            emitted.append(f"t-{seq}")
             await asyncio.sleep(0.02)  # one batch each
         # Every event acknowledged, however the streams broke.
         await asyncio.wait_for(stream.wait_acked(), 10)

@@ -20,6 +20,7 @@ from grpc import aio
 
 from monitor_svc.server import RunningMonitor
 from orchestrator_svc.server import OrchestratorConfig, create_server
+from stepflow_common.proto_status import LIVE_PB as LIVE
 from stepflow_proto.v1 import job_pb2
 from stepflow_proto.v1 import monitor_service_pb2 as m
 from stepflow_proto.v1 import monitor_service_pb2_grpc as m_grpc
@@ -34,7 +35,6 @@ from tests.process_helpers import (
     orchestrator_process,
 )
 from tests.test_orchestrator_e2e import (
-    LIVE,
     assert_consistent,
     by_name,
     counts_of,

@@ -16,6 +16,7 @@ from prometheus_client import REGISTRY
 
 from monitor_svc.server import RunningMonitor
 from orchestrator_svc.event_stream import BATCH_MAX_BYTES, EventStream
+from orchestrator_svc.records import ChildEvent, EventKind
 from stepflow_common.limits import MAX_ERROR_CHARS, MAX_REQUEST_BYTES
 from stepflow_proto.v1 import job_pb2
 from stepflow_proto.v1 import monitor_service_pb2 as m
@@ -53,11 +54,9 @@ async def emit_children(
 ) -> None:
     for i in range(n):
         child = f"{step_id}.{prefix}{i}"
-        await stream.emit(
-            K.ChildEvent(kind=K.CHILD_EVENT_KIND_CREATED, step_id=step_id, child_id=child)
-        )
-        kind = K.CHILD_EVENT_KIND_FAILED if error else K.CHILD_EVENT_KIND_COMPLETED
-        await stream.emit(K.ChildEvent(kind=kind, step_id=step_id, child_id=child, error=error))
+        await stream.emit(ChildEvent(EventKind.CREATED, step_id=step_id, child_id=child))
+        kind = EventKind.FAILED if error else EventKind.COMPLETED
+        await stream.emit(ChildEvent(kind, step_id=step_id, child_id=child, error=error))
 
 
 def dropped_metric() -> float:
@@ -113,8 +112,8 @@ async def test_an_event_refused_even_alone_is_dropped_and_nothing_else_waits(
     try:
         await emit_children(stream, poisoned, 150)
         # Not a valid child id either way: what matters is its size (> the message limit).
-        poison = K.ChildEvent(
-            kind=K.CHILD_EVENT_KIND_CREATED,
+        poison = ChildEvent(
+            kind=EventKind.CREATED,
             step_id=poisoned,
             child_id=f"{poisoned}.huge-" + "x" * (MAX_REQUEST_BYTES + 1024),
         )

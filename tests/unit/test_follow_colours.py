@@ -8,15 +8,17 @@ from rich.console import Console
 from rich.segment import Segment
 
 from orchestrator_svc import demo
+from orchestrator_svc.convert import job_from_pb
 from orchestrator_svc.follow import StepBars
+from orchestrator_svc.records import Job
 from stepflow_proto.v1 import job_pb2
 
 S = job_pb2
 BAR_CHARS = set("━╸╺")
 
 
-def _job(*steps: tuple[str, int, int, int, int]) -> job_pb2.Job:
-    job = job_pb2.Job(id="f" * 32, name="demo", status=S.JOB_STATUS_RUNNING)
+def _job(*steps: tuple[str, int, int, int, int], status: int = S.JOB_STATUS_RUNNING) -> Job:
+    job = job_pb2.Job(id="f" * 32, kind=S.JOB_KIND_MANAGER, name="demo", status=status)
     for index, (name, status, count, ok, failed) in enumerate(steps):
         stat = job.step_stats.add(
             step_index=index,
@@ -27,7 +29,7 @@ def _job(*steps: tuple[str, int, int, int, int]) -> job_pb2.Job:
             child_count=count,
         )
         stat.children.completed, stat.children.failed = ok, failed
-    return job
+    return job_from_pb(job)
 
 
 def _console() -> Console:
@@ -104,8 +106,8 @@ def test_the_demo_colours_each_status_by_itself() -> None:
         ("broken", S.JOB_STATUS_FAILED, 0, 0, 0),
         ("publish", S.JOB_STATUS_SKIPPED, 0, 0, 0),
         ("report", S.JOB_STATUS_COMPLETED, 0, 0, 0),
+        status=S.JOB_STATUS_COMPLETED,
     )
-    job.status = S.JOB_STATUS_COMPLETED
     console = Console(width=120, force_terminal=True, color_system="truecolor", record=True)
     assert demo._check(job, console) == demo.EXIT_AS_DESIGNED
     lines = console.export_text(styles=True).splitlines()

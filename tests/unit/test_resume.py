@@ -8,6 +8,7 @@ import pytest
 from grpc import aio
 
 from orchestrator_svc import definitions as d
+from orchestrator_svc.convert import job_from_pb
 from orchestrator_svc.event_stream import EventStream
 from orchestrator_svc.monitor_client import MonitorClient
 from orchestrator_svc.resume import MAX_INTERRUPTIONS, JobRecord, Plan, StepRecord, plan_step
@@ -70,8 +71,15 @@ def test_a_step_without_children_runs_again_or_is_lost() -> None:
 def runner_for(spec: d.JobSpec, records: list[StepRecord]) -> JobRunner:
     """A runner continuing ``spec`` from ``records``. Its client and stream point nowhere:
     nothing here may call the monitor (a call would fail the test)."""
-    manager = job_pb2.Job(id="m", kind=job_pb2.JOB_KIND_MANAGER, status=job_pb2.JOB_STATUS_RUNNING)
-    steps = [job_pb2.Job(id=f"m.{i}", kind=job_pb2.JOB_KIND_STEP) for i in range(len(spec.steps))]
+    manager = job_from_pb(
+        job_pb2.Job(id="m", kind=job_pb2.JOB_KIND_MANAGER, status=job_pb2.JOB_STATUS_RUNNING)
+    )
+    steps = [
+        job_from_pb(
+            job_pb2.Job(id=f"m.{i}", kind=job_pb2.JOB_KIND_STEP, status=job_pb2.JOB_STATUS_PENDING)
+        )
+        for i in range(len(spec.steps))
+    ]
     channel = aio.insecure_channel("127.0.0.1:1")
     return JobRunner.resumed(
         JobRecord(manager, spec, steps, records),
@@ -126,7 +134,7 @@ async def test_ended_steps_stand_and_their_failures_count() -> None:
     )
     assert c.plan is Plan.CONTINUE and c.existing == children
     assert c.counts == {"pending": 1, "running": 1, "completed": 1, "failed": 1, "cancelled": 0}
-    assert c.was_running == {"m.2.1"}
+    assert c.counted_running == {"m.2.1"}
     assert (d_.plan, d_.attempt) == (Plan.RERUN, 2)
     assert e.plan is Plan.START
     # on_error = continue: the failed step stops nothing; 5 failures are within the tolerance.
