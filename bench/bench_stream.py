@@ -43,7 +43,7 @@ CHILDREN_PER_STEP = 2_000
 STREAM_COUNTS = (1, 4)
 NOOP_BATCH_REPEAT = 20  # the batched no-op is ~100x faster: send its batches 20 times
 WINDOW = 16  # batches in flight per stream (the orchestrator's MAX_BATCHES_IN_FLIGHT)
-# Issue 4's targets (one stream) and reference figures.
+# The targets (one stream) and reference figures.
 TARGET_EVENTS_S = {"sqlite": 60_000, "postgres": 15_000}
 TARGET_VS_SINGLE = {"sqlite": 4.5}
 TARGET_P99_S = 0.050

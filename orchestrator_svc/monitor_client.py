@@ -19,7 +19,7 @@ from grpc import aio
 
 from orchestrator_svc.convert import job_from_pb, to_struct
 from orchestrator_svc.records import Job, LeaseAnswer
-from stepflow_common.errors import FailedPrecondition, StepflowError
+from stepflow_common.errors import Fenced, StepflowError
 from stepflow_common.grpc_errors import from_rpc_error
 from stepflow_common.limits import truncate_text
 from stepflow_common.proto_status import KIND_TO_PB, STATUS_TO_PB
@@ -37,9 +37,9 @@ RETRY_MAX_S = 2.0
 RETRY_FOR_S = 120.0  # give a restarting monitor (or database) this long before giving up
 
 
-# How the monitor words a write refused because another orchestrator owns the job now (or no
-# one does): the writer must stop its work on that job without writing anything more for it.
-FENCED_MARKERS = ("fenced: ", " is owned by ", " is orphaned")
+# How an event stream's ack words the rejection of an event for a job another orchestrator
+# owns now (or no one does); a refused write says so by its error's reason instead (Fenced).
+FENCED_PREFIX = "fenced: "
 
 
 class JobFenced(StepflowError):
@@ -51,7 +51,8 @@ class JobFenced(StepflowError):
 
 
 def is_fenced(reason: str) -> bool:
-    return any(marker in reason for marker in FENCED_MARKERS)
+    """Whether an ack's rejection reason says the job is fenced."""
+    return reason.startswith(FENCED_PREFIX)
 
 
 class MonitorClient:
@@ -69,7 +70,7 @@ class MonitorClient:
             except aio.AioRpcError as exc:
                 if exc.code() not in RETRYABLE or loop.time() + delay > give_up:
                     error = from_rpc_error(exc)
-                    if isinstance(error, FailedPrecondition) and is_fenced(str(error)):
+                    if isinstance(error, Fenced):
                         raise JobFenced(str(error)) from exc
                     raise error from exc
                 log.info("monitor call retried", call=what, code=exc.code().name, retry_in_s=delay)

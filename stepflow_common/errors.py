@@ -58,6 +58,13 @@ class StatusConflict(FailedPrecondition):
         return cls(details.get("current", ""), details.get("requested", ""), message)
 
 
+class Fenced(FailedPrecondition):
+    """A write naming an orchestrator that no longer owns the job: another one adopted it (or
+    none holds it). The writer must stop its work on that job without writing more for it."""
+
+    reason = "FENCED"
+
+
 class VersionConflict(StepflowError):
     """expected_version is stale: someone else changed the job first."""
 

@@ -58,6 +58,7 @@ _BY_REASON: dict[str, type[errors.StepflowError]] = {
         errors.NotFound,
         errors.FailedPrecondition,
         errors.StatusConflict,
+        errors.Fenced,
         errors.VersionConflict,
         errors.AlreadyExists,
         errors.Unavailable,

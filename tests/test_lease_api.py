@@ -11,6 +11,8 @@ import grpc
 import pytest
 
 from monitor_svc.lifecycle import StepTimers
+from stepflow_common.errors import Fenced
+from stepflow_common.grpc_errors import from_rpc_error
 from stepflow_proto.v1 import job_pb2 as S
 from stepflow_proto.v1 import monitor_service_pb2 as m
 from stepflow_proto.v1 import monitor_service_pb2_grpc as m_grpc
@@ -172,6 +174,8 @@ async def test_a_previous_owner_is_fenced(stub: Stub) -> None:
             await write
         assert code_of(caught.value) == grpc.StatusCode.FAILED_PRECONDITION
         assert caught.value.details() == fenced
+        # A client tells a fence from other refusals by the error's reason, not its text.
+        assert isinstance(from_rpc_error(caught.value), Fenced)
 
     rejected = await send(stub, [event(step.id, "kid", S.CHILD_EVENT_KIND_COMPLETED)], "orch-a")
     assert [r.reason for r in rejected] == [f"fenced: job {job.id} was adopted by orch-b"]

@@ -20,7 +20,7 @@ from typing import Any
 from monitor_svc.lifecycle import rules
 from monitor_svc.lifecycle.uow import UnitOfWork
 from monitor_svc.records import JobState, Lease
-from stepflow_common.errors import FailedPrecondition, InvalidArgument
+from stepflow_common.errors import Fenced, InvalidArgument
 from stepflow_common.limits import MAX_DURATION_S
 from stepflow_common.status import EndReason, Kind, Status
 
@@ -203,7 +203,7 @@ def check_fence(tx: UnitOfWork, job: JobState, owner: str) -> None:
     manager = job if job.kind is Kind.MANAGER else tx.job(job.manager_id)
     reason = fence_reason(manager, owner)
     if reason:
-        raise FailedPrecondition(reason)
+        raise Fenced(reason)
 
 
 def event_fence_reason(manager: JobState | None, owner: str) -> str:
