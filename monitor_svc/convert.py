@@ -14,7 +14,7 @@ from stepflow_common.durations import check_duration
 from stepflow_common.errors import InvalidArgument
 from stepflow_common.limits import ID_PATTERN, MAX_ERROR_CHARS, MAX_METADATA_BYTES, truncate_text
 from stepflow_common.proto_status import KIND_FROM_PB, KIND_TO_PB, STATUS_FROM_PB, STATUS_TO_PB
-from stepflow_common.status import EndReason, Kind, Status
+from stepflow_common.status import Kind, Status
 from stepflow_common.step_outcome import ChildTally
 from stepflow_proto.v1 import job_pb2
 from stepflow_proto.v1 import monitor_service_pb2 as m
@@ -24,14 +24,6 @@ MAX_METADATA_DEPTH = 32
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 50
 MAX_EVENTS_PER_BATCH = 10_000
-# What a client may record as the reason a job ended; the monitor's own reasons (timeout,
-# no_children, grace_period, children_terminal) state facts only the monitor establishes.
-CLIENT_END_REASONS = (
-    EndReason.API,
-    EndReason.ORCHESTRATOR,
-    EndReason.CANCELLED,
-    EndReason.ORCHESTRATOR_LOST,
-)
 # Typed StepStat fields read from a metadata document written by clients: out-of-range
 # numbers are clamped rather than failing every answer about the manager.
 _INT32_MAX = 2**31 - 1
@@ -101,15 +93,6 @@ def event_text(value: str, limit: int) -> str:
     if "\x00" in value:
         value = value.replace("\x00", "\ufffd")
     return truncate_text(value, limit)
-
-
-def client_end_reason(value: str) -> str:
-    if value and value not in CLIENT_END_REASONS:
-        raise InvalidArgument(
-            f"end_reason {value[:40]!r} cannot be set by a client; use one of "
-            f"{', '.join(CLIENT_END_REASONS)} (or leave it empty for api)"
-        )
-    return value
 
 
 def metadata(

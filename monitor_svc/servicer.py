@@ -82,7 +82,7 @@ class MonitorServicer(m_grpc.MonitorServiceServicer):
             convert.job_id(request.job_id),
             convert.status(request.status),
             convert.error_text(request.error),
-            convert.client_end_reason(request.end_reason),
+            request.end_reason,
             convert.owner(request.owner),
         )
         return m.UpdateJobStatusResponse(job=convert.job_pb(view))

@@ -62,6 +62,17 @@ class EndReason(enum.StrEnum):
     ORCHESTRATOR_LOST = "orchestrator_lost"  # its orchestrator died or went away meanwhile
 
 
+# What a client may record as the reason a job ended (orchestrator_lost only as the job's
+# owner); the monitor's own reasons (timeout, no_children, grace_period, children_terminal)
+# state facts only the monitor establishes.
+CLIENT_END_REASONS = (
+    EndReason.API,
+    EndReason.ORCHESTRATOR,
+    EndReason.CANCELLED,
+    EndReason.ORCHESTRATOR_LOST,
+)
+
+
 class Transition(enum.Enum):
     """What a requested status change amounts to."""
 

@@ -20,8 +20,8 @@ from monitor_svc.server import MonitorConfig, RunningMonitor, create_server
 from monitor_svc.store.migrate import upgrade
 from stepflow_proto.v1 import monitor_service_pb2_grpc
 
-# The orchestrator fixtures (`orchestrator`, `ostub`) for every test module.
-pytest_plugins = ["tests.orchestrator_fixtures"]
+# The orchestrator fixtures (`orchestrator`, `ostub`) and the lifecycle harness (`life`).
+pytest_plugins = ["tests.orchestrator_fixtures", "tests.lifecycle_harness"]
 
 POSTGRES_URL_ENV = "STEPFLOW_TEST_POSTGRES_URL"
 REQUIRE_POSTGRES_ENV = "STEPFLOW_TEST_REQUIRE_POSTGRES"

@@ -4,10 +4,12 @@ moves. The same test body runs on each, so the two cannot drift apart."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+import pytest
 from sqlalchemy import Engine
 
 from monitor_svc import lifecycle
@@ -15,10 +17,12 @@ from monitor_svc.lifecycle import StepTimers, UnitOfWork
 from monitor_svc.lifecycle.memory import MemoryDatabase
 from monitor_svc.records import ChildEventIn, DocumentLimits, JobState, NewJob, utcnow
 from monitor_svc.store.engine import is_sqlite, make_engine
+from monitor_svc.store.migrate import upgrade
 from monitor_svc.store.tx import Tx
 from stepflow_common.errors import StatusConflict
 from stepflow_common.status import Kind, Status
 from stepflow_common.step_outcome import ChildTally
+from tests.conftest import fresh_database
 
 T = TypeVar("T")
 TIMERS = StepTimers(default_wait_timeout_s=600.0, grace_period_s=30.0)
@@ -158,3 +162,24 @@ class Life:
 
     def run(self, unit: Callable[[UnitOfWork], T]) -> T:
         return self.backend.run(unit)
+
+
+BACKENDS = ["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+
+
+@pytest.fixture(params=BACKENDS)
+def life(
+    request: pytest.FixtureRequest, tmp_path: Path, postgres_template: str | None
+) -> Iterator[Life]:
+    """The lifecycle over each unit of work: in memory, SQLite and PostgreSQL."""
+    if request.param == "memory":
+        yield Life(MemoryBackend())
+        return
+    with fresh_database(request.param, tmp_path, postgres_template) as url:
+        if request.param == "sqlite":
+            upgrade(url)
+        backend = SqlBackend(url)
+        try:
+            yield Life(backend)
+        finally:
+            backend.close()

@@ -4,9 +4,7 @@ and the same tests over the SQL unit of work on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,38 +13,18 @@ from monitor_svc import lifecycle
 from monitor_svc.lifecycle import StepTimers, leases
 from monitor_svc.lifecycle.leases import HeartbeatResult
 from monitor_svc.records import ChildEventIn, JobState, NewJob
-from monitor_svc.store.migrate import upgrade
 from stepflow_common.errors import FailedPrecondition, InvalidArgument
 from stepflow_common.status import EndReason, Kind, Status
 from stepflow_common.step_outcome import ChildTally
-from tests.conftest import fresh_database
-from tests.lifecycle_harness import Life, MemoryBackend, SqlBackend
+from tests.lifecycle_harness import Life
 
 pytestmark = pytest.mark.timeout(30)
 
-BACKENDS = ["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 ORPHAN_TIMEOUT_S = 60.0
 TIMERS = StepTimers(
     default_wait_timeout_s=600.0, grace_period_s=30.0, orphan_timeout_s=ORPHAN_TIMEOUT_S
 )
 LEASE_S = 10.0
-
-
-@pytest.fixture(params=BACKENDS)
-def life(
-    request: pytest.FixtureRequest, tmp_path: Path, postgres_template: str | None
-) -> Iterator[Life]:
-    if request.param == "memory":
-        yield Life(MemoryBackend())
-        return
-    with fresh_database(request.param, tmp_path, postgres_template) as url:
-        if request.param == "sqlite":
-            upgrade(url)
-        backend = SqlBackend(url)
-        try:
-            yield Life(backend)
-        finally:
-            backend.close()
 
 
 # -- calls, one unit of work each ---------------------------------------------------------------
@@ -396,6 +374,15 @@ def test_orchestrator_lost_is_reported_by_the_owner_only(life: Life) -> None:
         status(life, s0.id, Status.FAILED, end_reason=EndReason.ORCHESTRATOR_LOST)
     ended = status(life, s0.id, Status.FAILED, owner="orch-a", end_reason="orchestrator_lost")
     assert ended.end_reason == EndReason.ORCHESTRATOR_LOST
+
+
+@pytest.mark.parametrize("reason", ["timeout", "no_children", "children_terminal", "whatever"])
+def test_a_client_cannot_give_the_monitors_own_end_reasons(life: Life, reason: str) -> None:
+    m = manager(life, "")
+    s0 = step(life, m.id)
+    with pytest.raises(InvalidArgument, match="cannot be set by a client"):
+        status(life, s0.id, Status.FAILED, owner="orch-a", end_reason=reason)
+    assert life.job(s0.id).status is Status.PENDING
 
 
 # -- attempts and the definition -------------------------------------------------------------------

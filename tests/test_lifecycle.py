@@ -4,16 +4,13 @@ PostgreSQL, so the rules and the store's unit of work cannot drift apart."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import replace
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 
 from monitor_svc import lifecycle
 from monitor_svc.records import DocumentLimits
-from monitor_svc.store.migrate import upgrade
 from stepflow_common.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -22,29 +19,9 @@ from stepflow_common.errors import (
 )
 from stepflow_common.status import EndReason, Kind, Status
 from stepflow_common.step_outcome import ChildTally
-from tests.conftest import fresh_database
-from tests.lifecycle_harness import TIMERS, Life, MemoryBackend, SqlBackend
+from tests.lifecycle_harness import TIMERS, Life
 
 pytestmark = pytest.mark.timeout(30)
-
-BACKENDS = ["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
-
-
-@pytest.fixture(params=BACKENDS)
-def life(
-    request: pytest.FixtureRequest, tmp_path: Path, postgres_template: str | None
-) -> Iterator[Life]:
-    if request.param == "memory":
-        yield Life(MemoryBackend())
-        return
-    with fresh_database(request.param, tmp_path, postgres_template) as url:
-        if request.param == "sqlite":
-            upgrade(url)
-        backend = SqlBackend(url)
-        try:
-            yield Life(backend)
-        finally:
-            backend.close()
 
 
 def children(life: Life, step_id: str, *statuses: str) -> list[str]:

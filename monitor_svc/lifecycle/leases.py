@@ -22,7 +22,7 @@ from monitor_svc.lifecycle.uow import UnitOfWork
 from monitor_svc.records import JobState, Lease
 from stepflow_common.errors import Fenced, InvalidArgument
 from stepflow_common.limits import MAX_DURATION_S
-from stepflow_common.status import EndReason, Kind, Status
+from stepflow_common.status import CLIENT_END_REASONS, EndReason, Kind, Status
 
 ORCHESTRATOR_LOST = EndReason.ORCHESTRATOR_LOST
 
@@ -216,7 +216,13 @@ def event_fence_reason(manager: JobState | None, owner: str) -> str:
 
 
 def check_end_reason(end_reason: str, owner: str) -> None:
-    """Only the owning orchestrator reports that an orchestrator was lost."""
+    """A client records only the reasons it can know; only the owning orchestrator reports
+    that an orchestrator was lost."""
+    if end_reason and end_reason not in CLIENT_END_REASONS:
+        raise InvalidArgument(
+            f"end_reason {end_reason[:40]!r} cannot be set by a client; use one of "
+            f"{', '.join(CLIENT_END_REASONS)} (or leave it empty for api)"
+        )
     if end_reason == ORCHESTRATOR_LOST and not owner:
         raise InvalidArgument(
             f"end_reason {ORCHESTRATOR_LOST} is set by the job's orchestrator only (with owner)"
