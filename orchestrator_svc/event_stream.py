@@ -207,7 +207,7 @@ class EventStream:
                 except asyncio.CancelledError:
                     raise
                 except aio.AioRpcError as exc:
-                    if exc.code() in REFUSED:
+                    if exc.code() in REFUSED or _over_the_limit(in_flight):
                         await self._refused(in_flight, exc)
                         backoff = BACKOFF_INITIAL_S  # the connection is fine: resend at once
                     else:
@@ -404,3 +404,13 @@ class EventStream:
         batch = _Batch(events, seqs)
         self._unacked.append(batch)
         return batch
+
+
+def _over_the_limit(in_flight: collections.deque[_Batch]) -> bool:
+    """Whether a batch in flight is larger than a message may be. gRPC itself then fails the
+    stream (INTERNAL, not RESOURCE_EXHAUSTED) before the monitor sees it; it is a refusal all
+    the same, to be split, never a broken connection to resend it on unchanged."""
+    return any(
+        sum(event_bytes(event) for event in batch.events) >= MAX_REQUEST_BYTES
+        for batch in in_flight
+    )
