@@ -94,3 +94,15 @@ class ResourceExhausted(StepflowError):
     """A limit would be passed (document size, steps per manager); nothing was changed."""
 
     reason = "RESOURCE_EXHAUSTED"
+
+
+class Unauthenticated(StepflowError):
+    """The service refused the call's credentials (a missing or wrong bearer token)."""
+
+    reason = "UNAUTHENTICATED"
+
+
+class DeadlineExceeded(StepflowError):
+    """The call did not finish within its deadline; it may or may not have taken effect."""
+
+    reason = "DEADLINE_EXCEEDED"

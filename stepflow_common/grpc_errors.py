@@ -1,7 +1,6 @@
-"""The one mapping between domain errors and gRPC status codes, both ways.
-
-Servers wrap every handler with ``DomainErrorInterceptor``; clients turn an ``AioRpcError``
-back into the same domain error with ``from_rpc_error``.
+"""The servers' side of the error mapping: ``DomainErrorInterceptor`` wraps every handler and
+answers a domain error with its status code and reason (the mapping itself, both ways, is
+``stepflow_common.rpc_errors``; clients decode with ``from_rpc_error``).
 """
 
 from __future__ import annotations
@@ -16,74 +15,27 @@ from grpc import aio
 
 from stepflow_common import errors
 from stepflow_common.limits import ID_PATTERN
+from stepflow_common.rpc_errors import (
+    CODES,
+    DETAIL_PREFIX,
+    REASON_KEY,
+    code_for,
+    error_metadata,
+    from_rpc_error,
+)
 
 log = structlog.get_logger(__name__)
 
-CODES: dict[type[errors.StepflowError], grpc.StatusCode] = {
-    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
-    errors.NotFound: grpc.StatusCode.NOT_FOUND,
-    errors.StatusConflict: grpc.StatusCode.FAILED_PRECONDITION,
-    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
-    errors.VersionConflict: grpc.StatusCode.ABORTED,
-    errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
-    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
-    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
-}
-_FROM_CODE: dict[grpc.StatusCode, type[errors.StepflowError]] = {
-    grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidArgument,
-    grpc.StatusCode.NOT_FOUND: errors.NotFound,
-    grpc.StatusCode.FAILED_PRECONDITION: errors.FailedPrecondition,
-    grpc.StatusCode.ABORTED: errors.VersionConflict,
-    grpc.StatusCode.ALREADY_EXISTS: errors.AlreadyExists,
-    grpc.StatusCode.UNAVAILABLE: errors.Unavailable,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: errors.ResourceExhausted,
-}
-
-
-def code_for(exc: errors.StepflowError) -> grpc.StatusCode:
-    for cls in type(exc).__mro__:
-        code = CODES.get(cls)
-        if code is not None:
-            return code
-    return grpc.StatusCode.INTERNAL
-
-
-# Trailing metadata beside the status code: the error's stable reason, and its details.
-REASON_KEY = "stepflow-error"
-DETAIL_PREFIX = "stepflow-error-"
-_BY_REASON: dict[str, type[errors.StepflowError]] = {
-    cls.reason: cls
-    for cls in (
-        errors.InvalidArgument,
-        errors.NotFound,
-        errors.FailedPrecondition,
-        errors.StatusConflict,
-        errors.Fenced,
-        errors.VersionConflict,
-        errors.AlreadyExists,
-        errors.Unavailable,
-        errors.ResourceExhausted,
-    )
-}
-
-
-def error_metadata(exc: errors.StepflowError) -> tuple[tuple[str, str], ...]:
-    details = ((DETAIL_PREFIX + k, v) for k, v in exc.details().items())
-    return ((REASON_KEY, exc.reason), *details)
-
-
-def from_rpc_error(exc: grpc.RpcError) -> errors.StepflowError:
-    """The domain error a failed call carries: by its reason when the server sent one, else
-    by its status code."""
-    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
-    message = (exc.details() if hasattr(exc, "details") else str(exc)) or code.name
-    trailing = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
-    sent = {str(k): str(v) for k, v in (trailing or ())}
-    cls = _BY_REASON.get(sent.get(REASON_KEY, ""))
-    if cls is None:
-        return _FROM_CODE.get(code, errors.StepflowError)(message)
-    details = {k[len(DETAIL_PREFIX) :]: v for k, v in sent.items() if k.startswith(DETAIL_PREFIX)}
-    return cls.rebuild(message, details)
+__all__ = [
+    "CODES",
+    "DETAIL_PREFIX",
+    "REASON_KEY",
+    "DomainErrorInterceptor",
+    "code_for",
+    "error_metadata",
+    "from_rpc_error",
+    "job_named_by",
+]
 
 
 async def _abort(context: aio.ServicerContext, exc: BaseException) -> None:

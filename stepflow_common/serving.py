@@ -16,6 +16,7 @@ from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from stepflow_client._channel import ChannelSettings, Keepalive, aio_channel
 from stepflow_common.limits import MAX_REQUEST_BYTES
 
 log = structlog.get_logger(__name__)
@@ -50,30 +51,8 @@ class ServerKeepalive:
         ]
 
 
-@dataclass(frozen=True, slots=True)
-class ClientKeepalive:
-    """How a client checks that an idle connection is alive: a ping every ``time_s``, the
-    connection dropped (and re-dialled) when one is not answered within ``timeout_s``.
-
-    ``time_s`` must be at least the server's permit (``ServerKeepalive.min_ping_interval_s``).
-    """
-
-    time_s: float = 30.0
-    timeout_s: float = 10.0
-    # Re-dial a server that went away quickly: gRPC's own backoff reaches two minutes.
-    max_reconnect_backoff_s: float = 2.0
-
-    def options(self) -> list[tuple[str, int]]:
-        return [
-            ("grpc.keepalive_time_ms", _ms(self.time_s)),
-            ("grpc.keepalive_timeout_ms", _ms(self.timeout_s)),
-            # Keep pinging an idle stream: by default a client stops after two pings without
-            # data, and an idle stream whose peer vanished would go unnoticed.
-            ("grpc.http2.max_pings_without_data", 0),
-            ("grpc.initial_reconnect_backoff_ms", 100),
-            ("grpc.min_reconnect_backoff_ms", 100),
-            ("grpc.max_reconnect_backoff_ms", _ms(self.max_reconnect_backoff_s)),
-        ]
+# What a client pings: defined with the client library's channel, so there is one copy.
+ClientKeepalive = Keepalive
 
 
 def _ms(seconds: float) -> int:
@@ -84,10 +63,6 @@ SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.so_reuseport", 0),
-]
-CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
 ]
 
 
@@ -222,60 +197,18 @@ async def set_not_serving(health_servicer: health.aio.HealthServicer, names: Ite
 def channel(
     target: str, security: Security, keepalive: ClientKeepalive | None = None
 ) -> aio.Channel:
-    """A client channel to the other service, with TLS and the token when configured."""
-    options = [*CHANNEL_OPTIONS, *(keepalive or ClientKeepalive()).options()]
-    if security.tls_ca or (security.tls_cert and security.tls_key):
-        root = Path(security.tls_ca).read_bytes() if security.tls_ca else None
-        key = Path(security.tls_key).read_bytes() if security.tls_key else None
-        cert = Path(security.tls_cert).read_bytes() if security.tls_cert else None
-        creds = grpc.ssl_channel_credentials(root, key, cert)
-        if security.auth_token:
-            creds = grpc.composite_channel_credentials(
-                creds, grpc.access_token_call_credentials(security.auth_token)
-            )
-        return aio.secure_channel(target, creds, options=options)
-    interceptors = _token_interceptors(security.auth_token) if security.auth_token else None
-    return aio.insecure_channel(target, options=options, interceptors=interceptors)
-
-
-def _with_token(details: aio.ClientCallDetails, header: tuple[str, str]) -> aio.ClientCallDetails:
-    metadata = list(details.metadata or [])
-    metadata.append(header)
-    return aio.ClientCallDetails(
-        details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
+    """A client channel to the other service, with TLS (mutual with a certificate and key) and
+    the token when configured: the client library's channel, with its retry policy."""
+    return aio_channel(
+        ChannelSettings(
+            target=target,
+            tls_ca=security.tls_ca,
+            tls_cert=security.tls_cert,
+            tls_key=security.tls_key,
+            token=security.auth_token,
+            keepalive=keepalive or ClientKeepalive(),
+        )
     )
-
-
-# One class per call shape: grpc.aio files an interceptor under the first shape it implements
-# only, so a single class implementing all three would add the token to unary calls alone.
-class _UnaryUnaryToken(aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
-    def __init__(self, header: tuple[str, str]) -> None:
-        self._header = header
-
-    async def intercept_unary_unary(self, continuation, details, request):  # type: ignore[no-untyped-def]
-        return await continuation(_with_token(details, self._header), request)
-
-
-class _UnaryStreamToken(aio.UnaryStreamClientInterceptor):  # type: ignore[misc]
-    def __init__(self, header: tuple[str, str]) -> None:
-        self._header = header
-
-    async def intercept_unary_stream(self, continuation, details, request):  # type: ignore[no-untyped-def]
-        return await continuation(_with_token(details, self._header), request)
-
-
-class _StreamStreamToken(aio.StreamStreamClientInterceptor):  # type: ignore[misc]
-    def __init__(self, header: tuple[str, str]) -> None:
-        self._header = header
-
-    async def intercept_stream_stream(self, continuation, details, request_iterator):  # type: ignore[no-untyped-def]
-        return await continuation(_with_token(details, self._header), request_iterator)
-
-
-def _token_interceptors(token: str) -> list[aio.ClientInterceptor]:
-    """Adds the bearer token on a plaintext channel (call credentials need TLS)."""
-    header = ("authorization", f"Bearer {token}")
-    return [_UnaryUnaryToken(header), _UnaryStreamToken(header), _StreamStreamToken(header)]
 
 
 def install_signal_handlers(stop: asyncio.Event) -> None:

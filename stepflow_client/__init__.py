@@ -1,0 +1,46 @@
+"""The Python client of stepflow's services, blocking API (``stepflow_client.aio`` has the same
+names for asyncio). It needs only grpcio and protobuf."""
+
+from __future__ import annotations
+
+from stepflow_client._channel import (
+    ChannelConfigError,
+    ChannelSettings,
+    Keepalive,
+    RetryPolicy,
+    sync_channel,
+)
+from stepflow_common.errors import (
+    AlreadyExists,
+    DeadlineExceeded,
+    FailedPrecondition,
+    Fenced,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    StatusConflict,
+    StepflowError,
+    Unauthenticated,
+    Unavailable,
+    VersionConflict,
+)
+
+__all__ = [
+    "AlreadyExists",
+    "ChannelConfigError",
+    "ChannelSettings",
+    "DeadlineExceeded",
+    "FailedPrecondition",
+    "Fenced",
+    "InvalidArgument",
+    "Keepalive",
+    "NotFound",
+    "ResourceExhausted",
+    "RetryPolicy",
+    "StatusConflict",
+    "StepflowError",
+    "Unauthenticated",
+    "Unavailable",
+    "VersionConflict",
+    "sync_channel",
+]
