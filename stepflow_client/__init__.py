@@ -10,6 +10,7 @@ from stepflow_client._channel import (
     RetryPolicy,
     sync_channel,
 )
+from stepflow_client._sync import MonitorClient, OrchestratorClient
 from stepflow_common.errors import (
     AlreadyExists,
     DeadlineExceeded,
@@ -34,7 +35,9 @@ __all__ = [
     "Fenced",
     "InvalidArgument",
     "Keepalive",
+    "MonitorClient",
     "NotFound",
+    "OrchestratorClient",
     "ResourceExhausted",
     "RetryPolicy",
     "StatusConflict",

@@ -1,8 +1,16 @@
 """The asyncio client of stepflow's services: the names and methods of ``stepflow_client``,
-awaited."""
+awaited (``async for`` over ``watch`` and ``follow``)."""
 
 from __future__ import annotations
 
+from stepflow_client._aio import MonitorClient, OrchestratorClient
 from stepflow_client._channel import ChannelSettings, Keepalive, RetryPolicy, aio_channel
 
-__all__ = ["ChannelSettings", "Keepalive", "RetryPolicy", "aio_channel"]
+__all__ = [
+    "ChannelSettings",
+    "Keepalive",
+    "MonitorClient",
+    "OrchestratorClient",
+    "RetryPolicy",
+    "aio_channel",
+]

@@ -1,0 +1,439 @@
+"""The blocking clients (``stepflow_client``): ``_aio`` method for method, without await.
+Both build requests with ``_requests``; keep them in step."""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Iterator, Mapping
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
+
+import grpc
+
+from stepflow_client import _requests as r
+from stepflow_client._channel import ChannelSettings, Keepalive, RetryPolicy, sync_channel
+from stepflow_client._errors import decode
+from stepflow_common.errors import VersionConflict
+from stepflow_proto.v1 import job_pb2
+from stepflow_proto.v1 import monitor_service_pb2 as m
+from stepflow_proto.v1 import monitor_service_pb2_grpc as m_grpc
+from stepflow_proto.v1 import orchestrator_service_pb2 as o
+from stepflow_proto.v1 import orchestrator_service_pb2_grpc as o_grpc
+
+T = TypeVar("T")
+DEFAULT_RETRY = RetryPolicy()
+
+
+class _Client:
+    """A channel (made from ``target`` and the TLS/token settings, or given ready-made and then
+    not closed here) and every call's defaults: its deadline and wait_for_ready."""
+
+    def __init__(
+        self,
+        target: str | grpc.Channel,
+        *,
+        tls: bool = False,
+        tls_ca: str = "",
+        tls_cert: str = "",
+        tls_key: str = "",
+        tls_server_name: str = "",
+        token: str = "",
+        timeout: float | None = r.DEFAULT_TIMEOUT_S,
+        wait_for_ready: bool = False,
+        keepalive: Keepalive | None = None,
+        retry: RetryPolicy | None = DEFAULT_RETRY,
+        options: tuple[tuple[str, Any], ...] = (),
+    ) -> None:
+        if isinstance(target, str):
+            self.channel = sync_channel(
+                ChannelSettings(
+                    target=target,
+                    tls=tls,
+                    tls_ca=tls_ca,
+                    tls_cert=tls_cert,
+                    tls_key=tls_key,
+                    tls_server_name=tls_server_name,
+                    token=token,
+                    keepalive=keepalive or Keepalive(),
+                    retry=retry,
+                    extra_options=options,
+                )
+            )
+            self._owns_channel = True
+        else:
+            self.channel = target
+            self._owns_channel = False
+        self.timeout = timeout
+        self.wait_for_ready = wait_for_ready
+
+    def close(self) -> None:
+        """Close the channel, if this client made it."""
+        if self._owns_channel:
+            self.channel.close()
+
+    def __enter__(self: _C) -> _C:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _unary(
+        self,
+        method: Callable[..., T],
+        request: Any,
+        timeout: float | None,
+        wait_for_ready: bool | None,
+    ) -> T:
+        try:
+            return method(
+                request,
+                timeout=self.timeout if timeout is None else timeout,
+                wait_for_ready=self.wait_for_ready if wait_for_ready is None else wait_for_ready,
+            )
+        except grpc.RpcError as exc:
+            raise decode(exc) from exc
+
+
+_C = TypeVar("_C", bound=_Client)
+
+
+class MonitorClient(_Client):
+    """Every MonitorService call, returning the protobuf messages; failures raise the typed
+    errors of ``stepflow_client`` (``NotFound``, ``StatusConflict``, ``VersionConflict``…).
+    ``timeout`` (seconds) is each call's default deadline; every method takes its own too."""
+
+    def __init__(self, target: str | grpc.Channel, **settings: Any) -> None:
+        super().__init__(target, **settings)
+        self.stub = m_grpc.MonitorServiceStub(self.channel)
+
+    def create_job(
+        self,
+        *,
+        kind: r.KindLike,
+        name: str,
+        parent_id: str = "",
+        type: str = "",
+        metadata: Mapping[str, Any] | None = None,
+        job_timeout: float | str | timedelta | None = None,
+        request_id: str = "",
+        owner: str = "",
+        definition: Mapping[str, Any] | None = None,
+        timeout: float | None = None,
+        wait_for_ready: bool | None = None,
+    ) -> job_pb2.Job:
+        """Create a manager, step or child (idempotent by ``request_id``); ``job_timeout`` is
+        the job's own deadline from now, ``timeout`` the call's."""
+        request = r.create_job(
+            kind=kind,
+            name=name,
+            parent_id=parent_id,
+            type=type,
+            metadata=metadata,
+            timeout=job_timeout,
+            request_id=request_id,
+            owner=owner,
+            definition=definition,
+        )
+        resp: m.CreateJobResponse = self._unary(
+            self.stub.CreateJob, request, timeout, wait_for_ready
+        )
+        return resp.job
+
+    def get_job(
+        self,
+        job_id: str,
+        *,
+        include_definition: bool = False,
+        timeout: float | None = None,
+        wait_for_ready: bool | None = None,
+    ) -> job_pb2.Job:
+        request = m.GetJobRequest(job_id=job_id, include_definition=include_definition)
+        resp: m.GetJobResponse = self._unary(self.stub.GetJob, request, timeout, wait_for_ready)
+        return resp.job
+
+    def list_jobs(
+        self,
+        *,
+        parent_id: str = "",
+        manager_id: str = "",
+        kind: r.KindLike | None = None,
+        status: r.StatusLike | None = None,
+        owner: str = "",
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
+        page_size: int = 0,
+        page_token: str = "",
+        timeout: float | None = None,
+        wait_for_ready: bool | None = None,
+    ) -> m.ListJobsResponse:
+        """One page (newest first); ``iter_jobs`` walks them all."""
+        request = r.list_jobs(
+            parent_id=parent_id,
+            manager_id=manager_id,
+            kind=kind,
+            status=status,
+            owner=owner,
+            created_after=created_after,
+            created_before=created_before,
+            page_size=page_size,
+            page_token=page_token,
+        )
+        resp: m.ListJobsResponse = self._unary(self.stub.ListJobs, request, timeout, wait_for_ready)
+        return resp
+
+    def iter_jobs(self, **filters: Any) -> Iterator[job_pb2.Job]:
+        """Every job ``list_jobs(**filters)`` matches, page after page."""
+        token = ""
+        while True:
+            page = self.list_jobs(**filters, page_token=token)
+            yield from page.jobs
+            token = page.next_page_token
+            if not token:
+                return
+
+    def update_job_status(
+        self,
+        job_id: str,
+        status: r.StatusLike,
+        *,
+        error: str = "",
+        end_reason: str = "",
+        owner: str = "",
+        timeout: float | None = None,
+        wait_for_ready: bool | None = None,
+    ) -> job_pb2.Job:
+        """Move a job forward (a status it already has is a no-op; backwards or out of a
+        terminal status raises StatusConflict). ``cancelled`` cancels everything under it."""
+        request = r.update_job_status(
+            job_id, status, error=error, end_reason=end_reason, owner=owner
+        )
+        resp: m.UpdateJobStatusResponse = self._unary(
+            self.stub.UpdateJobStatus, request, timeout, wait_for_ready
+        )
+        return resp.job
+
+    def cancel_job(
+        self, job_id: str, *, reason: str = "", timeout: float | None = None
+    ) -> job_pb2.Job:
+        """Cancel a job and everything under it (UpdateJobStatus ``cancelled``)."""
+        return self.update_job_status(job_id, "cancelled", error=reason, timeout=timeout)
+
+    def update_job_metadata(
+        self,
+        job_id: str,
+        metadata: Mapping[str, Any],
+        *,
+        expected_version: int | None = None,
+        owner: str = "",
+        timeout: float | None = None,
+        wait_for_ready: bool | None = None,
+    ) -> job_pb2.Job:
+        """Shallow-merge ``metadata`` (None deletes a key); with ``expected_version``, raises
+        VersionConflict if the job moved on since that version."""
+        request = r.update_job_metadata(
+            job_id, metadata, expected_version=expected_version, owner=owner
+        )
+        resp: m.UpdateJobMetadataResponse = self._unary(
+            self.stub.UpdateJobMetadata, request, timeout, wait_for_ready
+        )
+        return resp.job
+
+    def update_step_stat_in_manager(
+        self,
+        manager_id: str,
+        step_id: str,
+        status: r.StatusLike,
+        *,
+        timeout: float | None = None,
+        wait_for_ready: bool | None = None,
+    ) -> m.UpdateStepStatInManagerResponse:
+        request = m.UpdateStepStatInManagerRequest(
+            manager_id=manager_id, step_id=step_id, status=r.status_pb(status)
+        )
+        resp: m.UpdateStepStatInManagerResponse = self._unary(
+            self.stub.UpdateStepStatInManager, request, timeout, wait_for_ready
+        )
+        return resp
+
+    def heartbeat(
+        self,
+        *,
+        owner: str,
+        instance: str,
+        lease: float | str | timedelta,
+        max_adopt: int = 0,
+        timeout: float | None = None,
+        wait_for_ready: bool | None = None,
+    ) -> m.HeartbeatResponse:
+        """Take or renew an orchestrator's lease (``lease`` seconds, or "30s")."""
+        request = r.heartbeat(owner=owner, instance=instance, lease=lease, max_adopt=max_adopt)
+        resp: m.HeartbeatResponse = self._unary(
+            self.stub.Heartbeat, request, timeout, wait_for_ready
+        )
+        return resp
+
+    def release_lease(
+        self, owner: str, *, timeout: float | None = None, wait_for_ready: bool | None = None
+    ) -> m.ReleaseLeaseResponse:
+        resp: m.ReleaseLeaseResponse = self._unary(
+            self.stub.ReleaseLease, m.ReleaseLeaseRequest(owner=owner), timeout, wait_for_ready
+        )
+        return resp
+
+    def update_metadata(
+        self,
+        job_id: str,
+        fn: r.MetadataFn,
+        *,
+        attempts: int = r.UPDATE_METADATA_ATTEMPTS,
+        owner: str = "",
+        timeout: float | None = None,
+    ) -> job_pb2.Job:
+        """Read-modify-write of a job's metadata without losing anyone's update: ``fn`` gets
+        a copy of the metadata (a plain dict) and returns the new one (or changes it in place
+        and returns None); the changed keys are written with ``expected_version``, and on a
+        version conflict the job is read and ``fn`` applied again, up to ``attempts`` times
+        (then VersionConflict). Returns the job as written (as read, if ``fn`` changed
+        nothing)."""
+        for attempt in range(attempts):
+            job = self.get_job(job_id, timeout=timeout)
+            before = r.metadata_of(job)
+            patch = r.metadata_patch(before, r.apply(fn, copy.deepcopy(before)))
+            if not patch:
+                return job
+            try:
+                return self.update_job_metadata(
+                    job_id, patch, expected_version=job.version, owner=owner, timeout=timeout
+                )
+            except VersionConflict:
+                if attempt + 1 >= attempts:
+                    raise
+                time.sleep(r.backoff(attempt))
+        raise ValueError("attempts must be at least 1")
+
+    def watch_job(
+        self, job_id: str, *, after_change_seq: int = 0, wait_for_ready: bool | None = None
+    ) -> Iterator[job_pb2.Job]:
+        """One WatchJob stream as it comes: it breaks when the connection does (``watch``
+        resumes instead)."""
+        call = self.stub.WatchJob(
+            m.WatchJobRequest(job_id=job_id, after_change_seq=after_change_seq),
+            wait_for_ready=self.wait_for_ready if wait_for_ready is None else wait_for_ready,
+        )
+        try:
+            for resp in call:
+                yield resp.job
+        except grpc.RpcError as exc:
+            raise decode(exc) from exc
+        finally:
+            call.cancel()
+
+    def watch(
+        self,
+        job_id: str,
+        *,
+        after_change_seq: int = 0,
+        reconnect_for: float | None = None,
+    ) -> Iterator[job_pb2.Job]:
+        """The job's states until it is terminal (that state included). A broken stream (the
+        monitor restarting, the network) is resumed from the last ``change_seq`` seen, with
+        backoff, so no state is shown twice and the latest one always arrives. Gives up after
+        ``reconnect_for`` seconds without the monitor (None: never)."""
+        seen = after_change_seq
+        attempt = 0
+        outage_since: float | None = None
+        while True:
+            call = self.stub.WatchJob(
+                m.WatchJobRequest(job_id=job_id, after_change_seq=seen), wait_for_ready=True
+            )
+            try:
+                for resp in call:
+                    attempt, outage_since = 0, None
+                    seen = resp.job.change_seq
+                    yield resp.job
+                    if r.is_terminal(resp.job):
+                        return
+                # The stream ended without a terminal state: the job may have ended at a
+                # change_seq already seen, else subscribe again.
+                job = self.get_job(job_id)
+                if r.is_terminal(job):
+                    if job.change_seq > seen:
+                        yield job
+                    return
+            except grpc.RpcError as exc:
+                if exc.code() not in r.RECONNECT_CODES:
+                    raise decode(exc) from exc
+                now = time.monotonic()
+                outage_since = now if outage_since is None else outage_since
+                if reconnect_for is not None and now - outage_since >= reconnect_for:
+                    raise decode(exc) from exc
+            finally:
+                call.cancel()
+            time.sleep(r.backoff(attempt))
+            attempt += 1
+
+    # events(...): the batched, acknowledged child-event stream (StreamChildEvents) is
+    # provided by ``stepflow_client._events`` and is exposed here as ``events``.
+
+
+class OrchestratorClient(_Client):
+    """OrchestratorService calls: submit a job, cancel one, list the step types; ``follow``
+    shows a job's states through ``monitor`` (a MonitorClient)."""
+
+    def __init__(
+        self, target: str | grpc.Channel, *, monitor: MonitorClient | None = None, **settings: Any
+    ) -> None:
+        super().__init__(target, **settings)
+        self.stub = o_grpc.OrchestratorServiceStub(self.channel)
+        self.monitor = monitor
+
+    def submit(
+        self,
+        definition: o.JobDefinition | Mapping[str, Any],
+        *,
+        request_id: str = "",
+        timeout: float | None = None,
+        wait_for_ready: bool | None = None,
+    ) -> str:
+        """Start a job; returns its manager id. ``definition`` is a JobDefinition or the job
+        file's structure (a dict as TOML or JSON gives it). A ``request_id`` (one is made when
+        none is given) makes a retried submit return the same job."""
+        request = o.SubmitJobRequest(
+            definition=r.job_definition(definition), request_id=request_id or r.new_request_id()
+        )
+        resp: o.SubmitJobResponse = self._unary(
+            self.stub.SubmitJob, request, timeout, wait_for_ready
+        )
+        return resp.manager_id
+
+    def cancel(
+        self,
+        job_id: str,
+        *,
+        reason: str = "",
+        timeout: float | None = None,
+        wait_for_ready: bool | None = None,
+    ) -> job_pb2.Job:
+        """Cancel a job (manager, step or child) and everything under it; returns the job."""
+        resp: o.CancelJobResponse = self._unary(
+            self.stub.CancelJob,
+            o.CancelJobRequest(job_id=job_id, reason=reason),
+            timeout,
+            wait_for_ready,
+        )
+        return resp.job
+
+    def list_workers(
+        self, *, timeout: float | None = None, wait_for_ready: bool | None = None
+    ) -> list[o.WorkerInfo]:
+        resp: o.ListWorkersResponse = self._unary(
+            self.stub.ListWorkers, o.ListWorkersRequest(), timeout, wait_for_ready
+        )
+        return list(resp.workers)
+
+    def follow(self, job_id: str, *, after_change_seq: int = 0) -> Iterator[job_pb2.Job]:
+        """The job's states until it ends, from the monitor (``MonitorClient.watch``)."""
+        if self.monitor is None:
+            raise ValueError("follow needs the monitor: OrchestratorClient(..., monitor=...)")
+        yield from self.monitor.watch(job_id, after_change_seq=after_change_seq)
