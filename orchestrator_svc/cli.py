@@ -7,24 +7,24 @@ import asyncio
 import contextlib
 import signal
 import sys
-import uuid
+from collections.abc import AsyncIterator
+from typing import Any
 
-import grpc
 from grpc import aio
 
 from orchestrator_svc import definitions
-from orchestrator_svc.monitor_client import MonitorClient
+from orchestrator_svc.convert import job_from_pb
 from orchestrator_svc.records import Job
 from orchestrator_svc.server import DEFAULT_MONITOR, DEFAULT_PORT, OrchestratorConfig, serve
 from orchestrator_svc.workers.registry import WorkerLoadError
+from stepflow_client import aio as client
 from stepflow_common import cli, logs, metrics, serving
 from stepflow_common.cli import add_flag, add_log_level, add_server_flags, security_from
 from stepflow_common.durations import parse_duration
-from stepflow_common.errors import InvalidArgument, StepflowError
+from stepflow_common.errors import InvalidArgument, NotFound, StepflowError
 from stepflow_common.proto_status import STATUS_FROM_PB
 from stepflow_common.status import Status
-from stepflow_proto.v1 import orchestrator_service_pb2 as o
-from stepflow_proto.v1 import orchestrator_service_pb2_grpc as o_grpc
+from stepflow_proto.v1 import job_pb2
 
 PROG = "orchestrator-svc"
 COMMAND = "orchestrator"
@@ -73,6 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(
         serve_p, COMMAND, "--monitor-tls-ca", "", "PEM CA to verify the monitor's TLS certificate"
     )
+    add_flag(
+        serve_p,
+        COMMAND,
+        "--monitor-tls-cert",
+        "",
+        "PEM client certificate for mutual TLS with the monitor (with --monitor-tls-key)",
+    )
+    add_flag(serve_p, COMMAND, "--monitor-tls-key", "", "PEM private key for --monitor-tls-cert")
     add_flag(
         serve_p,
         COMMAND,
@@ -151,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
         shown_default="a new one",
     )
     add_flag(submit_p, COMMAND, "--auth-token", "", "bearer token for both services")
+    cli.add_client_tls_flags(submit_p, COMMAND, "the orchestrator's and the monitor's")
     _client_flags(submit_p)
 
     cancel_p = sub.add_parser(
@@ -167,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_flag(cancel_p, COMMAND, "--reason", "", "why (recorded as the job's error)")
     add_flag(cancel_p, COMMAND, "--auth-token", "", "bearer token")
+    cli.add_client_tls_flags(cancel_p, COMMAND, "the orchestrator's")
     _client_flags(cancel_p)
     return parser
 
@@ -214,6 +224,12 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _serve_config(args: argparse.Namespace) -> OrchestratorConfig:
+    cli.check_tls(
+        args.monitor_tls_ca,
+        args.monitor_tls_cert,
+        args.monitor_tls_key,
+        ("--monitor-tls-ca", "--monitor-tls-cert", "--monitor-tls-key"),
+    )
     return OrchestratorConfig(
         host=args.host,
         port=args.port,
@@ -221,7 +237,10 @@ def _serve_config(args: argparse.Namespace) -> OrchestratorConfig:
         owner=args.owner,
         security=security_from(args),
         monitor_security=serving.Security(
-            auth_token=args.monitor_token, tls_ca=args.monitor_tls_ca
+            auth_token=args.monitor_token,
+            tls_ca=args.monitor_tls_ca,
+            tls_cert=args.monitor_tls_cert,
+            tls_key=args.monitor_tls_key,
         ),
         shutdown_grace_s=parse_duration(args.shutdown_grace, "--shutdown-grace", allow_zero=True),
         lease_s=_lease(args.lease),
@@ -292,24 +311,41 @@ async def _connect(
     )
 
 
+def _client_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The connection settings submit and cancel share (checked: CliError when a TLS file is
+    missing or a certificate comes without its key)."""
+    cli.check_tls(args.tls_ca, args.tls_cert, args.tls_key, ("--tls-ca", "--tls-cert", "--tls-key"))
+    return {
+        "tls_ca": args.tls_ca,
+        "tls_cert": args.tls_cert,
+        "tls_key": args.tls_key,
+        "token": args.auth_token,
+        "timeout": CALL_TIMEOUT_S,
+    }
+
+
+def _refused(exc: StepflowError, service: str, address: str, flag: str) -> cli.CliError:
+    """A failed call as the command's one line (by its gRPC status, which the error wraps)."""
+    cause = exc.__cause__
+    if isinstance(cause, aio.AioRpcError):
+        return cli.rpc_error(cause, service, address, flag)
+    return cli.CliError(str(exc), cli.EXIT_FAILED)
+
+
 async def _submit(args: argparse.Namespace) -> int:
     spec = _load_job(args.file)
     connect_s = parse_duration(args.connect_timeout, "--connect-timeout", allow_zero=True)
-    security = serving.Security(auth_token=args.auth_token)
-    async with serving.channel(args.orchestrator, security) as channel:
-        await _connect(channel, "orchestrator", args.orchestrator, "--orchestrator", connect_s)
-        stub = o_grpc.OrchestratorServiceStub(channel)
+    settings = _client_settings(args)
+    async with client.OrchestratorClient(args.orchestrator, **settings) as orchestrator:
+        await _connect(
+            orchestrator.channel, "orchestrator", args.orchestrator, "--orchestrator", connect_s
+        )
         try:
-            response = await stub.SubmitJob(
-                o.SubmitJobRequest(
-                    definition=definitions.to_proto(spec),
-                    request_id=args.request_id or uuid.uuid4().hex,
-                ),
-                timeout=CALL_TIMEOUT_S,
+            manager_id = await orchestrator.submit(
+                definitions.to_proto(spec), request_id=args.request_id
             )
-        except aio.AioRpcError as exc:
-            raise cli.rpc_error(exc, "orchestrator", args.orchestrator, "--orchestrator") from exc
-    manager_id = response.manager_id
+        except StepflowError as exc:
+            raise _refused(exc, "orchestrator", args.orchestrator, "--orchestrator") from exc
     if not args.follow:
         print(manager_id)
         return cli.EXIT_OK
@@ -318,22 +354,27 @@ async def _submit(args: argparse.Namespace) -> int:
         file=sys.stderr,
         flush=True,
     )
-    async with serving.channel(args.monitor, security) as channel:
-        await _connect(channel, "monitor", args.monitor, "--monitor", connect_s)
-        final = await _follow_until_interrupted(args, channel, manager_id)
+    async with client.MonitorClient(args.monitor, **settings) as monitor:
+        await _connect(monitor.channel, "monitor", args.monitor, "--monitor", connect_s)
+        final = await _follow_until_interrupted(args, monitor, manager_id)
     if final.status is Status.COMPLETED:
         return cli.EXIT_OK
     return cli.EXIT_JOB_NOT_COMPLETED
 
 
+async def _records(jobs: AsyncIterator[job_pb2.Job]) -> AsyncIterator[Job]:
+    async for job in jobs:
+        yield job_from_pb(job)
+
+
 async def _follow_until_interrupted(
-    args: argparse.Namespace, channel: aio.Channel, manager_id: str
+    args: argparse.Namespace, monitor: client.MonitorClient, manager_id: str
 ) -> Job:
     """The live view until the job ends; Ctrl-C stops the view (not the job) and says how to
     cancel it."""
     from orchestrator_svc.follow import follow
 
-    task = asyncio.ensure_future(follow(MonitorClient(channel).watch(manager_id)))
+    task = asyncio.ensure_future(follow(_records(monitor.watch(manager_id))))
     interrupted: list[bool] = []
 
     def on_sigint() -> None:
@@ -362,22 +403,17 @@ async def _follow_until_interrupted(
 
 async def _cancel(args: argparse.Namespace) -> int:
     connect_s = parse_duration(args.connect_timeout, "--connect-timeout", allow_zero=True)
-    security = serving.Security(auth_token=args.auth_token)
-    async with serving.channel(args.orchestrator, security) as channel:
-        await _connect(channel, "orchestrator", args.orchestrator, "--orchestrator", connect_s)
-        stub = o_grpc.OrchestratorServiceStub(channel)
+    async with client.OrchestratorClient(args.orchestrator, **_client_settings(args)) as orch:
+        await _connect(orch.channel, "orchestrator", args.orchestrator, "--orchestrator", connect_s)
         try:
-            response = await stub.CancelJob(
-                o.CancelJobRequest(job_id=args.job_id, reason=args.reason),
-                timeout=CALL_TIMEOUT_S,
-            )
-        except aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.NOT_FOUND:
-                raise cli.CliError(f"no job {args.job_id}", cli.EXIT_FAILED) from exc
-            raise cli.rpc_error(exc, "orchestrator", args.orchestrator, "--orchestrator") from exc
+            job = await orch.cancel(args.job_id, reason=args.reason)
+        except NotFound as exc:
+            raise cli.CliError(f"no job {args.job_id}", cli.EXIT_FAILED) from exc
+        except StepflowError as exc:
+            raise _refused(exc, "orchestrator", args.orchestrator, "--orchestrator") from exc
     from orchestrator_svc.follow import status_name
 
-    print(f"{response.job.id}: {status_name(STATUS_FROM_PB.get(response.job.status))}")
+    print(f"{job.id}: {status_name(STATUS_FROM_PB.get(job.status))}")
     return cli.EXIT_OK
 
 

@@ -10,6 +10,7 @@ from stepflow_client._channel import (
     RetryPolicy,
     sync_channel,
 )
+from stepflow_client._requests import metadata_of
 from stepflow_client._sync import MonitorClient, OrchestratorClient
 from stepflow_common.errors import (
     AlreadyExists,
@@ -45,5 +46,6 @@ __all__ = [
     "Unauthenticated",
     "Unavailable",
     "VersionConflict",
+    "metadata_of",
     "sync_channel",
 ]

@@ -15,6 +15,7 @@ import grpc
 import structlog
 from grpc import aio
 
+from stepflow_client._channel import ChannelConfigError, check_tls_files
 from stepflow_common import logs
 from stepflow_common.serving import Security
 
@@ -124,6 +125,28 @@ def security_from(args: argparse.Namespace) -> Security:
     return Security(
         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca, auth_token=args.auth_token
     )
+
+
+def add_client_tls_flags(parser: argparse.ArgumentParser, command: str, services: str) -> None:
+    """--tls-ca, --tls-cert and --tls-key of a command that calls ``services``."""
+    add_flag(parser, command, "--tls-ca", "", f"PEM CA to verify {services}' TLS certificate")
+    add_flag(
+        parser,
+        command,
+        "--tls-cert",
+        "",
+        f"PEM client certificate for mutual TLS with {services} (with --tls-key)",
+    )
+    add_flag(parser, command, "--tls-key", "", "PEM private key for --tls-cert")
+
+
+def check_tls(ca: str, cert: str, key: str, flags: tuple[str, str, str]) -> None:
+    """CliError (bad input) unless the TLS files named by ``flags`` can work: a certificate
+    comes with its key, and each file exists."""
+    try:
+        check_tls_files(ca, cert, key, names=flags)
+    except ChannelConfigError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from exc
 
 
 def check_listen(host: str, port: int) -> None:
