@@ -169,17 +169,19 @@ async def _connect(
             why = "the monitor is not serving yet"
         except aio.AioRpcError as exc:
             timed_out = exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-            why = (
-                "no answer: is the monitor running there?"
-                if timed_out
-                else f"{exc.code().name}: {exc.details()}"
-            )
+            why = await _why_no_answer(stub) if timed_out else f"{exc.code().name}: {exc.details()}"
         except Unavailable as exc:
             why = f"taking the lease failed: {exc}"
         except StepflowError as exc:
             # Not a matter of waiting (a wrong token, say): stop and say why.
             log.error("the monitor refuses this orchestrator", monitor=config.monitor, why=str(exc))
             raise
+        security = config.monitor_security
+        if why.startswith("UNAVAILABLE") and security.tls_ca and not security.tls_cert:
+            why += (
+                "; if the monitor requires client certificates (its --tls-ca), give this "
+                "orchestrator one with --monitor-tls-cert and --monitor-tls-key"
+            )
         now = time.monotonic()
         if told_at is None:
             log.warning(
@@ -210,6 +212,18 @@ async def _connect(
         waited_s=round(time.monotonic() - started, 1),
     )
     await orchestrator.lease_loop()
+
+
+async def _why_no_answer(stub: health_pb2_grpc.HealthStub) -> str:
+    """Why a call that waited for the monitor got no answer: one call that does not wait
+    reports the connection's last error (refused, a TLS handshake the monitor rejected, a
+    certificate it does not trust), which a person can act on."""
+    try:
+        await stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0, wait_for_ready=False)
+    except aio.AioRpcError as exc:
+        if exc.code() == grpc.StatusCode.UNAVAILABLE:
+            return f"UNAVAILABLE: {exc.details()}"
+    return "no answer: is the monitor running there?"
 
 
 async def serve(config: OrchestratorConfig) -> int:

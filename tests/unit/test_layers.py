@@ -1,9 +1,12 @@
-"""The layers hold: only ``monitor_svc/store`` (and its migrations) import SQLAlchemy, and the
-lifecycle rules import neither SQL nor gRPC."""
+"""The layers hold: only ``monitor_svc/store`` (and its migrations) import SQLAlchemy, the
+lifecycle rules import neither SQL nor gRPC, and the Python client needs nothing of the
+services' dependencies."""
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -46,3 +49,38 @@ def test_the_lifecycle_imports_no_sql_and_no_grpc(path: Path) -> None:
     banned = {"sqlalchemy", "grpc", "stepflow_proto", "google"}
     assert not {m for m in _imports(path) if m.split(".")[0] in banned}
     assert not {m for m in _imports(path) if m.startswith("monitor_svc.store")}
+
+
+CLIENT = ROOT / "stepflow_client"
+SERVER_ONLY = ("sqlalchemy", "structlog", "monitor_svc", "orchestrator_svc", "rich", "alembic")
+
+
+def test_the_client_library_loads_no_server_dependency() -> None:
+    """``stepflow_client`` (and ``.aio``) need grpcio and protobuf only: imported in a fresh
+    interpreter, none of the services' own dependencies is loaded."""
+    code = (
+        "import sys, stepflow_client, stepflow_client.aio\n"
+        f"print(sorted(m for m in sys.modules if m.split('.')[0] in {SERVER_ONLY!r}))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.strip() == "[]", done.stdout
+
+
+@pytest.mark.parametrize("path", _modules(CLIENT), ids=lambda p: str(p.relative_to(ROOT)))
+def test_client_modules_import_only_grpc_protobuf_and_pure_common_modules(path: Path) -> None:
+    allowed_common = {
+        "stepflow_common",
+        "stepflow_common.errors",
+        "stepflow_common.rpc_errors",
+        "stepflow_common.status",
+        "stepflow_common.proto_status",
+        "stepflow_common.limits",
+        "stepflow_common.durations",
+    }
+    for module in _imports(path):
+        top = module.split(".")[0]
+        if top == "stepflow_common":
+            assert module in allowed_common, f"{path.name} imports {module}"
+        assert top not in SERVER_ONLY, f"{path.name} imports {module}"
