@@ -10,7 +10,7 @@ from stepflow_client._channel import (
     RetryPolicy,
     sync_channel,
 )
-from stepflow_client._requests import metadata_of
+from stepflow_client._requests import is_terminal, metadata_of, status_of
 from stepflow_client._sync import MonitorClient, OrchestratorClient
 from stepflow_common.errors import (
     AlreadyExists,
@@ -46,6 +46,8 @@ __all__ = [
     "Unauthenticated",
     "Unavailable",
     "VersionConflict",
+    "is_terminal",
     "metadata_of",
+    "status_of",
     "sync_channel",
 ]

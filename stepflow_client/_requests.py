@@ -14,7 +14,7 @@ import grpc
 from google.protobuf import duration_pb2, json_format, struct_pb2
 
 from stepflow_common.durations import parse_duration
-from stepflow_common.proto_status import KIND_TO_PB, STATUS_TO_PB, TERMINAL_PB
+from stepflow_common.proto_status import KIND_TO_PB, STATUS_FROM_PB, STATUS_TO_PB, TERMINAL_PB
 from stepflow_common.status import Kind, Status
 from stepflow_proto.v1 import job_pb2
 from stepflow_proto.v1 import monitor_service_pb2 as m
@@ -53,6 +53,12 @@ def status_pb(status: StatusLike) -> job_pb2.JobStatus:
     if isinstance(status, int) and not isinstance(status, str):
         return cast(job_pb2.JobStatus, status)
     return STATUS_TO_PB[Status(str(status))]
+
+
+def status_of(job: job_pb2.Job) -> str:
+    """A job's status by its lower-case name ("running", "completed"…), as metadata spells it."""
+    status = STATUS_FROM_PB.get(job.status)
+    return "unspecified" if status is None else status.value
 
 
 def is_terminal(job: job_pb2.Job) -> bool:
