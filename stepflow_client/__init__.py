@@ -6,6 +6,7 @@ from __future__ import annotations
 from stepflow_client._channel import (
     ChannelConfigError,
     ChannelSettings,
+    ClientSettings,
     Keepalive,
     RetryPolicy,
     sync_channel,
@@ -31,6 +32,7 @@ __all__ = [
     "AlreadyExists",
     "ChannelConfigError",
     "ChannelSettings",
+    "ClientSettings",
     "DeadlineExceeded",
     "FailedPrecondition",
     "Fenced",

@@ -7,12 +7,18 @@ import asyncio
 import copy
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from datetime import datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any, TypeVar, Unpack
 
 from grpc import aio
 
 from stepflow_client import _requests as r
-from stepflow_client._channel import ChannelSettings, Keepalive, RetryPolicy, aio_channel
+from stepflow_client._channel import (
+    ChannelSettings,
+    ClientSettings,
+    Keepalive,
+    RetryPolicy,
+    aio_channel,
+)
 from stepflow_client._errors import decode
 from stepflow_common.errors import VersionConflict
 from stepflow_proto.v1 import job_pb2
@@ -29,35 +35,21 @@ class _Client:
     """A channel (made from ``target`` and the TLS/token settings, or given ready-made and then
     not closed here) and every call's defaults: its deadline and wait_for_ready."""
 
-    def __init__(
-        self,
-        target: str | aio.Channel,
-        *,
-        tls: bool = False,
-        tls_ca: str = "",
-        tls_cert: str = "",
-        tls_key: str = "",
-        tls_server_name: str = "",
-        token: str = "",
-        timeout: float | None = r.DEFAULT_TIMEOUT_S,
-        wait_for_ready: bool = False,
-        keepalive: Keepalive | None = None,
-        retry: RetryPolicy | None = DEFAULT_RETRY,
-        options: tuple[tuple[str, Any], ...] = (),
-    ) -> None:
+    def __init__(self, target: str | aio.Channel, **settings: Unpack[ClientSettings]) -> None:
+        timeout = settings.get("timeout", r.DEFAULT_TIMEOUT_S)
         if isinstance(target, str):
             self.channel = aio_channel(
                 ChannelSettings(
                     target=target,
-                    tls=tls,
-                    tls_ca=tls_ca,
-                    tls_cert=tls_cert,
-                    tls_key=tls_key,
-                    tls_server_name=tls_server_name,
-                    token=token,
-                    keepalive=keepalive or Keepalive(),
-                    retry=retry,
-                    extra_options=options,
+                    tls=settings.get("tls", False),
+                    tls_ca=settings.get("tls_ca", ""),
+                    tls_cert=settings.get("tls_cert", ""),
+                    tls_key=settings.get("tls_key", ""),
+                    tls_server_name=settings.get("tls_server_name", ""),
+                    token=settings.get("token", ""),
+                    keepalive=settings.get("keepalive") or Keepalive(),
+                    retry=settings.get("retry", DEFAULT_RETRY),
+                    extra_options=settings.get("options", ()),
                 )
             )
             self._owns_channel = True
@@ -65,7 +57,7 @@ class _Client:
             self.channel = target
             self._owns_channel = False
         self.timeout = timeout
-        self.wait_for_ready = wait_for_ready
+        self.wait_for_ready = settings.get("wait_for_ready", False)
 
     async def close(self) -> None:
         """Close the channel, if this client made it."""
@@ -103,7 +95,7 @@ class MonitorClient(_Client):
     errors of ``stepflow_client`` (``NotFound``, ``StatusConflict``, ``VersionConflict``…).
     ``timeout`` (seconds) is each call's default deadline; every method takes its own too."""
 
-    def __init__(self, target: str | aio.Channel, **settings: Any) -> None:
+    def __init__(self, target: str | aio.Channel, **settings: Unpack[ClientSettings]) -> None:
         super().__init__(target, **settings)
         self.stub = m_grpc.MonitorServiceStub(self.channel)
 
@@ -388,7 +380,11 @@ class OrchestratorClient(_Client):
     shows a job's states through ``monitor`` (a MonitorClient)."""
 
     def __init__(
-        self, target: str | aio.Channel, *, monitor: MonitorClient | None = None, **settings: Any
+        self,
+        target: str | aio.Channel,
+        *,
+        monitor: MonitorClient | None = None,
+        **settings: Unpack[ClientSettings],
     ) -> None:
         super().__init__(target, **settings)
         self.stub = o_grpc.OrchestratorServiceStub(self.channel)

@@ -7,7 +7,7 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import grpc
 from grpc import aio
@@ -35,6 +35,25 @@ RETRIED_METHODS: tuple[tuple[str, str], ...] = (
     (ORCHESTRATOR_SERVICE, "CancelJob"),
     (ORCHESTRATOR_SERVICE, "ListWorkers"),
 )
+
+
+class ClientSettings(TypedDict, total=False):
+    """The keywords every client takes beside its target: how to reach the service (see
+    ``ChannelSettings``; ``options`` are extra channel arguments) and each call's defaults
+    (``timeout``: the deadline in seconds, None for none; ``wait_for_ready``: wait for the
+    service to come up instead of failing at once)."""
+
+    tls: bool
+    tls_ca: str
+    tls_cert: str
+    tls_key: str
+    tls_server_name: str
+    token: str
+    keepalive: Keepalive | None
+    retry: RetryPolicy | None
+    options: tuple[tuple[str, Any], ...]
+    timeout: float | None
+    wait_for_ready: bool
 
 
 class ChannelConfigError(ValueError):

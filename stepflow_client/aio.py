@@ -4,10 +4,17 @@ awaited (``async for`` over ``watch`` and ``follow``)."""
 from __future__ import annotations
 
 from stepflow_client._aio import MonitorClient, OrchestratorClient
-from stepflow_client._channel import ChannelSettings, Keepalive, RetryPolicy, aio_channel
+from stepflow_client._channel import (
+    ChannelSettings,
+    ClientSettings,
+    Keepalive,
+    RetryPolicy,
+    aio_channel,
+)
 
 __all__ = [
     "ChannelSettings",
+    "ClientSettings",
     "Keepalive",
     "MonitorClient",
     "OrchestratorClient",
