@@ -287,7 +287,9 @@ class MonitorClient(_Client):
         and returns None); the changed keys are written with ``expected_version``, and on a
         version conflict the job is read and ``fn`` applied again, up to ``attempts`` times
         (then VersionConflict). Returns the job as written (as read, if ``fn`` changed
-        nothing)."""
+        nothing). ``fn`` may run more than once: it must only compute. A write whose answer
+        was lost with its connection is retried; if it had been applied, the retry meets a
+        version conflict and ``fn`` runs again on the result."""
         for attempt in range(attempts):
             job = self.get_job(job_id, timeout=timeout)
             before = r.metadata_of(job)
@@ -365,8 +367,8 @@ class MonitorClient(_Client):
             time.sleep(r.backoff(attempt))
             attempt += 1
 
-    # events(...): the batched, acknowledged child-event stream (StreamChildEvents) is
-    # provided by ``stepflow_client._events`` and is exposed here as ``events``.
+    # -- events(...) goes here: the batched, acknowledged, resending child-event stream
+    # (StreamChildEvents), built in ``stepflow_client._events``. ---------------------------
 
 
 class OrchestratorClient(_Client):
