@@ -435,3 +435,51 @@ async def test_the_client_uses_a_channel_it_is_given_and_leaves_it_open(
         assert channel.get_state() != grpc.ChannelConnectivity.SHUTDOWN
         stub = m_grpc.MonitorServiceStub(channel)
         assert (await stub.GetJob(m.GetJobRequest(job_id=job.id), timeout=10)).job.name == "shared"
+
+
+# -- the orchestrator ------------------------------------------------------------------------
+LONG_JOB = {
+    "name": "long",
+    "steps": [{"name": "wait", "type": "command", "config": {"command": "sleep 30"}}],
+}
+QUICK_JOB = {
+    "name": "quick",
+    "timeout": "5m",
+    "steps": [
+        {"name": "fan", "type": "simulate", "config": {"children": 5, "duration_ms": 1}},
+        {"name": "after", "type": "command", "depends_on": ["fan"], "config": {"command": "true"}},
+    ],
+}
+
+
+async def test_every_orchestrator_rpc_round_trips(
+    monitor: RunningMonitor, orchestrator: Any, mon: client.MonitorClient
+) -> None:
+    async with client.OrchestratorClient(orchestrator.address, monitor=mon) as orch:
+        workers = {w.type: w for w in await orch.list_workers()}
+        assert workers["simulate"].spawns_children and not workers["command"].spawns_children
+
+        manager_id = await orch.submit(QUICK_JOB, request_id="quick-1")
+        assert await orch.submit(QUICK_JOB, request_id="quick-1") == manager_id
+        states = [job async for job in orch.follow(manager_id)]
+        assert states[-1].status == S.JOB_STATUS_COMPLETED
+        assert [s.step_name for s in states[-1].step_stats] == ["fan", "after"]
+
+        long_id = await orch.submit(LONG_JOB)
+        cancelled = await orch.cancel(long_id, reason="not today")
+        assert cancelled.id == long_id and cancelled.status == S.JOB_STATUS_CANCELLED
+        with pytest.raises(stepflow_client.NotFound):
+            await orch.cancel("no-such-job")
+        with pytest.raises(stepflow_client.InvalidArgument, match="depends_on"):
+            await orch.submit({"name": "bad", "steps": [{"name": "a", "type": "command",
+                                                          "depends_on": ["z"]}]})  # fmt: skip
+
+    def blocking() -> int:
+        with (
+            stepflow_client.MonitorClient(monitor.address) as sync_mon,
+            stepflow_client.OrchestratorClient(orchestrator.address, monitor=sync_mon) as orch,
+        ):
+            job_id = orch.submit(QUICK_JOB)
+            return int(list(orch.follow(job_id))[-1].status)
+
+    assert await asyncio.to_thread(blocking) == S.JOB_STATUS_COMPLETED
