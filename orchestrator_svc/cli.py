@@ -8,7 +8,6 @@ import contextlib
 import signal
 import sys
 from collections.abc import AsyncIterator
-from typing import Any
 
 from grpc import aio
 
@@ -280,7 +279,12 @@ def _load_job(path: str) -> definitions.JobSpec:
 
 
 async def _connect(
-    channel: aio.Channel, service: str, address: str, flag: str, timeout_s: float
+    channel: aio.Channel,
+    service: str,
+    address: str,
+    flag: str,
+    timeout_s: float,
+    args: argparse.Namespace | None = None,
 ) -> None:
     """Wait until ``channel`` is connected, saying so when it takes a moment.
 
@@ -304,14 +308,19 @@ async def _connect(
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(channel.channel_ready(), timeout_s - notice_s)
             return
+    hint = ""
+    if args is not None and args.tls_ca and not args.tls_cert:
+        # A service that requires client certificates closes the connection at the handshake,
+        # which looks the same as nothing listening.
+        hint = "; if it requires client certificates, give --tls-cert and --tls-key"
     raise cli.CliError(
         f"cannot reach the {service} at {address} (nothing answered within {timeout_s:g}s); "
-        f"is it running there? Point {flag} at it",
+        f"is it running there? Point {flag} at it{hint}",
         cli.EXIT_UNREACHABLE,
     )
 
 
-def _client_settings(args: argparse.Namespace) -> dict[str, Any]:
+def _client_settings(args: argparse.Namespace) -> client.ClientSettings:
     """The connection settings submit and cancel share (checked: CliError when a TLS file is
     missing or a certificate comes without its key)."""
     cli.check_tls(args.tls_ca, args.tls_cert, args.tls_key, ("--tls-ca", "--tls-cert", "--tls-key"))
@@ -338,7 +347,12 @@ async def _submit(args: argparse.Namespace) -> int:
     settings = _client_settings(args)
     async with client.OrchestratorClient(args.orchestrator, **settings) as orchestrator:
         await _connect(
-            orchestrator.channel, "orchestrator", args.orchestrator, "--orchestrator", connect_s
+            orchestrator.channel,
+            "orchestrator",
+            args.orchestrator,
+            "--orchestrator",
+            connect_s,
+            args,
         )
         try:
             manager_id = await orchestrator.submit(
@@ -355,7 +369,7 @@ async def _submit(args: argparse.Namespace) -> int:
         flush=True,
     )
     async with client.MonitorClient(args.monitor, **settings) as monitor:
-        await _connect(monitor.channel, "monitor", args.monitor, "--monitor", connect_s)
+        await _connect(monitor.channel, "monitor", args.monitor, "--monitor", connect_s, args)
         final = await _follow_until_interrupted(args, monitor, manager_id)
     if final.status is Status.COMPLETED:
         return cli.EXIT_OK
@@ -404,7 +418,9 @@ async def _follow_until_interrupted(
 async def _cancel(args: argparse.Namespace) -> int:
     connect_s = parse_duration(args.connect_timeout, "--connect-timeout", allow_zero=True)
     async with client.OrchestratorClient(args.orchestrator, **_client_settings(args)) as orch:
-        await _connect(orch.channel, "orchestrator", args.orchestrator, "--orchestrator", connect_s)
+        await _connect(
+            orch.channel, "orchestrator", args.orchestrator, "--orchestrator", connect_s, args
+        )
         try:
             job = await orch.cancel(args.job_id, reason=args.reason)
         except NotFound as exc:

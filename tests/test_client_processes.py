@@ -209,6 +209,7 @@ async def test_mutual_tls_from_the_orchestrator_and_the_cli(
         )
         assert code == 4, err
         assert f"cannot reach the orchestrator at {orchestrator.address}" in err
+        assert "if it requires client certificates, give --tls-cert and --tls-key" in err
 
 
 async def test_an_orchestrator_without_a_client_certificate_waits_not_serving(
