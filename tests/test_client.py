@@ -311,7 +311,7 @@ async def test_mutual_tls_needs_the_client_certificate(database_url: str, certs:
         auth_token=TOKEN,
     )
     async with monitor_with(database_url, security) as running:
-        mtls = {
+        mtls: stepflow_client.ClientSettings = {
             "tls_ca": str(certs.ca),
             "tls_cert": str(certs.client_cert),
             "tls_key": str(certs.client_key),

@@ -9,6 +9,7 @@ import asyncio
 import json
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -41,7 +42,7 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
     return make_certs(tmp_path_factory.mktemp("mtls-certs"))
 
 
-def mtls(certs: Certs) -> dict[str, str]:
+def mtls(certs: Certs) -> stepflow_client.ClientSettings:
     return {
         "tls_ca": str(certs.ca),
         "tls_cert": str(certs.client_cert),
@@ -141,7 +142,7 @@ LONG_JOB = {
 }
 
 
-def secure_channel(certs: Certs) -> object:
+def secure_channel(certs: Certs) -> Callable[[str], aio.Channel]:
     def factory(address: str) -> aio.Channel:
         return aio_channel(ChannelSettings(target=address, **mtls(certs)))
 
@@ -172,12 +173,12 @@ async def test_mutual_tls_from_the_orchestrator_and_the_cli(
     factory = secure_channel(certs)
     monitor = monitor_process(
         database_url, tmp_path, extra=server_tls_flags(certs), channel_factory=factory
-    )  # type: ignore[arg-type]
+    )
     orchestrator = orchestrator_process(
         monitor.address,
         tmp_path,
         extra=[*server_tls_flags(certs), *mtls_flags(certs, "--monitor-")],
-        channel_factory=factory,  # type: ignore[arg-type]
+        channel_factory=factory,
     )
     job_file = tmp_path / "job.json"
     job_file.write_text(json.dumps(JOB))
@@ -220,12 +221,12 @@ async def test_an_orchestrator_without_a_client_certificate_waits_not_serving(
     factory = secure_channel(certs)
     monitor = monitor_process(
         database_url, tmp_path, extra=server_tls_flags(certs), channel_factory=factory
-    )  # type: ignore[arg-type]
+    )
     orchestrator = orchestrator_process(
         monitor.address,
         tmp_path,
         extra=[*server_tls_flags(certs), "--monitor-tls-ca", str(certs.ca)],
-        channel_factory=factory,  # type: ignore[arg-type]
+        channel_factory=factory,
     )
     async with running(monitor):
         orchestrator.start()
