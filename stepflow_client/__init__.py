@@ -9,6 +9,7 @@ from stepflow_client._channel import (
     ClientSettings,
     Keepalive,
     RetryPolicy,
+    check_tls_files,
     sync_channel,
 )
 from stepflow_client._requests import is_terminal, metadata_of, status_of
@@ -48,6 +49,7 @@ __all__ = [
     "Unauthenticated",
     "Unavailable",
     "VersionConflict",
+    "check_tls_files",
     "is_terminal",
     "metadata_of",
     "status_of",

@@ -15,7 +15,7 @@ import grpc
 import structlog
 from grpc import aio
 
-from stepflow_client._channel import ChannelConfigError, check_tls_files
+from stepflow_client import ChannelConfigError, check_tls_files
 from stepflow_common import logs
 from stepflow_common.serving import Security
 
