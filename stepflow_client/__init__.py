@@ -1,0 +1,1 @@
+"""A Python client for stepflow's services (grpcio and protobuf only)."""
