@@ -12,8 +12,9 @@ or dropped event, whose runner then writes the child's end through UpdateJobStat
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import structlog
 from grpc import aio
@@ -25,6 +26,7 @@ from stepflow_client._events import (
     BATCH_MAX_EVENTS,
     MAX_BUFFERED_EVENTS,
     ChildEventEmitter,
+    EmitterClosed,
     EmitterHooks,
     EmitterStats,
 )
@@ -44,6 +46,16 @@ even alone (dropped); either is final."""
 
 def _log(level: int, message: str, /, **fields: Any) -> None:
     log.log(level, message, **fields)
+
+
+async def _closed() -> NoReturn:
+    """What a writer meets once the stream is closed: a wait until shutdown cancels it.
+
+    Not an error: a step that raised here would be recorded ``failed`` by its runner, while a
+    shutdown must leave its jobs exactly as they are for the next owner.
+    """
+    await asyncio.Event().wait()
+    raise AssertionError("unreachable: the event is never set")
 
 
 class EventStream:
@@ -105,13 +117,21 @@ class EventStream:
 
     async def emit(self, child_event: ChildEvent) -> int:
         """Queue one event (its event_id is assigned here); waits while the buffer is full;
-        returns its sequence number (see ``wait_acked``)."""
-        return await self._emitter.send(event_to_pb(child_event))
+        returns its sequence number (see ``wait_acked``). Once the stream is closed (shutdown)
+        it waits until cancelled: see ``_closed``."""
+        try:
+            return await self._emitter.send(event_to_pb(child_event))
+        except EmitterClosed:
+            return await _closed()
 
     async def wait_acked(self, seq: int | None = None) -> None:
         """Return once every event up to ``seq`` (default: all emitted so far) is settled:
-        committed, rejected, or dropped (the last two reported through ``on_rejected``)."""
-        await self._emitter.flush(through=seq)
+        committed, rejected, or dropped (the last two reported through ``on_rejected``).
+        Once the stream is closed with the events unsettled it waits until cancelled."""
+        try:
+            await self._emitter.flush(through=seq)
+        except EmitterClosed:
+            await _closed()
 
     def start(self) -> None:
         self._emitter.start()

@@ -387,8 +387,7 @@ class ChildEventEmitter:
         await self._stop("the emitter is closed")
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await asyncio.wait([self._task])  # its failure, if any, is reported already
         return left
 
     async def __aenter__(self) -> ChildEventEmitter:

@@ -177,6 +177,17 @@ async def test_a_closed_emitter_refuses_more_and_bad_bounds_are_refused(
         await events.created("s", "s.c1")
 
 
+async def test_a_stream_task_that_cannot_start_fails_its_waiters_instead_of_hanging() -> None:
+    def no_channel() -> aio.Channel:
+        raise RuntimeError("no route to the monitor configured")
+
+    events = ChildEventEmitter(channel_factory=no_channel)
+    await events.created("s", "s.c1")  # queued: the buffer has room
+    with pytest.raises(EmitterClosed, match="no route to the monitor"):
+        await events.flush()
+    assert await events.close() == 1  # left unsettled, and said so
+
+
 # -- against a monitor process: stopped, killed, restarted ---------------------------------------
 @pytest.fixture
 def monitor_proc(tmp_path: Path) -> Iterator[ServerProcess]:
