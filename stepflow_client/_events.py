@@ -287,16 +287,17 @@ class ChildEventEmitter:
         rejection names its event) and bounds its texts (an error to MAX_ERROR_CHARS with a
         visible marker), so every event is small whatever a worker reports.
         """
-        self._ensure_started()
+        if self._task is None:
+            self.start()
         if len(event.error) > MAX_ERROR_CHARS or "\x00" in event.error:
             event.error = truncate_text(event.error.replace("\x00", "\ufffd"))
         if len(event.name) > MAX_NAME_CHARS or "\x00" in event.name:
             event.name = event.name.replace("\x00", "\ufffd")[:MAX_NAME_CHARS]
         async with self._changed:
-            await self._changed.wait_for(
-                lambda: bool(self._stopped) or self._buffered < self._max_buffered
-            )
-            self._raise_if_stopped()
+            while self._buffered >= self._max_buffered and not self._stopped:
+                await self._changed.wait()
+            if self._stopped:
+                raise EmitterClosed(self._stopped)
             seq = next(self._seq)
             event.event_id = f"{self._instance}-{seq}"
             self._queue.append((seq, event))
@@ -365,10 +366,6 @@ class ChildEventEmitter:
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="child-event-stream")
             self._task.add_done_callback(self._task_done)
-
-    def _ensure_started(self) -> None:
-        if self._task is None:
-            self.start()
 
     async def close(self, flush_timeout: float | None = CLOSE_FLUSH_S) -> int:
         """Flush what is buffered (for at most ``flush_timeout`` seconds; None: no limit),
