@@ -743,20 +743,19 @@ class SyncChildEventEmitter:
             self._loop.run_until_complete(self._loop.shutdown_asyncgens())
             self._loop.close()
 
-    def _call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
-        """Run ``coro`` on the emitter's loop and wait for its result."""
+    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` on the emitter's loop and wait for its result.
+
+        Time limits are applied inside the loop (``asyncio.timeout``), never by abandoning the
+        wait here: a send then either queues its event or raises, with no window in which it
+        is queued although the caller was told it timed out."""
         if threading.current_thread() is self._thread:
             coro.close()
             raise RuntimeError("a SyncChildEventEmitter cannot be called from its own thread")
         if self._closed and self._loop.is_closed():
             coro.close()
             raise EmitterClosed("the emitter is closed")
-        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
-        try:
-            return future.result(timeout)
-        except TimeoutError:
-            future.cancel()
-            raise
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
     @property
     def buffered(self) -> int:
@@ -770,8 +769,12 @@ class SyncChildEventEmitter:
 
     def send(self, event: job_pb2.ChildEvent, *, timeout: float | None = None) -> int:
         """``ChildEventEmitter.send``: blocks while the buffer is full (``TimeoutError``
-        after ``timeout`` seconds, the event not sent)."""
-        return self._call(self._emitter.send(event), timeout)
+        after ``timeout`` seconds, the event not queued)."""
+        return self._call(self._send(event, timeout))
+
+    async def _send(self, event: job_pb2.ChildEvent, limit_s: float | None) -> int:
+        async with asyncio.timeout(limit_s):
+            return await self._emitter.send(event)
 
     def created(self, step_id: str, child_id: str, *, name: str = "", attempt: int = 0) -> int:
         return self.send(

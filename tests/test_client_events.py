@@ -358,3 +358,34 @@ async def _setup_step(address: str) -> tuple[str, str]:
 async def _entry(address: str, manager_id: str) -> job_pb2.StepStat:
     async with aio.insecure_channel(address) as ch:
         return await step_entry(m_grpc.MonitorServiceStub(ch), manager_id)
+
+
+def test_the_sync_emitter_blocks_a_thread_while_the_monitor_does_not_ack(
+    monitor_proc: ServerProcess,
+) -> None:
+    """Backpressure reaches plain threads: with the monitor stopped, a ``send`` past the
+    bound blocks, and with a ``timeout`` gives up without queueing its event."""
+    manager_id, step_id = asyncio.run(_setup_step(monitor_proc.address))
+    with SyncChildEventEmitter(
+        lambda: aio.insecure_channel(monitor_proc.address), max_buffered=10
+    ) as emitter:
+        emitter.created(step_id, f"{step_id}.c0")
+        emitter.flush(timeout=FLUSH_TIMEOUT_S)
+        monitor_proc.send(signal.SIGSTOP)
+        try:
+            for i in range(1, 11):
+                emitter.created(step_id, f"{step_id}.c{i}")
+            assert emitter.buffered == 10
+            with pytest.raises(TimeoutError):
+                emitter.send(
+                    job_pb2.ChildEvent(
+                        kind=K.CHILD_EVENT_KIND_CREATED, step_id=step_id, child_id=f"{step_id}.x"
+                    ),
+                    timeout=0.5,
+                )
+            assert emitter.buffered == 10  # the timed-out event was not queued
+        finally:
+            monitor_proc.send(signal.SIGCONT)
+        emitter.flush(timeout=FLUSH_TIMEOUT_S)
+        assert emitter.stats.acked_events == 11
+    assert tally(asyncio.run(_entry(monitor_proc.address, manager_id))) == (11, 0, 0, 0, 0)
