@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -389,3 +391,18 @@ def test_the_sync_emitter_blocks_a_thread_while_the_monitor_does_not_ack(
         emitter.flush(timeout=FLUSH_TIMEOUT_S)
         assert emitter.stats.acked_events == 11
     assert tally(asyncio.run(_entry(monitor_proc.address, manager_id))) == (11, 0, 0, 0, 0)
+
+
+def test_the_emitter_needs_no_server_side_package() -> None:
+    """A service that reports events installs the client, not the services: importing the
+    emitter loads no structlog, Prometheus, SQL or service code."""
+    probe = (
+        "import sys, stepflow_client._events\n"
+        "banned = ('structlog', 'prometheus_client', 'sqlalchemy', 'orchestrator_svc',"
+        " 'monitor_svc')\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in banned))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert out.stdout.strip() == "[]", out.stdout
