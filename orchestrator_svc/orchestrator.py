@@ -15,7 +15,7 @@ import structlog
 from orchestrator_svc import resume
 from orchestrator_svc.definitions import JobSpec, to_mapping
 from orchestrator_svc.event_stream import EventStream
-from orchestrator_svc.monitor_client import JobFenced, MonitorClient, is_fenced
+from orchestrator_svc.monitor_client import JobFenced, MonitorClient
 from orchestrator_svc.records import ChildEvent, Job, LeaseAnswer
 from orchestrator_svc.runner import JobRunner
 from orchestrator_svc.workers.base import Worker
@@ -305,14 +305,17 @@ class Orchestrator:
 
     def on_event_rejected(self, event: ChildEvent, reason: str) -> None:
         """A child event the monitor rejected or refused: the runner of its step repairs the
-        record (see ``JobRunner.on_event_rejected``), or stops at once if the job is fenced
-        (another orchestrator owns it now)."""
+        record (see ``JobRunner.on_event_rejected``)."""
         for runner in self._runners.values():
-            if is_fenced(reason):
-                if runner.owns_step(event.step_id):
-                    runner.fence(reason)
-                    return
-            elif runner.on_event_rejected(event, reason):
+            if runner.on_event_rejected(event, reason):
+                return
+
+    def on_event_fenced(self, event: ChildEvent, reason: str) -> None:
+        """A child event rejected because its job is fenced (another orchestrator owns it
+        now): the job's work here stops at once."""
+        for runner in self._runners.values():
+            if runner.owns_step(event.step_id):
+                runner.fence(reason)
                 return
 
     def running(self) -> list[str]:

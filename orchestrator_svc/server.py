@@ -113,6 +113,7 @@ async def create_server(
         capacity=config.capacity,
     )
     stream.on_rejected = orchestrator.on_event_rejected
+    stream.on_fenced = orchestrator.on_event_fenced
     orchestrator_service_pb2_grpc.add_OrchestratorServiceServicer_to_server(
         OrchestratorServicer(orchestrator), server
     )

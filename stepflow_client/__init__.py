@@ -12,6 +12,12 @@ from stepflow_client._channel import (
     check_tls_files,
     sync_channel,
 )
+from stepflow_client._events import (
+    EmitterClosed,
+    EmitterHooks,
+    EmitterStats,
+    SyncChildEventEmitter,
+)
 from stepflow_client._requests import is_terminal, metadata_of, status_of
 from stepflow_client._sync import MonitorClient, OrchestratorClient
 from stepflow_common.errors import (
@@ -35,6 +41,9 @@ __all__ = [
     "ChannelSettings",
     "ClientSettings",
     "DeadlineExceeded",
+    "EmitterClosed",
+    "EmitterHooks",
+    "EmitterStats",
     "FailedPrecondition",
     "Fenced",
     "InvalidArgument",
@@ -46,6 +55,7 @@ __all__ = [
     "RetryPolicy",
     "StatusConflict",
     "StepflowError",
+    "SyncChildEventEmitter",
     "Unauthenticated",
     "Unavailable",
     "VersionConflict",

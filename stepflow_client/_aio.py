@@ -20,6 +20,7 @@ from stepflow_client._channel import (
     aio_channel,
 )
 from stepflow_client._errors import decode
+from stepflow_client._events import ChildEventEmitter
 from stepflow_common.errors import VersionConflict
 from stepflow_proto.v1 import job_pb2
 from stepflow_proto.v1 import monitor_service_pb2 as m
@@ -373,8 +374,10 @@ class MonitorClient(_Client):
             await asyncio.sleep(r.backoff(attempt))
             attempt += 1
 
-    # -- events(...) goes here: the batched, acknowledged, resending child-event stream
-    # (StreamChildEvents), built in ``stepflow_client._events``. ---------------------------
+    def events(self, **options: Any) -> ChildEventEmitter:
+        """A batched, acknowledged, resending child-event stream (StreamChildEvents) on this
+        client's channel; ``options`` are :class:`ChildEventEmitter`'s."""
+        return ChildEventEmitter(self.channel, **options)
 
 
 class OrchestratorClient(_Client):

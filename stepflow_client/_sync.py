@@ -17,9 +17,11 @@ from stepflow_client._channel import (
     ClientSettings,
     Keepalive,
     RetryPolicy,
+    aio_channel,
     sync_channel,
 )
 from stepflow_client._errors import decode
+from stepflow_client._events import SyncChildEventEmitter
 from stepflow_common.errors import VersionConflict
 from stepflow_proto.v1 import job_pb2
 from stepflow_proto.v1 import monitor_service_pb2 as m
@@ -37,21 +39,21 @@ class _Client:
 
     def __init__(self, target: str | grpc.Channel, **settings: Unpack[ClientSettings]) -> None:
         timeout = settings.get("timeout", r.DEFAULT_TIMEOUT_S)
+        self._settings: ChannelSettings | None = None
         if isinstance(target, str):
-            self.channel = sync_channel(
-                ChannelSettings(
-                    target=target,
-                    tls=settings.get("tls", False),
-                    tls_ca=settings.get("tls_ca", ""),
-                    tls_cert=settings.get("tls_cert", ""),
-                    tls_key=settings.get("tls_key", ""),
-                    tls_server_name=settings.get("tls_server_name", ""),
-                    token=settings.get("token", ""),
-                    keepalive=settings.get("keepalive") or Keepalive(),
-                    retry=settings.get("retry", DEFAULT_RETRY),
-                    extra_options=settings.get("options", ()),
-                )
+            self._settings = ChannelSettings(
+                target=target,
+                tls=settings.get("tls", False),
+                tls_ca=settings.get("tls_ca", ""),
+                tls_cert=settings.get("tls_cert", ""),
+                tls_key=settings.get("tls_key", ""),
+                tls_server_name=settings.get("tls_server_name", ""),
+                token=settings.get("token", ""),
+                keepalive=settings.get("keepalive") or Keepalive(),
+                retry=settings.get("retry", DEFAULT_RETRY),
+                extra_options=settings.get("options", ()),
             )
+            self.channel = sync_channel(self._settings)
             self._owns_channel = True
         else:
             self.channel = target
@@ -367,8 +369,14 @@ class MonitorClient(_Client):
             time.sleep(r.backoff(attempt))
             attempt += 1
 
-    # -- events(...) goes here: the batched, acknowledged, resending child-event stream
-    # (StreamChildEvents), built in ``stepflow_client._events``. ---------------------------
+    def events(self, **options: Any) -> SyncChildEventEmitter:
+        """A batched, acknowledged, resending child-event stream (StreamChildEvents) running on
+        its own thread; ``options`` are :class:`SyncChildEventEmitter`'s. Needs a client made
+        from a target, so the stream's own asyncio channel gets the same settings."""
+        settings = self._settings
+        if settings is None:
+            raise ValueError("events() needs a MonitorClient made from a target, not a channel")
+        return SyncChildEventEmitter(lambda: aio_channel(settings), **options)
 
 
 class OrchestratorClient(_Client):

@@ -11,10 +11,15 @@ from stepflow_client._channel import (
     RetryPolicy,
     aio_channel,
 )
+from stepflow_client._events import ChildEventEmitter, EmitterClosed, EmitterHooks, EmitterStats
 
 __all__ = [
     "ChannelSettings",
+    "ChildEventEmitter",
     "ClientSettings",
+    "EmitterClosed",
+    "EmitterHooks",
+    "EmitterStats",
     "Keepalive",
     "MonitorClient",
     "OrchestratorClient",

@@ -1,0 +1,837 @@
+"""Reporting child events to the monitor over one long-lived StreamChildEvents stream: batched,
+acknowledged in order, never lost, never wedged by one event, and bounded in memory.
+
+Any service that runs a step's children (the orchestrator, or your own) reports them through
+``ChildEventEmitter`` (asyncio) or ``SyncChildEventEmitter`` (plain threads)::
+
+    async with ChildEventEmitter(channel) as events:
+        await events.created(step_id, child_id)
+        await events.completed(step_id, child_id)
+        await events.flush()  # every event so far is committed
+
+Why it is shaped like this: the monitor acknowledges a batch only once it is committed, so an
+event is safe exactly when its batch is acknowledged. Until then the batch stays in
+``_unacked``; when the stream breaks (monitor restart, network) a new stream is opened with
+backoff on the same channel (its keepalive settings stay in force) and the unacknowledged
+batches are sent again first, in their original order. The monitor dedupes by each child's
+state transition, so a batch applied before the break and sent again changes nothing. The
+buffer is bounded: ``send`` waits when it is full, which slows the producer instead of dropping
+events or growing without limit while the monitor is down.
+
+One stream at a time: every stream has a number, only the current one takes events from the
+queue or counts an acknowledgement, so a broken stream whose request generator wakes late
+cannot slip a batch between the new stream's (batch ids are per stream, acks in order; an ack
+for no batch in flight is stale and ignored).
+
+Batches are capped by events and by bytes, far below what the monitor accepts in one message.
+A batch the monitor still refuses whole (RESOURCE_EXHAUSTED or INVALID_ARGUMENT end the
+stream) is found by sending one batch at a time, then halved until the refused event is alone;
+that event is dropped (logged, counted, reported like a rejection), so one bad event never
+holds back the others.
+
+This module needs only grpc, protobuf, the generated stubs and ``stepflow_common.limits``:
+logging goes to the standard library unless a ``log`` hook is given, and a service's own
+metrics and repairs plug in through ``EmitterHooks``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import itertools
+import logging
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Protocol, TypeVar
+
+import grpc
+from grpc import aio
+
+from stepflow_common.limits import MAX_ERROR_CHARS, MAX_REQUEST_BYTES, truncate_text
+from stepflow_proto.v1 import job_pb2
+from stepflow_proto.v1 import monitor_service_pb2 as m
+from stepflow_proto.v1 import monitor_service_pb2_grpc as m_grpc
+
+__all__ = [
+    "BATCH_MAX_BYTES",
+    "BATCH_MAX_EVENTS",
+    "FENCED_PREFIX",
+    "MAX_BUFFERED_EVENTS",
+    "ChildEventEmitter",
+    "EmitterClosed",
+    "EmitterHooks",
+    "EmitterStats",
+    "SyncChildEventEmitter",
+    "event_bytes",
+    "is_fenced",
+]
+
+_logger = logging.getLogger("stepflow_client.events")
+T = TypeVar("T")
+
+BATCH_MAX_EVENTS = 500
+# A quarter of what the monitor accepts: a full batch of the largest events a send can make
+# (an error of MAX_ERROR_CHARS 4-byte characters) still fits several times over.
+BATCH_MAX_BYTES = MAX_REQUEST_BYTES // 4
+BATCH_LINGER_S = 0.002  # wait this long for more events before sending a partial batch
+MAX_BUFFERED_EVENTS = 20_000
+MAX_BATCHES_IN_FLIGHT = 16
+BACKOFF_INITIAL_S = 0.05
+BACKOFF_MAX_S = 2.0
+CLOSE_FLUSH_S = 5.0
+MAX_NAME_CHARS = 512  # the monitor keeps no more of a child's name
+# How the monitor says it will not take a batch as it is: sending it again unchanged fails the
+# same way, so it is split instead.
+REFUSED = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INVALID_ARGUMENT})
+# How an ack words the rejection of an event for a job whose manager another owner holds now
+# (or no one does): sent with ``owner`` set, the events of a job taken over are fenced off.
+FENCED_PREFIX = "fenced: "
+
+EventCallback = Callable[[job_pb2.ChildEvent, str], None]
+"""``callback(event, reason)``: ``event`` will never be committed, for ``reason``."""
+
+
+def is_fenced(reason: str) -> bool:
+    """Whether a rejection reason says the event's job has another owner now."""
+    return reason.startswith(FENCED_PREFIX)
+
+
+def event_bytes(event: job_pb2.ChildEvent) -> int:
+    """What ``event`` adds to a request: its size plus its field tag and length prefix."""
+    size = event.ByteSize()
+    return size + 1 + max(1, (size.bit_length() + 6) // 7)
+
+
+class LogHook(Protocol):
+    """``log(level, message, **fields)`` (a ``logging`` level): where the emitter's own
+    warnings go. ``exc_info=True`` among the fields asks for the current exception."""
+
+    def __call__(self, level: int, message: str, /, **fields: Any) -> None: ...
+
+
+def _stdlib_log(level: int, message: str, /, **fields: Any) -> None:
+    """The default ``LogHook``: the ``stepflow_client.events`` logger, fields as key=value."""
+    if not _logger.isEnabledFor(level):
+        return
+    exc_info = bool(fields.pop("exc_info", False))
+    text = " ".join(f"{key}={value!r}" for key, value in fields.items())
+    _logger.log(level, "%s %s", message, text, exc_info=exc_info)
+
+
+@dataclass(frozen=True, slots=True)
+class EmitterHooks:
+    """What an embedding service plugs in: its logging, its metrics, and what it does with
+    an event that will never be committed. Every hook runs on the emitter's event loop and
+    must not block; an exception in one is logged and otherwise ignored.
+
+    Each event that is not committed is reported exactly once: to ``on_fenced`` for a fenced
+    rejection, to ``on_dropped`` for an event the monitor refused even alone, when these are
+    given, and otherwise to the emitter's ``on_rejected``.
+    """
+
+    on_fenced: EventCallback | None = None
+    """A rejection that says the job has another owner (see ``is_fenced``)."""
+    on_dropped: EventCallback | None = None
+    """An event the monitor refused even alone: dropped, so that it holds back no other."""
+    on_refused_batch: Callable[[], None] | None = None
+    """The monitor refused a batch whole (it is split, never sent again unchanged)."""
+    on_ack: Callable[[int, float], None] | None = None
+    """A batch is acknowledged: ``on_ack(events, seconds_since_sent)``."""
+    log: LogHook | None = None
+    """Where log records go (default: the standard ``logging`` module)."""
+
+
+@dataclass(slots=True)
+class EmitterStats:
+    """Counters for tests and diagnostics (metrics belong in ``EmitterHooks``)."""
+
+    sent_batches: int = 0
+    acked_events: int = 0
+    resent_batches: int = 0
+    reconnects: int = 0
+    refused_batches: int = 0
+    split_batches: int = 0
+    dropped_events: int = 0
+    rejected: list[tuple[str, str]] = field(default_factory=list)
+    """``(event_id, reason)`` of every event not committed (rejected, fenced or dropped)."""
+
+
+class EmitterClosed(RuntimeError):
+    """The emitter is closed (or its stream task failed): nothing more can be sent or
+    awaited through it."""
+
+
+@dataclass(slots=True, eq=False)  # compared by identity: a batch is one send
+class _Batch:
+    events: list[job_pb2.ChildEvent]
+    seqs: list[int]
+    stream_batch_id: int = 0
+    sent_at: float = 0.0  # time.monotonic() when last sent: the ack lag
+
+    @property
+    def last_seq(self) -> int:
+        return self.seqs[-1]
+
+    def halves(self) -> tuple[_Batch, _Batch]:
+        mid = len(self.events) // 2
+        return (
+            _Batch(self.events[:mid], self.seqs[:mid]),
+            _Batch(self.events[mid:], self.seqs[mid:]),
+        )
+
+
+class _StreamEnded(Exception):
+    """The stream is no longer usable (an acknowledgement out of order): open another."""
+
+
+# -- building events -----------------------------------------------------------------------------
+def _child(
+    kind: job_pb2.ChildEventKind,
+    step_id: str,
+    child_id: str,
+    *,
+    error: str = "",
+    name: str = "",
+    attempt: int = 0,
+) -> job_pb2.ChildEvent:
+    return job_pb2.ChildEvent(
+        kind=kind, step_id=step_id, child_id=child_id, error=error, name=name, attempt=attempt
+    )
+
+
+def _sealed(step_id: str, child_count: int, handed_to_monitor: bool) -> job_pb2.ChildEvent:
+    return job_pb2.ChildEvent(
+        kind=job_pb2.CHILD_EVENT_KIND_SEALED,
+        step_id=step_id,
+        child_count=child_count,
+        handed_to_monitor=handed_to_monitor,
+    )
+
+
+class ChildEventEmitter:
+    """Reports child events to the monitor; an event is safe once ``flush`` returns.
+
+    ``channel`` is used and left open (its owner closes it); with ``channel_factory`` instead,
+    the emitter makes its own channel on start and closes it on close. Either way one
+    channel serves every stream the emitter opens, so a reconnect keeps its settings.
+
+    ``owner`` fences every batch: events for a job whose manager another owner holds are
+    rejected (``is_fenced``). ``max_buffered`` bounds the events sent but not yet
+    acknowledged; ``send`` waits while it is reached. ``on_rejected(event, reason)`` hears of
+    every event that will never be committed (unless a hook in ``hooks`` takes it).
+
+    Use ``async with`` (or ``start`` / ``close``) inside one event loop; every method must be
+    called from that loop.
+    """
+
+    def __init__(
+        self,
+        channel: aio.Channel | None = None,
+        *,
+        channel_factory: Callable[[], aio.Channel] | None = None,
+        owner: str = "",
+        max_buffered: int = MAX_BUFFERED_EVENTS,
+        on_rejected: EventCallback | None = None,
+        hooks: EmitterHooks | None = None,
+        instance_id: str | None = None,
+        batch_max_events: int = BATCH_MAX_EVENTS,
+        batch_max_bytes: int = BATCH_MAX_BYTES,
+    ) -> None:
+        if (channel is None) == (channel_factory is None):
+            raise ValueError("give exactly one of channel and channel_factory")
+        for what, value in (
+            ("max_buffered", max_buffered),
+            ("batch_max_events", batch_max_events),
+            ("batch_max_bytes", batch_max_bytes),
+        ):
+            if value < 1:
+                raise ValueError(f"{what} must be at least 1, not {value}")
+        self._channel = channel
+        self._channel_factory = channel_factory
+        self.owner = owner
+        self.on_rejected = on_rejected
+        self._hooks = hooks or EmitterHooks()
+        self._log: LogHook = self._hooks.log or _stdlib_log
+        self._instance = instance_id or uuid.uuid4().hex[:12]
+        self._seq = itertools.count(1)
+        self._batch_max = batch_max_events
+        self._batch_max_bytes = batch_max_bytes
+        self._max_buffered = max_buffered
+        self._queue: collections.deque[tuple[int, job_pb2.ChildEvent]] = collections.deque()
+        self._unacked: collections.deque[_Batch] = collections.deque()
+        self._buffered = 0
+        self._last_sent = 0
+        self._acked_through = 0
+        # The stream that may take events and count acks (0: none); see the module docstring.
+        self._stream_no = 0
+        self._streams = itertools.count(1)
+        # After a refusal, one batch at a time until everything then unacknowledged is settled,
+        # so a refused stream always names its batch.
+        self._careful_through = 0
+        self._changed = asyncio.Condition()
+        self._task: asyncio.Task[None] | None = None
+        self._stopped: str = ""  # why nothing more can be sent or awaited ("": it can)
+        self.stats = EmitterStats()
+
+    # -- producer side -------------------------------------------------------------------------
+    async def send(self, event: job_pb2.ChildEvent) -> int:
+        """Queue ``event``, waiting while the buffer is full; returns its sequence number
+        (for ``flush(through=...)``).
+
+        The emitter takes the message over: it sets ``event_id`` (unique per emitter, so a
+        rejection names its event) and bounds its texts (an error to MAX_ERROR_CHARS with a
+        visible marker), so every event is small whatever a worker reports.
+        """
+        if self._task is None:
+            self.start()
+        if len(event.error) > MAX_ERROR_CHARS or "\x00" in event.error:
+            event.error = truncate_text(event.error.replace("\x00", "\ufffd"))
+        if len(event.name) > MAX_NAME_CHARS or "\x00" in event.name:
+            event.name = event.name.replace("\x00", "\ufffd")[:MAX_NAME_CHARS]
+        async with self._changed:
+            while self._buffered >= self._max_buffered and not self._stopped:
+                await self._changed.wait()
+            if self._stopped:
+                raise EmitterClosed(self._stopped)
+            seq = next(self._seq)
+            event.event_id = f"{self._instance}-{seq}"
+            self._queue.append((seq, event))
+            self._buffered += 1
+            self._last_sent = seq
+            self._changed.notify_all()
+        return seq
+
+    async def created(
+        self, step_id: str, child_id: str, *, name: str = "", attempt: int = 0
+    ) -> int:
+        """A child of ``step_id`` exists (the monitor creates its record, ``pending``)."""
+        return await self.send(
+            _child(job_pb2.CHILD_EVENT_KIND_CREATED, step_id, child_id, name=name, attempt=attempt)
+        )
+
+    async def running(self, step_id: str, child_id: str, *, attempt: int = 0) -> int:
+        """The child started (again, for a later ``attempt``)."""
+        return await self.send(
+            _child(job_pb2.CHILD_EVENT_KIND_RUNNING, step_id, child_id, attempt=attempt)
+        )
+
+    async def completed(self, step_id: str, child_id: str) -> int:
+        return await self.send(_child(job_pb2.CHILD_EVENT_KIND_COMPLETED, step_id, child_id))
+
+    async def failed(self, step_id: str, child_id: str, error: str) -> int:
+        return await self.send(
+            _child(job_pb2.CHILD_EVENT_KIND_FAILED, step_id, child_id, error=error)
+        )
+
+    async def cancelled(self, step_id: str, child_id: str, error: str = "") -> int:
+        return await self.send(
+            _child(job_pb2.CHILD_EVENT_KIND_CANCELLED, step_id, child_id, error=error)
+        )
+
+    async def sealed(
+        self, step_id: str, child_count: int, *, handed_to_monitor: bool = True
+    ) -> int:
+        """The step spawned its last child (``child_count`` in all). Handed to the monitor
+        (the default), the monitor ends the step once every child is terminal; otherwise the
+        step's runner ends it itself (UpdateJobStatus)."""
+        return await self.send(_sealed(step_id, child_count, handed_to_monitor))
+
+    async def flush(self, *, through: int | None = None) -> None:
+        """Return once every event up to sequence ``through`` (default: all sent so far) is
+        settled: committed, or reported as never to be (``on_rejected`` and the hooks run
+        before this returns). Bound the wait with ``asyncio.timeout`` if the monitor may be
+        away for long: events are kept and resent meanwhile, so this waits as long as that."""
+        target = self._last_sent if through is None else through
+        async with self._changed:
+            await self._changed.wait_for(
+                lambda: self._acked_through >= target or bool(self._stopped)
+            )
+        if self._acked_through < target:
+            self._raise_if_stopped()
+
+    @property
+    def buffered(self) -> int:
+        """Events sent but not yet settled (queued or in flight)."""
+        return self._buffered
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the stream task on the running loop (``send`` starts it too if needed)."""
+        self._raise_if_stopped()
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="child-event-stream")
+            self._task.add_done_callback(self._task_done)
+
+    async def close(self, flush_timeout: float | None = CLOSE_FLUSH_S) -> int:
+        """Flush what is buffered (for at most ``flush_timeout`` seconds; None: no limit),
+        then stop. Returns how many events were left unsettled (0: everything was)."""
+        if self._buffered and not self._stopped:
+            try:
+                async with asyncio.timeout(flush_timeout):
+                    await self.flush()
+            except TimeoutError:
+                self._log(
+                    logging.WARNING, "closing with unacknowledged events", count=self._buffered
+                )
+            except EmitterClosed:
+                pass
+        left = self._buffered
+        await self._stop("the emitter is closed")
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.wait([self._task])  # its failure, if any, is reported already
+        return left
+
+    async def __aenter__(self) -> ChildEventEmitter:
+        self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def _stop(self, why: str) -> None:
+        async with self._changed:
+            self._stopped = self._stopped or why
+            self._changed.notify_all()
+
+    def _raise_if_stopped(self) -> None:
+        if self._stopped:
+            raise EmitterClosed(self._stopped)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        """The stream task never ends by itself; if it fails, waiters must not hang."""
+        if task.cancelled() or task.exception() is None:
+            return
+        why = f"the event stream failed: {task.exception()!r}"
+        self._log(logging.ERROR, "event stream task failed", error=repr(task.exception()))
+        stopping = asyncio.get_running_loop().create_task(self._stop(why))
+        stopping.add_done_callback(lambda _: None)
+
+    # -- the stream ----------------------------------------------------------------------------
+    async def _run(self) -> None:
+        backoff = BACKOFF_INITIAL_S
+        channel = self._channel if self._channel is not None else self._make_channel()
+        try:
+            while True:
+                in_flight: collections.deque[_Batch] = collections.deque()
+                try:
+                    await self._one_stream(channel, in_flight)
+                    backoff = BACKOFF_INITIAL_S
+                except asyncio.CancelledError:
+                    raise
+                except aio.AioRpcError as exc:
+                    if exc.code() in REFUSED or _over_the_limit(in_flight):
+                        await self._refused(in_flight, exc)
+                        backoff = BACKOFF_INITIAL_S  # the connection is fine: resend at once
+                    else:
+                        self._log(
+                            logging.WARNING,
+                            "event stream broken; reconnecting",
+                            code=exc.code().name,
+                            details=exc.details(),
+                            unacked_batches=len(self._unacked),
+                            retry_in_s=backoff,
+                        )
+                except _StreamEnded as exc:
+                    self._log(
+                        logging.WARNING, "event stream restarted", why=str(exc), retry_in_s=backoff
+                    )
+                except Exception:
+                    self._log(
+                        logging.ERROR,
+                        "event stream failed; reconnecting",
+                        retry_in_s=backoff,
+                        exc_info=True,
+                    )
+                self.stats.reconnects += 1
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX_S)
+        finally:
+            if self._channel is None:
+                await channel.close()
+
+    def _make_channel(self) -> aio.Channel:
+        assert self._channel_factory is not None
+        return self._channel_factory()
+
+    async def _one_stream(self, channel: aio.Channel, in_flight: collections.deque[_Batch]) -> None:
+        stub = m_grpc.MonitorServiceStub(channel)
+        stream_no = next(self._streams)
+        batch_ids = itertools.count(1)
+
+        def current() -> bool:
+            return self._stream_no == stream_no
+
+        async def send_slot() -> bool:
+            """Wait until this stream may send one more batch; False once it is replaced."""
+            async with self._changed:
+                await self._changed.wait_for(
+                    lambda: not current() or len(in_flight) < self._window()
+                )
+            return current()
+
+        def sent(batch: _Batch) -> m.StreamChildEventsRequest:
+            batch.stream_batch_id = next(batch_ids)
+            batch.sent_at = time.monotonic()
+            in_flight.append(batch)
+            return m.StreamChildEventsRequest(
+                batch_id=batch.stream_batch_id, events=batch.events, owner=self.owner
+            )
+
+        async def requests() -> AsyncIterator[m.StreamChildEventsRequest]:
+            # A batch leaves ``_unacked`` only when it is settled, never when it is (re)sent:
+            # if this stream breaks too, even half-way through the resend, the next one starts
+            # again from every batch still unsettled.
+            for batch in list(self._unacked):
+                if not await send_slot():
+                    return
+                if batch not in self._unacked:  # settled meanwhile (dropped)
+                    continue
+                self.stats.resent_batches += 1
+                yield sent(batch)
+            while True:
+                if not await send_slot():
+                    return
+                fresh = await self._next_batch(current)
+                if fresh is None:
+                    return
+                self.stats.sent_batches += 1
+                yield sent(fresh)
+
+        self._stream_no = stream_no
+        call = stub.StreamChildEvents(requests(), wait_for_ready=True)
+        try:
+            async for ack in call:
+                await self._on_ack(ack, in_flight)
+        finally:
+            # Retire this stream before another opens: its generator, wherever it waits,
+            # returns without taking another event.
+            async with self._changed:
+                if current():
+                    self._stream_no = 0
+                self._changed.notify_all()
+            cancel = getattr(call, "cancel", None)
+            if cancel is not None:
+                cancel()
+
+    async def _on_ack(
+        self, ack: m.StreamChildEventsResponse, in_flight: collections.deque[_Batch]
+    ) -> None:
+        if not in_flight or in_flight[0].stream_batch_id != ack.batch_id:
+            if all(b.stream_batch_id != ack.batch_id for b in in_flight):
+                self._log(
+                    logging.WARNING,
+                    "ignoring an acknowledgement for no batch in flight",
+                    id=ack.batch_id,
+                )
+                return
+            raise _StreamEnded(f"acknowledgement for batch {ack.batch_id} out of order")
+        batch = in_flight.popleft()
+        self._hook(self._hooks.on_ack, len(batch.events), time.monotonic() - batch.sent_at)
+        by_id = {e.event_id: e for e in batch.events} if ack.rejected else {}
+        rejected = [(by_id[r.event_id], r.reason) for r in ack.rejected if r.event_id in by_id]
+        await self._settle(batch, rejected)
+
+    async def _settle(
+        self,
+        batch: _Batch,
+        rejected: list[tuple[job_pb2.ChildEvent, str]],
+        *,
+        dropped: bool = False,
+    ) -> None:
+        """The batch is done with: committed, with ``rejected`` refused (reported first, so a
+        waiter on ``flush`` finds their consequences already in motion)."""
+        with contextlib.suppress(ValueError):
+            self._unacked.remove(batch)
+        for event, reason in rejected:
+            self.stats.rejected.append((event.event_id, reason))
+            if not dropped:
+                self._log(
+                    logging.WARNING,
+                    "event rejected by monitor",
+                    event_id=event.event_id,
+                    step_id=event.step_id,
+                    child_id=event.child_id,
+                    kind=job_pb2.ChildEventKind.Name(event.kind),
+                    reason=reason,
+                )
+            self._hook(self._reporter(reason, dropped=dropped), event, reason)
+        async with self._changed:
+            self._buffered -= len(batch.events)
+            self._acked_through = max(self._acked_through, batch.last_seq)
+            self.stats.acked_events += len(batch.events)
+            self._changed.notify_all()
+
+    def _reporter(self, reason: str, *, dropped: bool) -> EventCallback | None:
+        """Who hears of an event that will never be committed (see ``EmitterHooks``)."""
+        if dropped and self._hooks.on_dropped is not None:
+            return self._hooks.on_dropped
+        if is_fenced(reason) and self._hooks.on_fenced is not None:
+            return self._hooks.on_fenced
+        return self.on_rejected
+
+    def _hook(self, hook: Callable[..., None] | None, *args: Any) -> None:
+        if hook is None:
+            return
+        try:
+            hook(*args)
+        except Exception:
+            self._log(logging.ERROR, "event emitter hook failed", hook=repr(hook), exc_info=True)
+
+    def _window(self) -> int:
+        careful = self._acked_through < self._careful_through
+        return 1 if careful else MAX_BATCHES_IN_FLIGHT
+
+    async def _refused(self, in_flight: collections.deque[_Batch], exc: aio.AioRpcError) -> None:
+        """The monitor refused a batch whole. With one batch in flight that is the one: halve
+        it, or drop its only event. Otherwise send one at a time until it shows itself."""
+        self.stats.refused_batches += 1
+        self._hook(self._hooks.on_refused_batch)
+        if self._unacked:
+            self._careful_through = max(self._careful_through, self._unacked[-1].last_seq)
+        if len(in_flight) != 1 or in_flight[0] not in self._unacked:
+            self._log(
+                logging.WARNING,
+                "monitor refused a batch; sending one batch at a time to find it",
+                code=exc.code().name,
+                details=exc.details(),
+                in_flight=len(in_flight),
+            )
+            return
+        culprit = in_flight[0]
+        if len(culprit.events) > 1:
+            first, second = culprit.halves()
+            position = self._unacked.index(culprit)
+            self._unacked[position] = second
+            self._unacked.insert(position, first)
+            self.stats.split_batches += 1
+            self._log(
+                logging.WARNING,
+                "monitor refused a batch; sending it in halves",
+                code=exc.code().name,
+                details=exc.details(),
+                events=len(culprit.events),
+            )
+            return
+        event = culprit.events[0]
+        self.stats.dropped_events += 1
+        self._log(
+            logging.ERROR,
+            "event dropped: the monitor refuses it even alone",
+            event_id=event.event_id,
+            step_id=event.step_id,
+            child_id=event.child_id,
+            kind=job_pb2.ChildEventKind.Name(event.kind),
+            bytes=event.ByteSize(),
+            code=exc.code().name,
+            details=exc.details(),
+        )
+        reason = f"refused by the monitor ({exc.code().name}: {exc.details()})"
+        await self._settle(culprit, [(event, reason)], dropped=True)
+
+    async def _next_batch(self, current: Callable[[], bool]) -> _Batch | None:
+        """The next batch from the queue, or None if the stream is replaced meanwhile.
+
+        The batch is taken and recorded in ``_unacked`` with no await in between, and only by
+        the current stream, so ``_unacked`` is always in send order.
+        """
+        async with self._changed:
+            await self._changed.wait_for(lambda: bool(self._queue) or not current())
+        if current() and len(self._queue) < self._batch_max:
+            await asyncio.sleep(BATCH_LINGER_S)  # let a burst fill the batch
+        if not current() or not self._queue:
+            return None if not current() else await self._next_batch(current)
+        events: list[job_pb2.ChildEvent] = []
+        seqs: list[int] = []
+        size = 0
+        while self._queue and len(events) < self._batch_max:
+            seq, event = self._queue[0]
+            grows = event_bytes(event)
+            if events and size + grows > self._batch_max_bytes:
+                break
+            self._queue.popleft()
+            events.append(event)
+            seqs.append(seq)
+            size += grows
+        batch = _Batch(events, seqs)
+        self._unacked.append(batch)
+        return batch
+
+
+def _over_the_limit(in_flight: collections.deque[_Batch]) -> bool:
+    """Whether a batch in flight is larger than a message may be. gRPC itself then fails the
+    stream (INTERNAL, not RESOURCE_EXHAUSTED) before the monitor sees it; it is a refusal all
+    the same, to be split, never a broken connection to resend it on unchanged."""
+    return any(
+        sum(event_bytes(event) for event in batch.events) >= MAX_REQUEST_BYTES
+        for batch in in_flight
+    )
+
+
+class SyncChildEventEmitter:
+    """``ChildEventEmitter`` for threaded code: it runs on its own event loop in a background
+    thread, so plain threads (any number) report events with blocking calls.
+
+    ``channel_factory`` is called on that thread, inside its loop: a gRPC asyncio channel
+    belongs to the loop that made it. The emitter closes it on close. Every other argument
+    is ``ChildEventEmitter``'s; ``on_rejected`` and the hooks run on the background thread
+    (they must not call back into this emitter: that would wait on itself).
+
+    ``send`` blocks while the buffer is full (the backpressure reaches the producing
+    threads); ``flush`` blocks until everything sent is committed. Use ``with`` or ``close``.
+    """
+
+    def __init__(
+        self,
+        channel_factory: Callable[[], aio.Channel],
+        *,
+        owner: str = "",
+        max_buffered: int = MAX_BUFFERED_EVENTS,
+        on_rejected: EventCallback | None = None,
+        hooks: EmitterHooks | None = None,
+        instance_id: str | None = None,
+        batch_max_events: int = BATCH_MAX_EVENTS,
+        batch_max_bytes: int = BATCH_MAX_BYTES,
+        thread_name: str = "stepflow-child-events",
+    ) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._serve, name=thread_name, daemon=True)
+        self._closed = False
+        self._close_lock = threading.Lock()
+        self._thread.start()
+
+        async def make() -> ChildEventEmitter:
+            emitter = ChildEventEmitter(
+                channel_factory=channel_factory,
+                owner=owner,
+                max_buffered=max_buffered,
+                on_rejected=on_rejected,
+                hooks=hooks,
+                instance_id=instance_id,
+                batch_max_events=batch_max_events,
+                batch_max_bytes=batch_max_bytes,
+            )
+            emitter.start()
+            return emitter
+
+        try:
+            self._emitter = self._call(make())
+        except BaseException:
+            self._stop_loop()
+            raise
+
+    def _serve(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._loop.run_forever()
+        finally:
+            pending = asyncio.all_tasks(self._loop)
+            for task in pending:
+                task.cancel()
+            if pending:
+                self._loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            self._loop.run_until_complete(self._loop.shutdown_asyncgens())
+            self._loop.close()
+
+    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` on the emitter's loop and wait for its result.
+
+        Time limits are applied inside the loop (``asyncio.timeout``), never by abandoning the
+        wait here: a send then either queues its event or raises, with no window in which it
+        is queued although the caller was told it timed out."""
+        if threading.current_thread() is self._thread:
+            coro.close()
+            raise RuntimeError("a SyncChildEventEmitter cannot be called from its own thread")
+        if self._closed and self._loop.is_closed():
+            coro.close()
+            raise EmitterClosed("the emitter is closed")
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    @property
+    def buffered(self) -> int:
+        """Events sent but not yet settled (a snapshot)."""
+        return self._emitter.buffered
+
+    @property
+    def stats(self) -> EmitterStats:
+        """The emitter's counters (a live object updated by the background thread)."""
+        return self._emitter.stats
+
+    def send(self, event: job_pb2.ChildEvent, *, timeout: float | None = None) -> int:
+        """``ChildEventEmitter.send``: blocks while the buffer is full (``TimeoutError``
+        after ``timeout`` seconds, the event not queued)."""
+        return self._call(self._send(event, timeout))
+
+    async def _send(self, event: job_pb2.ChildEvent, limit_s: float | None) -> int:
+        async with asyncio.timeout(limit_s):
+            return await self._emitter.send(event)
+
+    def created(self, step_id: str, child_id: str, *, name: str = "", attempt: int = 0) -> int:
+        return self.send(
+            _child(job_pb2.CHILD_EVENT_KIND_CREATED, step_id, child_id, name=name, attempt=attempt)
+        )
+
+    def running(self, step_id: str, child_id: str, *, attempt: int = 0) -> int:
+        return self.send(
+            _child(job_pb2.CHILD_EVENT_KIND_RUNNING, step_id, child_id, attempt=attempt)
+        )
+
+    def completed(self, step_id: str, child_id: str) -> int:
+        return self.send(_child(job_pb2.CHILD_EVENT_KIND_COMPLETED, step_id, child_id))
+
+    def failed(self, step_id: str, child_id: str, error: str) -> int:
+        return self.send(_child(job_pb2.CHILD_EVENT_KIND_FAILED, step_id, child_id, error=error))
+
+    def cancelled(self, step_id: str, child_id: str, error: str = "") -> int:
+        return self.send(_child(job_pb2.CHILD_EVENT_KIND_CANCELLED, step_id, child_id, error=error))
+
+    def sealed(self, step_id: str, child_count: int, *, handed_to_monitor: bool = True) -> int:
+        return self.send(_sealed(step_id, child_count, handed_to_monitor))
+
+    def flush(self, *, through: int | None = None, timeout: float | None = None) -> None:
+        """``ChildEventEmitter.flush``, blocking (``TimeoutError`` after ``timeout`` seconds;
+        the events stay buffered and keep being sent)."""
+        self._call(self._flush(through, timeout))
+
+    async def _flush(self, through: int | None, limit_s: float | None) -> None:
+        async with asyncio.timeout(limit_s):
+            await self._emitter.flush(through=through)
+
+    def close(self, flush_timeout: float | None = CLOSE_FLUSH_S) -> int:
+        """Flush (bounded), stop the stream, the loop and its thread. Returns how many events
+        were left unsettled. Closing twice is harmless (the second returns 0)."""
+        with self._close_lock:
+            if self._closed:
+                return 0
+            self._closed = True
+        try:
+            return self._call(self._emitter.close(flush_timeout))
+        finally:
+            self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        self._closed = True
+        if not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+
+    def __enter__(self) -> SyncChildEventEmitter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
