@@ -1,0 +1,1 @@
+"""stepflow's Python client."""
