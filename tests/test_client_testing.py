@@ -37,8 +37,6 @@ def record(config):
 """
 
 CONSUMER_TESTS = """
-from pathlib import Path
-
 import grpc
 from google.protobuf import struct_pb2
 
