@@ -46,6 +46,7 @@ from typing import Any, Self
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from stepflow_common.subprocesses import die_with_parent, server_env
 from stepflow_proto.v1 import monitor_service_pb2, orchestrator_service_pb2
 
 __all__ = [
@@ -88,24 +89,6 @@ _RUNNING: weakref.WeakSet[_LocalServer] = weakref.WeakSet()
 def _stop_leftovers() -> None:
     for server in list(_RUNNING):
         server.close()
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: SIGTERM when the test process dies, even by SIGKILL."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        pr_set_pdeathsig = 1
-        ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGTERM)
-
-
-def server_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """This environment without ``STEPFLOW_*`` (every flag reads one, so a token or a database
-    URL exported in the shell cannot change a server under test), plus ``extra``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STEPFLOW_")}
-    env["PYTHONUNBUFFERED"] = "1"  # the log line with the port must not wait in a buffer
-    env.update(extra or {})
-    return env
 
 
 class _LocalServer:
@@ -221,7 +204,7 @@ class _LocalServer:
                 env=server_env(self._env),
                 cwd=self._cwd,
                 start_new_session=True,  # a Ctrl-C reaches the test, which stops it in order
-                preexec_fn=_die_with_parent,  # only prctl(), between fork and exec
+                preexec_fn=die_with_parent,
             )
         _RUNNING.add(self)
         try:

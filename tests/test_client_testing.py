@@ -1,13 +1,14 @@
 """``stepflow_client.testing``: a real monitor (and orchestrator) for another project's tests.
 
-The first test is such a project: a temporary directory with its own conftest, job file and
-Python task, run by a real pytest in a subprocess (pytester), using only the plugin's fixtures
-and the generated stubs. The others drive the context managers directly.
+The first test is such a project: a temporary directory with its own conftest, job file,
+Python task and the README's example, run by a real pytest in a subprocess (pytester), using
+only the plugin's fixtures and the generated stubs. The others drive the context managers.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -23,6 +24,8 @@ from stepflow_proto.v1 import monitor_service_pb2_grpc as m_grpc
 pytest_plugins = ["pytester"]
 
 CALL_S = 10.0
+README = Path(__file__).resolve().parents[1] / "README.md"
+README_EXAMPLE_START = "# tests/test_nightly.py in your project"
 
 CONSUMER_CONFTEST = """
 pytest_plugins = ["stepflow_client.testing"]
@@ -103,6 +106,14 @@ def test_a_failure_shows_the_monitor_log(stepflow_monitor):
 """
 
 
+def _readme_example() -> str:
+    """The consumer test README.md shows, as written."""
+    for match in re.finditer(r"^```python\n(.*?)^```$", README.read_text(), re.M | re.S):
+        if match.group(1).startswith(README_EXAMPLE_START):
+            return match.group(1)
+    raise AssertionError(f"README.md has no python block starting {README_EXAMPLE_START!r}")
+
+
 def _processes_in(directory: Path) -> list[str]:
     """The command lines of the processes (but this one, which pytester moved there) whose
     working directory is ``directory``."""
@@ -130,11 +141,13 @@ def _gone(pid: int) -> bool:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_a_consumer_project_tests_against_a_real_stepflow(pytester: pytest.Pytester) -> None:
     pytester.makeconftest(CONSUMER_CONFTEST)
-    pytester.makepyfile(tasks=CONSUMER_TASKS, test_ours=CONSUMER_TESTS)
+    pytester.makepyfile(
+        tasks=CONSUMER_TASKS, test_ours=CONSUMER_TESTS, test_nightly=_readme_example()
+    )
 
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--durations=0")
 
-    result.assert_outcomes(passed=2, failed=1)
+    result.assert_outcomes(passed=3, failed=1)
     # The failing test's report carries the server's log, whose start says where it listened.
     result.stdout.fnmatch_lines(
         ["*stepflow monitor log (stepflow_monitor)*", '*"event": "monitor serving"*']
