@@ -178,7 +178,15 @@ class _LocalServer:
 
     def start(self) -> None:
         """Start the server and return once it reports SERVING; ServerFailed if it exits or
-        is not SERVING within the start-up timeout (it is stopped then)."""
+        is not SERVING within the start-up timeout (it is stopped then).
+
+        On Linux the server gets SIGTERM when the thread that started it ends, so start it
+        from a thread that lives as long as it should (``async with`` starts it from the
+        event loop's thread and only waits for it in a worker thread)."""
+        self._spawn()
+        self._await_ready()
+
+    def _spawn(self) -> None:
         if self.running:
             raise RuntimeError(f"the {self.kind} is already running (pid {self.pid})")
         if self._tmp is None:
@@ -207,6 +215,8 @@ class _LocalServer:
                 preexec_fn=die_with_parent,
             )
         _RUNNING.add(self)
+
+    def _await_ready(self) -> None:
         try:
             self._wait_ready(time.monotonic() + self._startup_timeout)
         except BaseException:
@@ -220,6 +230,7 @@ class _LocalServer:
         if proc is None:
             return None
         if proc.poll() is None:
+            proc.send_signal(signal.SIGCONT)  # a test may have frozen it (SIGSTOP)
             proc.send_signal(signal.SIGTERM)
             try:
                 proc.wait(timeout)
@@ -269,7 +280,8 @@ class _LocalServer:
 
     async def __aenter__(self) -> Self:
         try:
-            await asyncio.to_thread(self.start)
+            self._spawn()  # from this thread, which outlives the worker threads
+            await asyncio.to_thread(self._await_ready)
         except BaseException:
             await asyncio.to_thread(self.close)
             raise

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -230,3 +231,17 @@ async def test_async_with_starts_and_stops_it() -> None:
         directory = monitor.directory
     assert _gone(monitor.pid)
     assert not directory.exists()
+
+
+def test_the_testing_module_loads_no_server_code() -> None:
+    """The consumer's test process gets the stubs and gRPC, not the servers' storage, logging
+    set-up or their modules: those live in the subprocesses."""
+    code = (
+        "import sys, stepflow_client.testing; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & "
+        "{'sqlalchemy', 'structlog', 'alembic', 'monitor_svc', 'orchestrator_svc', 'rich'}))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.strip() == "[]"
