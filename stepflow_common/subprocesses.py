@@ -6,7 +6,23 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+
+PR_SET_PDEATHSIG = 1
+
+
+def _find_prctl() -> Callable[[int, int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    prctl: Callable[[int, int], int] = ctypes.CDLL(None).prctl
+    return prctl
+
+
+# Looked up here, in the parent: between fork and exec the child only calls it (no import, no
+# dlopen), which is what keeps preexec_fn safe in a process with threads (gRPC's, say).
+_PRCTL = _find_prctl()
 
 
 def server_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -20,11 +36,8 @@ def server_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
 
 
 def die_with_parent() -> None:
-    """For ``preexec_fn``: the child gets SIGTERM when its parent dies, even by SIGKILL, so it
-    cannot outlive whoever started it (Linux only; elsewhere nothing). Only prctl() runs
-    between fork and exec."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        pr_set_pdeathsig = 1
-        ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    """For ``preexec_fn``: the child gets SIGTERM when the thread that started it ends, the
+    whole parent process included, even by SIGKILL; so it cannot outlive whoever started it
+    (Linux only; elsewhere nothing)."""
+    if _PRCTL is not None:
+        _PRCTL(PR_SET_PDEATHSIG, signal.SIGTERM)

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import grpc
@@ -132,11 +134,14 @@ def _processes_in(directory: Path) -> list[str]:
 
 
 def _gone(pid: int) -> bool:
+    """No such process, or only its exit status left (a zombie its new parent has yet to
+    reap, when the process that started it was killed)."""
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (ProcessLookupError, FileNotFoundError):
         return True
-    return False
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
@@ -245,3 +250,30 @@ def test_the_testing_module_loads_no_server_code() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     )
     assert done.stdout.strip() == "[]"
+
+
+def test_a_monitor_does_not_outlive_a_killed_test_process() -> None:
+    """Nothing stops it in order when the test process is killed (SIGKILL, the OOM killer, a CI
+    timeout): the kernel's parent-death signal does."""
+    code = (
+        "import sys, time\n"
+        "from stepflow_client.testing import start_monitor\n"
+        "monitor = start_monitor().__enter__()\n"
+        "print(monitor.pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    with subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True
+    ) as test_process:
+        try:
+            assert test_process.stdout is not None
+            monitor_pid = int(test_process.stdout.readline())
+            assert not _gone(monitor_pid)
+        finally:
+            test_process.kill()
+    deadline = time.monotonic() + 30.0
+    while not _gone(monitor_pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if not _gone(monitor_pid):
+        os.kill(monitor_pid, signal.SIGKILL)  # not left behind by this test either
+        raise AssertionError(f"monitor {monitor_pid} outlived its test process")
