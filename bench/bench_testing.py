@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from stepflow_client.testing import start_monitor, start_orchestrator
+from stepflow_common import logs
 
 
 def in_process() -> tuple[float, float]:
@@ -66,6 +67,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=7, help="rounds (default 7)")
     args = parser.parse_args()
+    logs.configure("json", "warning")  # the in-process servers' log lines are not the table
     in_process()  # imports the server modules once, as a test process would have them
     starts: dict[str, list[float]] = {kind: [] for kind in KINDS}
     stops: dict[str, list[float]] = {kind: [] for kind in KINDS}
