@@ -94,9 +94,10 @@ def _stop_leftovers() -> None:
 class _LocalServer:
     """One stepflow server subprocess: started on a free port, stopped for good on exit.
 
-    Usable as ``with`` (or ``async with``, which starts and stops it in a worker thread).
-    ``stop()`` and ``start()`` (or ``restart()``) in between keep the port and the temporary
-    directory (so the database), which ``close()`` removes.
+    Usable as ``with``, or ``async with`` (which waits for it and stops it in a worker
+    thread, so the event loop goes on). ``stop()`` and ``start()`` (or ``restart()``) in
+    between keep the port and the temporary directory (so the database), which ``close()``
+    removes; a restart fails (ServerFailed) if something else took the port meanwhile.
     """
 
     kind = "server"
