@@ -202,9 +202,13 @@ def test_two_monitors_are_independent() -> None:
         assert _get(one.target, job.id).name == "only-in-one"
 
 
-def test_nothing_is_left_after_the_block_even_when_it_raises() -> None:
+def test_nothing_is_left_after_the_block_even_when_it_raises(tmp_path: Path) -> None:
     seen: list[Path] = []
-    with pytest.raises(RuntimeError, match="the test failed"), start_monitor() as monitor:
+    kept_log = tmp_path / "logs" / "monitor.log"
+    with (
+        pytest.raises(RuntimeError, match="the test failed"),
+        start_monitor(log_path=kept_log) as monitor,
+    ):
         assert monitor.running and monitor.database_path is not None
         assert monitor.database_path.exists()
         seen.append(monitor.directory)
@@ -212,6 +216,10 @@ def test_nothing_is_left_after_the_block_even_when_it_raises() -> None:
     assert _gone(monitor.pid)
     assert not monitor.running
     assert not seen[0].exists()
+    # Only the log it was asked to keep elsewhere stays, to the server's last line.
+    log = kept_log.read_text()
+    assert '"event": "monitor serving"' in log
+    assert '"event": "monitor stopped"' in log.splitlines()[-1]
 
 
 def test_a_monitor_that_cannot_start_says_why_and_leaves_nothing(tmp_path: Path) -> None:
