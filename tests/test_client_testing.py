@@ -285,3 +285,11 @@ def test_a_monitor_does_not_outlive_a_killed_test_process() -> None:
     if not _gone(monitor_pid):
         os.kill(monitor_pid, signal.SIGKILL)  # not left behind by this test either
         raise AssertionError(f"monitor {monitor_pid} outlived its test process")
+
+
+def test_a_given_database_is_the_one_served(database_url: str) -> None:
+    with start_monitor(database_url=database_url) as monitor:
+        assert (monitor.database_url, monitor.database_path) == (database_url, None)
+        job = _create_manager(monitor.target, "in-the-given-database")
+    with start_monitor(database_url=database_url) as again:
+        assert _get(again.target, job.id).name == "in-the-given-database"
