@@ -14,7 +14,8 @@ under test shares nothing with it (no interpreter lock, loggers or event loop). 
 port the kernel picked (port 0; the server's log says which), is ready once the gRPC health
 service reports SERVING, and is stopped with SIGTERM, then SIGKILL, when the ``with`` block ends
 however it ends; the temporary directory goes with it. Started in its own session, and (on
-Linux) sent SIGTERM by the kernel if the test process dies first, so none outlives its test.
+Linux) sent SIGTERM by the kernel if the test process dies first, so none outlives its test
+(a test process killed outright leaves the directory in the system's temporary directory).
 
 Also a pytest plugin (``pytest_plugins = ["stepflow_client.testing"]``, loaded automatically
 when stepflow is installed) with the fixtures ``stepflow_monitor`` and

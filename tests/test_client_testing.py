@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -267,7 +268,7 @@ def test_a_monitor_does_not_outlive_a_killed_test_process() -> None:
         "import sys, time\n"
         "from stepflow_client.testing import start_monitor\n"
         "monitor = start_monitor().__enter__()\n"
-        "print(monitor.pid, flush=True)\n"
+        "print(monitor.pid, monitor.directory, flush=True)\n"
         "time.sleep(600)\n"
     )
     with subprocess.Popen(
@@ -275,10 +276,13 @@ def test_a_monitor_does_not_outlive_a_killed_test_process() -> None:
     ) as test_process:
         try:
             assert test_process.stdout is not None
-            monitor_pid = int(test_process.stdout.readline())
+            pid, directory = test_process.stdout.readline().split(maxsplit=1)
+            monitor_pid = int(pid)
             assert not _gone(monitor_pid)
         finally:
             test_process.kill()
+    # Its directory is left behind: nothing is there to remove it when the test process dies.
+    shutil.rmtree(directory.strip(), ignore_errors=True)
     deadline = time.monotonic() + 30.0
     while not _gone(monitor_pid) and time.monotonic() < deadline:
         time.sleep(0.05)
