@@ -110,6 +110,23 @@ def test_a_failure_shows_the_monitor_log(stepflow_monitor):
 """
 
 
+CONSUMER_OPTIONS = """
+import pytest
+
+
+@pytest.fixture
+def stepflow_monitor_options():
+    return {"grace_period": "200ms", "args": ["--orphan-timeout", "7s"]}
+
+
+def test_our_flags_reach_the_monitor(stepflow_monitor):
+    with open(f"/proc/{stepflow_monitor.pid}/cmdline", "rb") as cmdline:
+        argv = cmdline.read().decode().split("\\0")
+    assert argv[argv.index("--grace-period") + 1] == "200ms"
+    assert argv[argv.index("--orphan-timeout") + 1] == "7s"
+"""
+
+
 def _readme_example() -> str:
     """The consumer test README.md shows, as written."""
     for match in re.finditer(r"^```python\n(.*?)^```$", README.read_text(), re.M | re.S):
@@ -149,12 +166,15 @@ def _gone(pid: int) -> bool:
 def test_a_consumer_project_tests_against_a_real_stepflow(pytester: pytest.Pytester) -> None:
     pytester.makeconftest(CONSUMER_CONFTEST)
     pytester.makepyfile(
-        tasks=CONSUMER_TASKS, test_ours=CONSUMER_TESTS, test_nightly=_readme_example()
+        tasks=CONSUMER_TASKS,
+        test_ours=CONSUMER_TESTS,
+        test_options=CONSUMER_OPTIONS,
+        test_nightly=_readme_example(),
     )
 
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--durations=0")
 
-    result.assert_outcomes(passed=3, failed=1)
+    result.assert_outcomes(passed=4, failed=1)
     # The failing test's report carries the server's log, whose start says where it listened.
     result.stdout.fnmatch_lines(
         ["*stepflow monitor log (stepflow_monitor)*", '*"event": "monitor serving"*']
