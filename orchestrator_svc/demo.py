@@ -49,6 +49,7 @@ from orchestrator_svc.monitor_client import MonitorClient
 from orchestrator_svc.records import Job
 from stepflow_common import logs, serving
 from stepflow_common.errors import StepflowError
+from stepflow_common.subprocesses import die_with_parent, server_env
 from stepflow_proto.v1 import orchestrator_service_pb2 as o
 from stepflow_proto.v1 import orchestrator_service_pb2_grpc as o_grpc
 
@@ -145,19 +146,16 @@ def start_service(
     """
     port = free_port()
     log = log_dir / f"{name}.log"
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("STEPFLOW_")}
-    environ["PYTHONUNBUFFERED"] = "1"
-    environ.update(env or {})
     with log.open("wb") as out:
         process = subprocess.Popen(
             [*command, "--host", HOST, "--port", str(port)],
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
-            env=environ,
+            env=server_env(env),
             cwd=log_dir,
             start_new_session=True,
-            preexec_fn=_die_with_parent,  # only prctl(), between fork and exec
+            preexec_fn=die_with_parent,
         )
     return ServiceProcess(name, health_service, port, process, log)
 
@@ -278,15 +276,6 @@ def _demo(
     if args.keep_running:
         _keep_running(monitor, orchestrator, final, console)
     return outcome
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM when the demo dies, even by SIGKILL (Linux only)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        pr_set_pdeathsig = 1
-        ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def free_port() -> int:

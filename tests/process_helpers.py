@@ -29,6 +29,7 @@ from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from stepflow_common.proto_status import TERMINAL_PB as TERMINAL
+from stepflow_common.subprocesses import server_env
 from stepflow_proto.v1 import job_pb2
 from stepflow_proto.v1 import monitor_service_pb2 as m
 from stepflow_proto.v1 import monitor_service_pb2_grpc as m_grpc
@@ -60,7 +61,7 @@ def free_port() -> int:
 def clean_env() -> dict[str, str]:
     """The environment without STEPFLOW_* settings (every flag reads one), so a token or a
     database URL exported in the developer's shell cannot change the servers under test."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("STEPFLOW_")}
+    return server_env()
 
 
 # -- server subprocesses ---------------------------------------------------------------------
