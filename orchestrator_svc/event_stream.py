@@ -126,6 +126,8 @@ class EventStream:
         self._batch_max_bytes = batch_max_bytes
         self._max_buffered = max_buffered_events
         self.on_rejected = on_rejected
+        # Called with each request before it is sent (tracing names its jobs' spans there).
+        self.on_send: Callable[[m.StreamChildEventsRequest], None] | None = None
         self._queue: collections.deque[tuple[int, job_pb2.ChildEvent]] = collections.deque()
         self._unacked: collections.deque[_Batch] = collections.deque()
         self._buffered = 0
@@ -248,9 +250,12 @@ class EventStream:
             batch.stream_batch_id = next(batch_ids)
             batch.sent_at = time.monotonic()
             in_flight.append(batch)
-            return m.StreamChildEventsRequest(
+            request = m.StreamChildEventsRequest(
                 batch_id=batch.stream_batch_id, events=batch.events, owner=self.owner
             )
+            if self.on_send is not None:
+                self.on_send(request)
+            return request
 
         async def requests() -> AsyncIterator[m.StreamChildEventsRequest]:
             # A batch leaves ``_unacked`` only when it is settled, never when it is (re)sent:

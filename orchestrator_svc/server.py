@@ -18,7 +18,7 @@ from orchestrator_svc.monitor_client import MonitorClient
 from orchestrator_svc.orchestrator import DEFAULT_CAPACITY, DEFAULT_LEASE_S, Orchestrator
 from orchestrator_svc.servicer import OrchestratorServicer
 from orchestrator_svc.workers.registry import load_registry
-from stepflow_common import metrics, serving
+from stepflow_common import metrics, serving, tracing
 from stepflow_common.errors import StepflowError, Unavailable
 from stepflow_common.grpc_errors import DomainErrorInterceptor
 from stepflow_proto.v1 import orchestrator_service_pb2, orchestrator_service_pb2_grpc
@@ -48,6 +48,7 @@ class OrchestratorConfig:
     keepalive: serving.ClientKeepalive = field(default_factory=serving.ClientKeepalive)
     # While the monitor cannot be reached, a log line says so this often.
     monitor_wait_log_s: float = 10.0
+    otlp_endpoint: str = ""  # OpenTelemetry traces to this OTLP/gRPC collector; "" = off
 
 
 @dataclass(slots=True)
@@ -97,6 +98,8 @@ async def create_server(
 
     channel = monitor_channel()
     stream = EventStream(monitor_channel)
+    if tracing.enabled():
+        stream.on_send = tracing.stamp_batch
     stream.start()
     metrics.track_unacked(lambda: stream.buffered)
     server = serving.make_server(config.security, [DomainErrorInterceptor(metrics.observe_rpc)])
@@ -214,17 +217,22 @@ async def _connect(
 
 async def serve(config: OrchestratorConfig) -> int:
     """Run until SIGTERM/SIGINT (0), or until the monitor refuses this orchestrator (1)."""
-    running = await create_server(config, wait_for_monitor=False)
-    metrics.start_metrics_server(config.metrics_port, config.host)
-    stop = asyncio.Event()
-    serving.install_signal_handlers(stop)
-    stopping = asyncio.ensure_future(stop.wait())
-    await asyncio.wait([stopping, running.connector], return_when=asyncio.FIRST_COMPLETED)
-    refused = running.connector.done() and running.connector.exception() is not None
-    if not refused:
-        await stopping
-    stopping.cancel()
-    log.info("orchestrator shutting down")
-    await running.stop()
+    if tracing.setup(config.otlp_endpoint, tracing.ORCHESTRATOR_SERVICE):
+        log.info("tracing", otlp_endpoint=config.otlp_endpoint)
+    try:
+        running = await create_server(config, wait_for_monitor=False)
+        metrics.start_metrics_server(config.metrics_port, config.host)
+        stop = asyncio.Event()
+        serving.install_signal_handlers(stop)
+        stopping = asyncio.ensure_future(stop.wait())
+        await asyncio.wait([stopping, running.connector], return_when=asyncio.FIRST_COMPLETED)
+        refused = running.connector.done() and running.connector.exception() is not None
+        if not refused:
+            await stopping
+        stopping.cancel()
+        log.info("orchestrator shutting down")
+        await running.stop()
+    finally:
+        await asyncio.to_thread(tracing.shutdown)  # the last spans are sent
     log.info("orchestrator stopped")
     return 1 if refused else 0

@@ -16,6 +16,7 @@ from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from stepflow_common import tracing
 from stepflow_common.limits import MAX_REQUEST_BYTES
 
 log = structlog.get_logger(__name__)
@@ -156,7 +157,8 @@ def make_server(
     interceptors: Sequence[aio.ServerInterceptor] = (),
     keepalive: ServerKeepalive | None = None,
 ) -> aio.Server:
-    chain: list[aio.ServerInterceptor] = []
+    # Tracing first, so a call the token check refuses has its span too ([] when off).
+    chain: list[aio.ServerInterceptor] = tracing.server_interceptors()
     if security.auth_token:
         chain.append(
             BearerTokenInterceptor(
@@ -233,9 +235,14 @@ def channel(
             creds = grpc.composite_channel_credentials(
                 creds, grpc.access_token_call_credentials(security.auth_token)
             )
-        return aio.secure_channel(target, creds, options=options)
-    interceptors = _token_interceptors(security.auth_token) if security.auth_token else None
-    return aio.insecure_channel(target, options=options, interceptors=interceptors)
+        return aio.secure_channel(
+            target, creds, options=options, interceptors=tracing.client_interceptors() or None
+        )
+    interceptors = [
+        *tracing.client_interceptors(),
+        *(_token_interceptors(security.auth_token) if security.auth_token else ()),
+    ]
+    return aio.insecure_channel(target, options=options, interceptors=interceptors or None)
 
 
 def _with_token(details: aio.ClientCallDetails, header: tuple[str, str]) -> aio.ClientCallDetails:
