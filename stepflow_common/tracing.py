@@ -333,12 +333,12 @@ def link_here() -> Any:
     return (current, *_also_linked.get()) if current.is_valid else _also_linked.get()
 
 
-def commit(units: int, links: Iterable[Any]) -> contextlib.AbstractContextManager[Any]:
-    """A span around one group commit of ``units`` units of work, linked to the spans of the
-    calls and batches it commits (``link_here`` of each)."""
+def commit(units: Sequence[Any]) -> contextlib.AbstractContextManager[Any]:
+    """A span around one group commit of ``units`` (each with the ``trace`` its ``link_here``
+    gave), linked to the spans of the calls and batches it commits."""
     if _provider is None:
         return _NO_SPAN
-    return _commit_span(units, links)
+    return _commit_span(len(units), [unit.trace for unit in units])
 
 
 @contextlib.contextmanager

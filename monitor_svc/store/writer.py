@@ -102,7 +102,7 @@ class Writer:
     def _commit_group(self, batch: list[_Job], *, again: bool = False) -> None:
         started = time.perf_counter()
         try:
-            with tracing.commit(len(batch), (job.trace for job in batch)):
+            with tracing.commit(batch):
                 outcomes, changed, earliest = self._transact(batch)
         except Exception as exc:  # the whole transaction failed: retry units one by one
             if len(batch) > 1 and not isinstance(exc, OperationalError):
