@@ -120,16 +120,21 @@ async def create_server(config: MonitorConfig) -> RunningMonitor:
 
 
 async def serve(config: MonitorConfig) -> None:
+    """``_serve``, traced to ``config.otlp_endpoint`` when one is given (flushed at the end)."""
     if tracing.setup(config.otlp_endpoint, tracing.MONITOR_SERVICE):
         log.info("tracing", otlp_endpoint=config.otlp_endpoint)
     try:
-        running = await create_server(config)
-        metrics.start_metrics_server(config.metrics_port, config.host)
-        stop = asyncio.Event()
-        serving.install_signal_handlers(stop)
-        await stop.wait()
-        log.info("monitor shutting down", grace_s=config.shutdown_grace_s)
-        await running.stop()
+        await _serve(config)
     finally:
         await asyncio.to_thread(tracing.shutdown)  # the last spans are sent
+
+
+async def _serve(config: MonitorConfig) -> None:
+    running = await create_server(config)
+    metrics.start_metrics_server(config.metrics_port, config.host)
+    stop = asyncio.Event()
+    serving.install_signal_handlers(stop)
+    await stop.wait()
+    log.info("monitor shutting down", grace_s=config.shutdown_grace_s)
+    await running.stop()
     log.info("monitor stopped")

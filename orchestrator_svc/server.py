@@ -216,23 +216,28 @@ async def _connect(
 
 
 async def serve(config: OrchestratorConfig) -> int:
-    """Run until SIGTERM/SIGINT (0), or until the monitor refuses this orchestrator (1)."""
+    """``_serve``, traced to ``config.otlp_endpoint`` when one is given (flushed at the end)."""
     if tracing.setup(config.otlp_endpoint, tracing.ORCHESTRATOR_SERVICE):
         log.info("tracing", otlp_endpoint=config.otlp_endpoint)
     try:
-        running = await create_server(config, wait_for_monitor=False)
-        metrics.start_metrics_server(config.metrics_port, config.host)
-        stop = asyncio.Event()
-        serving.install_signal_handlers(stop)
-        stopping = asyncio.ensure_future(stop.wait())
-        await asyncio.wait([stopping, running.connector], return_when=asyncio.FIRST_COMPLETED)
-        refused = running.connector.done() and running.connector.exception() is not None
-        if not refused:
-            await stopping
-        stopping.cancel()
-        log.info("orchestrator shutting down")
-        await running.stop()
+        return await _serve(config)
     finally:
         await asyncio.to_thread(tracing.shutdown)  # the last spans are sent
+
+
+async def _serve(config: OrchestratorConfig) -> int:
+    """Run until SIGTERM/SIGINT (0), or until the monitor refuses this orchestrator (1)."""
+    running = await create_server(config, wait_for_monitor=False)
+    metrics.start_metrics_server(config.metrics_port, config.host)
+    stop = asyncio.Event()
+    serving.install_signal_handlers(stop)
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait([stopping, running.connector], return_when=asyncio.FIRST_COMPLETED)
+    refused = running.connector.done() and running.connector.exception() is not None
+    if not refused:
+        await stopping
+    stopping.cancel()
+    log.info("orchestrator shutting down")
+    await running.stop()
     log.info("orchestrator stopped")
     return 1 if refused else 0
