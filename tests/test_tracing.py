@@ -11,6 +11,7 @@ the flag nothing is exported, even with the standard OTEL_* variables pointing a
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import threading
 from collections.abc import Iterator
 from concurrent import futures
@@ -33,8 +34,11 @@ from stepflow_proto.v1 import orchestrator_service_pb2 as o
 from stepflow_proto.v1 import orchestrator_service_pb2_grpc as o_grpc
 from tests.orchestrator_fixtures import definition
 from tests.process_helpers import (
+    MONITOR_SVC,
+    ORCHESTRATOR_SVC,
     TERMINAL,
     ServerProcess,
+    clean_env,
     free_port,
     monitor_process,
     orchestrator_process,
@@ -223,7 +227,31 @@ async def test_no_flag_no_tracing(
     assert collector.receiver.spans == []
 
 
-def test_bad_endpoint_is_a_usage_error() -> None:
-    from monitor_svc.cli import main
+@pytest.mark.parametrize("command", [MONITOR_SVC, ORCHESTRATOR_SVC], ids=lambda p: p.name)
+def test_bad_endpoint_is_a_usage_error(command: Path, tmp_path: Path) -> None:
+    done = subprocess.run(
+        [str(command), "serve", "--otlp-endpoint", "nowhere", "--port", str(free_port())],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env=clean_env(),
+    )
+    assert done.returncode == 2, done.stderr
+    assert "--otlp-endpoint: 'nowhere' is not HOST:PORT" in done.stderr
 
-    assert main(["serve", "--otlp-endpoint", "nowhere", "--port", str(free_port())]) == 2
+
+def test_one_variable_serves_both_commands(monkeypatch: pytest.MonkeyPatch) -> None:
+    """STEPFLOW_OTLP_ENDPOINT turns tracing on for both; each command's own variable wins."""
+    from monitor_svc.cli import build_parser as monitor_parser
+    from orchestrator_svc.cli import build_parser as orchestrator_parser
+
+    for name in ("STEPFLOW_MONITOR_OTLP_ENDPOINT", "STEPFLOW_ORCHESTRATOR_OTLP_ENDPOINT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("STEPFLOW_OTLP_ENDPOINT", raising=False)
+    assert monitor_parser().parse_args(["serve"]).otlp_endpoint == ""
+    monkeypatch.setenv("STEPFLOW_OTLP_ENDPOINT", "collector:4317")
+    assert monitor_parser().parse_args(["serve"]).otlp_endpoint == "collector:4317"
+    assert orchestrator_parser().parse_args(["serve"]).otlp_endpoint == "collector:4317"
+    monkeypatch.setenv("STEPFLOW_ORCHESTRATOR_OTLP_ENDPOINT", "other:4317")
+    assert orchestrator_parser().parse_args(["serve"]).otlp_endpoint == "other:4317"
