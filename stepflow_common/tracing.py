@@ -49,13 +49,17 @@ STEP_TYPE = "stepflow.step.type"
 BATCH_ID = "stepflow.batch.id"
 BATCH_EVENTS = "stepflow.batch.events"
 COMMIT_UNITS = "stepflow.commit.units"
+COMMIT_EVENTS = "stepflow.commit.events"
 
 _provider: Any = None  # the SDK TracerProvider once ``setup`` ran; None: tracing is off
 _propagator = TraceContextTextMapPropagator()
 # step job id -> the W3C traceparent of its span, while the step runs (orchestrator).
 _step_parents: dict[str, str] = {}
-# Span contexts a group commit links to besides the caller's current span (a batch's others).
-_also_linked: ContextVar[tuple[SpanContext, ...]] = ContextVar("stepflow_also_linked", default=())
+# In a StreamChildEvents batch: the span contexts a group commit links to besides the current
+# span (the batch's other steps), and how many child events the batch holds.
+_in_batch: ContextVar[tuple[tuple[SpanContext, ...], int]] = ContextVar(
+    "stepflow_in_batch", default=((), 0)
+)
 _NO_SPAN: contextlib.nullcontext[None] = contextlib.nullcontext()
 
 
@@ -281,13 +285,11 @@ def event_batch(
     work: Coroutine[Any, Any, T], traceparents: Sequence[str], batch_id: int, events: int
 ) -> Coroutine[Any, Any, T]:
     """``work`` (one StreamChildEvents batch) inside a span per step it carries events of,
-    each the child of that step's span in the orchestrator and linked to the stream's span;
-    ``work`` itself when off or when the batch names no span."""
-    if _provider is None or not traceparents:
+    each the child of that step's span in the orchestrator and linked to the stream's span
+    (none when the batch names no span); ``work`` itself when off."""
+    if _provider is None:
         return work
     parents = [p for p in (_remote(t) for t in traceparents[:16]) if p is not None]
-    if not parents:
-        return work
     return _in_batch_spans(work, parents, batch_id, events)
 
 
@@ -304,7 +306,7 @@ async def _in_batch_spans(
         BATCH_EVENTS: events,
     }
     tracer = _tracer()
-    spans = [
+    spans: list[trace.Span] = [
         tracer.start_span(
             "StreamChildEvents batch",
             context=trace.set_span_in_context(trace.NonRecordingSpan(parent)),
@@ -314,23 +316,26 @@ async def _in_batch_spans(
         )
         for parent in parents
     ]
-    token = _also_linked.set(tuple(s.get_span_context() for s in spans[1:]))
+    token = _in_batch.set((tuple(s.get_span_context() for s in spans[1:]), events))
     try:
+        if not spans:
+            return await work
         with trace.use_span(spans[0], end_on_exit=False, record_exception=True):
             return await work
     finally:
-        _also_linked.reset(token)
+        _in_batch.reset(token)
         for span in spans:
             span.end()
 
 
 def link_here() -> Any:
-    """What a unit of work queued for the writer records of its caller, for ``commit``'s
-    links: None when off."""
+    """What a unit of work queued for the writer records of its caller for ``commit``: the
+    spans to link to, and the child events it applies (a batch's). None when off."""
     if _provider is None:
         return None
     current = trace.get_current_span().get_span_context()
-    return (current, *_also_linked.get()) if current.is_valid else _also_linked.get()
+    others, events = _in_batch.get()
+    return ((current, *others) if current.is_valid else others), events
 
 
 def commit(units: Sequence[Any]) -> contextlib.AbstractContextManager[Any]:
@@ -342,16 +347,18 @@ def commit(units: Sequence[Any]) -> contextlib.AbstractContextManager[Any]:
 
 
 @contextlib.contextmanager
-def _commit_span(units: int, links: Iterable[Any]) -> Iterator[None]:
+def _commit_span(units: int, callers: Iterable[Any]) -> Iterator[None]:
     seen: set[tuple[int, int]] = set()
-    span_links: list[Link] = []
-    for contexts in links:
-        for span_context in contexts or ():
+    links: list[Link] = []
+    events = 0
+    for caller in callers:
+        contexts, applied = caller or ((), 0)
+        events += applied
+        for span_context in contexts:
             key = (span_context.trace_id, span_context.span_id)
-            if key not in seen and len(span_links) < 128:
+            if key not in seen and len(links) < 128:
                 seen.add(key)
-                span_links.append(Link(span_context))
-    with _tracer().start_as_current_span(
-        "group commit", attributes={COMMIT_UNITS: units}, links=span_links
-    ):
+                links.append(Link(span_context))
+    attributes = {COMMIT_UNITS: units, COMMIT_EVENTS: events}
+    with _tracer().start_as_current_span("group commit", attributes=attributes, links=links):
         yield

@@ -211,6 +211,9 @@ async def test_one_job_is_one_trace_across_both_services(
     commits = named(tracing.MONITOR_SERVICE, "group commit")
     assert commits
     assert all(attributes(s.attributes)[tracing.COMMIT_UNITS] >= 1 for s in commits)
+    # Every event of every batch was committed once, and counted in its commit's size.
+    committed = sum(attributes(s.attributes)[tracing.COMMIT_EVENTS] for s in commits)
+    assert committed == sum(attributes(s.attributes)[tracing.BATCH_EVENTS] for s in batches)
     linked = {link.span_id for s in commits for link in s.links if link.trace_id == trace_id}
     assert {s.span_id for s in batches} <= linked
     # Health checks (probes, the orchestrator's wait for the monitor) are not traced.
