@@ -15,7 +15,7 @@ from monitor_svc.store.engine import (
     SQLITE_SYNCHRONOUS_DEFAULT,
     SQLITE_SYNCHRONOUS_MODES,
 )
-from stepflow_common import cli, logs, metrics, serving
+from stepflow_common import cli, logs, metrics, serving, tracing
 from stepflow_common.cli import add_flag, add_log_level, add_server_flags, security_from
 from stepflow_common.durations import parse_duration
 from stepflow_common.errors import InvalidArgument
@@ -258,6 +258,7 @@ def config_from(args: argparse.Namespace) -> MonitorConfig:
         ),
         limits=DocumentLimits(max_metadata_bytes=args.max_metadata_bytes),
         sqlite_synchronous=synchronous,
+        otlp_endpoint=tracing.check_endpoint(args.otlp_endpoint),
     )
 
 

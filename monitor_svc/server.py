@@ -18,7 +18,7 @@ from monitor_svc.store.migrate import upgrade
 from monitor_svc.store.notify import Listener
 from monitor_svc.store.store import MonitorStore, read_view
 from monitor_svc.watch import WatchHub
-from stepflow_common import metrics, serving
+from stepflow_common import metrics, serving, tracing
 from stepflow_common.grpc_errors import DomainErrorInterceptor
 from stepflow_proto.v1 import monitor_service_pb2, monitor_service_pb2_grpc
 
@@ -42,6 +42,7 @@ class MonitorConfig:
     keepalive: serving.ServerKeepalive = field(default_factory=serving.ServerKeepalive)
     limits: DocumentLimits = field(default_factory=DocumentLimits)
     sqlite_synchronous: str = SQLITE_SYNCHRONOUS_DEFAULT
+    otlp_endpoint: str = ""  # OpenTelemetry traces to this OTLP/gRPC collector; "" = off
 
 
 @dataclass(slots=True)
@@ -119,6 +120,16 @@ async def create_server(config: MonitorConfig) -> RunningMonitor:
 
 
 async def serve(config: MonitorConfig) -> None:
+    """``_serve``, traced to ``config.otlp_endpoint`` when one is given (flushed at the end)."""
+    if tracing.setup(config.otlp_endpoint, tracing.MONITOR_SERVICE):
+        log.info("tracing", otlp_endpoint=config.otlp_endpoint)
+    try:
+        await _serve(config)
+    finally:
+        await asyncio.to_thread(tracing.shutdown)  # the last spans are sent
+
+
+async def _serve(config: MonitorConfig) -> None:
     running = await create_server(config)
     metrics.start_metrics_server(config.metrics_port, config.host)
     stop = asyncio.Event()

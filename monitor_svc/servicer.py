@@ -15,7 +15,7 @@ from monitor_svc import convert
 from monitor_svc.records import ChildEventIn
 from monitor_svc.store.store import MonitorStore
 from monitor_svc.watch import WatchHub
-from stepflow_common import metrics
+from stepflow_common import metrics, tracing
 from stepflow_common.errors import InvalidArgument
 from stepflow_common.limits import DEFAULT_CLIENT_MESSAGE_BYTES
 from stepflow_proto.v1 import job_pb2
@@ -137,7 +137,14 @@ class MonitorServicer(m_grpc.MonitorServiceServicer):
                             f"the limit is {convert.MAX_EVENTS_PER_BATCH}"
                         )
                         break
-                    future = asyncio.ensure_future(self._ingest(request))
+                    future = asyncio.ensure_future(
+                        tracing.event_batch(
+                            self._ingest(request),
+                            request.traceparents,
+                            request.batch_id,
+                            len(request.events),
+                        )
+                    )
                     try:
                         await pending.put(future)
                     except asyncio.CancelledError:

@@ -17,7 +17,7 @@ from orchestrator_svc.records import Job
 from orchestrator_svc.server import DEFAULT_MONITOR, DEFAULT_PORT, OrchestratorConfig, serve
 from orchestrator_svc.workers.registry import WorkerLoadError
 from stepflow_client import aio as client
-from stepflow_common import cli, logs, metrics, serving
+from stepflow_common import cli, logs, metrics, serving, tracing
 from stepflow_common.cli import add_flag, add_log_level, add_server_flags, security_from
 from stepflow_common.durations import parse_duration
 from stepflow_common.errors import InvalidArgument, NotFound, StepflowError
@@ -249,6 +249,7 @@ def _serve_config(args: argparse.Namespace) -> OrchestratorConfig:
             timeout_s=parse_duration(args.keepalive_timeout, "--keepalive-timeout"),
         ),
         monitor_wait_log_s=parse_duration(args.monitor_wait_log_every, "--monitor-wait-log-every"),
+        otlp_endpoint=tracing.check_endpoint(args.otlp_endpoint),
     )
 
 

@@ -32,6 +32,7 @@ from stepflow_client._events import (
 )
 from stepflow_common import metrics
 from stepflow_proto.v1 import job_pb2
+from stepflow_proto.v1 import monitor_service_pb2 as m
 
 __all__ = ["BATCH_MAX_BYTES", "BATCH_MAX_EVENTS", "EventStream", "Rejected", "StreamStats"]
 
@@ -80,6 +81,8 @@ class EventStream:
     ) -> None:
         self.on_rejected = on_rejected
         self.on_fenced = on_fenced
+        # Called with each request before it is sent (tracing names its steps' spans there).
+        self.on_send: Callable[[m.StreamChildEventsRequest], None] | None = None
         self._emitter = ChildEventEmitter(
             channel_factory=channel_factory,
             owner=owner,
@@ -91,6 +94,7 @@ class EventStream:
                 on_refused_batch=metrics.REFUSED_BATCHES.inc,
                 on_ack=lambda _events, lag_s: metrics.ACK_LAG.observe(lag_s),
                 log=_log,
+                on_send=self._send_hook,
             ),
             instance_id=instance_id,
             batch_max_events=batch_max_events,
@@ -139,6 +143,10 @@ class EventStream:
     async def close(self, flush_timeout: float = 5.0) -> None:
         """Flush what is buffered (bounded wait), then stop."""
         await self._emitter.close(flush_timeout)
+
+    def _send_hook(self, request: m.StreamChildEventsRequest) -> None:
+        if self.on_send is not None:
+            self.on_send(request)
 
     def _rejected(self, event: job_pb2.ChildEvent, reason: str) -> None:
         if self.on_rejected is not None:

@@ -19,6 +19,7 @@ from orchestrator_svc.monitor_client import JobFenced, MonitorClient
 from orchestrator_svc.records import ChildEvent, Job, LeaseAnswer
 from orchestrator_svc.runner import JobRunner
 from orchestrator_svc.workers.base import Worker
+from stepflow_common import tracing
 from stepflow_common.errors import FailedPrecondition, StepflowError, Unavailable
 from stepflow_common.status import EndReason, Kind, Status
 
@@ -238,7 +239,8 @@ class Orchestrator:
         self._runners[runner.manager_id] = runner
         self._since[runner.manager_id] = self._beats
         task: asyncio.Task[object] = asyncio.create_task(
-            self._run(runner), name=f"job-{runner.manager_id}"
+            tracing.job_run(self._run(runner), runner.manager_id, runner.spec.name, _job_outcome),
+            name=f"job-{runner.manager_id}",
         )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -344,3 +346,8 @@ class Orchestrator:
             await asyncio.wait(list(self._tasks), timeout=STOP_WAIT_S)
         if left:
             log.info("jobs left to the next owner", count=len(left))
+
+
+def _job_outcome(result: object) -> dict[str, str]:
+    """The job span's last attribute: how the run ended here."""
+    return {tracing.JOB_STATUS: str(result) if isinstance(result, Status) else "not ended here"}

@@ -31,7 +31,7 @@ from orchestrator_svc.workers.base import (
     StepResult,
     Worker,
 )
-from stepflow_common import metrics
+from stepflow_common import metrics, tracing
 from stepflow_common.errors import FailedPrecondition, StatusConflict, StepflowError
 from stepflow_common.status import EndReason, Status
 from stepflow_common.step_outcome import ChildTally, final_step_status
@@ -225,7 +225,14 @@ class JobRunner:
                     continue  # continued job: ended, or with the monitor
                 if not await self._unless_drained(self._wait_to_start(step)):
                     break
-                task = asyncio.create_task(self._run_step(step), name=f"step-{step.spec.name}")
+                run = tracing.step_run(
+                    self._run_step(step),
+                    step.job_id,
+                    step.spec.name,
+                    step.spec.type,
+                    self.manager_id,
+                )
+                task = asyncio.create_task(run, name=f"step-{step.spec.name}")
                 step_tasks.append(task)
                 # The next step starts once this one has ended or been handed off.
                 released = asyncio.ensure_future(step.released.wait())

@@ -18,7 +18,7 @@ from orchestrator_svc.monitor_client import MonitorClient
 from orchestrator_svc.orchestrator import DEFAULT_CAPACITY, DEFAULT_LEASE_S, Orchestrator
 from orchestrator_svc.servicer import OrchestratorServicer
 from orchestrator_svc.workers.registry import load_registry
-from stepflow_common import metrics, serving
+from stepflow_common import metrics, serving, tracing
 from stepflow_common.errors import StepflowError, Unavailable
 from stepflow_common.grpc_errors import DomainErrorInterceptor
 from stepflow_proto.v1 import orchestrator_service_pb2, orchestrator_service_pb2_grpc
@@ -48,6 +48,7 @@ class OrchestratorConfig:
     keepalive: serving.ClientKeepalive = field(default_factory=serving.ClientKeepalive)
     # While the monitor cannot be reached, a log line says so this often.
     monitor_wait_log_s: float = 10.0
+    otlp_endpoint: str = ""  # OpenTelemetry traces to this OTLP/gRPC collector; "" = off
 
 
 @dataclass(slots=True)
@@ -97,6 +98,8 @@ async def create_server(
 
     channel = monitor_channel()
     stream = EventStream(monitor_channel)
+    if tracing.enabled():
+        stream.on_send = tracing.stamp_batch
     stream.start()
     metrics.track_unacked(lambda: stream.buffered)
     server = serving.make_server(config.security, [DomainErrorInterceptor(metrics.observe_rpc)])
@@ -228,6 +231,16 @@ async def _why_no_answer(stub: health_pb2_grpc.HealthStub) -> str:
 
 
 async def serve(config: OrchestratorConfig) -> int:
+    """``_serve``, traced to ``config.otlp_endpoint`` when one is given (flushed at the end)."""
+    if tracing.setup(config.otlp_endpoint, tracing.ORCHESTRATOR_SERVICE):
+        log.info("tracing", otlp_endpoint=config.otlp_endpoint)
+    try:
+        return await _serve(config)
+    finally:
+        await asyncio.to_thread(tracing.shutdown)  # the last spans are sent
+
+
+async def _serve(config: OrchestratorConfig) -> int:
     """Run until SIGTERM/SIGINT (0), or until the monitor refuses this orchestrator (1)."""
     running = await create_server(config, wait_for_monitor=False)
     metrics.start_metrics_server(config.metrics_port, config.host)

@@ -210,14 +210,18 @@ def _read(path: str, name: str) -> bytes | None:
         raise ChannelConfigError(f"{name}: cannot read {path}: {exc.strerror or exc}") from exc
 
 
-def aio_channel(settings: ChannelSettings) -> aio.Channel:
-    """An asyncio channel to ``settings.target``."""
+def aio_channel(
+    settings: ChannelSettings, *, interceptors: Sequence[aio.ClientInterceptor] = ()
+) -> aio.Channel:
+    """An asyncio channel to ``settings.target``; ``interceptors`` (tracing, say) run first."""
     creds = settings.credentials()
     if creds is not None:
-        return aio.secure_channel(settings.target, creds, options=settings.options())
-    interceptors = _aio_token_interceptors(settings.token) if settings.token else None
+        return aio.secure_channel(
+            settings.target, creds, options=settings.options(), interceptors=interceptors or None
+        )
+    chain = [*interceptors, *(_aio_token_interceptors(settings.token) if settings.token else ())]
     return aio.insecure_channel(
-        settings.target, options=settings.options(), interceptors=interceptors
+        settings.target, options=settings.options(), interceptors=chain or None
     )
 
 

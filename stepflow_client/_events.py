@@ -144,6 +144,8 @@ class EmitterHooks:
     """A batch is acknowledged: ``on_ack(events, seconds_since_sent)``."""
     log: LogHook | None = None
     """Where log records go (default: the standard ``logging`` module)."""
+    on_send: Callable[[m.StreamChildEventsRequest], None] | None = None
+    """Each request just before it is sent (tracing stamps its steps' contexts there)."""
 
 
 @dataclass(slots=True)
@@ -484,9 +486,11 @@ class ChildEventEmitter:
             batch.stream_batch_id = next(batch_ids)
             batch.sent_at = time.monotonic()
             in_flight.append(batch)
-            return m.StreamChildEventsRequest(
+            request = m.StreamChildEventsRequest(
                 batch_id=batch.stream_batch_id, events=batch.events, owner=self.owner
             )
+            self._hook(self._hooks.on_send, request)
+            return request
 
         async def requests() -> AsyncIterator[m.StreamChildEventsRequest]:
             # A batch leaves ``_unacked`` only when it is settled, never when it is (re)sent:

@@ -120,6 +120,16 @@ def add_server_flags(parser: argparse.ArgumentParser, command: str) -> None:
     add_flag(parser, command, "--tls-key", "", "PEM private key for --tls-cert")
     add_flag(parser, command, "--tls-ca", "", "PEM CA: require client certificates it signed")
     add_flag(parser, command, "--auth-token", "", "require 'authorization: Bearer TOKEN' on calls")
+    add_flag(
+        parser,
+        command,
+        "--otlp-endpoint",
+        "",
+        "send OpenTelemetry traces to the OTLP/gRPC collector at HOST:PORT (e.g. "
+        "127.0.0.1:4317; https://HOST:PORT for TLS)",
+        extra_env=("STEPFLOW_OTLP_ENDPOINT",),
+        shown_default="none (tracing off)",
+    )
 
 
 def security_from(args: argparse.Namespace) -> Security:

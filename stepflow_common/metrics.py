@@ -73,7 +73,7 @@ COMMIT_DURATION = Histogram(
     registry=None,
 )
 COMMIT_UNITS = Histogram(
-    "stepflow_monitor_commit_group_size",
+    "stepflow_monitor_commit_units",
     "Units of work (RPC calls, event batches) committed together in one transaction.",
     buckets=COMMIT_UNITS_BUCKETS,
     registry=None,
@@ -93,11 +93,13 @@ REFUSED_BATCHES = Counter(
     "stepflow_orchestrator_refused_batches_total",
     "Child-event batches the monitor refused whole (the stream ended RESOURCE_EXHAUSTED or "
     "INVALID_ARGUMENT); each is split, not sent again unchanged.",
+    registry=None,
 )
 DROPPED_EVENTS = Counter(
     "stepflow_orchestrator_dropped_events_total",
     "Child events dropped because the monitor refused them even alone (each is logged with "
     "its event, step and child id).",
+    registry=None,
 )
 UNACKED_EVENTS = Gauge(
     "stepflow_orchestrator_unacked_events",
@@ -132,6 +134,8 @@ BY_SERVICE: dict[str, tuple[Collector, ...]] = {
         JOBS_FINISHED,
         STEPS_FINISHED,
         CHILDREN_FINISHED,
+        REFUSED_BATCHES,
+        DROPPED_EVENTS,
     ),
 }
 _served: list[str] = []  # empty: every service's (one process running both, as tests do)

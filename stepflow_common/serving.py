@@ -17,6 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from stepflow_client.aio import ChannelSettings, Keepalive, aio_channel
+from stepflow_common import tracing
 from stepflow_common.limits import MAX_REQUEST_BYTES
 
 log = structlog.get_logger(__name__)
@@ -131,7 +132,8 @@ def make_server(
     interceptors: Sequence[aio.ServerInterceptor] = (),
     keepalive: ServerKeepalive | None = None,
 ) -> aio.Server:
-    chain: list[aio.ServerInterceptor] = []
+    # Tracing first, so a call the token check refuses has its span too ([] when off).
+    chain: list[aio.ServerInterceptor] = tracing.server_interceptors()
     if security.auth_token:
         chain.append(
             BearerTokenInterceptor(
@@ -207,7 +209,8 @@ def channel(
             tls_key=security.tls_key,
             token=security.auth_token,
             keepalive=keepalive or ClientKeepalive(),
-        )
+        ),
+        interceptors=tracing.client_interceptors(),
     )
 
 

@@ -157,7 +157,7 @@ def test_metrics_endpoints_show_the_work(pair: Pair) -> None:
     assert accepted >= 35 * 3 + 2
     commits = value(mon, "stepflow_monitor_commit_seconds_count") or 0
     assert commits > 0
-    assert (value(mon, "stepflow_monitor_commit_group_size_sum") or 0) >= commits
+    assert (value(mon, "stepflow_monitor_commit_units_sum") or 0) >= commits
 
     orc = scrape(pair.orchestrator_metrics)
     assert value(orc, "stepflow_rpc_handled_total", service=ORCHESTRATOR, method="SubmitJob",

@@ -12,11 +12,11 @@ import math
 
 import pytest
 from grpc import aio
-from prometheus_client import REGISTRY
 
 from monitor_svc.server import RunningMonitor
 from orchestrator_svc.event_stream import BATCH_MAX_BYTES, EventStream
 from orchestrator_svc.records import ChildEvent, EventKind
+from stepflow_common import metrics
 from stepflow_common.limits import MAX_ERROR_CHARS, MAX_REQUEST_BYTES
 from stepflow_proto.v1 import job_pb2
 from stepflow_proto.v1 import monitor_service_pb2 as m
@@ -60,7 +60,7 @@ async def emit_children(
 
 
 def dropped_metric() -> float:
-    return REGISTRY.get_sample_value("stepflow_orchestrator_dropped_events_total") or 0.0
+    return metrics.registry().get_sample_value("stepflow_orchestrator_dropped_events_total") or 0.0
 
 
 @pytest.mark.parametrize("char", ["x", "\U0001f4a5"], ids=["ascii", "4-byte"])

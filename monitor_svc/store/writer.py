@@ -24,7 +24,7 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, OperationalError
 
 from monitor_svc.store.tx import Tx
-from stepflow_common import metrics
+from stepflow_common import metrics, tracing
 from stepflow_common.errors import AlreadyExists, InvalidArgument, StepflowError, Unavailable
 
 log = structlog.get_logger(__name__)
@@ -40,6 +40,7 @@ class _Job:
     unit: Unit
     future: asyncio.Future[Any]
     loop: asyncio.AbstractEventLoop
+    trace: Any = None  # the caller's span(s), linked from the commit's span (tracing on)
 
 
 class Writer:
@@ -64,7 +65,7 @@ class Writer:
         """Run ``unit`` in the next group transaction; return once that is committed."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-        self._queue.put(_Job(unit, future, loop))
+        self._queue.put(_Job(unit, future, loop, tracing.link_here()))
         return await future
 
     def close(self) -> None:
@@ -101,7 +102,8 @@ class Writer:
     def _commit_group(self, batch: list[_Job], *, again: bool = False) -> None:
         started = time.perf_counter()
         try:
-            outcomes, changed, earliest = self._transact(batch)
+            with tracing.commit(batch):
+                outcomes, changed, earliest = self._transact(batch)
         except Exception as exc:  # the whole transaction failed: retry units one by one
             if len(batch) > 1 and not isinstance(exc, OperationalError):
                 log.warning("group commit failed; retrying units alone", error=str(exc))

@@ -143,14 +143,16 @@ class UpdateStepStatInManagerResponse(_message.Message):
     def __init__(self, step_stat: _Optional[_Union[_job_pb2.StepStat, _Mapping]] = ..., current_step_status_changed: _Optional[bool] = ..., version: _Optional[int] = ...) -> None: ...
 
 class StreamChildEventsRequest(_message.Message):
-    __slots__ = ("batch_id", "events", "owner")
+    __slots__ = ("batch_id", "events", "owner", "traceparents")
     BATCH_ID_FIELD_NUMBER: _ClassVar[int]
     EVENTS_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
+    TRACEPARENTS_FIELD_NUMBER: _ClassVar[int]
     batch_id: int
     events: _containers.RepeatedCompositeFieldContainer[_job_pb2.ChildEvent]
     owner: str
-    def __init__(self, batch_id: _Optional[int] = ..., events: _Optional[_Iterable[_Union[_job_pb2.ChildEvent, _Mapping]]] = ..., owner: _Optional[str] = ...) -> None: ...
+    traceparents: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, batch_id: _Optional[int] = ..., events: _Optional[_Iterable[_Union[_job_pb2.ChildEvent, _Mapping]]] = ..., owner: _Optional[str] = ..., traceparents: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class StreamChildEventsResponse(_message.Message):
     __slots__ = ("batch_id", "rejected")
