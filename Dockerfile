@@ -23,6 +23,7 @@ RUN python -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml
 COPY README.md ./
 COPY stepflow_proto/ stepflow_proto/
 COPY stepflow_common/ stepflow_common/
+COPY stepflow_client/ stepflow_client/
 COPY monitor_svc/ monitor_svc/
 COPY orchestrator_svc/ orchestrator_svc/
 RUN pip install --no-deps .
