@@ -249,8 +249,8 @@ def _check_document_size(
     """Refuse a client's write that would make the document larger than the limit (a write
     that does not grow an over-limit document, e.g. a status, still passes). Only clients'
     writes are checked: the monitor's own entries (bounded by the step count) always land."""
-    size = rules.size_over(new, limits.max_metadata_bytes)
-    if size is None or size <= rules.encoded_size(old):
+    size = rules.size_after(old, new)
+    if size <= limits.max_metadata_bytes or size <= rules.document_size(old):
         return
     raise ResourceExhausted(
         f"job {job_id}'s metadata would be {size} bytes; the limit is "

@@ -236,14 +236,21 @@ class Tx:
         self.earliest_deadline: datetime | None = None  # wakes the deadline timer after commit
         self._leases: dict[str, Lease | None] = {}  # None: absent (or deleted here)
         self._lease_dirty: set[str] = set()
+        # A manager's tallies as last built, shared by the answers of the units after it
+        # while no progress row changed (``_progress_epoch``) and the unit writes none.
+        self._tallies: dict[str, tuple[int, dict[str, ChildTally]]] = {}
+        self._progress_epoch = 0
+        self._unit_writes_progress = False
 
     # -- units -------------------------------------------------------------------------------
     def begin_unit(self) -> int:
         self._unit_progress.clear()
+        self._unit_writes_progress = False
         return len(self._undo)
 
     def rollback_unit(self, mark: int) -> None:
         """Undo the cache changes of a unit that raised a domain error (it wrote no SQL)."""
+        self._progress_epoch += 1
         while len(self._undo) > mark:
             table, key, old = self._undo.pop()
             cache: dict[str, Any]
@@ -398,13 +405,19 @@ class Tx:
                 self._progress[row.step_id] = row_to_progress(row)
 
     def tallies_for_manager(self, manager_id: str) -> dict[str, ChildTally]:
-        """Live counts of a manager's steps as this transaction sees them."""
+        """Live counts of a manager's steps as this transaction sees them (never changed
+        after they are returned: the answers of several units share them)."""
+        hit = self._tallies.get(manager_id)
+        if hit is not None and hit[0] == self._progress_epoch and not self._unit_writes_progress:
+            return hit[1]
         self.load_manager_progress(manager_id)
         tallies = {}
         for step_id in self._manager_steps[manager_id]:
             progress = self._progress.get(step_id)
             if progress is not None:
                 tallies[step_id] = progress.tally()
+        if not self._unit_writes_progress:  # its rows may still change in place
+            self._tallies[manager_id] = (self._progress_epoch, tallies)
         return tallies
 
     def working_progress(self, step_id: str, manager_id: str) -> Progress:
@@ -419,6 +432,8 @@ class Tx:
         return fresh
 
     def put_progress(self, progress: Progress, *, new: bool = False) -> None:
+        self._progress_epoch += 1
+        self._unit_writes_progress = True
         self._undo.append(
             ("progress", progress.step_id, self._progress.get(progress.step_id, _MISSING))
         )
