@@ -15,7 +15,7 @@ from datetime import datetime
 from operator import attrgetter
 from typing import Any, cast
 
-from sqlalchemy import Connection, Table, bindparam, delete, select, update
+from sqlalchemy import Connection, Table, bindparam, delete, literal, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from monitor_svc.records import (
@@ -91,6 +91,11 @@ _STATUS = {s.value: s for s in Status}
 _KIND = {k.value: k for k in Kind}
 _TEXT: dict[Status | Kind, str] = {**{s: s.value for s in Status}, **{k: k.value for k in Kind}}
 _LIVE = sorted(s.value for s in LIVE)
+# Queries of live managers name the kind and the live statuses as literals in the SQL (not
+# parameters), the terms of the partial index of live managers (``ix_jobs_live_managers``):
+# SQLite uses a partial index only for a query that repeats its terms.
+_MANAGER_KIND = literal(Kind.MANAGER.value, literal_execute=True)
+_LIVE_STATUS = bindparam("live_statuses", _LIVE, expanding=True, literal_execute=True)
 
 
 def _load_json(text: str) -> Any:
@@ -161,9 +166,9 @@ _SELECT_LEASE = select(_L.c.owner, _L.c.instance, _L.c.expires_at).where(
 )
 _SELECT_LEASE_LOCKED = _SELECT_LEASE.with_for_update()
 _LIVE_MANAGERS = JOB_SELECT.where(
-    _T.c.kind == Kind.MANAGER.value,
+    _T.c.kind == _MANAGER_KIND,
     _T.c.owner == bindparam("owner"),
-    _T.c.status.in_(sorted(s.value for s in LIVE)),
+    _T.c.status.in_(_LIVE_STATUS),
 ).order_by(_T.c.created_at, _T.c.id)
 
 
@@ -565,9 +570,9 @@ class Tx:
         stmt = (
             select(_T.c.id, _T.c.created_at)
             .where(
-                _T.c.kind == Kind.MANAGER.value,
+                _T.c.kind == _MANAGER_KIND,
                 _T.c.owner == owner,
-                _T.c.status.in_(_LIVE),
+                _T.c.status.in_(_LIVE_STATUS),
             )
             .order_by(_T.c.created_at, _T.c.id)
             .limit(limit)
@@ -586,9 +591,9 @@ class Tx:
         stmt = (
             JOB_SELECT.where(
                 _T.c.orphan_deadline.is_not(None),
-                _T.c.kind == Kind.MANAGER.value,
+                _T.c.kind == _MANAGER_KIND,
                 _T.c.owner == "",
-                _T.c.status.in_(_LIVE),
+                _T.c.status.in_(_LIVE_STATUS),
             )
             .order_by(_T.c.created_at, _T.c.id)
             .limit(limit)
@@ -611,9 +616,9 @@ class Tx:
         stmt = select(_T.c.id).where(
             _T.c.orphan_deadline.is_not(None),
             _T.c.orphan_deadline <= self.now,
-            _T.c.kind == Kind.MANAGER.value,
+            _T.c.kind == _MANAGER_KIND,
             _T.c.owner == "",
-            _T.c.status.in_(_LIVE),
+            _T.c.status.in_(_LIVE_STATUS),
         )
         if self._lock_rows:
             stmt = stmt.with_for_update(skip_locked=True)
