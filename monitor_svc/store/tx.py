@@ -9,13 +9,15 @@ and one commit between them, and each still raises its version by one.
 from __future__ import annotations
 
 import json
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import Field
 from datetime import datetime
 from operator import attrgetter
 from typing import Any, cast
 
-from sqlalchemy import Connection, Table, bindparam, delete, literal, select, update
+from sqlalchemy import BindParameter, Connection, Table, bindparam, delete, literal, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from monitor_svc.records import (
@@ -95,15 +97,68 @@ _LIVE = sorted(s.value for s in LIVE)
 # parameters), the terms of the partial index of live managers (``ix_jobs_live_managers``):
 # SQLite uses a partial index only for a query that repeats its terms.
 _MANAGER_KIND = literal(Kind.MANAGER.value, literal_execute=True)
-_LIVE_STATUS = bindparam("live_statuses", _LIVE, expanding=True, literal_execute=True)
+_LIVE_STATUS: BindParameter[Any] = bindparam(
+    "live_statuses", _LIVE, expanding=True, literal_execute=True
+)
 
 
-def _load_json(text: str) -> Any:
-    return {} if text == "{}" else json.loads(text)
+class _Documents:
+    """Large metadata documents by their JSON text, as last written or read.
+
+    A hot manager's row is read and written again by every group transaction; its document
+    is parsed only when its text changed (another process wrote it), and every read of it
+    shares the same Python values, so the answers' serialized bytes (``convert``) and the
+    size bookkeeping (``metadata_rules``) carry over from one transaction to the next. The
+    values are never changed in place (units replace a job's metadata, never mutate it).
+    Shared by the writer and the read pool, hence the lock.
+    """
+
+    MIN_CHARS = 1024  # smaller documents parse faster than they are looked up
+    MAX_CHARS = 32 * 1024 * 1024  # the texts kept, in all
+
+    def __init__(self) -> None:
+        self._by_text: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._chars = 0
+        self._lock = threading.Lock()
+
+    def load(self, text: str) -> Any:
+        if text == "{}":
+            return {}
+        if len(text) < self.MIN_CHARS:
+            return json.loads(text)
+        with self._lock:
+            found = self._by_text.get(text)
+            if found is not None:
+                self._by_text.move_to_end(text)
+                return found
+        value = json.loads(text)
+        self._keep(text, value)
+        return value
+
+    def dump(self, value: dict[str, Any]) -> str:
+        if not value:
+            return "{}"
+        text = json.dumps(value, separators=(",", ":"))
+        if len(text) >= self.MIN_CHARS:
+            self._keep(text, value)
+        return text
+
+    def _keep(self, text: str, value: dict[str, Any]) -> None:
+        if len(text) > self.MAX_CHARS // 4:
+            return
+        with self._lock:
+            if self._by_text.pop(text, None) is not None:
+                self._chars -= len(text)
+            self._by_text[text] = value
+            self._chars += len(text)
+            while self._chars > self.MAX_CHARS:
+                old, _ = self._by_text.popitem(last=False)
+                self._chars -= len(old)
 
 
-def _dump_json(value: dict[str, Any]) -> str:
-    return json.dumps(value, separators=(",", ":")) if value else "{}"
+_DOCUMENTS = _Documents()
+_load_json = _DOCUMENTS.load
+_dump_json = _DOCUMENTS.dump
 
 
 def _created_at(value: datetime) -> datetime:
