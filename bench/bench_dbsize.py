@@ -304,7 +304,11 @@ def report(
                         f"{size:,}",
                         label,
                         f"{common.fmt_rate(figure.rate)} {unit}",
-                        "-" if key == "noop" else common.fmt_ratio(figure.vs_noop),
+                        "-"
+                        if key == "noop"
+                        else f"{figure.vs_noop:.1f}x"
+                        if key == "stream"
+                        else common.fmt_ratio(figure.vs_noop),
                         f"{figure.cpu_us:,.1f}",
                         "-" if key == "noop" else f"{wall:.2f}x",
                         f"{cpu:.2f}x",
@@ -333,7 +337,8 @@ def report(
         "own database filled before it starts: finished managers of "
         f"{STEPS_PER_MANAGER} steps x {CHILDREN_PER_STEP} children, with their step_progress "
         "rows)",
-        "vs no-op: the rate over the no-op Check's measured just before on the same monitor; "
+        "vs no-op: the rate over the no-op Check's measured just before on the same monitor "
+        "(the stream: events/s over the no-op's calls/s); "
         "CPU us/op: the monitor process's CPU time per call or event",
         "wall cost vs first: the time per operation (as a share of the no-op's) at this size "
         "over the same at the smallest size; CPU vs first: the same for CPU us/op",
