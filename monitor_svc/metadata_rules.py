@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -322,6 +323,7 @@ def tally_dict(tally: ChildTally) -> dict[str, int]:
 # keys it changed, whatever the size of the rest of the document.
 _KNOWN_SIZES_MAX = 1024
 _known_sizes: dict[int, tuple[Mapping[str, Any], int]] = {}
+_known_sizes_lock = threading.Lock()
 
 
 def document_size(document: Mapping[str, Any]) -> int:
@@ -355,9 +357,10 @@ _ABSENT = object()
 
 
 def _remember(document: Mapping[str, Any], size: int) -> None:
-    if len(_known_sizes) >= _KNOWN_SIZES_MAX:
-        del _known_sizes[next(iter(_known_sizes))]  # the oldest
-    _known_sizes[id(document)] = (document, size)
+    with _known_sizes_lock:  # several monitors in one process have a writer thread each
+        if len(_known_sizes) >= _KNOWN_SIZES_MAX:
+            del _known_sizes[next(iter(_known_sizes))]  # the oldest
+        _known_sizes[id(document)] = (document, size)
 
 
 def encoded_size(document: Mapping[str, Any]) -> int:
