@@ -48,8 +48,16 @@ IN_FLIGHT = (1, 16, 64)
 NOOP = "no-op Health/Check"
 STEP_STAT = "UpdateStepStatInManager"
 METADATA = "UpdateJobMetadata"
-# Targets, at 64 calls in flight: a write's rate as a share of the no-op's.
-TARGET_SHARE = {"sqlite": 0.50, "postgres": 0.25}
+# Targets, at 64 calls in flight: a write's rate as a share of the no-op's, by database and
+# row (UpdateJobMetadata answers the whole job, so its target depends on the document).
+TARGET_SHARE = {
+    ("sqlite", "stepstat"): 0.65,
+    ("sqlite", "metadata"): 0.40,
+    ("sqlite", "metadata-small"): 0.60,
+    ("postgres", "stepstat"): 0.50,
+    ("postgres", "metadata"): 0.25,
+    ("postgres", "metadata-small"): 0.25,
+}
 TARGET_IN_FLIGHT = 64
 FORWARD = (job_pb2.JOB_STATUS_RUNNING, job_pb2.JOB_STATUS_SPAWNED, job_pb2.JOB_STATUS_COMPLETED)
 SETUP_CONCURRENCY = 16
@@ -354,9 +362,10 @@ def report(
                 point = summarise(results[(db, variant.key, in_flight)])
                 share = point.rate / noop.rate if noop.rate else math.nan
                 target, result = "", ""
-                if variant.rpc != NOOP and in_flight == TARGET_IN_FLIGHT:
-                    target = f">= {TARGET_SHARE[db]:.0%}"
-                    result = common.verdict(share >= TARGET_SHARE[db])
+                wanted = TARGET_SHARE.get((db, variant.key))
+                if wanted is not None and in_flight == TARGET_IN_FLIGHT:
+                    target = f">= {wanted:.0%}"
+                    result = common.verdict(share >= wanted)
                 size = facts["document_bytes"].get(variant.key)
                 rows.append(
                     [
@@ -401,7 +410,9 @@ def report(
         f"({os.cpu_count()} cores here)",
         "document: the hot manager's metadata as JSON (N step_stats entries); every write "
         "changes it and commits before it returns (durable)",
-        "targets (at 64 in flight): SQLite >= 50% of the no-op rate, PostgreSQL >= 25%",
+        "targets (at 64 in flight), share of the no-op rate: SQLite UpdateStepStatInManager "
+        ">= 65%, UpdateJobMetadata >= 60% (10 steps) / >= 40% (128 steps); PostgreSQL "
+        "UpdateStepStatInManager >= 50%, UpdateJobMetadata >= 25%",
         "reference (quiet machine): no-op Check ~4,200/s at 64 in flight; a bare "
         "read-modify-write RPC with SQLAlchemy Core ~2,100/s on SQLite, ~1,050/s on PostgreSQL",
     ]

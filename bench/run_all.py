@@ -1,6 +1,6 @@
 """Run every benchmark, one after the other, each in its own process:
 
-    .venv/bin/python bench/run_all.py            # full sizes, median of 3 runs (~15-25 min)
+    .venv/bin/python bench/run_all.py            # full sizes, median of 3 runs (~30 min)
     .venv/bin/python bench/run_all.py --quick    # small sizes, one run: a smoke test for CI
     .venv/bin/python bench/run_all.py --failover # also kill -9 failover times (bench_failover)
 
@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
-BENCHMARKS = ("bench_unary.py", "bench_stream.py", "bench_e2e.py")
+BENCHMARKS = ("bench_unary.py", "bench_stream.py", "bench_e2e.py", "bench_dbsize.py")
 # Run only when named in --only (or with --failover): it kills orchestrators on purpose.
 OPTIONAL = ("bench_failover.py",)
 # Upper bounds per benchmark; each also bounds itself (its --timeout) a little below these.

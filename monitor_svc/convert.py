@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from datetime import datetime
-from typing import Any
+from typing import Any, NewType
 
 from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
 
@@ -275,7 +275,50 @@ def _status_pb(value: Any) -> Any:  # a job_pb2.JobStatus value
         return job_pb2.JOB_STATUS_UNSPECIFIED
 
 
-def job_pb(view: JobView, *, include_definition: bool = False) -> job_pb2.Job:
+# A serialized protobuf message is the concatenation of its serialized fields, in any order,
+# so an answer is spliced from bytes: the job's few scalar fields serialized per call, its
+# metadata Struct and typed step_stats from bytes cached per key and per entry (see
+# ``_ConvertedCache``). A handler returns these bytes as its answer (``Serialized``) and the
+# server sends them as they are (``servicer.add_to_server``).
+# A response message already serialized; the server sends it unchanged. (Plain bytes at run
+# time: grpc sends only exact ``bytes``.)
+Serialized = NewType("Serialized", bytes)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _tag(field_number: int) -> bytes:
+    return _varint(field_number << 3 | 2)  # wire type 2: length-delimited
+
+
+def _length_delimited(tag: bytes, payload: bytes) -> bytes:
+    return tag + _varint(len(payload)) + payload
+
+
+_METADATA_TAG = _tag(job_pb2.Job.METADATA_FIELD_NUMBER)
+# The one field of every single-job answer (CreateJob, GetJob, UpdateJobStatus, ...).
+_ANSWER_JOB_TAG = _tag(1)
+assert all(
+    answer.JOB_FIELD_NUMBER == 1
+    for answer in (
+        m.CreateJobResponse,
+        m.GetJobResponse,
+        m.UpdateJobStatusResponse,
+        m.UpdateJobMetadataResponse,
+        m.WatchJobResponse,
+    )
+)
+
+
+def job_bytes(view: JobView, *, include_definition: bool = False) -> bytes:
+    """The job as a serialized ``job_pb2.Job``."""
     job: JobState = view.job
     out = job_pb2.Job(
         id=job.id,
@@ -295,72 +338,99 @@ def job_pb(view: JobView, *, include_definition: bool = False) -> job_pb2.Job:
     )
     if include_definition and job.definition is not None:
         out.definition.update(job.definition)
-    _CONVERTED.fill_metadata(job.id, job.metadata, out.metadata)
     _stamp(out.created_at, job.created_at)
     _stamp(out.started_at, job.started_at)
     _stamp(out.finished_at, job.finished_at)
     _stamp(out.deadline, job.deadline)
+    parts = [out.SerializeToString()]
+    if job.metadata:
+        struct = _CONVERTED.metadata_bytes(job.id, job.metadata)
+        parts.append(_length_delimited(_METADATA_TAG, struct))
     if job.kind is Kind.MANAGER:
         entries = job.metadata.get("step_stats")
         if isinstance(entries, list):
-            out.step_stats.extend(_CONVERTED.step_stats(job.id, entries, view.step_tallies))
-    return out
+            parts.append(_CONVERTED.step_stats_bytes(job.id, entries, view.step_tallies))
+    return b"".join(parts)
 
 
-def _step_stats_pb(entries: list[Any], tallies: dict[str, ChildTally]) -> list[job_pb2.StepStat]:
-    return [
-        step_stat_pb(entry, tallies.get(str(entry.get("step_id"))))
-        for entry in entries
-        if isinstance(entry, dict)
-    ]
+def job_answer(view: JobView, *, include_definition: bool = False) -> Serialized:
+    """A serialized single-job answer (``job`` is field 1 of each)."""
+    return Serialized(
+        _length_delimited(_ANSWER_JOB_TAG, job_bytes(view, include_definition=include_definition))
+    )
+
+
+def job_pb(view: JobView, *, include_definition: bool = False) -> job_pb2.Job:
+    return job_pb2.Job.FromString(job_bytes(view, include_definition=include_definition))
+
+
+def _step_stat_bytes(entry: dict[str, Any], tally: ChildTally | None) -> bytes:
+    """One element of ``Job.step_stats``, its tag and length included."""
+    return job_pb2.Job(step_stats=[step_stat_pb(entry, tally)]).SerializeToString()
 
 
 class _ConvertedCache:
-    """Converted metadata of recently answered jobs, reused while the Python value is the
+    """Serialized metadata of recently answered jobs, reused while the Python value is the
     very same object.
 
     The calls that one group commit answers about a hot manager share every metadata value
     their merges did not touch (a merge keeps untouched keys by reference), so 64 answers
-    about one document convert its large ``step_stats`` once instead of 64 times. An entry
-    holds the value it was made from, so that identity cannot be reused while cached. Used on
-    the event-loop thread only.
+    about one document serialize its large ``step_stats`` once instead of 64 times; a write
+    that moves one entry serializes that entry again, not the others. An entry holds the
+    value it was made from, so that identity cannot be reused while cached. Used on the
+    event-loop thread only.
     """
 
     def __init__(self, max_jobs: int = 256) -> None:
         self._max_jobs = max_jobs
-        self._values: OrderedDict[str, dict[str, tuple[Any, struct_pb2.Value]]] = OrderedDict()
-        self._stats: OrderedDict[str, tuple[Any, dict[str, ChildTally], list[job_pb2.StepStat]]] = (
-            OrderedDict()
-        )
+        self._values: OrderedDict[str, dict[str, tuple[Any, bytes]]] = OrderedDict()
+        # Per job: the list and counts of the last answer, its bytes, and per entry (by
+        # identity) the entry, its counts and its bytes.
+        self._stats: OrderedDict[
+            str,
+            tuple[Any, dict[str, ChildTally], bytes, dict[int, tuple[Any, Any, bytes]]],
+        ] = OrderedDict()
 
-    def fill_metadata(
-        self, job_id: str, metadata: dict[str, Any], target: struct_pb2.Struct
-    ) -> None:
+    def metadata_bytes(self, job_id: str, metadata: dict[str, Any]) -> bytes:
+        """The serialized ``Struct`` of ``metadata``."""
         cached = self._slot(self._values, job_id, {})
-        fresh: dict[str, tuple[Any, struct_pb2.Value]] = {}
+        fresh: dict[str, tuple[Any, bytes]] = {}
+        parts = []
         for key, value in metadata.items():
             hit = cached.get(key)
-            if hit is not None and hit[0] is value:
-                target.fields[key].CopyFrom(hit[1])
-                fresh[key] = hit
-            else:
-                target.update({key: value})
-                copy = struct_pb2.Value()
-                copy.CopyFrom(target.fields[key])
-                fresh[key] = (value, copy)
+            if hit is None or hit[0] is not value:
+                one = struct_pb2.Struct()
+                one.update({key: value})
+                hit = (value, one.SerializeToString())
+            fresh[key] = hit
+            parts.append(hit[1])
         self._values[job_id] = fresh
+        return b"".join(parts)
 
-    def step_stats(
+    def step_stats_bytes(
         self, job_id: str, entries: list[Any], tallies: dict[str, ChildTally]
-    ) -> list[job_pb2.StepStat]:
-        hit: tuple[Any, dict[str, ChildTally], list[job_pb2.StepStat]] | None = self._slot(
-            self._stats, job_id, None
-        )
-        if hit is not None and hit[0] is entries and hit[1] == tallies:
-            return hit[2]
-        stats = _step_stats_pb(entries, tallies)
-        self._stats[job_id] = (entries, dict(tallies), stats)
-        return stats
+    ) -> bytes:
+        """The serialized ``Job.step_stats`` field of ``entries`` with their live counts."""
+        hit = self._slot(self._stats, job_id, None)
+        by_entry: dict[int, tuple[Any, Any, bytes]] = {}
+        if hit is not None:
+            if hit[0] is entries and (hit[1] is tallies or hit[1] == tallies):
+                return hit[2]  # type: ignore[no-any-return]
+            by_entry = hit[3]
+        fresh: dict[int, tuple[Any, Any, bytes]] = {}
+        parts = []
+        for entry in entries:
+            if not isinstance(entry, dict):
+                continue
+            tally = tallies.get(str(entry.get("step_id")))
+            known = by_entry.get(id(entry))
+            if known is None or known[0] is not entry or known[1] != tally:
+                known = (entry, tally, _step_stat_bytes(entry, tally))
+            fresh[id(entry)] = known
+            parts.append(known[2])
+        joined = b"".join(parts)
+        self._stats[job_id] = (entries, tallies, joined, fresh)
+        return joined
 
     def _slot(self, table: OrderedDict[str, Any], job_id: str, default: Any) -> Any:
         found = table.get(job_id, default)

@@ -8,8 +8,8 @@ it under a row lock. Statuses inside the document never move backwards.
 from __future__ import annotations
 
 import copy
-import json
 import math
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -194,8 +194,13 @@ def sort_entries(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(entries, key=lambda e: e.get("step_index", big))
 
 
+_ENDED = frozenset(s.value for s in Status if s.terminal)
+
+
 def count_ended_steps(entries: list[dict[str, Any]]) -> int:
-    return sum(1 for e in entries if (_status_or_none(e.get("status")) or Status.PENDING).terminal)
+    # Plain text lookups: this runs over every entry on every step-stat write.
+    ended = _ENDED
+    return sum(1 for e in entries if isinstance(status := e.get("status"), str) and status in ended)
 
 
 def _status_or_none(value: Any) -> Status | None:
@@ -313,18 +318,49 @@ def tally_dict(tally: ChildTally) -> dict[str, int]:
 
 
 # -- size ------------------------------------------------------------------------------------
-# A Struct never takes more than this many bytes per byte of its compact JSON (a number in a
-# list: 2 JSON bytes, 11 encoded), so a document whose JSON is small enough needs no walk.
-_MAX_ENCODED_PER_JSON_BYTE = 6
+# The encoded size of a document a write produced, kept (with the document, so its identity
+# is not reused) for the next write of the same job: the write after it then costs only the
+# keys it changed, whatever the size of the rest of the document.
+_KNOWN_SIZES_MAX = 1024
+_known_sizes: dict[int, tuple[Mapping[str, Any], int]] = {}
+_known_sizes_lock = threading.Lock()
 
 
-def size_over(document: Mapping[str, Any], limit: int) -> int | None:
-    """The encoded size of ``document`` when it is over ``limit``, else None (cheaply)."""
-    compact = len(json.dumps(document, separators=(",", ":")))
-    if compact * _MAX_ENCODED_PER_JSON_BYTE <= limit:
-        return None
+def document_size(document: Mapping[str, Any]) -> int:
+    """``encoded_size`` of ``document``, remembered for the next ``size_after``."""
+    hit = _known_sizes.get(id(document))
+    if hit is not None and hit[0] is document:
+        return hit[1]
     size = encoded_size(document)
-    return size if size > limit else None
+    _remember(document, size)
+    return size
+
+
+def size_after(old: Mapping[str, Any], new: Mapping[str, Any]) -> int:
+    """The encoded size of ``new``, a merge of ``old``: the size of ``old`` plus the change
+    of the keys whose value is not the very same object (a merge keeps the others)."""
+    size = document_size(old)
+    for key, value in new.items():
+        before = old.get(key, _ABSENT)
+        if before is not value:
+            size += _entry_size(key, value)
+            if before is not _ABSENT:
+                size -= _entry_size(key, before)
+    for key, before in old.items():
+        if key not in new:
+            size -= _entry_size(key, before)
+    _remember(new, size)
+    return size
+
+
+_ABSENT = object()
+
+
+def _remember(document: Mapping[str, Any], size: int) -> None:
+    with _known_sizes_lock:  # several monitors in one process have a writer thread each
+        if len(_known_sizes) >= _KNOWN_SIZES_MAX:
+            del _known_sizes[next(iter(_known_sizes))]  # the oldest
+        _known_sizes[id(document)] = (document, size)
 
 
 def encoded_size(document: Mapping[str, Any]) -> int:
@@ -336,14 +372,16 @@ def encoded_size(document: Mapping[str, Any]) -> int:
 
 
 def _struct_size(value: Mapping[str, Any]) -> int:
-    total = 0
-    for key, item in value.items():
-        key_len = len(key.encode("utf-8", "surrogatepass"))
-        entry = 1 + _varint_len(key_len) + key_len
-        inner = _value_size(item)
-        entry += 1 + _varint_len(inner) + inner
-        total += 1 + _varint_len(entry) + entry
-    return total
+    return sum(_entry_size(key, item) for key, item in value.items())
+
+
+def _entry_size(key: str, item: Any) -> int:
+    """Bytes of one ``fields`` map entry of a Struct (its tag and length included)."""
+    key_len = len(key.encode("utf-8", "surrogatepass"))
+    entry = 1 + _varint_len(key_len) + key_len
+    inner = _value_size(item)
+    entry += 1 + _varint_len(inner) + inner
+    return 1 + _varint_len(entry) + entry
 
 
 def _value_size(value: Any) -> int:

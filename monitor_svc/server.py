@@ -12,7 +12,7 @@ from grpc import aio
 from monitor_svc.deadlines import DeadlineTimer
 from monitor_svc.lifecycle import StepTimers
 from monitor_svc.records import DocumentLimits
-from monitor_svc.servicer import MonitorServicer
+from monitor_svc.servicer import MonitorServicer, add_to_server
 from monitor_svc.store.engine import SQLITE_SYNCHRONOUS_DEFAULT, safe_url
 from monitor_svc.store.migrate import upgrade
 from monitor_svc.store.notify import Listener
@@ -20,7 +20,7 @@ from monitor_svc.store.store import MonitorStore, read_view
 from monitor_svc.watch import WatchHub
 from stepflow_common import metrics, serving, tracing
 from stepflow_common.grpc_errors import DomainErrorInterceptor
-from stepflow_proto.v1 import monitor_service_pb2, monitor_service_pb2_grpc
+from stepflow_proto.v1 import monitor_service_pb2
 
 log = structlog.get_logger(__name__)
 
@@ -99,9 +99,7 @@ async def create_server(config: MonitorConfig) -> RunningMonitor:
     server = serving.make_server(
         config.security, [DomainErrorInterceptor(metrics.observe_rpc)], config.keepalive
     )
-    monitor_service_pb2_grpc.add_MonitorServiceServicer_to_server(
-        MonitorServicer(store, hub), server
-    )
+    add_to_server(MonitorServicer(store, hub), server)
     health = serving.add_health_and_reflection(server, [SERVICE_NAME])
     port = serving.bind(server, f"{config.host}:{config.port}", config.security)
     await server.start()

@@ -38,24 +38,72 @@ def _observe(future: asyncio.Future[Any]) -> None:
         log.info("stream batch abandoned", error=f"{type(error).__name__}: {error}")
 
 
+def add_to_server(servicer: MonitorServicer, server: aio.Server) -> None:
+    """Register ``servicer`` as the generated code does, except that a handler may answer
+    with its response already serialized (``convert.Serialized``): it is sent unchanged."""
+    recorded = _Recorded()
+    m_grpc.add_MonitorServiceServicer_to_server(servicer, recorded)
+    handlers = {name: _sending_bytes(h) for name, h in recorded.handlers.items()}
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(recorded.service, handlers),)
+    )
+    server.add_registered_method_handlers(recorded.service, handlers)
+
+
+class _Recorded:
+    """Stands for the server while the generated code registers its handlers."""
+
+    service = ""
+    handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    def add_generic_rpc_handlers(self, _handlers: Any) -> None:
+        pass
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler]
+    ) -> None:
+        self.service, self.handlers = service, handlers
+
+
+def _sending_bytes(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    serialize = handler.response_serializer
+
+    def serializer(response: Any) -> bytes:
+        if isinstance(response, bytes):
+            return response
+        return serialize(response)  # type: ignore[no-any-return]
+
+    if handler.unary_unary:
+        make, behaviour = grpc.unary_unary_rpc_method_handler, handler.unary_unary
+    elif handler.unary_stream:
+        make, behaviour = grpc.unary_stream_rpc_method_handler, handler.unary_stream
+    elif handler.stream_unary:
+        make, behaviour = grpc.stream_unary_rpc_method_handler, handler.stream_unary
+    else:
+        make, behaviour = grpc.stream_stream_rpc_method_handler, handler.stream_stream
+    return make(
+        behaviour, request_deserializer=handler.request_deserializer, response_serializer=serializer
+    )
+
+
 class MonitorServicer(m_grpc.MonitorServiceServicer):
     def __init__(self, store: MonitorStore, hub: WatchHub) -> None:
         self._store = store
         self._hub = hub
 
-    async def CreateJob(
+    async def CreateJob(  # type: ignore[override]
         self, request: m.CreateJobRequest, context: aio.ServicerContext
-    ) -> m.CreateJobResponse:
+    ) -> convert.Serialized:
         limit = self._store.limits.max_metadata_bytes
         view = await self._store.create_job(convert.new_job(request, limit))
-        return m.CreateJobResponse(job=convert.job_pb(view))
+        return convert.job_answer(view)
 
-    async def GetJob(
+    async def GetJob(  # type: ignore[override]
         self, request: m.GetJobRequest, context: aio.ServicerContext
-    ) -> m.GetJobResponse:
+    ) -> convert.Serialized:
         include = request.include_definition
         view = await self._store.get_job(convert.job_id(request.job_id), include_definition=include)
-        return m.GetJobResponse(job=convert.job_pb(view, include_definition=include))
+        return convert.job_answer(view, include_definition=include)
 
     async def ListJobs(
         self, request: m.ListJobsRequest, context: aio.ServicerContext
@@ -75,9 +123,9 @@ class MonitorServicer(m_grpc.MonitorServiceServicer):
             jobs.append(job)
         return m.ListJobsResponse(jobs=jobs, next_page_token=token)
 
-    async def UpdateJobStatus(
+    async def UpdateJobStatus(  # type: ignore[override]
         self, request: m.UpdateJobStatusRequest, context: aio.ServicerContext
-    ) -> m.UpdateJobStatusResponse:
+    ) -> convert.Serialized:
         view = await self._store.update_status(
             convert.job_id(request.job_id),
             convert.status(request.status),
@@ -85,11 +133,11 @@ class MonitorServicer(m_grpc.MonitorServiceServicer):
             request.end_reason,
             convert.owner(request.owner),
         )
-        return m.UpdateJobStatusResponse(job=convert.job_pb(view))
+        return convert.job_answer(view)
 
-    async def UpdateJobMetadata(
+    async def UpdateJobMetadata(  # type: ignore[override]
         self, request: m.UpdateJobMetadataRequest, context: aio.ServicerContext
-    ) -> m.UpdateJobMetadataResponse:
+    ) -> convert.Serialized:
         expected = request.expected_version if request.HasField("expected_version") else None
         if expected is not None and expected < 1:
             raise InvalidArgument("expected_version must be >= 1 (versions start at 1)")
@@ -100,7 +148,7 @@ class MonitorServicer(m_grpc.MonitorServiceServicer):
             expected,
             convert.owner(request.owner),
         )
-        return m.UpdateJobMetadataResponse(job=convert.job_pb(view))
+        return convert.job_answer(view)
 
     async def UpdateStepStatInManager(
         self, request: m.UpdateStepStatInManagerRequest, context: aio.ServicerContext
@@ -191,15 +239,15 @@ class MonitorServicer(m_grpc.MonitorServiceServicer):
         metrics.observe_events(len(request.events), len(rejected))
         return m.StreamChildEventsResponse(batch_id=request.batch_id, rejected=rejected)
 
-    async def WatchJob(
+    async def WatchJob(  # type: ignore[override]
         self, request: m.WatchJobRequest, context: aio.ServicerContext
-    ) -> AsyncIterator[m.WatchJobResponse]:
+    ) -> AsyncIterator[convert.Serialized]:
         job_id = convert.job_id(request.job_id)
         if request.after_change_seq < 0:
             raise InvalidArgument("after_change_seq must be >= 0")
         await self._store.get_job(job_id)  # NOT_FOUND before the stream starts
         async for view in self._hub.watch(job_id, request.after_change_seq):
-            yield m.WatchJobResponse(job=convert.job_pb(view))
+            yield convert.job_answer(view)
 
     async def Heartbeat(
         self, request: m.HeartbeatRequest, context: aio.ServicerContext

@@ -9,13 +9,15 @@ and one commit between them, and each still raises its version by one.
 from __future__ import annotations
 
 import json
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import Field
 from datetime import datetime
 from operator import attrgetter
 from typing import Any, cast
 
-from sqlalchemy import Connection, Table, bindparam, delete, select, update
+from sqlalchemy import BindParameter, Connection, Table, bindparam, delete, literal, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from monitor_svc.records import (
@@ -91,14 +93,72 @@ _STATUS = {s.value: s for s in Status}
 _KIND = {k.value: k for k in Kind}
 _TEXT: dict[Status | Kind, str] = {**{s: s.value for s in Status}, **{k: k.value for k in Kind}}
 _LIVE = sorted(s.value for s in LIVE)
+# Queries of live managers name the kind and the live statuses as literals in the SQL (not
+# parameters), the terms of the partial index of live managers (``ix_jobs_live_managers``):
+# SQLite uses a partial index only for a query that repeats its terms.
+_MANAGER_KIND = literal(Kind.MANAGER.value, literal_execute=True)
+_LIVE_STATUS: BindParameter[Any] = bindparam(
+    "live_statuses", _LIVE, expanding=True, literal_execute=True
+)
 
 
-def _load_json(text: str) -> Any:
-    return {} if text == "{}" else json.loads(text)
+class _Documents:
+    """Large metadata documents by their JSON text, as last written or read.
+
+    A hot manager's row is read and written again by every group transaction; its document
+    is parsed only when its text changed (another process wrote it), and every read of it
+    shares the same Python values, so the answers' serialized bytes (``convert``) and the
+    size bookkeeping (``metadata_rules``) carry over from one transaction to the next. The
+    values are never changed in place (units replace a job's metadata, never mutate it).
+    Shared by the writer and the read pool, hence the lock.
+    """
+
+    MIN_CHARS = 1024  # smaller documents parse faster than they are looked up
+    MAX_CHARS = 32 * 1024 * 1024  # the texts kept, in all
+
+    def __init__(self) -> None:
+        self._by_text: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._chars = 0
+        self._lock = threading.Lock()
+
+    def load(self, text: str) -> Any:
+        if text == "{}":
+            return {}
+        if len(text) < self.MIN_CHARS:
+            return json.loads(text)
+        with self._lock:
+            found = self._by_text.get(text)
+            if found is not None:
+                self._by_text.move_to_end(text)
+                return found
+        value = json.loads(text)
+        self._keep(text, value)
+        return value
+
+    def dump(self, value: dict[str, Any]) -> str:
+        if not value:
+            return "{}"
+        text = json.dumps(value, separators=(",", ":"))
+        if len(text) >= self.MIN_CHARS:
+            self._keep(text, value)
+        return text
+
+    def _keep(self, text: str, value: dict[str, Any]) -> None:
+        if len(text) > self.MAX_CHARS // 4:
+            return
+        with self._lock:
+            if self._by_text.pop(text, None) is not None:
+                self._chars -= len(text)
+            self._by_text[text] = value
+            self._chars += len(text)
+            while self._chars > self.MAX_CHARS:
+                old, _ = self._by_text.popitem(last=False)
+                self._chars -= len(old)
 
 
-def _dump_json(value: dict[str, Any]) -> str:
-    return json.dumps(value, separators=(",", ":")) if value else "{}"
+_DOCUMENTS = _Documents()
+_load_json = _DOCUMENTS.load
+_dump_json = _DOCUMENTS.dump
 
 
 def _created_at(value: datetime) -> datetime:
@@ -161,9 +221,9 @@ _SELECT_LEASE = select(_L.c.owner, _L.c.instance, _L.c.expires_at).where(
 )
 _SELECT_LEASE_LOCKED = _SELECT_LEASE.with_for_update()
 _LIVE_MANAGERS = JOB_SELECT.where(
-    _T.c.kind == Kind.MANAGER.value,
+    _T.c.kind == _MANAGER_KIND,
     _T.c.owner == bindparam("owner"),
-    _T.c.status.in_(sorted(s.value for s in LIVE)),
+    _T.c.status.in_(_LIVE_STATUS),
 ).order_by(_T.c.created_at, _T.c.id)
 
 
@@ -236,14 +296,21 @@ class Tx:
         self.earliest_deadline: datetime | None = None  # wakes the deadline timer after commit
         self._leases: dict[str, Lease | None] = {}  # None: absent (or deleted here)
         self._lease_dirty: set[str] = set()
+        # A manager's tallies as last built, shared by the answers of the units after it
+        # while no progress row changed (``_progress_epoch``) and the unit writes none.
+        self._tallies: dict[str, tuple[int, dict[str, ChildTally]]] = {}
+        self._progress_epoch = 0
+        self._unit_writes_progress = False
 
     # -- units -------------------------------------------------------------------------------
     def begin_unit(self) -> int:
         self._unit_progress.clear()
+        self._unit_writes_progress = False
         return len(self._undo)
 
     def rollback_unit(self, mark: int) -> None:
         """Undo the cache changes of a unit that raised a domain error (it wrote no SQL)."""
+        self._progress_epoch += 1
         while len(self._undo) > mark:
             table, key, old = self._undo.pop()
             cache: dict[str, Any]
@@ -398,13 +465,19 @@ class Tx:
                 self._progress[row.step_id] = row_to_progress(row)
 
     def tallies_for_manager(self, manager_id: str) -> dict[str, ChildTally]:
-        """Live counts of a manager's steps as this transaction sees them."""
+        """Live counts of a manager's steps as this transaction sees them (never changed
+        after they are returned: the answers of several units share them)."""
+        hit = self._tallies.get(manager_id)
+        if hit is not None and hit[0] == self._progress_epoch and not self._unit_writes_progress:
+            return hit[1]
         self.load_manager_progress(manager_id)
         tallies = {}
         for step_id in self._manager_steps[manager_id]:
             progress = self._progress.get(step_id)
             if progress is not None:
                 tallies[step_id] = progress.tally()
+        if not self._unit_writes_progress:  # its rows may still change in place
+            self._tallies[manager_id] = (self._progress_epoch, tallies)
         return tallies
 
     def working_progress(self, step_id: str, manager_id: str) -> Progress:
@@ -419,6 +492,8 @@ class Tx:
         return fresh
 
     def put_progress(self, progress: Progress, *, new: bool = False) -> None:
+        self._progress_epoch += 1
+        self._unit_writes_progress = True
         self._undo.append(
             ("progress", progress.step_id, self._progress.get(progress.step_id, _MISSING))
         )
@@ -550,9 +625,9 @@ class Tx:
         stmt = (
             select(_T.c.id, _T.c.created_at)
             .where(
-                _T.c.kind == Kind.MANAGER.value,
+                _T.c.kind == _MANAGER_KIND,
                 _T.c.owner == owner,
-                _T.c.status.in_(_LIVE),
+                _T.c.status.in_(_LIVE_STATUS),
             )
             .order_by(_T.c.created_at, _T.c.id)
             .limit(limit)
@@ -571,9 +646,9 @@ class Tx:
         stmt = (
             JOB_SELECT.where(
                 _T.c.orphan_deadline.is_not(None),
-                _T.c.kind == Kind.MANAGER.value,
+                _T.c.kind == _MANAGER_KIND,
                 _T.c.owner == "",
-                _T.c.status.in_(_LIVE),
+                _T.c.status.in_(_LIVE_STATUS),
             )
             .order_by(_T.c.created_at, _T.c.id)
             .limit(limit)
@@ -596,9 +671,9 @@ class Tx:
         stmt = select(_T.c.id).where(
             _T.c.orphan_deadline.is_not(None),
             _T.c.orphan_deadline <= self.now,
-            _T.c.kind == Kind.MANAGER.value,
+            _T.c.kind == _MANAGER_KIND,
             _T.c.owner == "",
-            _T.c.status.in_(_LIVE),
+            _T.c.status.in_(_LIVE_STATUS),
         )
         if self._lock_rows:
             stmt = stmt.with_for_update(skip_locked=True)
