@@ -12,7 +12,7 @@ import structlog
 from grpc import aio
 
 from monitor_svc import convert
-from monitor_svc.records import ChildEventIn
+from monitor_svc.records import ChildEventIn, JobView
 from monitor_svc.store.store import MonitorStore
 from monitor_svc.watch import WatchHub
 from stepflow_common import metrics
@@ -42,6 +42,8 @@ class MonitorServicer(m_grpc.MonitorServiceServicer):
     def __init__(self, store: MonitorStore, hub: WatchHub) -> None:
         self._store = store
         self._hub = hub
+        # The latest WatchJob message per watched job, shared by its watchers.
+        self._rendered: dict[str, tuple[JobView, m.WatchJobResponse]] = {}
 
     async def CreateJob(
         self, request: m.CreateJobRequest, context: aio.ServicerContext
@@ -191,8 +193,22 @@ class MonitorServicer(m_grpc.MonitorServiceServicer):
         if request.after_change_seq < 0:
             raise InvalidArgument("after_change_seq must be >= 0")
         await self._store.get_job(job_id)  # NOT_FOUND before the stream starts
-        async for view in self._hub.watch(job_id, request.after_change_seq):
-            yield m.WatchJobResponse(job=convert.job_pb(view))
+        try:
+            async for view in self._hub.watch(job_id, request.after_change_seq):
+                yield self._watch_message(job_id, view)
+        finally:
+            if not self._hub.watching(job_id):
+                self._rendered.pop(job_id, None)
+
+    def _watch_message(self, job_id: str, view: JobView) -> m.WatchJobResponse:
+        """The message for a state the hub read once: built once for all of its watchers
+        (the hub hands them the same view)."""
+        rendered = self._rendered.get(job_id)
+        if rendered is not None and rendered[0] is view:
+            return rendered[1]
+        message = m.WatchJobResponse(job=convert.job_pb(view))
+        self._rendered[job_id] = (view, message)
+        return message
 
     async def Heartbeat(
         self, request: m.HeartbeatRequest, context: aio.ServicerContext

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import structlog
 
 from monitor_svc.records import JobView
+from stepflow_common import metrics
 
 log = structlog.get_logger(__name__)
 
@@ -59,6 +60,7 @@ class _Feed:
                 self._dirty.set()
                 continue
             self.reads += 1
+            metrics.observe_watch_read()
             if view is not None:
                 for watcher in list(self.watchers):
                     watcher.offer(view)
@@ -106,6 +108,9 @@ class WatchHub:
             for job_id, feed in feeds.items():
                 if job_id in changed:
                     feed.changed()
+
+    def watching(self, job_id: str) -> bool:
+        return job_id in self._feeds
 
     def feed_reads(self, job_id: str) -> int:
         feed = self._feeds.get(job_id)

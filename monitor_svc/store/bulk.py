@@ -22,7 +22,16 @@ from typing import Any, cast
 
 from sqlalchemy import Column, Connection, Dialect, Table
 
-from monitor_svc.records import JOB_FIELDS, PROGRESS_FIELDS, JobState, Progress, column_of, stored
+from monitor_svc.records import (
+    JOB_FIELDS,
+    PROGRESS_FIELDS,
+    JobState,
+    Progress,
+    as_utc,
+    column_of,
+    stored,
+    utcnow,
+)
 from monitor_svc.store.models import JobRow, StepProgressRow
 from stepflow_common.status import Kind, Status
 
@@ -33,9 +42,6 @@ _DATETIME_TYPES = ("datetime", "datetime | None")
 # A child row: every field but the definition (managers only; its column defaults to NULL).
 _INSERT_FIELDS = tuple(f for f in JOB_FIELDS if stored(f).selected)
 _UPDATE_FIELDS = tuple(f for f in JOB_FIELDS if stored(f).by_child_event)
-_READ_DATETIMES = tuple(
-    i for i, f in enumerate(_INSERT_FIELDS) if str(f.type) in ("datetime", "datetime | None")
-)
 _PROGRESS_SET = PROGRESS_FIELDS[2:]  # step_id and manager_id never change
 
 
@@ -92,6 +98,56 @@ _progress_row = _row_function(
     "progress_update_row",
     [(n, "datetime" if n == "grace_deadline" else "plain") for n in (*_PROGRESS_SET, "step_id")],
 )
+
+
+def _text_decoder() -> Callable[[Any], datetime | None]:
+    """SQLite's datetime text (SQLAlchemy's format, UTC) as an aware datetime, memoised per
+    text: the rows of a group share a few stamps."""
+    seen: dict[str, datetime] = {}
+
+    def decode(text: str) -> datetime:
+        found = seen.get(text)
+        if found is None:
+            found = seen[text] = datetime.fromisoformat(text).replace(tzinfo=UTC)
+        return found
+
+    return decode
+
+
+def _state_function() -> Callable[
+    [Any, Callable[[Any], datetime | None], Callable[[], datetime]], JobState
+]:
+    """``(row, decode_datetime, now) -> JobState`` for a row of the columns of
+    ``_INSERT_FIELDS``, written out once: the decodings of ``tx.row_to_state``, inline."""
+    args = []
+    for i, f in enumerate(_INSERT_FIELDS):
+        type_name = str(f.type)
+        if type_name == "Kind":
+            args.append(f"_KIND[r[{i}]]")
+        elif type_name == "Status":
+            args.append(f"_STATUS[r[{i}]]")
+        elif type_name == "dict[str, Any]":
+            args.append(f"({{}} if r[{i}] == '{{}}' else _loads(r[{i}]))")
+        elif type_name == "datetime":  # never empty; as tx._created_at reads it
+            args.append(f"(now() if r[{i}] is None else d(r[{i}]))")
+        elif type_name == "datetime | None":
+            args.append(f"(None if r[{i}] is None else d(r[{i}]))")
+        else:
+            args.append(f"r[{i}]")
+    namespace: dict[str, Any] = {
+        "JobState": JobState,
+        "_KIND": {k.value: k for k in Kind},
+        "_STATUS": {s.value: s for s in Status},
+        "_loads": json.loads,
+    }
+    exec(f"def state_from_row(r, d, now):\n    return JobState({', '.join(args)})\n", namespace)
+    function: Callable[
+        [Any, Callable[[Any], datetime | None], Callable[[], datetime]], JobState
+    ] = namespace["state_from_row"]
+    return function
+
+
+_state_from_row = _state_function()
 
 
 class _SameValue:
@@ -161,35 +217,18 @@ class BulkStatements:
                 + " WHERE step_id = ?"
             )
 
-    def select_jobs(self, conn: Connection, ids: list[str], *, lock: bool) -> list[tuple[Any, ...]]:
-        """Rows of ``ids`` with the columns of ``tx.JOB_SELECT`` in its order, their datetimes
-        already as ``datetime`` (SQLite stores text), locked ``FOR UPDATE`` on request."""
+    def select_jobs(self, conn: Connection, ids: list[str], *, lock: bool) -> list[JobState]:
+        """The jobs of ``ids`` that exist (read as ``tx.row_to_state`` reads them), locked
+        ``FOR UPDATE`` on request."""
         if self._postgres:
             sql = self._select_sql + " WHERE id = ANY(%s)" + (" FOR UPDATE" if lock else "")
-            return [tuple(r) for r in conn.exec_driver_sql(sql, (ids,))]
-        marks = ",".join("?" * len(ids))
-        rows = conn.exec_driver_sql(f"{self._select_sql} WHERE id IN ({marks})", tuple(ids))
-        decode = self._datetime_decoder()
-        at = _READ_DATETIMES
-        out = []
-        for row in rows:
-            values = list(row)
-            for index in at:
-                if values[index] is not None:
-                    values[index] = decode(values[index])
-            out.append(tuple(values))
-        return out
-
-    def _datetime_decoder(self) -> Callable[[Any], datetime]:
-        seen: dict[str, datetime] = {}
-
-        def decode(text: str) -> datetime:
-            found = seen.get(text)
-            if found is None:
-                found = seen[text] = datetime.fromisoformat(text).replace(tzinfo=UTC)
-            return found
-
-        return decode
+            rows = conn.exec_driver_sql(sql, (ids,))
+            decode: Callable[[Any], datetime | None] = as_utc
+        else:
+            marks = ",".join("?" * len(ids))
+            rows = conn.exec_driver_sql(f"{self._select_sql} WHERE id IN ({marks})", tuple(ids))
+            decode = _text_decoder()
+        return [_state_from_row(row, decode, utcnow) for row in rows]
 
     def _encoder(self) -> Callable[[datetime], Any]:
         encode = self._datetime_encoder

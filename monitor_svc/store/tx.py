@@ -333,8 +333,8 @@ class Tx:
         for start in range(0, len(wanted), IN_CHUNK):
             chunk = wanted[start : start + IN_CHUNK]
             bulk = statements(self.conn.dialect)
-            for row in bulk.select_jobs(self.conn, chunk, lock=self._lock_rows):
-                self._jobs[row[0]] = row_to_state(row)
+            for state in bulk.select_jobs(self.conn, chunk, lock=self._lock_rows):
+                self._jobs[state.id] = state
             for child_id in chunk:
                 self._jobs.setdefault(child_id, None)
         return {c: s for c in child_ids if (s := self._jobs.get(c)) is not None}
