@@ -121,6 +121,7 @@ async def create_server(config: MonitorConfig) -> RunningMonitor:
 async def serve(config: MonitorConfig) -> None:
     running = await create_server(config)
     metrics.start_metrics_server(config.metrics_port, config.host)
+    serving.tune_gc()
     stop = asyncio.Event()
     serving.install_signal_handlers(stop)
     await stop.wait()

@@ -12,7 +12,7 @@ import structlog
 from grpc import aio
 
 from monitor_svc import convert
-from monitor_svc.records import ChildEventIn, JobView
+from monitor_svc.records import JobView
 from monitor_svc.store.store import MonitorStore
 from monitor_svc.watch import WatchHub
 from stepflow_common import metrics
@@ -169,14 +169,8 @@ class MonitorServicer(m_grpc.MonitorServiceServicer):
                     queued.add_done_callback(_observe)
 
     async def _ingest(self, request: m.StreamChildEventsRequest) -> m.StreamChildEventsResponse:
-        decoded: list[ChildEventIn] = []
-        rejected: list[m.RejectedEvent] = []
-        for event in request.events:
-            result = convert.child_event(event)
-            if isinstance(result, str):
-                rejected.append(m.RejectedEvent(event_id=event.event_id, reason=result))
-            else:
-                decoded.append(result)
+        decoded, refused = convert.child_events(request.events)
+        rejected = [m.RejectedEvent(event_id=e, reason=reason) for e, reason in refused]
         if decoded:
             owner = convert.owner(request.owner)
             for event_id, reason in await self._store.apply_events(decoded, owner):

@@ -170,8 +170,15 @@ def observe_step_end(worker_type: str, status: str) -> None:
     STEPS_FINISHED.labels(worker_type, status).inc()
 
 
+_child_ends: dict[tuple[str, str], Any] = {}
+
+
 def observe_child_end(worker_type: str, status: str) -> None:
-    CHILDREN_FINISHED.labels(worker_type, status).inc()
+    # Once per child: the labelled counter is looked up once per (type, status), not built.
+    counter = _child_ends.get((worker_type, status))
+    if counter is None:
+        counter = _child_ends[worker_type, status] = CHILDREN_FINISHED.labels(worker_type, status)
+    counter.inc()
 
 
 def observe_rpc(full_method: str, code: str, seconds: float) -> None:
