@@ -9,6 +9,9 @@ from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Index, Integer, Stri
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 ID_LENGTH = 128
+_LIVE_WITH_DEADLINE = (
+    "deadline IS NOT NULL AND status NOT IN ('completed','failed','cancelled','skipped')"
+)
 
 
 class Base(DeclarativeBase):
@@ -50,12 +53,13 @@ class JobRow(Base):
         Index("ix_jobs_manager_id_kind", "manager_id", "kind"),
         Index("ix_jobs_created_at", "created_at"),
         Index("ix_jobs_owner_status", "owner", "status"),
-        # Only live jobs carry a deadline the monitor must fire.
+        # Only live jobs with a deadline: the monitor fires those. (Not the stream's
+        # children: they have none, and each of their status changes would write this index.)
         Index(
             "ix_jobs_live_deadline",
             "deadline",
-            postgresql_where=text("status NOT IN ('completed','failed','cancelled','skipped')"),
-            sqlite_where=text("status NOT IN ('completed','failed','cancelled','skipped')"),
+            postgresql_where=text(_LIVE_WITH_DEADLINE),
+            sqlite_where=text(_LIVE_WITH_DEADLINE),
         ),
         # Only orphaned managers carry an orphan deadline (adoption and the orphan timeout).
         Index(
