@@ -3,7 +3,9 @@ StreamChildEvents stream and through 4 concurrent streams, on SQLite and Postgre
 two no-op baselines measured in the same run (bench/noop_monitor.py, which only parses and
 acknowledges): one event per message, and the orchestrator's batch size; (b) latency from
 sending a step's last child event to the step's terminal status being visible through GetJob
-and through WatchJob, p50/p99, under ~1,000 events/s of background load on another stream.
+and through WatchJob, p50/p99, under ~1,000 events/s of background load on another stream;
+(c) fan-out: 1,000 WatchJob streams on one job, from a committed change to every watcher
+holding it, and the monitor's database reads per change.
 
 Servers are subprocesses (``monitor-svc serve``, or the no-op); this process is the client.
 Events are realistic: every child is CREATED, RUNNING and COMPLETED (3 events), a step has
@@ -46,9 +48,10 @@ STREAM_COUNTS = (1, 4)
 NOOP_BATCH_REPEAT = 20  # the batched no-op is ~100x faster: send its batches 20 times
 WINDOW = 16  # batches in flight per stream (the orchestrator's MAX_BATCHES_IN_FLIGHT)
 # The targets (one stream) and reference figures.
-TARGET_EVENTS_S = {"sqlite": 60_000, "postgres": 15_000}
+TARGET_EVENTS_S = {"sqlite": 100_000, "postgres": 40_000}
 TARGET_VS_SINGLE = {"sqlite": 4.5}
-TARGET_P99_S = 0.050
+TARGET_P99_S = 0.050  # GetJob
+TARGET_WATCH_P99_S = {"sqlite": 0.005, "postgres": 0.015}  # WatchJob
 BACKGROUND_EVENTS_S = 1_000
 BACKGROUND_TICK_S = 0.01
 BACKGROUND_BUDGET_S = 300  # events prepared for this long; the latency part takes far less
@@ -689,8 +692,8 @@ def report_throughput(
         f"({os.cpu_count()} cores here)",
         "counts exact: after the run, GetJob shows every child completed in its step's live "
         "counts (none pending or running)",
-        "target (one stream): SQLite >= 60,000 events/s and >= 4.5x the 1-event no-op; "
-        "PostgreSQL >= 15,000",
+        "target (one stream): SQLite >= 100,000 events/s and >= 4.5x the 1-event no-op; "
+        "PostgreSQL >= 40,000",
         "reference (quiet machine): no-op ~13,000 messages/s, > 500,000 events/s at 100 "
         "per message; a bare sqlite3 prototype ~126,000 events/s through one stream",
     ]
@@ -710,14 +713,15 @@ def median_rate(points: list[Throughput] | None) -> float:
 def report_latency(results: dict[str, Latency], notes: list[str]) -> None:
     rows = []
     for server, lat in results.items():
-        for label, values, is_target in (
-            ("its ack (committed)", lat.ack, False),
-            ("step terminal in GetJob", lat.get, True),
-            ("step terminal in WatchJob", lat.watch, True),
+        for label, values, target in (
+            ("its ack (committed)", lat.ack, None),
+            ("step terminal in GetJob", lat.get, TARGET_P99_S),
+            ("step terminal in WatchJob", lat.watch, TARGET_WATCH_P99_S.get(server)),
         ):
             if not values:
                 continue
             p99 = common.percentile(values, 99)
+            is_target = target is not None
             rows.append(
                 [
                     server,
@@ -727,8 +731,8 @@ def report_latency(results: dict[str, Latency], notes: list[str]) -> None:
                     common.fmt_ms(p99),
                     common.fmt_ms(max(values)),
                     f"{lat.background_events_s:,.0f}",
-                    "< 50 ms" if is_target else "",
-                    common.verdict(p99 < TARGET_P99_S and not lat.timeouts) if is_target else "",
+                    f"< {(target or 0) * 1000:g} ms" if is_target else "",
+                    common.verdict(p99 < (target or 0) and not lat.timeouts) if is_target else "",
                 ]
             )
     headers = [
@@ -754,7 +758,8 @@ def report_latency(results: dict[str, Latency], notes: list[str]) -> None:
         f"{round(BACKGROUND_EVENTS_S * BACKGROUND_TICK_S)} events every "
         f"{BACKGROUND_TICK_S * 1000:.0f} ms; no-op: the same batches against "
         "bench/noop_monitor.py, the floor gRPC and this machine set",
-        "target: p99 under 50 ms (the system replaced polled every 5 s)",
+        "target: p99 under 50 ms through GetJob (the system replaced polled every 5 s); "
+        "through WatchJob under 5 ms on SQLite, 15 ms on PostgreSQL",
     ]
     for server, lat in results.items():
         if lat.timeouts:
