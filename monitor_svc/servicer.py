@@ -187,10 +187,12 @@ class MonitorServicer(m_grpc.MonitorServiceServicer):
         if request.after_change_seq < 0:
             raise InvalidArgument("after_change_seq must be >= 0")
         await self._store.get_job(job_id)  # NOT_FOUND before the stream starts
+        states = self._hub.watch(job_id, request.after_change_seq)
         try:
-            async for view in self._hub.watch(job_id, request.after_change_seq):
+            async for view in states:
                 yield self._watch_message(job_id, view)
         finally:
+            await states.aclose()  # now, not when collected: the hub drops an unwatched feed
             if not self._hub.watching(job_id):
                 self._rendered.pop(job_id, None)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 
 import structlog
 
@@ -116,7 +116,7 @@ class WatchHub:
         feed = self._feeds.get(job_id)
         return feed.reads if feed is not None else 0
 
-    async def watch(self, job_id: str, after_change_seq: int) -> AsyncIterator[JobView]:
+    async def watch(self, job_id: str, after_change_seq: int) -> AsyncGenerator[JobView]:
         """States of ``job_id`` newer than ``after_change_seq``, until it is terminal."""
         feed = self._feeds.get(job_id)
         if feed is None:
