@@ -458,7 +458,12 @@ def print_profiles(directory: Path) -> None:
 
 
 def monitor_process(
-    database_url: str, workdir: Path, *, grace_period: str | None = None, tag: str = "monitor"
+    database_url: str,
+    workdir: Path,
+    *,
+    grace_period: str | None = None,
+    tag: str = "monitor",
+    metrics_port: int = 0,
 ) -> ServerProcess:
     port = free_port()
     argv = [
@@ -473,6 +478,8 @@ def monitor_process(
     ]
     if grace_period is not None:
         argv += ["--grace-period", grace_period]
+    if metrics_port:
+        argv += ["--metrics-port", str(metrics_port)]
     if SQLITE_SYNCHRONOUS is not None:
         argv += ["--sqlite-synchronous", SQLITE_SYNCHRONOUS]
     return ServerProcess(tag, argv, port, workdir / f"{tag}-{port}.log", database_url=database_url)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import Field, dataclass, field, fields
 from datetime import UTC, datetime
@@ -141,13 +142,15 @@ class Progress:
         return ChildTally(self.pending, self.running, self.completed, self.failed, self.cancelled)
 
     def add(self, status: Status, delta: int) -> None:
-        # A Status is a str: its name is the counter's attribute name.
-        setattr(self, status, getattr(self, status) + delta)
+        # A Status names the counter's attribute (as a plain interned str: the fast lookup).
+        name = _COUNTER_NAME[status]
+        setattr(self, name, getattr(self, name) + delta)
 
     def copy(self) -> Progress:
         return Progress(*PROGRESS_VALUES(self))
 
 
+_COUNTER_NAME = {s: sys.intern(s.value) for s in Status}
 PROGRESS_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(Progress))
 PROGRESS_VALUES = attrgetter(*PROGRESS_FIELDS)
 

@@ -130,6 +130,7 @@ async def serve(config: MonitorConfig) -> None:
 async def _serve(config: MonitorConfig) -> None:
     running = await create_server(config)
     metrics.start_metrics_server(config.metrics_port, config.host)
+    serving.tune_gc()
     stop = asyncio.Event()
     serving.install_signal_handlers(stop)
     await stop.wait()

@@ -12,7 +12,7 @@ import structlog
 from grpc import aio
 
 from monitor_svc import convert
-from monitor_svc.records import ChildEventIn
+from monitor_svc.records import JobView
 from monitor_svc.store.store import MonitorStore
 from monitor_svc.watch import WatchHub
 from stepflow_common import metrics, tracing
@@ -90,6 +90,8 @@ class MonitorServicer(m_grpc.MonitorServiceServicer):
     def __init__(self, store: MonitorStore, hub: WatchHub) -> None:
         self._store = store
         self._hub = hub
+        # The latest WatchJob message per watched job, shared by its watchers.
+        self._rendered: dict[str, tuple[JobView, convert.Serialized]] = {}
 
     async def CreateJob(  # type: ignore[override]
         self, request: m.CreateJobRequest, context: aio.ServicerContext
@@ -222,14 +224,8 @@ class MonitorServicer(m_grpc.MonitorServiceServicer):
                     queued.add_done_callback(_observe)
 
     async def _ingest(self, request: m.StreamChildEventsRequest) -> m.StreamChildEventsResponse:
-        decoded: list[ChildEventIn] = []
-        rejected: list[m.RejectedEvent] = []
-        for event in request.events:
-            result = convert.child_event(event)
-            if isinstance(result, str):
-                rejected.append(m.RejectedEvent(event_id=event.event_id, reason=result))
-            else:
-                decoded.append(result)
+        decoded, refused = convert.child_events(request.events)
+        rejected = [m.RejectedEvent(event_id=e, reason=reason) for e, reason in refused]
         if decoded:
             owner = convert.owner(request.owner)
             for event_id, reason in await self._store.apply_events(decoded, owner):
@@ -246,8 +242,24 @@ class MonitorServicer(m_grpc.MonitorServiceServicer):
         if request.after_change_seq < 0:
             raise InvalidArgument("after_change_seq must be >= 0")
         await self._store.get_job(job_id)  # NOT_FOUND before the stream starts
-        async for view in self._hub.watch(job_id, request.after_change_seq):
-            yield convert.job_answer(view)
+        states = self._hub.watch(job_id, request.after_change_seq)
+        try:
+            async for view in states:
+                yield self._watch_message(job_id, view)
+        finally:
+            await states.aclose()  # now, not when collected: the hub drops an unwatched feed
+            if not self._hub.watching(job_id):
+                self._rendered.pop(job_id, None)
+
+    def _watch_message(self, job_id: str, view: JobView) -> convert.Serialized:
+        """The message for a state the hub read once: built once for all of its watchers
+        (the hub hands them the same view)."""
+        rendered = self._rendered.get(job_id)
+        if rendered is not None and rendered[0] is view:
+            return rendered[1]
+        message = convert.job_answer(view)
+        self._rendered[job_id] = (view, message)
+        return message
 
     async def Heartbeat(
         self, request: m.HeartbeatRequest, context: aio.ServicerContext

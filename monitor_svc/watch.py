@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 
 import structlog
 
 from monitor_svc.records import JobView
+from stepflow_common import metrics
 
 log = structlog.get_logger(__name__)
 
@@ -59,6 +60,7 @@ class _Feed:
                 self._dirty.set()
                 continue
             self.reads += 1
+            metrics.observe_watch_read()
             if view is not None:
                 for watcher in list(self.watchers):
                     watcher.offer(view)
@@ -107,11 +109,14 @@ class WatchHub:
                 if job_id in changed:
                     feed.changed()
 
+    def watching(self, job_id: str) -> bool:
+        return job_id in self._feeds
+
     def feed_reads(self, job_id: str) -> int:
         feed = self._feeds.get(job_id)
         return feed.reads if feed is not None else 0
 
-    async def watch(self, job_id: str, after_change_seq: int) -> AsyncIterator[JobView]:
+    async def watch(self, job_id: str, after_change_seq: int) -> AsyncGenerator[JobView]:
         """States of ``job_id`` newer than ``after_change_seq``, until it is terminal."""
         feed = self._feeds.get(job_id)
         if feed is None:

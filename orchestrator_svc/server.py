@@ -244,6 +244,7 @@ async def _serve(config: OrchestratorConfig) -> int:
     """Run until SIGTERM/SIGINT (0), or until the monitor refuses this orchestrator (1)."""
     running = await create_server(config, wait_for_monitor=False)
     metrics.start_metrics_server(config.metrics_port, config.host)
+    serving.tune_gc()
     stop = asyncio.Event()
     serving.install_signal_handlers(stop)
     stopping = asyncio.ensure_future(stop.wait())

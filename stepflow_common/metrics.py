@@ -78,6 +78,12 @@ COMMIT_UNITS = Histogram(
     buckets=COMMIT_UNITS_BUCKETS,
     registry=None,
 )
+WATCH_READS = Counter(
+    "stepflow_monitor_watch_reads_total",
+    "Reads of a watched job by the WatchJob hub: one per committed change of the job, "
+    "however many watch it.",
+    registry=None,
+)
 DEADLINES_FIRED = Counter(
     "stepflow_monitor_deadlines_fired_total",
     "Deadlines (step timeouts, grace periods, job timeouts) the monitor fired.",
@@ -127,7 +133,7 @@ CHILDREN_FINISHED = Counter(
 
 SHARED: tuple[Collector, ...] = (RPC_HANDLED, RPC_DURATION)
 BY_SERVICE: dict[str, tuple[Collector, ...]] = {
-    "monitor": (CHILD_EVENTS, COMMIT_DURATION, COMMIT_UNITS, DEADLINES_FIRED),
+    "monitor": (CHILD_EVENTS, COMMIT_DURATION, COMMIT_UNITS, DEADLINES_FIRED, WATCH_READS),
     "orchestrator": (
         ACK_LAG,
         UNACKED_EVENTS,
@@ -168,8 +174,15 @@ def observe_step_end(worker_type: str, status: str) -> None:
     STEPS_FINISHED.labels(worker_type, status).inc()
 
 
+_child_ends: dict[tuple[str, str], Any] = {}
+
+
 def observe_child_end(worker_type: str, status: str) -> None:
-    CHILDREN_FINISHED.labels(worker_type, status).inc()
+    # Once per child: the labelled counter is looked up once per (type, status), not built.
+    counter = _child_ends.get((worker_type, status))
+    if counter is None:
+        counter = _child_ends[worker_type, status] = CHILDREN_FINISHED.labels(worker_type, status)
+    counter.inc()
 
 
 def observe_rpc(full_method: str, code: str, seconds: float) -> None:
@@ -189,6 +202,10 @@ def observe_events(received: int, rejected: int) -> None:
 def observe_commit(seconds: float, units: int) -> None:
     COMMIT_DURATION.observe(seconds)
     COMMIT_UNITS.observe(units)
+
+
+def observe_watch_read() -> None:
+    WATCH_READS.inc()
 
 
 def track_unacked(depth: Callable[[], float]) -> None:

@@ -4,6 +4,7 @@ graceful shutdown."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import hmac
 import signal
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -212,6 +213,23 @@ def channel(
         ),
         interceptors=tracing.client_interceptors(),
     )
+
+
+# Young-generation collections every this many allocations instead of 700: a server's hot
+# paths allocate records by the thousand (a group of stream batches holds tens of thousands
+# until its commit), and most are freed by reference counting before a collection would have
+# to traverse them.
+GC_YOUNG_THRESHOLD = 50_000
+
+
+def tune_gc() -> None:
+    """Garbage collection for a long-running server: what exists once it is serving (modules,
+    stubs, the engine) is left out of every later collection, and the young generation is
+    collected less often. Reference cycles are still collected."""
+    gc.collect()
+    gc.freeze()
+    _young, middle, old = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
 
 
 def install_signal_handlers(stop: asyncio.Event) -> None:

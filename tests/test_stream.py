@@ -58,6 +58,43 @@ async def test_events_count_exactly_and_replays_change_nothing(stub) -> None:
     assert child.parent_id == step.id and child.manager_id == manager.id
 
 
+# Text that array literals, CSV-like encodings or SQL quoting would mangle.
+AWKWARD_TEXT = "a{b}\"c\\d,e\nNULL 'f' \U0001f600 \u00e9 ()"
+
+
+async def test_child_rows_written_in_bulk_read_back_exactly(stub) -> None:
+    """A group's child rows go to the database as one statement per table (many rows at
+    once): names, errors and stamps read back as sent, through GetJob and ListJobs."""
+    manager, (step,) = await manager_with_steps(stub, 1)
+    await start(stub, step.id)
+    ids = [f"bulk-{i}" for i in range(40)]
+    first = []
+    for child_id in ids:
+        event = created(step.id, child_id)
+        event.name = f"{AWKWARD_TEXT} {child_id}"
+        first.append(event)
+    second = [running(step.id, c) for c in ids[:20]]
+    second += [failed(step.id, c, error=f"{AWKWARD_TEXT} {c}") for c in ids[:10]]
+    second += [completed(step.id, "NULL-" + "x" * 8)]  # an unknown child: created by its end
+    acks = await send_batches(stub, [first, second])
+    assert all(not a.rejected for a in acks)
+    assert counts(await get(stub, manager.id)) == (20, 10, 1, 10, 0)
+    child = await get(stub, "bulk-3")
+    assert child.name == f"{AWKWARD_TEXT} bulk-3"
+    assert child.error == f"{AWKWARD_TEXT} bulk-3"
+    assert child.status == S.JOB_STATUS_FAILED
+    assert child.started_at.ToDatetime() <= child.finished_at.ToDatetime()
+    assert child.created_at.ToDatetime() <= child.started_at.ToDatetime()
+    listed = await stub.ListJobs(m.ListJobsRequest(parent_id=step.id, page_size=100))
+    by_id = {j.id: j for j in listed.jobs}
+    assert len(by_id) == 41
+    assert by_id["bulk-39"].status == S.JOB_STATUS_PENDING
+    assert by_id["bulk-39"].name == f"{AWKWARD_TEXT} bulk-39"
+    assert by_id["bulk-15"].status == S.JOB_STATUS_RUNNING
+    assert not by_id["bulk-15"].HasField("finished_at")
+    assert by_id["NULL-xxxxxxxx"].status == S.JOB_STATUS_COMPLETED
+
+
 async def test_late_event_does_not_reopen_a_terminal_child(stub) -> None:
     manager, (step,) = await manager_with_steps(stub, 1)
     await send_batches(

@@ -14,7 +14,6 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import Field
 from datetime import datetime
-from operator import attrgetter
 from typing import Any, cast
 
 from sqlalchemy import BindParameter, Connection, Table, bindparam, delete, literal, select, update
@@ -33,6 +32,7 @@ from monitor_svc.records import (
     utcnow,
 )
 from monitor_svc.store import notify
+from monitor_svc.store.bulk import statements
 from monitor_svc.store.models import CounterRow, JobRow, LeaseRow, StepProgressRow
 from stepflow_common.status import LIVE, Kind, Status
 from stepflow_common.step_outcome import ChildTally
@@ -52,10 +52,7 @@ JOB_SELECT = select(*(_T.c[column_of(f)] for f in _READ_FIELDS))
 SELECT_JOB = JOB_SELECT.where(_T.c.id == bindparam("job_id"))
 _SELECT_JOB_LOCKED = SELECT_JOB.with_for_update()
 _SELECT_BY_REQUEST = JOB_SELECT.where(_T.c.request_id == bindparam("request_id"))
-_SELECT_MANY = JOB_SELECT.where(_T.c.id.in_(bindparam("ids", expanding=True)))
-_SELECT_MANY_LOCKED = _SELECT_MANY.with_for_update()
 _UPDATED = tuple(f for f in JOB_FIELDS if stored(f).updated)
-_BY_CHILD_EVENT = tuple(f for f in JOB_FIELDS if stored(f).by_child_event)
 
 
 def _update_of(changed: tuple[Field[Any], ...]) -> tuple[Any, tuple[str, ...]]:
@@ -70,21 +67,11 @@ def _update_of(changed: tuple[Field[Any], ...]) -> tuple[Any, tuple[str, ...]]:
 
 
 _UPDATE_JOB, _UPDATE_BINDS = _update_of(_UPDATED)
-# Children change only these columns: no metadata to re-serialise per child event.
-_UPDATE_CHILD, _CHILD_BINDS = _update_of(_BY_CHILD_EVENT)
 _P = cast(Table, StepProgressRow.__table__)
 _PROGRESS_SELECT = select(*(_P.c[name] for name in PROGRESS_FIELDS))
 _SELECT_PROGRESS = _PROGRESS_SELECT.where(_P.c.step_id == bindparam("step_id"))
 _SELECT_PROGRESS_LOCKED = _SELECT_PROGRESS.with_for_update()
 _SELECT_MANAGER_PROGRESS = _PROGRESS_SELECT.where(_P.c.manager_id == bindparam("manager_id"))
-_PROGRESS_COUNTS = PROGRESS_FIELDS[2:]  # step_id and manager_id never change
-_UPDATE_PROGRESS = (
-    update(_P)
-    .where(_P.c.step_id == bindparam("b_step_id"))
-    .values({name: bindparam(f"b_{name}") for name in _PROGRESS_COUNTS})
-)
-_PROGRESS_BINDS = ("b_step_id", *(f"b_{name}" for name in _PROGRESS_COUNTS))
-_PROGRESS_UPDATE_VALUES = attrgetter("step_id", *_PROGRESS_COUNTS)
 
 
 # Enum member -> its text, by dict lookup: ``member.value`` is a slow descriptor call and the
@@ -210,9 +197,6 @@ def row_to_state(row: Any) -> JobState:
 _ID_FIELD = JOB_FIELDS[0]
 state_to_insert = _params_function("state_to_insert", _COLUMNS, JOB_FIELDS)
 _update_params = _params_function("update_params", _UPDATE_BINDS, (_ID_FIELD, *_UPDATED))
-_child_update_params = _params_function(
-    "child_update_params", _CHILD_BINDS, (_ID_FIELD, *_BY_CHILD_EVENT)
-)
 
 
 _L = cast(Table, LeaseRow.__table__)
@@ -267,10 +251,6 @@ def row_to_progress(row: Any) -> Progress:
 
 def _progress_insert(p: Progress) -> dict[str, Any]:
     return dict(zip(PROGRESS_FIELDS, PROGRESS_VALUES(p), strict=True))
-
-
-def _progress_update(p: Progress) -> dict[str, Any]:
-    return dict(zip(_PROGRESS_BINDS, _PROGRESS_UPDATE_VALUES(p), strict=True))
 
 
 class Tx:
@@ -419,9 +399,9 @@ class Tx:
         wanted = [c for c in child_ids if c not in self._jobs]
         for start in range(0, len(wanted), IN_CHUNK):
             chunk = wanted[start : start + IN_CHUNK]
-            stmt = _SELECT_MANY_LOCKED if self._lock_rows else _SELECT_MANY
-            for row in self.conn.execute(stmt, {"ids": chunk}):
-                self._jobs[row.id] = row_to_state(row)
+            bulk = statements(self.conn.dialect)
+            for state in bulk.select_jobs(self.conn, chunk, lock=self._lock_rows):
+                self._jobs[state.id] = state
             for child_id in chunk:
                 self._jobs.setdefault(child_id, None)
         return {c: s for c in child_ids if (s := self._jobs.get(c)) is not None}
@@ -533,29 +513,40 @@ class Tx:
         if not (self._dirty or self._touched or self._progress_dirty or self._lease_dirty):
             return
         seq = self.seq
-        inserts, updates, child_updates = [], [], []
+        bulk = statements(self.conn.dialect)
+        inserts, updates = [], []
+        child_inserts: list[JobState] = []
+        child_updates: list[JobState] = []
+        child = Kind.CHILD
+        new, full_rows = self._new, self._full_rows
         for job_id in self._dirty:
             state = self._jobs.get(job_id)
             if state is None:  # put by a unit that was rolled back
                 continue
             state.change_seq = seq
-            if job_id in self._new:
-                inserts.append(state_to_insert(state))
-            elif state.kind is Kind.CHILD and job_id not in self._full_rows:
-                child_updates.append(_child_update_params(state))
+            if job_id in new:
+                if state.kind is child:
+                    child_inserts.append(state)
+                else:
+                    inserts.append(state_to_insert(state))
+            elif state.kind is child and job_id not in full_rows:
+                child_updates.append(state)
             else:
                 updates.append(_update_params(state))
         if inserts:
             self.conn.execute(_T.insert(), inserts)
+        if child_inserts:
+            bulk.insert_children(self.conn, child_inserts)
         if updates:
             self.conn.execute(_UPDATE_JOB, updates)
         if child_updates:
-            self.conn.execute(_UPDATE_CHILD, child_updates)
+            bulk.update_children(self.conn, child_updates)
         only_touched = sorted(self._touched - self._dirty)
         for start in range(0, len(only_touched), IN_CHUNK):
             chunk = only_touched[start : start + IN_CHUNK]
             self.conn.execute(update(_T).where(_T.c.id.in_(chunk)).values(change_seq=seq))
-        new_rows, changed_rows = [], []
+        new_rows: list[dict[str, Any]] = []
+        changed_rows: list[Progress] = []
         for step_id in self._progress_dirty:
             progress = self._progress.get(step_id)
             if progress is None:
@@ -565,11 +556,11 @@ class Tx:
             if step_id in self._progress_new:
                 new_rows.append(_progress_insert(progress))
             else:
-                changed_rows.append(_progress_update(progress))
+                changed_rows.append(progress)
         if new_rows:
             self.conn.execute(_P.insert(), new_rows)
         if changed_rows:
-            self.conn.execute(_UPDATE_PROGRESS, changed_rows)
+            bulk.update_progress(self.conn, changed_rows)
         self._flush_leases()
         if not self.sqlite:
             notify.send(self.conn, self.changed_ids())
