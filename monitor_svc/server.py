@@ -11,7 +11,7 @@ from grpc import aio
 
 from monitor_svc.deadlines import DeadlineTimer
 from monitor_svc.lifecycle import StepTimers
-from monitor_svc.records import DocumentLimits
+from monitor_svc.records import DocumentLimits, JobView
 from monitor_svc.servicer import MonitorServicer, add_to_server
 from monitor_svc.store.engine import SQLITE_SYNCHRONOUS_DEFAULT, safe_url
 from monitor_svc.store.migrate import upgrade
@@ -77,8 +77,12 @@ async def create_server(config: MonitorConfig) -> RunningMonitor:
         await asyncio.to_thread(upgrade, config.database_url)
     loop = asyncio.get_running_loop()
 
+    def read_now(job_ids: list[str]) -> dict[str, JobView | None]:
+        return store.writer.read_now(lambda conn: {j: read_view(conn, j) for j in job_ids})
+
     def on_commit(changed: set[str], earliest: datetime | None) -> None:
-        hub.notify_threadsafe(changed)
+        # On the writer thread: the watched jobs among ``changed`` are read here and now.
+        hub.committed(changed, read_now)
         if earliest is not None:
             timer.offer_threadsafe(earliest)
 

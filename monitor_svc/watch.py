@@ -1,8 +1,11 @@
 """WatchJob fan-out: one read per committed change of a job, however many watch it.
 
-The writer thread reports the ids each commit changed; the hub wakes the feed of every watched
-job among them. A feed reads the job's state once and hands it to each watcher's one-slot
-mailbox, so a slow watcher skips intermediate states (latest wins) instead of queueing them.
+The writer thread reports the ids each commit changed. Those being watched it reads at once,
+on its own connection right after the commit (no hop to the read pool and back), and the hub
+hands each state to the job's feed on the event loop. A feed gives a state to each watcher's
+one-slot mailbox, so a slow watcher skips intermediate states (latest wins) instead of queueing
+them. A feed reads through the read pool itself only for a watcher that just joined, for a
+change another replica committed, and when the writer's read failed.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from stepflow_common import metrics
 log = structlog.get_logger(__name__)
 
 ReadView = Callable[[str], Awaitable[JobView | None]]
+# Reads several jobs in one snapshot, on the calling (writer) thread.
+ReadViewsNow = Callable[[list[str]], dict[str, JobView | None]]
 
 
 class _Watcher:
@@ -59,11 +64,15 @@ class _Feed:
                 await asyncio.sleep(0.2)
                 self._dirty.set()
                 continue
-            self.reads += 1
-            metrics.observe_watch_read()
-            if view is not None:
-                for watcher in list(self.watchers):
-                    watcher.offer(view)
+            self.publish(view)
+
+    def publish(self, view: JobView | None) -> None:
+        """Hand a state read once to every watcher."""
+        self.reads += 1
+        metrics.observe_watch_read()
+        if view is not None:
+            for watcher in list(self.watchers):
+                watcher.offer(view)
 
     def close(self) -> None:
         self._task.cancel()
@@ -73,18 +82,53 @@ class WatchHub:
     def __init__(self, read: ReadView) -> None:
         self._read = read
         self._feeds: dict[str, _Feed] = {}
+        # The watched ids, replaced (never mutated) on the loop: the writer thread reads it.
+        self._watched: frozenset[str] = frozenset()
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
 
     def notify_threadsafe(self, changed: set[str]) -> None:
-        """Called by the writer thread after each commit."""
+        """A commit changed ``changed``: the feeds read them through the read pool."""
         loop = self._loop
         if loop is None or not self._feeds:
             return
         with contextlib.suppress(RuntimeError):  # loop closed during shutdown
             loop.call_soon_threadsafe(self.notify, changed)
+
+    def committed(self, changed: set[str], read_now: ReadViewsNow) -> None:
+        """Called by the writer thread after each commit: reads the watched jobs among
+        ``changed`` with ``read_now`` (the writer's connection, now) and hands the states to
+        their feeds. A failed read falls back to the feeds' own reads."""
+        loop = self._loop
+        watched = self._watched
+        if loop is None or not watched:
+            return
+        if len(changed) < len(watched):
+            ids = [job_id for job_id in changed if job_id in watched]
+        else:
+            ids = [job_id for job_id in watched if job_id in changed]
+        if not ids:
+            return
+        views: dict[str, JobView | None] = {}
+        try:
+            views = read_now(ids)
+        except Exception as exc:
+            log.warning("watch read after commit failed", error=str(exc))
+        with contextlib.suppress(RuntimeError):  # loop closed during shutdown
+            loop.call_soon_threadsafe(self._deliver, ids, views)
+
+    def _deliver(self, ids: list[str], views: dict[str, JobView | None]) -> None:
+        feeds = self._feeds
+        for job_id in ids:
+            feed = feeds.get(job_id)
+            if feed is None:
+                continue
+            if job_id in views:
+                feed.publish(views[job_id])
+            else:
+                feed.changed()
 
     def notify_any_threadsafe(self, changed: set[str] | None) -> None:
         """From another replica: ``None`` means refresh every watched job."""
@@ -121,6 +165,7 @@ class WatchHub:
         feed = self._feeds.get(job_id)
         if feed is None:
             feed = self._feeds[job_id] = _Feed(job_id, self._read)
+            self._watched = frozenset(self._feeds)
         watcher = _Watcher()
         feed.watchers.add(watcher)
         try:
@@ -142,8 +187,10 @@ class WatchHub:
             if not feed.watchers:
                 feed.close()
                 self._feeds.pop(job_id, None)
+                self._watched = frozenset(self._feeds)
 
     def close(self) -> None:
         for feed in self._feeds.values():
             feed.close()
         self._feeds.clear()
+        self._watched = frozenset()

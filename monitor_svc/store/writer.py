@@ -152,6 +152,20 @@ class Writer:
             raise
         return outcomes, changed, tx.earliest_deadline
 
+    def read_now(self, fn: Callable[[Connection], T]) -> T:
+        """Run ``fn`` in a transaction of its own on the writer's connection. Only on the
+        writer thread (from ``on_commit``): a read right after a commit, without a hop to
+        the read pool. On PostgreSQL it reads one snapshot, like the read pool."""
+        conn = self._connection()
+        try:
+            with conn.begin():
+                if self._lock_rows:
+                    conn.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                return fn(conn)
+        except DBAPIError:
+            self._drop_connection()
+            raise
+
     def _connection(self) -> Connection:
         """The writer's own connection, kept between groups: no pool checkout (and no
         pre-ping round trip) per transaction."""
