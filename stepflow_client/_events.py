@@ -276,6 +276,7 @@ class ChildEventEmitter:
         # so a refused stream always names its batch.
         self._careful_through = 0
         self._changed = asyncio.Condition()
+        self._room_waiters = 0  # sends in the locked path (for the lock or for room)
         self._task: asyncio.Task[None] | None = None
         self._stopped: str = ""  # why nothing more can be sent or awaited ("": it can)
         self.stats = EmitterStats()
@@ -295,17 +296,37 @@ class ChildEventEmitter:
             event.error = truncate_text(event.error.replace("\x00", "\ufffd"))
         if len(event.name) > MAX_NAME_CHARS or "\x00" in event.name:
             event.name = event.name.replace("\x00", "\ufffd")[:MAX_NAME_CHARS]
-        async with self._changed:
-            while self._buffered >= self._max_buffered and not self._stopped:
-                await self._changed.wait()
-            if self._stopped:
-                raise EmitterClosed(self._stopped)
-            seq = next(self._seq)
-            event.event_id = f"{self._instance}-{seq}"
-            self._queue.append((seq, event))
-            self._buffered += 1
-            self._last_sent = seq
-            self._changed.notify_all()
+        if (
+            self._queue
+            and self._buffered < self._max_buffered
+            and not self._room_waiters
+            and not self._stopped
+        ):
+            # The common case, with no lock round: there is room, no earlier send waits for
+            # it (so none is overtaken), and the queue is not empty (so the stream, waiting
+            # only for an empty queue to fill, needs no wake-up; nothing else waits on what
+            # a send changes).
+            return self._enqueue(event)
+        # Counted from before the lock is taken, so no later send overtakes this one.
+        self._room_waiters += 1
+        try:
+            async with self._changed:
+                while self._buffered >= self._max_buffered and not self._stopped:
+                    await self._changed.wait()
+                if self._stopped:
+                    raise EmitterClosed(self._stopped)
+                seq = self._enqueue(event)
+                self._changed.notify_all()
+        finally:
+            self._room_waiters -= 1
+        return seq
+
+    def _enqueue(self, event: job_pb2.ChildEvent) -> int:
+        seq = next(self._seq)
+        event.event_id = f"{self._instance}-{seq}"
+        self._queue.append((seq, event))
+        self._buffered += 1
+        self._last_sent = seq
         return seq
 
     async def created(
