@@ -681,8 +681,8 @@ class JobRunner:
             await self._write_status(step.job_id, Status.SPAWNED)
 
     async def _run_worker(self, step: _StepRun, worker: Worker) -> StepResult:
-        async def child_running(child_id: str, attempt: int = 1, /) -> None:
-            await self._child_event(step, child_id, "running", attempt=attempt)
+        def child_running(child_id: str, attempt: int = 1, /) -> Awaitable[None]:
+            return self._child_event(step, child_id, "running", attempt=attempt)
 
         ctx = StepContext(
             step_id=step.job_id,
