@@ -293,10 +293,12 @@ class ChildEventEmitter:
         """
         if self._task is None:
             self.start()
-        if len(event.error) > MAX_ERROR_CHARS or "\x00" in event.error:
-            event.error = truncate_text(event.error.replace("\x00", "\ufffd"))
-        if len(event.name) > MAX_NAME_CHARS or "\x00" in event.name:
-            event.name = event.name.replace("\x00", "\ufffd")[:MAX_NAME_CHARS]
+        error = event.error  # each read of a message's field makes a new str
+        if error and (len(error) > MAX_ERROR_CHARS or "\x00" in error):
+            event.error = truncate_text(error.replace("\x00", "\ufffd"))
+        name = event.name
+        if name and (len(name) > MAX_NAME_CHARS or "\x00" in name):
+            event.name = name.replace("\x00", "\ufffd")[:MAX_NAME_CHARS]
         if (
             self._queue
             and self._buffered < self._max_buffered
