@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 import structlog
 from grpc import aio
 
-from orchestrator_svc.convert import event_from_pb, event_to_pb
+from orchestrator_svc.convert import child_event_pb, event_from_pb, event_to_pb
 from orchestrator_svc.records import ChildEvent
 from stepflow_client._events import (
     BATCH_MAX_BYTES,
@@ -125,6 +125,25 @@ class EventStream:
         it waits until cancelled: see ``_closed``."""
         try:
             return await self._emitter.send(event_to_pb(child_event))
+        except EmitterClosed:
+            return await _closed()
+
+    async def emit_child(
+        self,
+        kind: str,
+        step_id: str,
+        child_id: str,
+        *,
+        error: str = "",
+        name: str = "",
+        attempt: int = 0,
+    ) -> int:
+        """``emit`` of a child's event (``kind`` an ``EventKind`` value other than ``sealed``),
+        built without the intermediate record: the per-child path."""
+        try:
+            return await self._emitter.send(
+                child_event_pb(kind, step_id, child_id, error=error, name=name, attempt=attempt)
+            )
         except EmitterClosed:
             return await _closed()
 

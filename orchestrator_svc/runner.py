@@ -45,6 +45,7 @@ TERMINAL_EVENT_STATUS = {
     EventKind.FAILED: Status.FAILED,
     EventKind.CANCELLED: Status.CANCELLED,
 }
+_CHILD_ENDS = frozenset(TERMINAL_EVENT_STATUS)  # how ``child_finished`` may end a child
 WATCH_RETRY_S = 0.5  # pause before watching the manager again after an unexpected error
 
 
@@ -680,8 +681,8 @@ class JobRunner:
             await self._write_status(step.job_id, Status.SPAWNED)
 
     async def _run_worker(self, step: _StepRun, worker: Worker) -> StepResult:
-        async def child_running(child_id: str, attempt: int = 1, /) -> None:
-            await self._child_event(step, child_id, "running", attempt=attempt)
+        def child_running(child_id: str, attempt: int = 1, /) -> Awaitable[None]:
+            return self._child_event(step, child_id, "running", attempt=attempt)
 
         ctx = StepContext(
             step_id=step.job_id,
@@ -746,7 +747,6 @@ class JobRunner:
         counts = step.counts
         if kind == "created":
             counts["pending"] += 1
-            event_kind = EventKind.CREATED
         elif kind == "running":
             # Running again (a later attempt, or after its orchestrator was lost): no count
             # moves.
@@ -754,8 +754,9 @@ class JobRunner:
                 step.counted_running.add(child_id)
                 counts["pending"] -= 1
                 counts["running"] += 1
-            event_kind = EventKind.RUNNING
         else:
+            if kind not in _CHILD_ENDS:
+                raise ValueError(f"not how a child ends: {kind!r}")
             status: ChildStatus = kind  # type: ignore[assignment]
             if child_id in step.counted_running:
                 step.counted_running.discard(child_id)
@@ -763,7 +764,6 @@ class JobRunner:
             else:
                 counts["pending"] -= 1
             counts[status] += 1
-            event_kind = EventKind(status)
             metrics.observe_child_end(step.spec.type, status)
             control = step.children.pop(child_id, None)
             if control is not None:
@@ -772,15 +772,8 @@ class JobRunner:
                 self._count_child_failure()
             elif status == "cancelled":
                 step.cancelled_sent += 1
-        seq = await self._stream.emit(
-            ChildEvent(
-                kind=event_kind,
-                step_id=step.job_id,
-                child_id=child_id,
-                error=error,
-                name=name,
-                attempt=attempt,
-            )
+        seq = await self._stream.emit_child(
+            kind, step.job_id, child_id, error=error, name=name, attempt=attempt
         )
         if kind == "created" and not step.first_child.is_set():
             step.first_child_seq = seq

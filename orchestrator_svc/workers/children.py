@@ -71,8 +71,12 @@ async def run_children(
                 outcome = await run_one(index, attempt)
             except Exception as exc:
                 outcome = ChildOutcome("failed", f"{type(exc).__name__}: {exc}")
+            if outcome.status != "failed" or attempt >= last:
+                return outcome
+            # Asked for only here: the runner makes a child's cancel signal on first use, and
+            # most children never need one.
             cancelled = ctx.child_cancelled(child_id)
-            if outcome.status != "failed" or attempt >= last or cancelled.is_set():
+            if cancelled.is_set():
                 return outcome
             attempt += 1
             if not await sleep_unless_cancelled(cancelled, ctx.retry.delay_before(attempt)):
