@@ -650,6 +650,34 @@ async def test_a_tiny_deadline_on_every_rpc_is_deadline_exceeded_and_the_server_
     }, results
 
 
+async def test_a_stream_left_while_its_batch_waits_for_the_database_ends_cancelled(
+    monitor: RunningMonitor, stub: Stub, database_url: str
+) -> None:
+    """A client that cancels StreamChildEvents, or whose deadline passes, while its batch waits
+    for the database: the monitor ends the call as one the client left (CANCELLED in its
+    metrics), never as an internal error, and the batch then commits whole or not at all."""
+    manager, (step,) = await manager_with_steps(stub, 1)
+    before = handled_codes("StreamChildEvents")
+    batch = [event(K.CHILD_EVENT_KIND_CREATED, step.id, f"left-{k}") for k in range(3)]
+    with database_write_lock(database_url):
+        cancelled = stub.StreamChildEvents()
+        expired = stub.StreamChildEvents(timeout=1.0)
+        await cancelled.write(m.StreamChildEventsRequest(batch_id=1, events=batch))
+        await expired.write(m.StreamChildEventsRequest(batch_id=1, events=batch))
+        await asyncio.sleep(0.3)  # both batches are in the writer, waiting for the lock
+        cancelled.cancel()
+        assert await cancelled.code() == grpc.StatusCode.CANCELLED
+        assert await asyncio.wait_for(expired.code(), 10) == grpc.StatusCode.DEADLINE_EXCEEDED
+        for _ in range(200):  # the server side of each call ends after the client's
+            if sum((handled_codes("StreamChildEvents") - before).values()) >= 2:
+                break
+            await asyncio.sleep(0.05)
+    assert handled_codes("StreamChildEvents") - before == {"CANCELLED": 2}
+    await assert_monitor_serves(monitor, stub)
+    created = await step_counts(stub, manager.id, step.id)
+    assert sum(created) in (0, 3), created  # one batch of three (the other replays it)
+
+
 async def test_deadlines_hold_while_the_database_is_slow(
     monitor: RunningMonitor, stub: Stub, database_url: str
 ) -> None:
