@@ -75,6 +75,22 @@ def orchestrator(
     return proc
 
 
+@contextlib.asynccontextmanager
+async def running_orchestrators(
+    monitor: ServerProcess, tmp_path: Path, *names: str, grace: str = "1s", lease: str = LEASE
+) -> AsyncIterator[tuple[ServerProcess, ...]]:
+    """Orchestrators named (and owning as) ``names`` on ``monitor``, started in that order and
+    stopped on the way out, however the test ends (one it killed or stopped is left as is)."""
+    procs = tuple(orchestrator(monitor, tmp_path, name, grace=grace, lease=lease) for name in names)
+    try:
+        for proc in procs:
+            await proc.run()
+        yield procs
+    finally:
+        for proc in procs:
+            proc.stop()
+
+
 async def submit_to(proc: ServerProcess, data: dict[str, Any], request_id: str = "") -> str:
     async with aio.insecure_channel(proc.address) as channel:
         return await submit(o_grpc.OrchestratorServiceStub(channel), data, request_id)
@@ -127,11 +143,7 @@ async def children_of(stub: m_grpc.MonitorServiceStub, manager_id: str, step: st
 async def test_killed_owner_job_completes_on_the_other_orchestrator(
     monitor_proc: ServerProcess, mstub: m_grpc.MonitorServiceStub, tmp_path: Path
 ) -> None:
-    first = orchestrator(monitor_proc, tmp_path, "first")
-    second = orchestrator(monitor_proc, tmp_path, "second")
-    try:
-        await first.run()
-        await second.run()
+    async with running_orchestrators(monitor_proc, tmp_path, "first", "second") as (first, _second):
         manager_id = await submit_to(first, two_step_job("failover"))
         watcher = Recorder(mstub, manager_id)
         await watch_until(mstub, manager_id, busy_at_least(4), within=WITHIN_S)
@@ -149,9 +161,6 @@ async def test_killed_owner_job_completes_on_the_other_orchestrator(
         await watcher.done()
         watcher.assert_never_backwards()
         # A retried submit through the survivor returns the same job, run once.
-    finally:
-        first.stop()
-        second.stop()
 
 
 async def test_killed_owner_restarted_under_its_name_resumes_at_once(
@@ -212,11 +221,7 @@ async def test_sigterm_mid_job_then_restart_fails_nothing(
 async def test_rolling_restart_under_a_stream_of_jobs_fails_none(
     monitor_proc: ServerProcess, mstub: m_grpc.MonitorServiceStub, tmp_path: Path
 ) -> None:
-    a = orchestrator(monitor_proc, tmp_path, "a", grace="3s")
-    b = orchestrator(monitor_proc, tmp_path, "b", grace="3s")
-    try:
-        await a.run()
-        await b.run()
+    async with running_orchestrators(monitor_proc, tmp_path, "a", "b", grace="3s") as (a, b):
         ids: list[str] = []
         for round_ in range(2):
             for proc in (a, b):
@@ -230,18 +235,13 @@ async def test_rolling_restart_under_a_stream_of_jobs_fails_none(
             job = await final(mstub, manager_id, within=WITHIN_S)
             assert job.status == S.JOB_STATUS_COMPLETED, (manager_id, job.error, job.end_reason)
             await assert_tree_consistent(mstub, manager_id, expected_counts=busy_counts(12))
-    finally:
-        a.stop()
-        b.stop()
 
 
 # -- nobody left -------------------------------------------------------------------------------
 async def test_with_no_orchestrator_left_the_orphan_fails_after_the_timeout(
     monitor_proc: ServerProcess, mstub: m_grpc.MonitorServiceStub, tmp_path: Path
 ) -> None:
-    only = orchestrator(monitor_proc, tmp_path, "only")
-    try:
-        await only.run()
+    async with running_orchestrators(monitor_proc, tmp_path, "only") as (only,):
         manager_id = await submit_to(only, two_step_job("orphan"))
         await watch_until(mstub, manager_id, busy_at_least(2), within=WITHIN_S)
         only.kill()
@@ -252,19 +252,13 @@ async def test_with_no_orchestrator_left_the_orphan_fails_after_the_timeout(
         assert "no orchestrator took the job over" in job.error
         assert [j for j in await list_all(mstub, manager_id=manager_id) if j.status in LIVE] == []
         await assert_tree_consistent(mstub, manager_id)
-    finally:
-        only.stop()
 
 
 # -- a frozen owner ----------------------------------------------------------------------------
 async def test_frozen_owner_is_fenced_and_stops_when_it_wakes(
     monitor_proc: ServerProcess, mstub: m_grpc.MonitorServiceStub, tmp_path: Path
 ) -> None:
-    frozen = orchestrator(monitor_proc, tmp_path, "frozen")
-    other = orchestrator(monitor_proc, tmp_path, "other")
-    try:
-        await frozen.run()
-        await other.run()
+    async with running_orchestrators(monitor_proc, tmp_path, "frozen", "other") as (frozen, _other):
         manager_id = await submit_to(frozen, two_step_job("frozen", 24, 400))
         watcher = Recorder(mstub, manager_id)
         await watch_until(mstub, manager_id, busy_at_least(4), within=WITHIN_S)
@@ -280,9 +274,6 @@ async def test_frozen_owner_is_fenced_and_stops_when_it_wakes(
         await asyncio.sleep(1.0)  # the woken one's stray writes, if any, would land by now
         assert await _fenced_lines(frozen), frozen.log_tail()
         await assert_tree_consistent(mstub, manager_id, expected_counts=busy_counts())
-    finally:
-        frozen.stop()
-        other.stop()
 
 
 async def _fenced_lines(proc: ServerProcess) -> list[str]:
@@ -293,9 +284,7 @@ async def _fenced_lines(proc: ServerProcess) -> list[str]:
 async def test_a_child_failing_twice_then_succeeding_is_completed_on_attempt_3(
     monitor_proc: ServerProcess, mstub: m_grpc.MonitorServiceStub, tmp_path: Path
 ) -> None:
-    proc = orchestrator(monitor_proc, tmp_path, "retrier")
-    try:
-        await proc.run()
+    async with running_orchestrators(monitor_proc, tmp_path, "retrier") as (proc,):
         manager_id = await submit_to(
             proc,
             {
@@ -321,18 +310,12 @@ async def test_a_child_failing_twice_then_succeeding_is_completed_on_attempt_3(
         kids = {k.name: k for k in await children_of(mstub, manager_id, "flaky")}
         assert (kids["x"].status, kids["x"].attempt) == (S.JOB_STATUS_COMPLETED, 3)
         assert (kids["y"].status, kids["y"].attempt) == (S.JOB_STATUS_COMPLETED, 1)
-    finally:
-        proc.stop()
 
 
 async def test_on_interrupt_fail_ends_the_interrupted_children_orchestrator_lost(
     monitor_proc: ServerProcess, mstub: m_grpc.MonitorServiceStub, tmp_path: Path
 ) -> None:
-    first = orchestrator(monitor_proc, tmp_path, "first")
-    second = orchestrator(monitor_proc, tmp_path, "second")
-    try:
-        await first.run()
-        await second.run()
+    async with running_orchestrators(monitor_proc, tmp_path, "first", "second") as (first, _second):
         manager_id = await submit_to(
             first,
             {
@@ -367,9 +350,6 @@ async def test_on_interrupt_fail_ends_the_interrupted_children_orchestrator_lost
         assert stats["busy"].status == S.JOB_STATUS_COMPLETED  # some completed
         assert stats["once"].status == S.JOB_STATUS_COMPLETED
         await assert_tree_consistent(mstub, manager_id)
-    finally:
-        first.stop()
-        second.stop()
 
 
 @pytest.mark.parametrize("on_interrupt", ["rerun", "fail"])
@@ -379,12 +359,8 @@ async def test_a_step_without_children_runs_again_or_fails_as_it_says(
     tmp_path: Path,
     on_interrupt: str,
 ) -> None:
-    first = orchestrator(monitor_proc, tmp_path, "first")
-    second = orchestrator(monitor_proc, tmp_path, "second")
     runs = tmp_path / "runs"
-    try:
-        await first.run()
-        await second.run()
+    async with running_orchestrators(monitor_proc, tmp_path, "first", "second") as (first, _second):
         manager_id = await submit_to(
             first,
             {
@@ -415,9 +391,6 @@ async def test_a_step_without_children_runs_again_or_fails_as_it_says(
             assert row.end_reason == "orchestrator_lost", row
             assert runs.read_text().split() == ["1"]
         await assert_tree_consistent(mstub, manager_id)
-    finally:
-        first.stop()
-        second.stop()
 
 
 def _wait_for(condition: Callable[[], bool], within: float = WITHIN_S) -> None:
@@ -443,11 +416,7 @@ def _alive(pid: int) -> bool:
 async def test_cancel_through_another_orchestrator_stops_the_owners_processes(
     monitor_proc: ServerProcess, mstub: m_grpc.MonitorServiceStub, tmp_path: Path
 ) -> None:
-    owner = orchestrator(monitor_proc, tmp_path, "owner")
-    other = orchestrator(monitor_proc, tmp_path, "other")
-    try:
-        await owner.run()
-        await other.run()
+    async with running_orchestrators(monitor_proc, tmp_path, "owner", "other") as (owner, other):
         manager_id = await submit_to(
             owner,
             {
@@ -494,9 +463,6 @@ async def test_cancel_through_another_orchestrator_stops_the_owners_processes(
         await assert_tree_consistent(
             mstub, manager_id, expected_counts={"sleepers": (0, 0, 0, 0, 2)}
         )
-    finally:
-        owner.stop()
-        other.stop()
 
 
 def _get(job_id: str) -> Any:

@@ -35,6 +35,7 @@ from monitor_svc.server import RunningMonitor
 from orchestrator_svc.server import OrchestratorConfig
 from orchestrator_svc.server import create_server as create_orchestrator
 from orchestrator_svc.workers.simulate import expected_tally
+from stepflow_common.metrics import RPC_HANDLED
 from stepflow_common.proto_status import LIVE_PB as LIVE
 from stepflow_proto.v1 import job_pb2
 from stepflow_proto.v1 import monitor_service_pb2 as m
@@ -507,10 +508,18 @@ async def every_rpc(
     async def stream_events() -> grpc.StatusCode:
         call = stub.StreamChildEvents(timeout=deadline_s)
         batch = [event(K.CHILD_EVENT_KIND_CREATED, ids["step"], "tiny-child")]
-        with contextlib.suppress(aio.AioRpcError, asyncio.InvalidStateError):
+        try:
             await call.write(m.StreamChildEventsRequest(batch_id=1, events=batch))
             while await call.read() is not aio.EOF:
                 pass
+        except aio.AioRpcError as exc:
+            if write_lost_the_status(exc):
+                # Core ended the call before the write reached it: at its deadline (the call
+                # was opened with it and nothing else ends it); the monitor's side is checked
+                # apart, from its metrics.
+                return grpc.StatusCode.DEADLINE_EXCEEDED
+        except asyncio.InvalidStateError:
+            pass  # the write came after the client had already seen the status
         code: grpc.StatusCode = await call.code()
         return code
 
@@ -558,6 +567,29 @@ async def every_rpc(
     return results
 
 
+def write_lost_the_status(exc: aio.AioRpcError) -> bool:
+    """grpcio's asyncio client: a stream ``write`` that reaches Core after Core has already
+    ended the call fails, and the client then reports its own ``INTERNAL: Internal error from
+    Core`` (``Failed "execute_batch": (SendMessageOperation...``) instead of the status Core
+    ended the call with (grpc/grpc#36066). Only that exact local status is recognised: an
+    INTERNAL sent by the monitor has other details and no such debug string."""
+    return (
+        exc.code() == grpc.StatusCode.INTERNAL
+        and exc.details() == "Internal error from Core"
+        and "SendMessageOperation" in (exc.debug_error_string() or "")
+    )
+
+
+def handled_codes(method: str) -> collections.Counter[str]:
+    """The monitor's count of finished calls of ``method`` by status code (its metrics)."""
+    counts: collections.Counter[str] = collections.Counter()
+    for metric in RPC_HANDLED.collect():
+        for sample in metric.samples:
+            if sample.name.endswith("_total") and sample.labels["method"] == method:
+                counts[sample.labels["code"]] += int(sample.value)
+    return counts
+
+
 @contextlib.contextmanager
 def database_write_lock(database_url: str) -> Iterator[None]:
     """Hold the lock every monitor write transaction needs first (SQLite: the database write
@@ -592,10 +624,14 @@ async def test_a_tiny_deadline_on_every_rpc_is_deadline_exceeded_and_the_server_
         m.UpdateJobMetadataRequest(job_id=manager.id, metadata=struct(BLOB)), timeout=30
     )
     before = await get(stub, manager.id)
+    streams_before = handled_codes("StreamChildEvents")
     with database_write_lock(database_url):
         results = await every_rpc(stub, {"manager": manager.id, "step": step.id}, TINY_S)
         await asyncio.sleep(0.2)  # let the server see the deadlines pass while it waits
     assert results == dict.fromkeys(results, grpc.StatusCode.DEADLINE_EXCEEDED), results
+    # The monitor ended the stream as a client that left (or it never reached the handler).
+    streams = handled_codes("StreamChildEvents") - streams_before
+    assert set(streams) <= {"CANCELLED", "DEADLINE_EXCEEDED"}, streams
     await assert_monitor_serves(monitor, stub)
     # Whatever got through did so whole: each change is all there with its version, or absent.
     after = await get(stub, manager.id)
@@ -612,6 +648,34 @@ async def test_a_tiny_deadline_on_every_rpc_is_deadline_exceeded_and_the_server_
         name: grpc.StatusCode.DEADLINE_EXCEEDED if name in long_lived else grpc.StatusCode.OK
         for name in results
     }, results
+
+
+async def test_a_stream_left_while_its_batch_waits_for_the_database_ends_cancelled(
+    monitor: RunningMonitor, stub: Stub, database_url: str
+) -> None:
+    """A client that cancels StreamChildEvents, or whose deadline passes, while its batch waits
+    for the database: the monitor ends the call as one the client left (CANCELLED in its
+    metrics), never as an internal error, and the batch then commits whole or not at all."""
+    manager, (step,) = await manager_with_steps(stub, 1)
+    before = handled_codes("StreamChildEvents")
+    batch = [event(K.CHILD_EVENT_KIND_CREATED, step.id, f"left-{k}") for k in range(3)]
+    with database_write_lock(database_url):
+        cancelled = stub.StreamChildEvents()
+        expired = stub.StreamChildEvents(timeout=1.0)
+        await cancelled.write(m.StreamChildEventsRequest(batch_id=1, events=batch))
+        await expired.write(m.StreamChildEventsRequest(batch_id=1, events=batch))
+        await asyncio.sleep(0.3)  # both batches are in the writer, waiting for the lock
+        cancelled.cancel()
+        assert await cancelled.code() == grpc.StatusCode.CANCELLED
+        assert await asyncio.wait_for(expired.code(), 10) == grpc.StatusCode.DEADLINE_EXCEEDED
+        for _ in range(200):  # the server side of each call ends after the client's
+            if sum((handled_codes("StreamChildEvents") - before).values()) >= 2:
+                break
+            await asyncio.sleep(0.05)
+    assert handled_codes("StreamChildEvents") - before == {"CANCELLED": 2}
+    await assert_monitor_serves(monitor, stub)
+    created = await step_counts(stub, manager.id, step.id)
+    assert sum(created) in (0, 3), created  # one batch of three (the other replays it)
 
 
 async def test_deadlines_hold_while_the_database_is_slow(
