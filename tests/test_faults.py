@@ -616,9 +616,11 @@ def database_write_lock(database_url: str) -> Iterator[None]:
 async def test_a_tiny_deadline_on_every_rpc_is_deadline_exceeded_and_the_server_stays_healthy(
     monitor: RunningMonitor, stub: Stub, database_url: str
 ) -> None:
-    """Every RPC with a deadline of a millisecond, on a large manager (reads of it take
-    milliseconds) while the database makes writes wait: each ends DEADLINE_EXCEEDED, what
-    got through did so whole, and the monitor serves normally afterwards."""
+    """Every RPC with a deadline of a millisecond, on a large manager, while the database
+    makes writes wait: each write and stream ends DEADLINE_EXCEEDED, a read either answers in
+    time (answers are built from cached bytes, so a read may well fit in a millisecond) or
+    ends DEADLINE_EXCEEDED, what got through did so whole, and the monitor serves normally
+    afterwards."""
     manager, (step,) = await manager_with_steps(stub, 1)
     await stub.UpdateJobMetadata(
         m.UpdateJobMetadataRequest(job_id=manager.id, metadata=struct(BLOB)), timeout=30
@@ -628,7 +630,12 @@ async def test_a_tiny_deadline_on_every_rpc_is_deadline_exceeded_and_the_server_
     with database_write_lock(database_url):
         results = await every_rpc(stub, {"manager": manager.id, "step": step.id}, TINY_S)
         await asyncio.sleep(0.2)  # let the server see the deadlines pass while it waits
-    assert results == dict.fromkeys(results, grpc.StatusCode.DEADLINE_EXCEEDED), results
+    reads = {"GetJob", "ListJobs"}  # not held by the write lock
+    exceeded = grpc.StatusCode.DEADLINE_EXCEEDED
+    assert {k: v for k, v in results.items() if k not in reads} == dict.fromkeys(
+        results.keys() - reads, exceeded
+    ), results
+    assert {results[k] for k in reads} <= {exceeded, grpc.StatusCode.OK}, results
     # The monitor ended the stream as a client that left (or it never reached the handler).
     streams = handled_codes("StreamChildEvents") - streams_before
     assert set(streams) <= {"CANCELLED", "DEADLINE_EXCEEDED"}, streams
