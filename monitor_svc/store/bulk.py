@@ -217,12 +217,12 @@ class BulkStatements:
                 + " WHERE step_id = ?"
             )
 
-    def select_jobs(self, conn: Connection, ids: list[str], *, lock: bool) -> list[JobState]:
-        """The jobs of ``ids`` that exist (read as ``tx.row_to_state`` reads them), locked
-        ``FOR UPDATE`` on request."""
+    def select_jobs(self, conn: Connection, ids: list[str]) -> list[JobState]:
+        """The jobs of ``ids`` that exist (read as ``tx.row_to_state`` reads them), unlocked:
+        the caller's transaction holds the change_seq counter lock, which every writer takes
+        before it reads a job."""
         if self._postgres:
-            sql = self._select_sql + " WHERE id = ANY(%s)" + (" FOR UPDATE" if lock else "")
-            rows = conn.exec_driver_sql(sql, (ids,))
+            rows = conn.exec_driver_sql(self._select_sql + " WHERE id = ANY(%s)", (ids,))
             decode: Callable[[Any], datetime | None] = as_utc
         else:
             marks = ",".join("?" * len(ids))
