@@ -9,7 +9,9 @@ fed plain tuples built straight from the records:
 * SQLite: one ``executemany`` per table, datetimes written in SQLAlchemy's own text format
   (its bind processor, memoised per value: a group's stamps are mostly its one ``now``), so
   rows read back the same whichever path wrote them;
-* PostgreSQL: one statement per table per group, its rows passed as one array per column
+* PostgreSQL: new child rows go in by ``COPY … FROM STDIN`` (psycopg's ``Cursor.copy``:
+  each row written as text by psycopg's C dumpers, parsed by the server without a plan);
+  updates are one statement per table per group, its rows passed as one array per column
   and expanded by ``unnest`` (one parse, one plan, one round trip, whatever the row count).
 """
 
@@ -20,7 +22,9 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, cast
 
+import psycopg
 from sqlalchemy import Column, Connection, Dialect, Table
+from sqlalchemy.exc import DBAPIError
 
 from monitor_svc.records import (
     JOB_FIELDS,
@@ -182,10 +186,8 @@ class BulkStatements:
         self._select_sql = f"SELECT {', '.join(map(_quote, insert_columns))} FROM jobs"
         update_columns = [column_of(f) for f in _UPDATE_FIELDS]
         if self._postgres:
-            self._insert_sql = (
-                f"INSERT INTO jobs ({', '.join(map(_quote, insert_columns))}) "
-                f"SELECT * FROM unnest({_arrays(_T, insert_columns, dialect)})"
-            )
+            self._copy_sql = f"COPY jobs ({', '.join(map(_quote, insert_columns))}) FROM STDIN"
+            self._insert_sql = ""  # COPY instead
             names = [*update_columns, "id"]  # the rows end with the id
             self._update_sql = (
                 "UPDATE jobs SET "
@@ -235,7 +237,21 @@ class BulkStatements:
         return _same if encode is None else _SameValue(encode)
 
     def insert_children(self, conn: Connection, states: list[JobState]) -> None:
-        self._run(conn, self._insert_sql, _insert_row, states)
+        if not self._postgres:
+            self._run(conn, self._insert_sql, _insert_row, states)
+            return
+        # COPY costs about a sixth of the client CPU of the unnest INSERT (no per-column
+        # lists, no array literal) and less server CPU (no function scan, no plan).
+        encode = self._encoder()
+        driver = conn.connection.driver_connection
+        assert isinstance(driver, psycopg.Connection)
+        try:
+            with driver.cursor() as cursor, cursor.copy(self._copy_sql) as copy:
+                write = copy.write_row
+                for state in states:
+                    write(_insert_row(state, encode))
+        except psycopg.Error as exc:  # as exec_driver_sql would raise it: the writer's handling
+            raise DBAPIError.instance(self._copy_sql, None, exc, psycopg.Error) from exc
 
     def update_children(self, conn: Connection, states: list[JobState]) -> None:
         self._run(conn, self._update_sql, _update_row, states)
