@@ -1,6 +1,7 @@
 """One write transaction shared by a group of units of work (group commit).
 
-Units read jobs through the cache (locked ``FOR UPDATE`` on PostgreSQL; SQLite's writer holds
+Units read jobs through the cache (on PostgreSQL under the change_seq counter lock, taken
+first, and ``FOR UPDATE`` but for the stream's child rows; SQLite's writer holds
 the database lock from ``BEGIN IMMEDIATE``), replace them with new states, and the whole group
 is written at ``flush``. Several calls on one hot manager therefore cost one read, one write
 and one commit between them, and each still raises its version by one.
