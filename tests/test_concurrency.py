@@ -322,3 +322,50 @@ async def test_expected_version_compare_and_set_loses_nothing(monitor: RunningMo
         assert meta(got)["counter"] == CLIENTS * rounds
         assert got.version == job.version + CLIENTS * rounds
         assert aborted > 0  # the clients really did collide
+
+
+@pytest.mark.parametrize("servers", [1, 2])
+async def test_child_events_replayed_through_every_monitor_count_once(
+    monitor: RunningMonitor, database_url: str, timers: StepTimers, servers: int
+) -> None:
+    """The same child events sent at once on several streams, through every monitor: each
+    child's transitions reach its step's counts once. Two transactions that read a child row
+    (or its step's counts) before the other's commit would both apply the transition, and the
+    counts would drift from the children's final states."""
+    from tests.stream_helpers import completed, created, failed, running, send_batches
+
+    n_children, per_batch, streams = 120, 15, 6
+    async with (
+        monitors(monitor, database_url, timers, servers) as addresses,
+        clients(addresses, streams + 1) as stubs,
+    ):
+        setup = stubs[streams]
+        manager, (step,) = await manager_with_steps(setup, 1)
+        await setup.UpdateJobStatus(
+            m.UpdateJobStatusRequest(job_id=step.id, status=S.JOB_STATUS_RUNNING),
+            timeout=RPC_TIMEOUT_S,
+        )
+        ids = [f"{step.id}-c{i}" for i in range(n_children)]
+        events = [created(step.id, c) for c in ids] + [running(step.id, c) for c in ids]
+        events += [(completed if i % 3 else failed)(step.id, c) for i, c in enumerate(ids)]
+        batches = [events[i : i + per_batch] for i in range(0, len(events), per_batch)]
+
+        async def stream(stub: Stub, k: int) -> None:
+            # Each stream starts at another batch, so streams overtake each other.
+            order = batches[k * 7 % len(batches) :] + batches[: k * 7 % len(batches)]
+            acks = await send_batches(stub, order)
+            assert len(acks) == len(order) and not any(a.rejected for a in acks)
+
+        await asyncio.gather(*(stream(stubs[k], k) for k in range(streams)))
+        got = await get(setup, manager.id)
+        children = got.step_stats[0].children
+        failures = len(ids[0::3])
+        assert (children.pending, children.running) == (0, 0)
+        assert (children.completed, children.failed, children.cancelled) == (
+            n_children - failures,
+            failures,
+            0,
+        )
+        for i in (0, 1, n_children - 1):
+            child = await get(setup, ids[i])
+            assert child.status == (S.JOB_STATUS_COMPLETED if i % 3 else S.JOB_STATUS_FAILED)

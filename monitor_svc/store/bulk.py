@@ -9,8 +9,12 @@ fed plain tuples built straight from the records:
 * SQLite: one ``executemany`` per table, datetimes written in SQLAlchemy's own text format
   (its bind processor, memoised per value: a group's stamps are mostly its one ``now``), so
   rows read back the same whichever path wrote them;
-* PostgreSQL: one statement per table per group, its rows passed as one array per column
-  and expanded by ``unnest`` (one parse, one plan, one round trip, whatever the row count).
+* PostgreSQL: child rows go by ``COPY … FROM STDIN`` (psycopg's ``Cursor.copy``: each row
+  written as text by psycopg's C dumpers, parsed by the server without a plan): new rows
+  straight into ``jobs``, changed rows into a session's temporary table that one joined
+  UPDATE applies. Building arrays of Python values (``unnest``) cost the writer four times
+  the CPU per row, and the server more too. Step counts (a row per step, few per group) are
+  one ``unnest`` UPDATE.
 """
 
 from __future__ import annotations
@@ -20,7 +24,9 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, cast
 
+import psycopg
 from sqlalchemy import Column, Connection, Dialect, Table
+from sqlalchemy.exc import DBAPIError
 
 from monitor_svc.records import (
     JOB_FIELDS,
@@ -38,6 +44,7 @@ from stepflow_common.status import Kind, Status
 _T = cast(Table, JobRow.__table__)
 _P = cast(Table, StepProgressRow.__table__)
 _DATETIME_TYPES = ("datetime", "datetime | None")
+_STAGE = "stepflow_child_updates"  # PostgreSQL: the session's staging table of child updates
 
 # A child row: every field but the definition (managers only; its column defaults to NULL).
 _INSERT_FIELDS = tuple(f for f in JOB_FIELDS if stored(f).selected)
@@ -182,16 +189,20 @@ class BulkStatements:
         self._select_sql = f"SELECT {', '.join(map(_quote, insert_columns))} FROM jobs"
         update_columns = [column_of(f) for f in _UPDATE_FIELDS]
         if self._postgres:
-            self._insert_sql = (
-                f"INSERT INTO jobs ({', '.join(map(_quote, insert_columns))}) "
-                f"SELECT * FROM unnest({_arrays(_T, insert_columns, dialect)})"
-            )
+            self._copy_sql = f"COPY jobs ({', '.join(map(_quote, insert_columns))}) FROM STDIN"
+            self._insert_sql = ""  # COPY instead
             names = [*update_columns, "id"]  # the rows end with the id
+            # Child updates are staged by COPY in a temporary table (one per session, emptied
+            # at commit) and applied by one joined UPDATE.
+            staged = ", ".join(f"{_quote(n)} {_array_type(_T.c[n], dialect)}" for n in names)
+            self._stage_create_sql = (
+                f"CREATE TEMPORARY TABLE IF NOT EXISTS {_STAGE} ({staged}) ON COMMIT DELETE ROWS"
+            )
+            self._stage_copy_sql = f"COPY {_STAGE} ({', '.join(map(_quote, names))}) FROM STDIN"
             self._update_sql = (
                 "UPDATE jobs SET "
                 + ", ".join(f"{_quote(c)} = u.{_quote(c)}" for c in update_columns)
-                + f" FROM unnest({_arrays(_T, names, dialect)})"
-                f" AS u({', '.join(map(_quote, names))}) WHERE jobs.id = u.id"
+                + f" FROM {_STAGE} AS u WHERE jobs.id = u.id"
             )
             progress_names = [*_PROGRESS_SET, "step_id"]
             self._progress_sql = (
@@ -217,12 +228,12 @@ class BulkStatements:
                 + " WHERE step_id = ?"
             )
 
-    def select_jobs(self, conn: Connection, ids: list[str], *, lock: bool) -> list[JobState]:
-        """The jobs of ``ids`` that exist (read as ``tx.row_to_state`` reads them), locked
-        ``FOR UPDATE`` on request."""
+    def select_jobs(self, conn: Connection, ids: list[str]) -> list[JobState]:
+        """The jobs of ``ids`` that exist (read as ``tx.row_to_state`` reads them), unlocked:
+        the caller's transaction holds the change_seq counter lock, which every writer takes
+        before it reads a job."""
         if self._postgres:
-            sql = self._select_sql + " WHERE id = ANY(%s)" + (" FOR UPDATE" if lock else "")
-            rows = conn.exec_driver_sql(sql, (ids,))
+            rows = conn.exec_driver_sql(self._select_sql + " WHERE id = ANY(%s)", (ids,))
             decode: Callable[[Any], datetime | None] = as_utc
         else:
             marks = ",".join("?" * len(ids))
@@ -235,10 +246,40 @@ class BulkStatements:
         return _same if encode is None else _SameValue(encode)
 
     def insert_children(self, conn: Connection, states: list[JobState]) -> None:
-        self._run(conn, self._insert_sql, _insert_row, states)
+        if not self._postgres:
+            self._run(conn, self._insert_sql, _insert_row, states)
+            return
+        # COPY costs about a sixth of the client CPU of the unnest INSERT (no per-column
+        # lists, no array literal) and less server CPU (no function scan, no plan).
+        self._copy(conn, self._copy_sql, _insert_row, states)
 
     def update_children(self, conn: Connection, states: list[JobState]) -> None:
-        self._run(conn, self._update_sql, _update_row, states)
+        """Once per transaction: on PostgreSQL the staged rows stay until commit."""
+        if not self._postgres:
+            self._run(conn, self._update_sql, _update_row, states)
+            return
+        conn.exec_driver_sql(self._stage_create_sql)
+        self._copy(conn, self._stage_copy_sql, _update_row, states)
+        conn.exec_driver_sql(self._update_sql)
+
+    def _copy(
+        self,
+        conn: Connection,
+        sql: str,
+        row: Callable[[Any, Callable[[datetime], Any]], tuple[Any, ...]],
+        records: Sequence[Any],
+    ) -> None:
+        """``records`` by ``COPY … FROM STDIN`` on the connection's own transaction."""
+        encode = self._encoder()
+        driver = conn.connection.driver_connection
+        assert isinstance(driver, psycopg.Connection)
+        try:
+            with driver.cursor() as cursor, cursor.copy(sql) as copy:
+                write = copy.write_row
+                for record in records:
+                    write(row(record, encode))
+        except psycopg.Error as exc:  # as exec_driver_sql would raise it: the writer's handling
+            raise DBAPIError.instance(sql, None, exc, psycopg.Error) from exc
 
     def update_progress(self, conn: Connection, rows: list[Progress]) -> None:
         self._run(conn, self._progress_sql, _progress_row, rows)

@@ -14,7 +14,8 @@ from datetime import datetime
 from sqlalchemy import Engine, delete, exists, select
 from sqlalchemy.orm import aliased
 
-from monitor_svc.store.models import JobRow, StepProgressRow
+from monitor_svc.store.models import CounterRow, JobRow, StepProgressRow
+from monitor_svc.store.tx import CHANGE_SEQ
 from stepflow_common.status import LIVE, TERMINAL
 
 DEFAULT_BATCH_MANAGERS = 100
@@ -34,6 +35,13 @@ def prune_finished(
     managers = jobs = progress = 0
     while True:
         with engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                # Like every monitor's write transaction, take the change_seq counter lock
+                # first: the writers read child rows unlocked, and rely on no other writer
+                # changing (here: deleting) a row between their read and their commit.
+                conn.execute(
+                    select(CounterRow.value).where(CounterRow.name == CHANGE_SEQ).with_for_update()
+                )
             ids = list(
                 conn.execute(
                     select(JobRow.id)

@@ -1,6 +1,7 @@
 """One write transaction shared by a group of units of work (group commit).
 
-Units read jobs through the cache (locked ``FOR UPDATE`` on PostgreSQL; SQLite's writer holds
+Units read jobs through the cache (on PostgreSQL under the change_seq counter lock, taken
+first, and ``FOR UPDATE`` but for the stream's child rows; SQLite's writer holds
 the database lock from ``BEGIN IMMEDIATE``), replace them with new states, and the whole group
 is written at ``flush``. Several calls on one hot manager therefore cost one read, one write
 and one commit between them, and each still raises its version by one.
@@ -397,10 +398,14 @@ class Tx:
     def child_states(self, child_ids: Iterable[str]) -> dict[str, JobState]:
         """Bulk-load children for the event path (cached ones win)."""
         wanted = [c for c in child_ids if c not in self._jobs]
+        if wanted and self._lock_rows:
+            _ = self.seq  # the counter lock before the unlocked read (taken already by Writer)
         for start in range(0, len(wanted), IN_CHUNK):
             chunk = wanted[start : start + IN_CHUNK]
             bulk = statements(self.conn.dialect)
-            for state in bulk.select_jobs(self.conn, chunk, lock=self._lock_rows):
+            # No row lock: the counter lock this transaction took first already keeps every
+            # other writer off these rows until commit (docs/design.md §6, "Locking").
+            for state in bulk.select_jobs(self.conn, chunk):
                 self._jobs[state.id] = state
             for child_id in chunk:
                 self._jobs.setdefault(child_id, None)
