@@ -34,22 +34,12 @@ RETRY_MAX_S = 2.0
 RETRY_FOR_S = 120.0  # give a restarting monitor (or database) this long before giving up
 
 
-# How an event stream's ack words the rejection of an event for a job another orchestrator
-# owns now (or no one does); a refused write says so by its error's reason instead (Fenced).
-FENCED_PREFIX = "fenced: "
-
-
 class JobFenced(StepflowError):
     """A write for a job this orchestrator no longer owns was refused.
 
     Deliberately not a ``FailedPrecondition``: the handlers that treat a refused write as "the
     monitor ended it first" and carry on must not swallow it.
     """
-
-
-def is_fenced(reason: str) -> bool:
-    """Whether an ack's rejection reason says the job is fenced."""
-    return reason.startswith(FENCED_PREFIX)
 
 
 class MonitorClient:

@@ -52,6 +52,7 @@ from typing import Any, Protocol, TypeVar
 import grpc
 from grpc import aio
 
+from stepflow_common.errors import FENCED_PREFIX
 from stepflow_common.limits import MAX_ERROR_CHARS, MAX_REQUEST_BYTES, truncate_text
 from stepflow_proto.v1 import job_pb2
 from stepflow_proto.v1 import monitor_service_pb2 as m
@@ -88,9 +89,6 @@ MAX_NAME_CHARS = 512  # the monitor keeps no more of a child's name
 # How the monitor says it will not take a batch as it is: sending it again unchanged fails the
 # same way, so it is split instead.
 REFUSED = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INVALID_ARGUMENT})
-# How an ack words the rejection of an event for a job whose manager another owner holds now
-# (or no one does): sent with ``owner`` set, the events of a job taken over are fenced off.
-FENCED_PREFIX = "fenced: "
 
 EventCallback = Callable[[job_pb2.ChildEvent, str], None]
 """``callback(event, reason)``: ``event`` will never be committed, for ``reason``."""

@@ -58,6 +58,12 @@ class StatusConflict(FailedPrecondition):
         return cls(details.get("current", ""), details.get("requested", ""), message)
 
 
+# How an event stream's ack words the rejection of an event whose job another orchestrator
+# owns now (or none does): an ack's rejection is a string, so it is told by this prefix; a
+# refused write says so by its error's reason instead (``Fenced``).
+FENCED_PREFIX = "fenced: "
+
+
 class Fenced(FailedPrecondition):
     """A write naming an orchestrator that no longer owns the job: another one adopted it (or
     none holds it). The writer must stop its work on that job without writing more for it."""

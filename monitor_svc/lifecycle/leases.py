@@ -20,13 +20,12 @@ from typing import Any
 from monitor_svc.lifecycle import rules
 from monitor_svc.lifecycle.uow import UnitOfWork
 from monitor_svc.records import JobState, Lease
-from stepflow_common.errors import Fenced, InvalidArgument
+from stepflow_common.errors import FENCED_PREFIX, Fenced, InvalidArgument
 from stepflow_common.limits import MAX_DURATION_S
 from stepflow_common.status import CLIENT_END_REASONS, EndReason, Kind, Status
 
 ORCHESTRATOR_LOST = EndReason.ORCHESTRATOR_LOST
 
-FENCED = "fenced: "
 MIN_LEASE_S = 1.0
 MAX_ADOPT = 1000  # per heartbeat: one transaction stays short whatever the caller asks
 MAX_OWNED_IDS = 10_000  # keeps the answer well inside a default client's message size
@@ -192,8 +191,8 @@ def fence_reason(manager: JobState | None, owner: str) -> str:
     if not owner or manager is None or manager.owner == owner:
         return ""
     if not manager.owner:
-        return f"{FENCED}job {manager.id} is orphaned (owned by no orchestrator)"
-    return f"{FENCED}job {manager.id} is owned by {manager.owner}"
+        return f"{FENCED_PREFIX}job {manager.id} is orphaned (owned by no orchestrator)"
+    return f"{FENCED_PREFIX}job {manager.id} is owned by {manager.owner}"
 
 
 def check_fence(tx: UnitOfWork, job: JobState, owner: str) -> None:
@@ -211,8 +210,8 @@ def event_fence_reason(manager: JobState | None, owner: str) -> str:
     if not owner or manager is None or manager.owner == owner:
         return ""
     if not manager.owner:
-        return f"{FENCED}job {manager.id} is orphaned"
-    return f"{FENCED}job {manager.id} was adopted by {manager.owner}"
+        return f"{FENCED_PREFIX}job {manager.id} is orphaned"
+    return f"{FENCED_PREFIX}job {manager.id} was adopted by {manager.owner}"
 
 
 def check_end_reason(end_reason: str, owner: str) -> None:
