@@ -483,3 +483,32 @@ async def test_every_orchestrator_rpc_round_trips(
             return int(list(orch.follow(job_id))[-1].status)
 
     assert await asyncio.to_thread(blocking) == S.JOB_STATUS_COMPLETED
+
+
+async def test_events_from_the_asyncio_client_count_each_child_once(
+    mon: client.MonitorClient,
+) -> None:
+    """``MonitorClient.events()`` streams on the client's own channel: children created,
+    run and ended through it are counted exactly in the manager's step_stats, and the seal
+    ends the step."""
+    manager = await mon.create_job(kind="manager", name="reported")
+    step = await mon.create_job(
+        kind="step", parent_id=manager.id, name="work", metadata={"step_index": 0}
+    )
+    await mon.update_job_status(manager.id, "running")
+    await mon.update_job_status(step.id, "running")
+    async with mon.events() as events:
+        for i in range(30):
+            child_id = f"{step.id}.c{i}"
+            await events.created(step.id, child_id)
+            await events.running(step.id, child_id)
+            if i % 3:
+                await events.completed(step.id, child_id)
+            else:
+                await events.failed(step.id, child_id, "boom")
+        await events.sealed(step.id, 30)
+        await events.flush()
+    stats = (await mon.get_job(manager.id)).step_stats[0]
+    assert (stats.children.completed, stats.children.failed) == (20, 10), stats
+    assert stats.child_count == 30
+    assert stepflow_client.is_terminal(await mon.get_job(step.id))
