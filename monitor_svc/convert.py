@@ -165,8 +165,14 @@ def new_job(req: m.CreateJobRequest, metadata_limit: int = MAX_METADATA_BYTES) -
         timeout_s=timeout_s,
         request_id=optional_id(req.request_id, "request_id"),
         owner=text(req.owner, "owner", 128),
+        instance=instance(req.instance),
         definition=definition,
     )
+
+
+def instance(value: str) -> str:
+    """An orchestrator instance id (one process); "" when the caller does not say."""
+    return text(value, "instance", 128)
 
 
 def owner(value: str, *, required: bool = False) -> str:

@@ -176,6 +176,7 @@ class NewJob:
     request_id: str | None
     owner: str
     definition: dict[str, Any] | None = None
+    instance: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,3 +212,22 @@ class Lease:
     owner: str
     instance: str
     expires_at: datetime
+    worker_types: tuple[str, ...] = ()
+    """The worker types its holder runs (empty: it did not say, so it may run any job)."""
+
+    def can_run(self, step_types: frozenset[str] | None) -> bool:
+        """Whether the holder runs every worker type of a job (``None``: the job has no
+        definition to read them from, so no orchestrator that says what it runs can)."""
+        if not self.worker_types:
+            return True  # it did not say (an older orchestrator): as before, any job
+        return step_types is not None and step_types <= set(self.worker_types)
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceRecord:
+    """One orchestrator process that has held ``owner``'s lease; ``superseded_by`` names the
+    newer instance that replaced it ("" while it is the newest)."""
+
+    instance: str
+    owner: str
+    superseded_by: str = ""

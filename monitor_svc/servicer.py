@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from typing import Any
 
 import grpc
@@ -134,6 +135,7 @@ class MonitorServicer(m_grpc.MonitorServiceServicer):
             convert.error_text(request.error),
             request.end_reason,
             convert.owner(request.owner),
+            convert.instance(request.instance),
         )
         return convert.job_answer(view)
 
@@ -149,6 +151,7 @@ class MonitorServicer(m_grpc.MonitorServiceServicer):
             convert.metadata(request.metadata, limit=limit),
             expected,
             convert.owner(request.owner),
+            convert.instance(request.instance),
         )
         return convert.job_answer(view)
 
@@ -159,6 +162,8 @@ class MonitorServicer(m_grpc.MonitorServiceServicer):
             convert.job_id(request.manager_id, "manager_id"),
             convert.job_id(request.step_id, "step_id"),
             convert.status(request.status),
+            convert.owner(request.owner),
+            convert.instance(request.instance),
         )
         return m.UpdateStepStatInManagerResponse(
             step_stat=convert.step_stat_pb(result.entry, result.tally),
@@ -228,7 +233,8 @@ class MonitorServicer(m_grpc.MonitorServiceServicer):
         rejected = [m.RejectedEvent(event_id=e, reason=reason) for e, reason in refused]
         if decoded:
             owner = convert.owner(request.owner)
-            for event_id, reason in await self._store.apply_events(decoded, owner):
+            instance = convert.instance(request.instance)
+            for event_id, reason in await self._store.apply_events(decoded, owner, instance):
                 rejected.append(m.RejectedEvent(event_id=event_id, reason=reason))
         if rejected:
             log.info("events rejected", batch_id=request.batch_id, count=len(rejected))
@@ -266,20 +272,32 @@ class MonitorServicer(m_grpc.MonitorServiceServicer):
     ) -> m.HeartbeatResponse:
         result = await self._store.heartbeat(
             convert.owner(request.owner, required=True),
-            convert.text(request.instance, "instance", 128),
+            convert.instance(request.instance),
             convert.timeout(request.lease, "lease"),
             request.max_adopt,
+            [convert.text(t, "worker_types", 128) for t in request.worker_types],
+            [convert.job_id(j, "running_job_ids") for j in request.running_job_ids],
         )
         response = m.HeartbeatResponse(
             owned_job_ids=result.owned_job_ids,
             adopted_job_ids=result.adopted_job_ids,
             resumed_job_ids=result.resumed_job_ids,
+            fenced_job_ids=result.fenced_job_ids,
         )
         response.lease_expires_at.FromDatetime(result.lease_expires_at)
+        if result.superseded_lease_remaining_s > 0:
+            response.superseded_lease_remaining.FromTimedelta(
+                timedelta(seconds=result.superseded_lease_remaining_s)
+            )
         return response
 
     async def ReleaseLease(
         self, request: m.ReleaseLeaseRequest, context: aio.ServicerContext
     ) -> m.ReleaseLeaseResponse:
-        orphaned = await self._store.release_lease(convert.owner(request.owner, required=True))
+        orphaned = await self._store.release_lease(
+            convert.owner(request.owner, required=True),
+            convert.instance(request.instance),
+            [convert.job_id(j, "job_ids") for j in request.job_ids],
+            convert.error_text(request.reason),
+        )
         return m.ReleaseLeaseResponse(orphaned_job_ids=orphaned)

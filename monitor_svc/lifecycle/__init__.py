@@ -2,24 +2,29 @@
 
 ``rules`` holds the rules as plain functions over a ``UnitOfWork`` (``uow``); the store runs
 them in its SQL transactions, ``memory`` runs them over dicts (the rules' own tests);
-``leases`` holds the rules of orchestrators coming and going (leases, adoption, fencing).
-Neither SQL nor gRPC is imported here.
+``leases`` holds the rules of orchestrators coming and going (leases, instances, adoption),
+``fencing`` who may still write to a job. Neither SQL nor gRPC is imported here.
 """
 
-from monitor_svc.lifecycle import leases
+from monitor_svc.lifecycle import fencing, leases, rules
 from monitor_svc.lifecycle.rules import (
     StepStatResult,
     StepTimers,
     apply_events,
     create_job,
     deadline_after,
-    fire_due,
     set_status,
     update_metadata,
     update_status,
     update_step_stat,
 )
 from monitor_svc.lifecycle.uow import UnitOfWork
+
+
+def fire_due(tx: UnitOfWork, timers: StepTimers) -> int:
+    """The clock's work in one unit: the jobs' and hand-offs' deadlines, then the leases'."""
+    return rules.fire_due(tx, timers) + leases.fire_due(tx, timers)
+
 
 __all__ = [
     "StepStatResult",
@@ -28,6 +33,7 @@ __all__ = [
     "apply_events",
     "create_job",
     "deadline_after",
+    "fencing",
     "fire_due",
     "leases",
     "set_status",

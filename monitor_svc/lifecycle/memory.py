@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Any, TypeVar
 
-from monitor_svc.records import JobState, Lease, Progress, utcnow
+from monitor_svc.records import InstanceRecord, JobState, Lease, Progress, utcnow
 from stepflow_common.status import Kind
 from stepflow_common.step_outcome import ChildTally
 
@@ -28,6 +28,7 @@ class MemoryDatabase:
         self.change_seq = 0
         self.now = now or utcnow()
         self.leases: dict[str, Lease] = {}
+        self.instances: dict[tuple[str, str], InstanceRecord] = {}
 
     def run(self, unit: Callable[[MemoryUnitOfWork], T]) -> T:
         uow = MemoryUnitOfWork(self)
@@ -140,6 +141,21 @@ class MemoryUnitOfWork:
 
     def delete_lease(self, owner: str) -> None:
         self._leases[owner] = None
+
+    def live_leases(self) -> list[Lease]:
+        merged: dict[str, Lease | None] = {**self._db.leases, **self._leases}
+        return [lease for lease in merged.values() if lease and lease.expires_at > self.now]
+
+    def instance_record(self, owner: str, instance: str) -> InstanceRecord | None:
+        return self._db.instances.get((owner, instance))
+
+    def add_instance(self, record: InstanceRecord) -> None:
+        self._db.instances[(record.owner, record.instance)] = record
+
+    def supersede_instances(self, owner: str, by_instance: str) -> None:
+        for key, record in list(self._db.instances.items()):
+            if record.owner == owner and key[1] != by_instance and not record.superseded_by:
+                self._db.instances[key] = InstanceRecord(key[1], owner, by_instance)
 
     def _live_managers(self, owner: str) -> list[JobState]:
         found = [

@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from monitor_svc import metadata_rules as rules
-from monitor_svc.lifecycle import leases
+from monitor_svc.lifecycle import fencing
 from monitor_svc.lifecycle.uow import UnitOfWork
 from monitor_svc.records import ChildEventIn, DocumentLimits, JobState, JobView, NewJob, Progress
 from stepflow_common.errors import (
@@ -107,7 +107,7 @@ def create_job(tx: UnitOfWork, new: NewJob, timers: StepTimers, limits: Document
             )
         if parent.status.terminal:
             raise FailedPrecondition(f"parent {parent.id} is already {parent.status}")
-        leases.check_fence(tx, parent, new.owner)
+        fencing.check_fence(tx, parent, new.owner, new.instance)
         job_id = uuid.uuid4().hex
         manager_id = parent.manager_id
         if new.kind is Kind.STEP:
@@ -167,14 +167,15 @@ def update_status(
     end_reason: str,
     timers: StepTimers,
     owner: str = "",
+    instance: str = "",
 ) -> JobView | StatusConflict:
     """A client's status write. A job found past its deadline is timed out first (see
     ``_fire_if_overdue``); if that makes the write impossible, the timeout is kept and the
     conflict is *returned*, not raised, so the unit commits: the caller raises it after the
     commit. A write naming an ``owner`` is fenced (see ``leases``)."""
-    leases.check_end_reason(end_reason, owner)
+    fencing.check_end_reason(end_reason, owner)
     job = _require(tx, job_id)
-    leases.check_fence(tx, job, owner)
+    fencing.check_fence(tx, job, owner, instance)
     check_status_for_kind(job.kind, status)
     overdue = _fire_if_overdue(tx, job, timers)
     try:
@@ -186,7 +187,7 @@ def update_status(
     job = overdue
     if transition is Transition.NOOP:
         if status is Status.RUNNING:
-            job = leases.rerun_step(tx, job)
+            job = fencing.rerun_step(tx, job)
         return _view(tx, job)
     reason = end_reason or (EndReason.CANCELLED if status is Status.CANCELLED else EndReason.API)
     job = set_status(tx, job, status, error, reason, timers)
@@ -200,9 +201,10 @@ def update_metadata(
     expected_version: int | None,
     limits: DocumentLimits,
     owner: str = "",
+    instance: str = "",
 ) -> JobView:
     job = _require(tx, job_id)
-    leases.check_fence(tx, job, owner)
+    fencing.check_fence(tx, job, owner, instance)
     if expected_version is not None and expected_version != job.version:
         raise VersionConflict.stale(job_id, expected_version, job.version)
     merged = rules.merge_metadata(job.metadata, patch)
@@ -215,11 +217,17 @@ def update_metadata(
 
 
 def update_step_stat(
-    tx: UnitOfWork, manager_id: str, step_id: str, status: Status
+    tx: UnitOfWork,
+    manager_id: str,
+    step_id: str,
+    status: Status,
+    owner: str = "",
+    instance: str = "",
 ) -> StepStatResult:
     manager = _require(tx, manager_id)
     if manager.kind is not Kind.MANAGER:
         raise FailedPrecondition(f"job {manager_id} is a {manager.kind}, not a manager")
+    fencing.check_fence(tx, manager, owner, instance)
     update = rules.set_step_stat_status(manager.metadata, step_id, status)
     if update.changed:
         manager = manager.clone()
@@ -418,7 +426,11 @@ def _check_step_end(tx: UnitOfWork, step_id: str, timers: StepTimers) -> None:
 
 # -- the child-event stream ------------------------------------------------------------------
 def apply_events(
-    tx: UnitOfWork, events: list[ChildEventIn], timers: StepTimers, owner: str = ""
+    tx: UnitOfWork,
+    events: list[ChildEventIn],
+    timers: StepTimers,
+    owner: str = "",
+    instance: str = "",
 ) -> list[tuple[str, str]]:
     """Apply one batch of child events. Dedupe is by the child's state transition: statuses
     only move forward, so a replayed or late event finds nothing to change, and nothing extra
@@ -432,7 +444,7 @@ def apply_events(
     affected: set[str] = set()
     fences: dict[str, str] = {}
     for event in events:
-        reason = _fence_event(tx, steps.get(event.step_id), owner, fences)
+        reason = _fence_event(tx, steps.get(event.step_id), owner, instance, fences)
         reason = reason or _apply_event(tx, event, steps, timers, affected)
         if reason:
             rejected.append((event.event_id, reason))
@@ -443,12 +455,16 @@ def apply_events(
     return rejected
 
 
-def _fence_event(tx: UnitOfWork, step: JobState | None, owner: str, fences: dict[str, str]) -> str:
+def _fence_event(
+    tx: UnitOfWork, step: JobState | None, owner: str, instance: str, fences: dict[str, str]
+) -> str:
     """The fencing rejection of an event for ``step`` (once per manager and batch)."""
     if not owner or step is None:
         return ""
     if step.manager_id not in fences:
-        fences[step.manager_id] = leases.event_fence_reason(tx.job(step.manager_id), owner)
+        fences[step.manager_id] = fencing.event_fence_reason(
+            tx, tx.job(step.manager_id), owner, instance
+        )
     return fences[step.manager_id]
 
 
@@ -480,7 +496,7 @@ def _apply_event(
         if child.status != status and is_forward(child.status, status):
             new = child.clone()
             new.status, new.version = status, child.version + 1
-            new.attempt = leases.event_attempt(child.attempt, status, event.attempt)
+            new.attempt = fencing.event_attempt(child.attempt, status, event.attempt)
             if status is Status.RUNNING:
                 new.started_at = new.started_at or tx.now
             elif status.terminal:
@@ -528,7 +544,7 @@ def _apply_event(
             finished_at=tx.now if status.terminal else None,
             request_id=None,
             owner=step.owner,
-            attempt=leases.event_attempt(0, status, event.attempt),
+            attempt=fencing.event_attempt(0, status, event.attempt),
         )
     )
     return ""
@@ -589,7 +605,8 @@ def _time_out(tx: UnitOfWork, job: JobState, timers: StepTimers) -> JobState:
 
 
 def fire_due(tx: UnitOfWork, timers: StepTimers) -> int:
-    """End every job whose stored deadline has passed (and hand-offs past their grace)."""
+    """End every job whose stored deadline has passed (and hand-offs past their grace).
+    ``lifecycle.fire_due`` runs this and the lease rules' clock work in one unit."""
     fired = 0
     for job_id in tx.due_jobs():
         job = tx.job(job_id)
@@ -611,4 +628,4 @@ def fire_due(tx: UnitOfWork, timers: StepTimers) -> int:
         ):
             set_status(tx, step, Status.COMPLETED, "", EndReason.GRACE_PERIOD, timers)
             fired += 1
-    return fired + leases.fire_due(tx, timers)
+    return fired

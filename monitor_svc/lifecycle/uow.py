@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any, Protocol
 
-from monitor_svc.records import JobState, Lease, Progress
+from monitor_svc.records import InstanceRecord, JobState, Lease, Progress
 from stepflow_common.step_outcome import ChildTally
 
 
@@ -91,6 +91,23 @@ class UnitOfWork(Protocol):
         ...
 
     def delete_lease(self, owner: str) -> None: ...
+
+    def live_leases(self) -> list[Lease]:
+        """Every lease that has not expired at ``now`` (not locked)."""
+        ...
+
+    def instance_record(self, owner: str, instance: str) -> InstanceRecord | None:
+        """An orchestrator instance that has held a lease (written at once, never undone:
+        call it only where the unit raises no more)."""
+        ...
+
+    def add_instance(self, record: InstanceRecord) -> None:
+        """Remember a new instance of its owner (written at once, see ``instance_record``)."""
+        ...
+
+    def supersede_instances(self, owner: str, by_instance: str) -> None:
+        """Mark every other instance of ``owner`` superseded by ``by_instance``, for good."""
+        ...
 
     def live_managers(self, owner: str) -> list[JobState]:
         """The owner's unfinished managers, locked, oldest first."""

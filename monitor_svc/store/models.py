@@ -117,3 +117,20 @@ class LeaseRow(Base):
     owner: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
     instance: Mapped[str] = mapped_column(String(ID_LENGTH), default="")
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    # The worker types its holder runs, comma-separated ("" = it did not say: any).
+    worker_types: Mapped[str] = mapped_column(Text, default="", server_default=text("''"))
+
+
+class LeaseInstanceRow(Base):
+    """Every orchestrator instance (one process) that has held an owner's lease. The newest
+    one supersedes the others for good (``superseded_by``), so an older process that wakes
+    up can never take the owner's jobs back."""
+
+    __tablename__ = "lease_instances"
+
+    owner: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    instance: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    superseded_by: Mapped[str] = mapped_column(
+        String(ID_LENGTH), default="", server_default=text("''")
+    )
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

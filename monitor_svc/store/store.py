@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -14,7 +14,15 @@ from sqlalchemy import Connection, func, or_, select
 from monitor_svc import lifecycle
 from monitor_svc.lifecycle import StepStatResult, StepTimers, leases
 from monitor_svc.lifecycle.leases import HeartbeatResult
-from monitor_svc.records import ChildEventIn, DocumentLimits, JobFilter, JobView, NewJob, as_utc
+from monitor_svc.records import (
+    ChildEventIn,
+    DocumentLimits,
+    JobFilter,
+    JobView,
+    NewJob,
+    as_utc,
+    utcnow,
+)
 from monitor_svc.store.engine import SQLITE_SYNCHRONOUS_DEFAULT, is_sqlite, make_engine
 from monitor_svc.store.models import JobRow, LeaseRow, StepProgressRow
 from monitor_svc.store.tx import JOB_SELECT, SELECT_JOB, read_definition, row_to_state
@@ -83,11 +91,17 @@ class MonitorStore:
         )
 
     async def update_status(
-        self, job_id: str, status: Status, error: str, end_reason: str, owner: str = ""
+        self,
+        job_id: str,
+        status: Status,
+        error: str,
+        end_reason: str,
+        owner: str = "",
+        instance: str = "",
     ) -> JobView:
         result = await self.writer.run(
             lambda tx: lifecycle.update_status(
-                tx, job_id, status, error, end_reason, self.timers, owner
+                tx, job_id, status, error, end_reason, self.timers, owner, instance
             )
         )
         if isinstance(result, StatusConflict):
@@ -95,40 +109,64 @@ class MonitorStore:
         return result
 
     async def update_metadata(
-        self, job_id: str, patch: dict[str, Any], expected_version: int | None, owner: str = ""
+        self,
+        job_id: str,
+        patch: dict[str, Any],
+        expected_version: int | None,
+        owner: str = "",
+        instance: str = "",
     ) -> JobView:
         return await self.writer.run(
             lambda tx: lifecycle.update_metadata(
-                tx, job_id, patch, expected_version, self.limits, owner
+                tx, job_id, patch, expected_version, self.limits, owner, instance
             )
         )
 
     async def update_step_stat(
-        self, manager_id: str, step_id: str, status: Status
+        self, manager_id: str, step_id: str, status: Status, owner: str = "", instance: str = ""
     ) -> StepStatResult:
         return await self.writer.run(
-            lambda tx: lifecycle.update_step_stat(tx, manager_id, step_id, status)
+            lambda tx: lifecycle.update_step_stat(tx, manager_id, step_id, status, owner, instance)
         )
 
     async def apply_events(
-        self, events: list[ChildEventIn], owner: str = ""
+        self, events: list[ChildEventIn], owner: str = "", instance: str = ""
     ) -> list[tuple[str, str]]:
         return await self.writer.run(
-            lambda tx: lifecycle.apply_events(tx, events, self.timers, owner)
+            lambda tx: lifecycle.apply_events(tx, events, self.timers, owner, instance)
         )
 
     async def fire_due(self) -> int:
         return await self.writer.run(lambda tx: lifecycle.fire_due(tx, self.timers))
 
     async def heartbeat(
-        self, owner: str, instance: str, lease_s: float, max_adopt: int
+        self,
+        owner: str,
+        instance: str,
+        lease_s: float,
+        max_adopt: int,
+        worker_types: Sequence[str] = (),
+        running_job_ids: Sequence[str] = (),
     ) -> HeartbeatResult:
         return await self.writer.run(
-            lambda tx: leases.heartbeat(tx, owner, instance, lease_s, max_adopt, self.timers)
+            lambda tx: leases.heartbeat(
+                tx,
+                owner,
+                instance,
+                lease_s,
+                max_adopt,
+                self.timers,
+                worker_types,
+                running_job_ids,
+            )
         )
 
-    async def release_lease(self, owner: str) -> list[str]:
-        return await self.writer.run(lambda tx: leases.release_lease(tx, owner, self.timers))
+    async def release_lease(
+        self, owner: str, instance: str = "", job_ids: Sequence[str] = (), reason: str = ""
+    ) -> list[str]:
+        return await self.writer.run(
+            lambda tx: leases.release_lease(tx, owner, self.timers, instance, job_ids, reason)
+        )
 
 
 # -- reads ---------------------------------------------------------------------------------
@@ -228,4 +266,10 @@ def _next_wakeup(conn: Connection) -> datetime | None:
         )
     ).scalar()
     found = [as_utc(d) for d in (job_deadline, grace, lease, orphan) if d is not None]
-    return min(d for d in found if d is not None) if found else None
+    target = min(d for d in found if d is not None) if found else None
+    if target is None or conn.dialect.name == "sqlite":
+        return target
+    # PostgreSQL stamps deadlines with its own clock (see Tx.serialise_with_database_clock):
+    # the timer sleeps on this process's clock, so the target is moved by the difference.
+    database_now = as_utc(conn.execute(select(func.statement_timestamp())).scalar())
+    return target if database_now is None else target - database_now + utcnow()

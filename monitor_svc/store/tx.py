@@ -14,16 +14,27 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import Field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import BindParameter, Connection, Table, bindparam, delete, literal, select, update
+from sqlalchemy import (
+    BindParameter,
+    Connection,
+    Table,
+    bindparam,
+    delete,
+    func,
+    literal,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 
 from monitor_svc.records import (
     JOB_FIELDS,
     PROGRESS_FIELDS,
     PROGRESS_VALUES,
+    InstanceRecord,
     JobState,
     Lease,
     Progress,
@@ -34,7 +45,13 @@ from monitor_svc.records import (
 )
 from monitor_svc.store import notify
 from monitor_svc.store.bulk import statements
-from monitor_svc.store.models import CounterRow, JobRow, LeaseRow, StepProgressRow
+from monitor_svc.store.models import (
+    CounterRow,
+    JobRow,
+    LeaseInstanceRow,
+    LeaseRow,
+    StepProgressRow,
+)
 from stepflow_common.status import LIVE, Kind, Status
 from stepflow_common.step_outcome import ChildTally
 
@@ -201,10 +218,22 @@ _update_params = _params_function("update_params", _UPDATE_BINDS, (_ID_FIELD, *_
 
 
 _L = cast(Table, LeaseRow.__table__)
-_SELECT_LEASE = select(_L.c.owner, _L.c.instance, _L.c.expires_at).where(
+_SELECT_LEASE = select(_L.c.owner, _L.c.instance, _L.c.expires_at, _L.c.worker_types).where(
     _L.c.owner == bindparam("owner")
 )
+_I = cast(Table, LeaseInstanceRow.__table__)
+_SELECT_INSTANCE = select(_I.c.instance, _I.c.owner, _I.c.superseded_by).where(
+    _I.c.owner == bindparam("owner"), _I.c.instance == bindparam("instance")
+)
 _SELECT_LEASE_LOCKED = _SELECT_LEASE.with_for_update()
+_SELECT_ALL_LEASES = select(_L.c.owner, _L.c.instance, _L.c.expires_at, _L.c.worker_types)
+INSTANCE_MEMORY = timedelta(days=7)
+
+
+def _types(text: str | None) -> tuple[str, ...]:
+    return tuple(t for t in (text or "").split(",") if t)
+
+
 _LIVE_MANAGERS = JOB_SELECT.where(
     _T.c.kind == _MANAGER_KIND,
     _T.c.owner == bindparam("owner"),
@@ -216,7 +245,11 @@ def _upsert_lease(sqlite_db: bool) -> Any:
     insert = (sqlite.insert if sqlite_db else postgresql.insert)(_L)
     return insert.on_conflict_do_update(
         index_elements=[_L.c.owner],
-        set_={"instance": insert.excluded.instance, "expires_at": insert.excluded.expires_at},
+        set_={
+            "instance": insert.excluded.instance,
+            "expires_at": insert.excluded.expires_at,
+            "worker_types": insert.excluded.worker_types,
+        },
     )
 
 
@@ -511,6 +544,20 @@ class Tx:
             ).scalar_one()
         return self._seq
 
+    def serialise_with_database_clock(self) -> None:
+        """PostgreSQL: take the change_seq counter lock first (so the transactions of several
+        monitors serialise in one order and cannot deadlock) and take ``now`` from the
+        database's clock, so every monitor replica stamps leases and deadlines alike."""
+        counters = cast(Table, CounterRow.__table__)
+        row = self.conn.execute(
+            update(counters)
+            .where(counters.c.name == CHANGE_SEQ)
+            .values(value=counters.c.value + 1)
+            .returning(counters.c.value, func.statement_timestamp())
+        ).one()
+        self._seq = row[0]
+        self.now = as_utc(row[1]) or self.now
+
     def changed_ids(self) -> set[str]:
         return self._dirty | self._touched
 
@@ -580,7 +627,7 @@ class Tx:
         if row is not None:
             expires_at = as_utc(row.expires_at)
             assert expires_at is not None
-            found = Lease(row.owner, row.instance, expires_at)
+            found = Lease(row.owner, row.instance, expires_at, _types(row.worker_types))
         self._leases[owner] = found
         return found
 
@@ -594,6 +641,51 @@ class Tx:
         self._undo.append(("lease", owner, self._leases.get(owner, _MISSING)))
         self._leases[owner] = None
         self._lease_dirty.add(owner)
+
+    def live_leases(self) -> list[Lease]:
+        found = {
+            row.owner: Lease(
+                row.owner,
+                row.instance,
+                as_utc(row.expires_at) or self.now,
+                _types(row.worker_types),
+            )
+            for row in self.conn.execute(_SELECT_ALL_LEASES)
+        }
+        for owner in self._lease_dirty:
+            lease = self._leases.get(owner)
+            if lease is None:
+                found.pop(owner, None)
+            else:
+                found[owner] = lease
+        return [lease for lease in found.values() if lease.expires_at > self.now]
+
+    def instance_record(self, owner: str, instance: str) -> InstanceRecord | None:
+        row = self.conn.execute(_SELECT_INSTANCE, {"owner": owner, "instance": instance}).first()
+        return None if row is None else InstanceRecord(row.instance, row.owner, row.superseded_by)
+
+    def add_instance(self, record: InstanceRecord) -> None:
+        self.conn.execute(
+            _I.insert(),
+            {
+                "instance": record.instance,
+                "owner": record.owner,
+                "superseded_by": record.superseded_by,
+                "created_at": self.now,
+            },
+        )
+        # Superseded instances are remembered for a week: a process frozen longer than that
+        # is treated as new (and supersedes, as a restart does).
+        self.conn.execute(
+            delete(_I).where(_I.c.superseded_by != "", _I.c.created_at < self.now - INSTANCE_MEMORY)
+        )
+
+    def supersede_instances(self, owner: str, by_instance: str) -> None:
+        self.conn.execute(
+            update(_I)
+            .where(_I.c.owner == owner, _I.c.instance != by_instance, _I.c.superseded_by == "")
+            .values(superseded_by=by_instance)
+        )
 
     def _cache_rows(self, rows: Iterable[Any]) -> list[JobState]:
         """Rows as this transaction sees them: a job it already holds wins over its row."""
@@ -689,7 +781,12 @@ class Tx:
                 gone.append(owner)
             elif isinstance(lease, Lease):
                 kept.append(
-                    {"owner": owner, "instance": lease.instance, "expires_at": lease.expires_at}
+                    {
+                        "owner": owner,
+                        "instance": lease.instance,
+                        "expires_at": lease.expires_at,
+                        "worker_types": ",".join(lease.worker_types),
+                    }
                 )
         if gone:
             self.conn.execute(delete(_L).where(_L.c.owner.in_(gone)))

@@ -134,10 +134,7 @@ class Writer:
             with conn.begin():
                 tx = Tx(conn, lock_rows=self._lock_rows)
                 if self._lock_rows:
-                    # Every PostgreSQL write transaction takes the change_seq counter lock
-                    # first, so transactions of several monitors serialise in one order and
-                    # cannot deadlock.
-                    _ = tx.seq
+                    tx.serialise_with_database_clock()
                 for job in batch:
                     mark = tx.begin_unit()
                     try:

@@ -28,7 +28,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from stepflow_proto.v1 import job_pb2 as stepflow_dot_v1_dot_job__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!stepflow/v1/monitor_service.proto\x12\x0bstepflow.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15stepflow/v1/job.proto\"\x8c\x02\n\x10\x43reateJobRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\"\n\x04kind\x18\x02 \x01(\x0e\x32\x14.stepflow.v1.JobKind\x12\x11\n\tparent_id\x18\x03 \x01(\t\x12\x0c\n\x04name\x18\x04 \x01(\t\x12\x0c\n\x04type\x18\x05 \x01(\t\x12)\n\x08metadata\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12*\n\x07timeout\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\r\n\x05owner\x18\x08 \x01(\t\x12+\n\ndefinition\x18\t \x01(\x0b\x32\x17.google.protobuf.Struct\"2\n\x11\x43reateJobResponse\x12\x1d\n\x03job\x18\x01 \x01(\x0b\x32\x10.stepflow.v1.Job\";\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x1a\n\x12include_definition\x18\x02 \x01(\x08\"/\n\x0eGetJobResponse\x12\x1d\n\x03job\x18\x01 \x01(\x0b\x32\x10.stepflow.v1.Job\"\xa1\x02\n\x0fListJobsRequest\x12\x11\n\tparent_id\x18\x01 \x01(\t\x12\x12\n\nmanager_id\x18\x02 \x01(\t\x12\"\n\x04kind\x18\x03 \x01(\x0e\x32\x14.stepflow.v1.JobKind\x12&\n\x06status\x18\x04 \x01(\x0e\x32\x16.stepflow.v1.JobStatus\x12\x31\n\rcreated_after\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0e\x63reated_before\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tpage_size\x18\x07 \x01(\x05\x12\x12\n\npage_token\x18\x08 \x01(\t\x12\r\n\x05owner\x18\t \x01(\t\"K\n\x10ListJobsResponse\x12\x1e\n\x04jobs\x18\x01 \x03(\x0b\x32\x10.stepflow.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x82\x01\n\x16UpdateJobStatusRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12&\n\x06status\x18\x02 \x01(\x0e\x32\x16.stepflow.v1.JobStatus\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x12\n\nend_reason\x18\x04 \x01(\t\x12\r\n\x05owner\x18\x05 \x01(\t\"8\n\x17UpdateJobStatusResponse\x12\x1d\n\x03job\x18\x01 \x01(\x0b\x32\x10.stepflow.v1.Job\"\x98\x01\n\x18UpdateJobMetadataRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12)\n\x08metadata\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x1d\n\x10\x65xpected_version\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\r\n\x05owner\x18\x04 \x01(\tB\x13\n\x11_expected_version\":\n\x19UpdateJobMetadataResponse\x12\x1d\n\x03job\x18\x01 \x01(\x0b\x32\x10.stepflow.v1.Job\"m\n\x1eUpdateStepStatInManagerRequest\x12\x12\n\nmanager_id\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\t\x12&\n\x06status\x18\x03 \x01(\x0e\x32\x16.stepflow.v1.JobStatus\"\x81\x01\n\x1fUpdateStepStatInManagerResponse\x12(\n\tstep_stat\x18\x01 \x01(\x0b\x32\x15.stepflow.v1.StepStat\x12#\n\x1b\x63urrent_step_status_changed\x18\x02 \x01(\x08\x12\x0f\n\x07version\x18\x03 \x01(\x03\"z\n\x18StreamChildEventsRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12\'\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x17.stepflow.v1.ChildEvent\x12\r\n\x05owner\x18\x03 \x01(\t\x12\x14\n\x0ctraceparents\x18\x04 \x03(\t\"[\n\x19StreamChildEventsResponse\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12,\n\x08rejected\x18\x02 \x03(\x0b\x32\x1a.stepflow.v1.RejectedEvent\"1\n\rRejectedEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\";\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x18\n\x10\x61\x66ter_change_seq\x18\x02 \x01(\x03\"1\n\x10WatchJobResponse\x12\x1d\n\x03job\x18\x01 \x01(\x0b\x32\x10.stepflow.v1.Job\"p\n\x10HeartbeatRequest\x12\r\n\x05owner\x18\x01 \x01(\t\x12(\n\x05lease\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x11\n\tmax_adopt\x18\x03 \x01(\r\x12\x10\n\x08instance\x18\x04 \x01(\t\"\x92\x01\n\x11HeartbeatResponse\x12\x34\n\x10lease_expires_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rowned_job_ids\x18\x02 \x03(\t\x12\x17\n\x0f\x61\x64opted_job_ids\x18\x03 \x03(\t\x12\x17\n\x0fresumed_job_ids\x18\x04 \x03(\t\"$\n\x13ReleaseLeaseRequest\x12\r\n\x05owner\x18\x01 \x01(\t\"0\n\x14ReleaseLeaseResponse\x12\x18\n\x10orphaned_job_ids\x18\x01 \x03(\t2\xf4\x06\n\x0eMonitorService\x12J\n\tCreateJob\x12\x1d.stepflow.v1.CreateJobRequest\x1a\x1e.stepflow.v1.CreateJobResponse\x12\x41\n\x06GetJob\x12\x1a.stepflow.v1.GetJobRequest\x1a\x1b.stepflow.v1.GetJobResponse\x12G\n\x08ListJobs\x12\x1c.stepflow.v1.ListJobsRequest\x1a\x1d.stepflow.v1.ListJobsResponse\x12\\\n\x0fUpdateJobStatus\x12#.stepflow.v1.UpdateJobStatusRequest\x1a$.stepflow.v1.UpdateJobStatusResponse\x12\x62\n\x11UpdateJobMetadata\x12%.stepflow.v1.UpdateJobMetadataRequest\x1a&.stepflow.v1.UpdateJobMetadataResponse\x12t\n\x17UpdateStepStatInManager\x12+.stepflow.v1.UpdateStepStatInManagerRequest\x1a,.stepflow.v1.UpdateStepStatInManagerResponse\x12\x66\n\x11StreamChildEvents\x12%.stepflow.v1.StreamChildEventsRequest\x1a&.stepflow.v1.StreamChildEventsResponse(\x01\x30\x01\x12I\n\x08WatchJob\x12\x1c.stepflow.v1.WatchJobRequest\x1a\x1d.stepflow.v1.WatchJobResponse0\x01\x12J\n\tHeartbeat\x12\x1d.stepflow.v1.HeartbeatRequest\x1a\x1e.stepflow.v1.HeartbeatResponse\x12S\n\x0cReleaseLease\x12 .stepflow.v1.ReleaseLeaseRequest\x1a!.stepflow.v1.ReleaseLeaseResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!stepflow/v1/monitor_service.proto\x12\x0bstepflow.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15stepflow/v1/job.proto\"\x9e\x02\n\x10\x43reateJobRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\"\n\x04kind\x18\x02 \x01(\x0e\x32\x14.stepflow.v1.JobKind\x12\x11\n\tparent_id\x18\x03 \x01(\t\x12\x0c\n\x04name\x18\x04 \x01(\t\x12\x0c\n\x04type\x18\x05 \x01(\t\x12)\n\x08metadata\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12*\n\x07timeout\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\r\n\x05owner\x18\x08 \x01(\t\x12+\n\ndefinition\x18\t \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x10\n\x08instance\x18\n \x01(\t\"2\n\x11\x43reateJobResponse\x12\x1d\n\x03job\x18\x01 \x01(\x0b\x32\x10.stepflow.v1.Job\";\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x1a\n\x12include_definition\x18\x02 \x01(\x08\"/\n\x0eGetJobResponse\x12\x1d\n\x03job\x18\x01 \x01(\x0b\x32\x10.stepflow.v1.Job\"\xa1\x02\n\x0fListJobsRequest\x12\x11\n\tparent_id\x18\x01 \x01(\t\x12\x12\n\nmanager_id\x18\x02 \x01(\t\x12\"\n\x04kind\x18\x03 \x01(\x0e\x32\x14.stepflow.v1.JobKind\x12&\n\x06status\x18\x04 \x01(\x0e\x32\x16.stepflow.v1.JobStatus\x12\x31\n\rcreated_after\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0e\x63reated_before\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tpage_size\x18\x07 \x01(\x05\x12\x12\n\npage_token\x18\x08 \x01(\t\x12\r\n\x05owner\x18\t \x01(\t\"K\n\x10ListJobsResponse\x12\x1e\n\x04jobs\x18\x01 \x03(\x0b\x32\x10.stepflow.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x94\x01\n\x16UpdateJobStatusRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12&\n\x06status\x18\x02 \x01(\x0e\x32\x16.stepflow.v1.JobStatus\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x12\n\nend_reason\x18\x04 \x01(\t\x12\r\n\x05owner\x18\x05 \x01(\t\x12\x10\n\x08instance\x18\x06 \x01(\t\"8\n\x17UpdateJobStatusResponse\x12\x1d\n\x03job\x18\x01 \x01(\x0b\x32\x10.stepflow.v1.Job\"\xaa\x01\n\x18UpdateJobMetadataRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12)\n\x08metadata\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x1d\n\x10\x65xpected_version\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\r\n\x05owner\x18\x04 \x01(\t\x12\x10\n\x08instance\x18\x06 \x01(\tB\x13\n\x11_expected_version\":\n\x19UpdateJobMetadataResponse\x12\x1d\n\x03job\x18\x01 \x01(\x0b\x32\x10.stepflow.v1.Job\"\x8e\x01\n\x1eUpdateStepStatInManagerRequest\x12\x12\n\nmanager_id\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\t\x12&\n\x06status\x18\x03 \x01(\x0e\x32\x16.stepflow.v1.JobStatus\x12\r\n\x05owner\x18\x04 \x01(\t\x12\x10\n\x08instance\x18\x05 \x01(\t\"\x81\x01\n\x1fUpdateStepStatInManagerResponse\x12(\n\tstep_stat\x18\x01 \x01(\x0b\x32\x15.stepflow.v1.StepStat\x12#\n\x1b\x63urrent_step_status_changed\x18\x02 \x01(\x08\x12\x0f\n\x07version\x18\x03 \x01(\x03\"\x8c\x01\n\x18StreamChildEventsRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12\'\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x17.stepflow.v1.ChildEvent\x12\r\n\x05owner\x18\x03 \x01(\t\x12\x14\n\x0ctraceparents\x18\x04 \x03(\t\x12\x10\n\x08instance\x18\x05 \x01(\t\"[\n\x19StreamChildEventsResponse\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12,\n\x08rejected\x18\x02 \x03(\x0b\x32\x1a.stepflow.v1.RejectedEvent\"1\n\rRejectedEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\";\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x18\n\x10\x61\x66ter_change_seq\x18\x02 \x01(\x03\"1\n\x10WatchJobResponse\x12\x1d\n\x03job\x18\x01 \x01(\x0b\x32\x10.stepflow.v1.Job\"\x9f\x01\n\x10HeartbeatRequest\x12\r\n\x05owner\x18\x01 \x01(\t\x12(\n\x05lease\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x11\n\tmax_adopt\x18\x03 \x01(\r\x12\x10\n\x08instance\x18\x04 \x01(\t\x12\x14\n\x0cworker_types\x18\x05 \x03(\t\x12\x17\n\x0frunning_job_ids\x18\x06 \x03(\t\"\xe9\x01\n\x11HeartbeatResponse\x12\x34\n\x10lease_expires_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rowned_job_ids\x18\x02 \x03(\t\x12\x17\n\x0f\x61\x64opted_job_ids\x18\x03 \x03(\t\x12\x17\n\x0fresumed_job_ids\x18\x04 \x03(\t\x12\x16\n\x0e\x66\x65nced_job_ids\x18\x05 \x03(\t\x12=\n\x1asuperseded_lease_remaining\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\"W\n\x13ReleaseLeaseRequest\x12\r\n\x05owner\x18\x01 \x01(\t\x12\x10\n\x08instance\x18\x02 \x01(\t\x12\x0f\n\x07job_ids\x18\x03 \x03(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\"0\n\x14ReleaseLeaseResponse\x12\x18\n\x10orphaned_job_ids\x18\x01 \x03(\t2\xf4\x06\n\x0eMonitorService\x12J\n\tCreateJob\x12\x1d.stepflow.v1.CreateJobRequest\x1a\x1e.stepflow.v1.CreateJobResponse\x12\x41\n\x06GetJob\x12\x1a.stepflow.v1.GetJobRequest\x1a\x1b.stepflow.v1.GetJobResponse\x12G\n\x08ListJobs\x12\x1c.stepflow.v1.ListJobsRequest\x1a\x1d.stepflow.v1.ListJobsResponse\x12\\\n\x0fUpdateJobStatus\x12#.stepflow.v1.UpdateJobStatusRequest\x1a$.stepflow.v1.UpdateJobStatusResponse\x12\x62\n\x11UpdateJobMetadata\x12%.stepflow.v1.UpdateJobMetadataRequest\x1a&.stepflow.v1.UpdateJobMetadataResponse\x12t\n\x17UpdateStepStatInManager\x12+.stepflow.v1.UpdateStepStatInManagerRequest\x1a,.stepflow.v1.UpdateStepStatInManagerResponse\x12\x66\n\x11StreamChildEvents\x12%.stepflow.v1.StreamChildEventsRequest\x1a&.stepflow.v1.StreamChildEventsResponse(\x01\x30\x01\x12I\n\x08WatchJob\x12\x1c.stepflow.v1.WatchJobRequest\x1a\x1d.stepflow.v1.WatchJobResponse0\x01\x12J\n\tHeartbeat\x12\x1d.stepflow.v1.HeartbeatRequest\x1a\x1e.stepflow.v1.HeartbeatResponse\x12S\n\x0cReleaseLease\x12 .stepflow.v1.ReleaseLeaseRequest\x1a!.stepflow.v1.ReleaseLeaseResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,47 +36,47 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'stepflow.v1.monitor_service
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CREATEJOBREQUEST']._serialized_start=169
-  _globals['_CREATEJOBREQUEST']._serialized_end=437
-  _globals['_CREATEJOBRESPONSE']._serialized_start=439
-  _globals['_CREATEJOBRESPONSE']._serialized_end=489
-  _globals['_GETJOBREQUEST']._serialized_start=491
-  _globals['_GETJOBREQUEST']._serialized_end=550
-  _globals['_GETJOBRESPONSE']._serialized_start=552
-  _globals['_GETJOBRESPONSE']._serialized_end=599
-  _globals['_LISTJOBSREQUEST']._serialized_start=602
-  _globals['_LISTJOBSREQUEST']._serialized_end=891
-  _globals['_LISTJOBSRESPONSE']._serialized_start=893
-  _globals['_LISTJOBSRESPONSE']._serialized_end=968
-  _globals['_UPDATEJOBSTATUSREQUEST']._serialized_start=971
-  _globals['_UPDATEJOBSTATUSREQUEST']._serialized_end=1101
-  _globals['_UPDATEJOBSTATUSRESPONSE']._serialized_start=1103
-  _globals['_UPDATEJOBSTATUSRESPONSE']._serialized_end=1159
-  _globals['_UPDATEJOBMETADATAREQUEST']._serialized_start=1162
-  _globals['_UPDATEJOBMETADATAREQUEST']._serialized_end=1314
-  _globals['_UPDATEJOBMETADATARESPONSE']._serialized_start=1316
-  _globals['_UPDATEJOBMETADATARESPONSE']._serialized_end=1374
-  _globals['_UPDATESTEPSTATINMANAGERREQUEST']._serialized_start=1376
-  _globals['_UPDATESTEPSTATINMANAGERREQUEST']._serialized_end=1485
-  _globals['_UPDATESTEPSTATINMANAGERRESPONSE']._serialized_start=1488
-  _globals['_UPDATESTEPSTATINMANAGERRESPONSE']._serialized_end=1617
-  _globals['_STREAMCHILDEVENTSREQUEST']._serialized_start=1619
-  _globals['_STREAMCHILDEVENTSREQUEST']._serialized_end=1741
-  _globals['_STREAMCHILDEVENTSRESPONSE']._serialized_start=1743
-  _globals['_STREAMCHILDEVENTSRESPONSE']._serialized_end=1834
-  _globals['_REJECTEDEVENT']._serialized_start=1836
-  _globals['_REJECTEDEVENT']._serialized_end=1885
-  _globals['_WATCHJOBREQUEST']._serialized_start=1887
-  _globals['_WATCHJOBREQUEST']._serialized_end=1946
-  _globals['_WATCHJOBRESPONSE']._serialized_start=1948
-  _globals['_WATCHJOBRESPONSE']._serialized_end=1997
-  _globals['_HEARTBEATREQUEST']._serialized_start=1999
-  _globals['_HEARTBEATREQUEST']._serialized_end=2111
-  _globals['_HEARTBEATRESPONSE']._serialized_start=2114
-  _globals['_HEARTBEATRESPONSE']._serialized_end=2260
-  _globals['_RELEASELEASEREQUEST']._serialized_start=2262
-  _globals['_RELEASELEASEREQUEST']._serialized_end=2298
-  _globals['_RELEASELEASERESPONSE']._serialized_start=2300
-  _globals['_RELEASELEASERESPONSE']._serialized_end=2348
-  _globals['_MONITORSERVICE']._serialized_start=2351
-  _globals['_MONITORSERVICE']._serialized_end=3235
+  _globals['_CREATEJOBREQUEST']._serialized_end=455
+  _globals['_CREATEJOBRESPONSE']._serialized_start=457
+  _globals['_CREATEJOBRESPONSE']._serialized_end=507
+  _globals['_GETJOBREQUEST']._serialized_start=509
+  _globals['_GETJOBREQUEST']._serialized_end=568
+  _globals['_GETJOBRESPONSE']._serialized_start=570
+  _globals['_GETJOBRESPONSE']._serialized_end=617
+  _globals['_LISTJOBSREQUEST']._serialized_start=620
+  _globals['_LISTJOBSREQUEST']._serialized_end=909
+  _globals['_LISTJOBSRESPONSE']._serialized_start=911
+  _globals['_LISTJOBSRESPONSE']._serialized_end=986
+  _globals['_UPDATEJOBSTATUSREQUEST']._serialized_start=989
+  _globals['_UPDATEJOBSTATUSREQUEST']._serialized_end=1137
+  _globals['_UPDATEJOBSTATUSRESPONSE']._serialized_start=1139
+  _globals['_UPDATEJOBSTATUSRESPONSE']._serialized_end=1195
+  _globals['_UPDATEJOBMETADATAREQUEST']._serialized_start=1198
+  _globals['_UPDATEJOBMETADATAREQUEST']._serialized_end=1368
+  _globals['_UPDATEJOBMETADATARESPONSE']._serialized_start=1370
+  _globals['_UPDATEJOBMETADATARESPONSE']._serialized_end=1428
+  _globals['_UPDATESTEPSTATINMANAGERREQUEST']._serialized_start=1431
+  _globals['_UPDATESTEPSTATINMANAGERREQUEST']._serialized_end=1573
+  _globals['_UPDATESTEPSTATINMANAGERRESPONSE']._serialized_start=1576
+  _globals['_UPDATESTEPSTATINMANAGERRESPONSE']._serialized_end=1705
+  _globals['_STREAMCHILDEVENTSREQUEST']._serialized_start=1708
+  _globals['_STREAMCHILDEVENTSREQUEST']._serialized_end=1848
+  _globals['_STREAMCHILDEVENTSRESPONSE']._serialized_start=1850
+  _globals['_STREAMCHILDEVENTSRESPONSE']._serialized_end=1941
+  _globals['_REJECTEDEVENT']._serialized_start=1943
+  _globals['_REJECTEDEVENT']._serialized_end=1992
+  _globals['_WATCHJOBREQUEST']._serialized_start=1994
+  _globals['_WATCHJOBREQUEST']._serialized_end=2053
+  _globals['_WATCHJOBRESPONSE']._serialized_start=2055
+  _globals['_WATCHJOBRESPONSE']._serialized_end=2104
+  _globals['_HEARTBEATREQUEST']._serialized_start=2107
+  _globals['_HEARTBEATREQUEST']._serialized_end=2266
+  _globals['_HEARTBEATRESPONSE']._serialized_start=2269
+  _globals['_HEARTBEATRESPONSE']._serialized_end=2502
+  _globals['_RELEASELEASEREQUEST']._serialized_start=2504
+  _globals['_RELEASELEASEREQUEST']._serialized_end=2591
+  _globals['_RELEASELEASERESPONSE']._serialized_start=2593
+  _globals['_RELEASELEASERESPONSE']._serialized_end=2641
+  _globals['_MONITORSERVICE']._serialized_start=2644
+  _globals['_MONITORSERVICE']._serialized_end=3528
 # @@protoc_insertion_point(module_scope)

@@ -13,7 +13,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class CreateJobRequest(_message.Message):
-    __slots__ = ("request_id", "kind", "parent_id", "name", "type", "metadata", "timeout", "owner", "definition")
+    __slots__ = ("request_id", "kind", "parent_id", "name", "type", "metadata", "timeout", "owner", "definition", "instance")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     PARENT_ID_FIELD_NUMBER: _ClassVar[int]
@@ -23,6 +23,7 @@ class CreateJobRequest(_message.Message):
     TIMEOUT_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
     DEFINITION_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     kind: _job_pb2.JobKind
     parent_id: str
@@ -32,7 +33,8 @@ class CreateJobRequest(_message.Message):
     timeout: _duration_pb2.Duration
     owner: str
     definition: _struct_pb2.Struct
-    def __init__(self, request_id: _Optional[str] = ..., kind: _Optional[_Union[_job_pb2.JobKind, str]] = ..., parent_id: _Optional[str] = ..., name: _Optional[str] = ..., type: _Optional[str] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., owner: _Optional[str] = ..., definition: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+    instance: str
+    def __init__(self, request_id: _Optional[str] = ..., kind: _Optional[_Union[_job_pb2.JobKind, str]] = ..., parent_id: _Optional[str] = ..., name: _Optional[str] = ..., type: _Optional[str] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., owner: _Optional[str] = ..., definition: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., instance: _Optional[str] = ...) -> None: ...
 
 class CreateJobResponse(_message.Message):
     __slots__ = ("job",)
@@ -85,18 +87,20 @@ class ListJobsResponse(_message.Message):
     def __init__(self, jobs: _Optional[_Iterable[_Union[_job_pb2.Job, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class UpdateJobStatusRequest(_message.Message):
-    __slots__ = ("job_id", "status", "error", "end_reason", "owner")
+    __slots__ = ("job_id", "status", "error", "end_reason", "owner", "instance")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     END_REASON_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     status: _job_pb2.JobStatus
     error: str
     end_reason: str
     owner: str
-    def __init__(self, job_id: _Optional[str] = ..., status: _Optional[_Union[_job_pb2.JobStatus, str]] = ..., error: _Optional[str] = ..., end_reason: _Optional[str] = ..., owner: _Optional[str] = ...) -> None: ...
+    instance: str
+    def __init__(self, job_id: _Optional[str] = ..., status: _Optional[_Union[_job_pb2.JobStatus, str]] = ..., error: _Optional[str] = ..., end_reason: _Optional[str] = ..., owner: _Optional[str] = ..., instance: _Optional[str] = ...) -> None: ...
 
 class UpdateJobStatusResponse(_message.Message):
     __slots__ = ("job",)
@@ -105,16 +109,18 @@ class UpdateJobStatusResponse(_message.Message):
     def __init__(self, job: _Optional[_Union[_job_pb2.Job, _Mapping]] = ...) -> None: ...
 
 class UpdateJobMetadataRequest(_message.Message):
-    __slots__ = ("job_id", "metadata", "expected_version", "owner")
+    __slots__ = ("job_id", "metadata", "expected_version", "owner", "instance")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_VERSION_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     metadata: _struct_pb2.Struct
     expected_version: int
     owner: str
-    def __init__(self, job_id: _Optional[str] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., expected_version: _Optional[int] = ..., owner: _Optional[str] = ...) -> None: ...
+    instance: str
+    def __init__(self, job_id: _Optional[str] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., expected_version: _Optional[int] = ..., owner: _Optional[str] = ..., instance: _Optional[str] = ...) -> None: ...
 
 class UpdateJobMetadataResponse(_message.Message):
     __slots__ = ("job",)
@@ -123,14 +129,18 @@ class UpdateJobMetadataResponse(_message.Message):
     def __init__(self, job: _Optional[_Union[_job_pb2.Job, _Mapping]] = ...) -> None: ...
 
 class UpdateStepStatInManagerRequest(_message.Message):
-    __slots__ = ("manager_id", "step_id", "status")
+    __slots__ = ("manager_id", "step_id", "status", "owner", "instance")
     MANAGER_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
     manager_id: str
     step_id: str
     status: _job_pb2.JobStatus
-    def __init__(self, manager_id: _Optional[str] = ..., step_id: _Optional[str] = ..., status: _Optional[_Union[_job_pb2.JobStatus, str]] = ...) -> None: ...
+    owner: str
+    instance: str
+    def __init__(self, manager_id: _Optional[str] = ..., step_id: _Optional[str] = ..., status: _Optional[_Union[_job_pb2.JobStatus, str]] = ..., owner: _Optional[str] = ..., instance: _Optional[str] = ...) -> None: ...
 
 class UpdateStepStatInManagerResponse(_message.Message):
     __slots__ = ("step_stat", "current_step_status_changed", "version")
@@ -143,16 +153,18 @@ class UpdateStepStatInManagerResponse(_message.Message):
     def __init__(self, step_stat: _Optional[_Union[_job_pb2.StepStat, _Mapping]] = ..., current_step_status_changed: _Optional[bool] = ..., version: _Optional[int] = ...) -> None: ...
 
 class StreamChildEventsRequest(_message.Message):
-    __slots__ = ("batch_id", "events", "owner", "traceparents")
+    __slots__ = ("batch_id", "events", "owner", "traceparents", "instance")
     BATCH_ID_FIELD_NUMBER: _ClassVar[int]
     EVENTS_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
     TRACEPARENTS_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
     batch_id: int
     events: _containers.RepeatedCompositeFieldContainer[_job_pb2.ChildEvent]
     owner: str
     traceparents: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, batch_id: _Optional[int] = ..., events: _Optional[_Iterable[_Union[_job_pb2.ChildEvent, _Mapping]]] = ..., owner: _Optional[str] = ..., traceparents: _Optional[_Iterable[str]] = ...) -> None: ...
+    instance: str
+    def __init__(self, batch_id: _Optional[int] = ..., events: _Optional[_Iterable[_Union[_job_pb2.ChildEvent, _Mapping]]] = ..., owner: _Optional[str] = ..., traceparents: _Optional[_Iterable[str]] = ..., instance: _Optional[str] = ...) -> None: ...
 
 class StreamChildEventsResponse(_message.Message):
     __slots__ = ("batch_id", "rejected")
@@ -185,34 +197,48 @@ class WatchJobResponse(_message.Message):
     def __init__(self, job: _Optional[_Union[_job_pb2.Job, _Mapping]] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("owner", "lease", "max_adopt", "instance")
+    __slots__ = ("owner", "lease", "max_adopt", "instance", "worker_types", "running_job_ids")
     OWNER_FIELD_NUMBER: _ClassVar[int]
     LEASE_FIELD_NUMBER: _ClassVar[int]
     MAX_ADOPT_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    WORKER_TYPES_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_JOB_IDS_FIELD_NUMBER: _ClassVar[int]
     owner: str
     lease: _duration_pb2.Duration
     max_adopt: int
     instance: str
-    def __init__(self, owner: _Optional[str] = ..., lease: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_adopt: _Optional[int] = ..., instance: _Optional[str] = ...) -> None: ...
+    worker_types: _containers.RepeatedScalarFieldContainer[str]
+    running_job_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, owner: _Optional[str] = ..., lease: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_adopt: _Optional[int] = ..., instance: _Optional[str] = ..., worker_types: _Optional[_Iterable[str]] = ..., running_job_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("lease_expires_at", "owned_job_ids", "adopted_job_ids", "resumed_job_ids")
+    __slots__ = ("lease_expires_at", "owned_job_ids", "adopted_job_ids", "resumed_job_ids", "fenced_job_ids", "superseded_lease_remaining")
     LEASE_EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
     OWNED_JOB_IDS_FIELD_NUMBER: _ClassVar[int]
     ADOPTED_JOB_IDS_FIELD_NUMBER: _ClassVar[int]
     RESUMED_JOB_IDS_FIELD_NUMBER: _ClassVar[int]
+    FENCED_JOB_IDS_FIELD_NUMBER: _ClassVar[int]
+    SUPERSEDED_LEASE_REMAINING_FIELD_NUMBER: _ClassVar[int]
     lease_expires_at: _timestamp_pb2.Timestamp
     owned_job_ids: _containers.RepeatedScalarFieldContainer[str]
     adopted_job_ids: _containers.RepeatedScalarFieldContainer[str]
     resumed_job_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, lease_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., owned_job_ids: _Optional[_Iterable[str]] = ..., adopted_job_ids: _Optional[_Iterable[str]] = ..., resumed_job_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    fenced_job_ids: _containers.RepeatedScalarFieldContainer[str]
+    superseded_lease_remaining: _duration_pb2.Duration
+    def __init__(self, lease_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., owned_job_ids: _Optional[_Iterable[str]] = ..., adopted_job_ids: _Optional[_Iterable[str]] = ..., resumed_job_ids: _Optional[_Iterable[str]] = ..., fenced_job_ids: _Optional[_Iterable[str]] = ..., superseded_lease_remaining: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class ReleaseLeaseRequest(_message.Message):
-    __slots__ = ("owner",)
+    __slots__ = ("owner", "instance", "job_ids", "reason")
     OWNER_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    JOB_IDS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
     owner: str
-    def __init__(self, owner: _Optional[str] = ...) -> None: ...
+    instance: str
+    job_ids: _containers.RepeatedScalarFieldContainer[str]
+    reason: str
+    def __init__(self, owner: _Optional[str] = ..., instance: _Optional[str] = ..., job_ids: _Optional[_Iterable[str]] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ReleaseLeaseResponse(_message.Message):
     __slots__ = ("orphaned_job_ids",)
