@@ -283,6 +283,7 @@ class MonitorServicer(m_grpc.MonitorServiceServicer):
             adopted_job_ids=result.adopted_job_ids,
             resumed_job_ids=result.resumed_job_ids,
             fenced_job_ids=result.fenced_job_ids,
+            superseded_instance=result.superseded_instance,
         )
         response.lease_expires_at.FromDatetime(result.lease_expires_at)
         if result.superseded_lease_remaining_s > 0:

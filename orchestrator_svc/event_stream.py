@@ -111,6 +111,15 @@ class EventStream:
         self._emitter.owner = value
 
     @property
+    def instance(self) -> str:
+        """With ``owner``: this process's instance (a superseded one's events are fenced)."""
+        return self._emitter.instance
+
+    @instance.setter
+    def instance(self, value: str) -> None:
+        self._emitter.instance = value
+
+    @property
     def stats(self) -> StreamStats:
         return self._emitter.stats
 

@@ -10,7 +10,7 @@ is waited for (``RETRY_FOR_S``) instead of failing the job.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import structlog
@@ -46,6 +46,9 @@ class MonitorClient:
     def __init__(self, channel: aio.Channel, *, retry_for_s: float = RETRY_FOR_S) -> None:
         self.client = client.MonitorClient(channel, timeout=CALL_TIMEOUT_S, wait_for_ready=True)
         self._retry_for_s = retry_for_s
+        # This orchestrator process's instance: every write naming an owner names it too, so
+        # the monitor fences this process once a newer one under the same owner takes over.
+        self.instance = ""
 
     async def _call(self, what: str, fn: Callable[[], Awaitable[T]]) -> T:
         loop = asyncio.get_running_loop()
@@ -90,6 +93,7 @@ class MonitorClient:
                 request_id=request_id,
                 owner=owner,
                 definition=definition,
+                instance=self.instance if owner else "",
             ),
         )
         return job_from_pb(job)
@@ -130,7 +134,12 @@ class MonitorClient:
         job = await self._call(
             "UpdateJobStatus",
             lambda: self.client.update_job_status(
-                job_id, status, error=truncate_text(error), end_reason=end_reason, owner=owner
+                job_id,
+                status,
+                error=truncate_text(error),
+                end_reason=end_reason,
+                owner=owner,
+                instance=self.instance if owner else "",
             ),
         )
         return job_from_pb(job)
@@ -146,33 +155,65 @@ class MonitorClient:
         job = await self._call(
             "UpdateJobMetadata",
             lambda: self.client.update_job_metadata(
-                job_id, metadata, expected_version=expected_version, owner=owner
+                job_id,
+                metadata,
+                expected_version=expected_version,
+                owner=owner,
+                instance=self.instance if owner else "",
             ),
         )
         return job_from_pb(job)
 
     async def heartbeat(
-        self, *, owner: str, instance: str, lease_s: float, max_adopt: int, timeout_s: float
+        self,
+        *,
+        owner: str,
+        instance: str,
+        lease_s: float,
+        max_adopt: int,
+        timeout_s: float,
+        worker_types: Sequence[str] = (),
+        running_job_ids: Sequence[str] = (),
     ) -> LeaseAnswer:
         """Renew this orchestrator's lease; one attempt, bounded by ``timeout_s`` (the lease
-        loop itself tries again on its next beat)."""
-        resp = await self.client.heartbeat(
-            owner=owner,
-            instance=instance,
-            lease=lease_s,
-            max_adopt=max_adopt,
-            timeout=timeout_s,
-            wait_for_ready=False,
-        )
+        loop itself tries again on its next beat). Raises JobFenced when a newer instance
+        under the same owner has superseded this one."""
+        try:
+            resp = await self.client.heartbeat(
+                owner=owner,
+                instance=instance,
+                lease=lease_s,
+                max_adopt=max_adopt,
+                worker_types=worker_types,
+                running_job_ids=running_job_ids,
+                timeout=timeout_s,
+                wait_for_ready=False,
+            )
+        except Fenced as exc:
+            raise JobFenced(str(exc)) from exc
+        remaining = resp.superseded_lease_remaining
         return LeaseAnswer(
             owned=tuple(resp.owned_job_ids),
             adopted=tuple(resp.adopted_job_ids),
             resumed=tuple(resp.resumed_job_ids),
+            fenced=tuple(resp.fenced_job_ids),
+            superseded_remaining_s=remaining.seconds + remaining.nanos / 1e9,
+            superseded_instance=resp.superseded_instance,
         )
 
-    async def release_lease(self, owner: str, *, timeout_s: float) -> list[str]:
-        """Give the lease up (shutdown); the ids of the unfinished jobs it orphaned."""
-        resp = await self.client.release_lease(owner, timeout=timeout_s, wait_for_ready=False)
+    async def release_lease(
+        self, owner: str, *, timeout_s: float, job_ids: Sequence[str] = (), reason: str = ""
+    ) -> list[str]:
+        """Give the lease up (shutdown), or only ``job_ids`` (jobs this orchestrator cannot
+        run); the ids of the unfinished jobs it orphaned."""
+        resp = await self.client.release_lease(
+            owner,
+            instance=self.instance,
+            job_ids=job_ids,
+            reason=reason,
+            timeout=timeout_s,
+            wait_for_ready=False,
+        )
         return list(resp.orphaned_job_ids)
 
     async def watch(self, job_id: str, after_change_seq: int = 0) -> AsyncIterator[Job]:

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import socket
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
 
 import structlog
 
@@ -16,6 +19,7 @@ from orchestrator_svc import resume
 from orchestrator_svc.definitions import JobSpec, to_mapping
 from orchestrator_svc.event_stream import EventStream
 from orchestrator_svc.monitor_client import JobFenced, MonitorClient
+from orchestrator_svc.process_guard import ProcessGuard
 from orchestrator_svc.records import ChildEvent, Job, LeaseAnswer
 from orchestrator_svc.runner import JobRunner
 from orchestrator_svc.workers.base import Worker
@@ -30,6 +34,8 @@ DEFAULT_LEASE_S = 30.0
 DEFAULT_CAPACITY = 16
 """Jobs an orchestrator runs before it stops adopting others' (it still takes submits)."""
 STOP_WAIT_S = 5.0  # after the shutdown grace, how long stopped runners get to unwind
+RERUN_MARGIN_S = 0.5  # after a superseded instance's lease would lapse, for its reaper to act
+OWNED_IDS_CAP = 10_000  # the monitor's cap on a heartbeat's owned_job_ids
 
 
 class Orchestrator:
@@ -53,8 +59,19 @@ class Orchestrator:
         self.stream = stream
         self.workers = workers
         self.owner = owner
-        # Unique per process: the monitor tells a restart (a new instance) from a renewal.
-        self.instance = instance or uuid.uuid4().hex
+        # Unique per process: the monitor tells a restart (a new instance) from a renewal, and
+        # fences this process for good once a newer one under the same owner takes over.
+        self.instance = instance or new_instance_id()
+        monitor.instance = self.instance
+        stream.instance = self.instance
+        # Why this instance was superseded ("" while it was not): it then runs nothing more.
+        self.superseded = ""
+        self.on_superseded: Callable[[str], Awaitable[None]] | None = None
+        # Kills what this orchestrator's jobs started if it dies or its lease lapses.
+        self.guard = ProcessGuard()
+        # Resumed jobs whose interrupted children may still run in the superseded instance
+        # (frozen, not dead) until its lease lapses: re-run them after this monotonic time.
+        self._rerun_after: dict[str, float] = {}
         self.lease_s = lease_s
         self.capacity = capacity
         self.draining = False
@@ -75,19 +92,39 @@ class Orchestrator:
         """Renew the lease once and act on the answer: continue the jobs that are ours and not
         running here (resumed after a restart, adopted, or left over), and stop the work on
         jobs that are no longer ours."""
+        if self.superseded:
+            raise JobFenced(self.superseded)
         free = self.capacity - len(self._runners) - len(self._loading)
         max_adopt = 0 if self.draining else max(0, free)
         self._beats += 1
         beat = self._beats
         sent = time.monotonic()
-        resp = await self.monitor.heartbeat(
-            owner=self.owner,
-            instance=self.instance,
-            lease_s=self.lease_s,
-            max_adopt=max_adopt,
-            timeout_s=max(self.lease_s / 3, 1.0),
-        )
+        try:
+            resp = await self.monitor.heartbeat(
+                owner=self.owner,
+                instance=self.instance,
+                lease_s=self.lease_s,
+                max_adopt=max_adopt,
+                timeout_s=max(self.lease_s / 3, 1.0),
+                worker_types=sorted(self.workers),
+                running_job_ids=[*self._runners, *self._loading],
+            )
+        except JobFenced as exc:
+            await self._supersede(str(exc))
+            raise
         self._lease_until = sent + self.lease_s
+        self.guard.lease_until(self._lease_until)
+        if (
+            resp.resumed
+            and resp.superseded_remaining_s > 0
+            and may_still_run(resp.superseded_instance)
+        ):
+            # The superseded instance may be frozen rather than dead: its reaper kills its
+            # processes when its lease would have lapsed; its interrupted children run again
+            # only after that.
+            after = time.monotonic() + resp.superseded_remaining_s + RERUN_MARGIN_S
+            for job_id in resp.resumed:
+                self._rerun_after[job_id] = after
         if resp.adopted or resp.resumed:
             log.info(
                 "jobs taken over",
@@ -96,9 +133,12 @@ class Orchestrator:
                 resumed=list(resp.resumed),
             )
         async with self._submit_lock:  # a submit in flight registers its runner first
+            fenced = set(resp.fenced)
             owned = set(resp.owned)
+            complete = len(resp.owned) < OWNED_IDS_CAP  # the monitor cuts the owned list
             for job_id, runner in list(self._runners.items()):
-                if job_id not in owned and self._since.get(job_id, beat) < beat:
+                lost = job_id in fenced or (complete and job_id not in owned)
+                if lost and self._since.get(job_id, beat) < beat:
                     runner.fence("another orchestrator owns it now")
             for job_id in [*resp.resumed, *resp.adopted, *resp.owned]:
                 self._continue_soon(job_id)
@@ -116,6 +156,8 @@ class Orchestrator:
                     runner.fence("this orchestrator's lease lapsed")
             try:
                 await self.heartbeat()
+            except JobFenced:
+                return  # superseded: this instance runs nothing more
             except StepflowError as exc:
                 log.warning("heartbeat failed; trying again", owner=self.owner, error=str(exc))
             except Exception:
@@ -123,6 +165,8 @@ class Orchestrator:
 
     async def release_lease(self, timeout_s: float = 5.0) -> None:
         """Give the lease up (shutdown), so another orchestrator adopts what is left at once."""
+        if self.superseded:
+            return  # the lease is the newer instance's
         try:
             orphaned = await self.monitor.release_lease(self.owner, timeout_s=timeout_s)
         except StepflowError as exc:
@@ -152,10 +196,10 @@ class Orchestrator:
         except JobFenced:
             return None  # adopted by another meanwhile
         except (StepflowError, KeyError) as exc:
-            # No stored definition, or a step type this orchestrator lacks: it stays owned here
-            # (another orchestrator adopts it if this one goes away) and is not tried again.
-            log.error("cannot continue job", manager_id=job_id, error=str(exc))
-            self._unrunnable.add(job_id)
+            # No stored definition, or a step type this orchestrator lacks: given back at once,
+            # for an orchestrator that can run it.
+            self._loading.discard(job_id)
+            await self._give_back(job_id, f"{self.owner} cannot run it: {exc}")
             return None
         finally:
             self._loading.discard(job_id)
@@ -170,6 +214,7 @@ class Orchestrator:
                 stream=self.stream,
                 workers=self.workers,
                 owner=self.owner,
+                rerun_after=self._rerun_after.pop(job_id, 0.0),
             )
             self._start(runner)
         return None
@@ -235,7 +280,33 @@ class Orchestrator:
             log.info("job submitted", manager_id=manager.id, name=spec.name, steps=len(steps))
             return manager.id
 
+    async def _give_back(self, job_id: str, reason: str) -> None:
+        """Hand a job this orchestrator cannot run back to the monitor (orphaned at once, for
+        an orchestrator that can); if that fails, it is not tried here again."""
+        log.error("cannot run job; giving it back", manager_id=job_id, reason=reason)
+        try:
+            await self.monitor.release_lease(
+                self.owner, timeout_s=5.0, job_ids=[job_id], reason=reason
+            )
+        except StepflowError as exc:
+            log.warning("could not give the job back", manager_id=job_id, error=str(exc))
+            self._unrunnable.add(job_id)
+
+    async def _supersede(self, reason: str) -> None:
+        """A newer instance under this owner took over: stop every job's work here (its
+        processes killed), run and adopt nothing more, and never take a job back."""
+        if self.superseded:
+            return
+        self.superseded = reason
+        log.error("this instance was superseded; it stops all its work", reason=reason)
+        for runner in list(self._runners.values()):
+            runner.fence("a newer instance of this orchestrator took over")
+        self.guard.no_deadline()
+        if self.on_superseded is not None:
+            await self.on_superseded(reason)
+
     def _start(self, runner: JobRunner) -> None:
+        runner.guard = self.guard
         self._runners[runner.manager_id] = runner
         self._since[runner.manager_id] = self._beats
         task: asyncio.Task[object] = asyncio.create_task(
@@ -299,6 +370,11 @@ class Orchestrator:
         )
 
     def require_connected(self) -> None:
+        if self.superseded:
+            raise Unavailable(
+                f"this orchestrator instance was superseded by a newer one under the owner "
+                f"{self.owner}; submit to that one"
+            )
         if not self.connected:
             raise Unavailable(
                 f"the orchestrator is not connected to the monitor at {self.monitor_address} "
@@ -346,6 +422,33 @@ class Orchestrator:
             await asyncio.wait(list(self._tasks), timeout=STOP_WAIT_S)
         if left:
             log.info("jobs left to the next owner", count=len(left))
+
+
+def new_instance_id() -> str:
+    """``HOST:PID:RANDOM``: unique per process, and telling a later instance on the same host
+    whether this process is still alive (``may_still_run``)."""
+    return f"{socket.gethostname()[:64]}:{os.getpid()}:{uuid.uuid4().hex[:16]}"
+
+
+def may_still_run(instance: str) -> bool:
+    """Whether a superseded instance's processes may still run. An instance of this host
+    whose process is gone has none: its reaper killed them when it died. Any other (alive but
+    frozen, on another host, or of unknown form) may, until its lease lapses."""
+    host, _, rest = instance.partition(":")
+    pid_text = rest.partition(":")[0]
+    if host != socket.gethostname()[:64] or not pid_text.isdigit():
+        return True
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (dead, not yet reaped by its parent) runs nothing
+        stat = Path(f"/proc/{pid_text}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rpartition(")")[2].split()[:1] != ["Z"]
 
 
 def _job_outcome(result: object) -> dict[str, str]:

@@ -88,3 +88,8 @@ class LeaseAnswer:
     owned: tuple[str, ...]
     adopted: tuple[str, ...]
     resumed: tuple[str, ...]
+    fenced: tuple[str, ...] = ()
+    """Jobs this instance said it runs that it no longer owns."""
+    superseded_remaining_s: float = 0.0
+    """With ``resumed``: how long the superseded instance's lease still had to run."""
+    superseded_instance: str = ""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -21,6 +22,7 @@ import structlog
 from orchestrator_svc.definitions import JobSpec, OnError, OnInterrupt, StepSpec
 from orchestrator_svc.event_stream import EventStream
 from orchestrator_svc.monitor_client import JobFenced, MonitorClient
+from orchestrator_svc.process_guard import ProcessGuard
 from orchestrator_svc.records import ChildEvent, EventKind, Job
 from orchestrator_svc.resume import LOST_ERROR, JobRecord, Plan, StepRecord, plan_step
 from orchestrator_svc.workers.base import (
@@ -152,8 +154,14 @@ class JobRunner:
         workers: Mapping[str, Worker],
         owner: str = "",
         resume: JobRecord | None = None,
+        rerun_after: float = 0.0,
     ) -> None:
         self.spec = spec
+        # The processes of this job's work die with this orchestrator (see process_guard).
+        self.guard: ProcessGuard | None = None
+        # A resumed job: children (and a step) interrupted in a superseded instance run again
+        # only after this time.monotonic() value, when that instance's processes are gone.
+        self._rerun_after = rerun_after
         self.manager_id = manager.id
         self.owner = owner
         self._monitor = monitor
@@ -190,6 +198,7 @@ class JobRunner:
         stream: EventStream,
         workers: Mapping[str, Worker],
         owner: str,
+        rerun_after: float = 0.0,
     ) -> JobRunner:
         """A runner that continues a job from what the monitor recorded (see ``resume``)."""
         return cls(
@@ -201,12 +210,19 @@ class JobRunner:
             workers=workers,
             owner=owner,
             resume=record,
+            rerun_after=rerun_after,
         )
 
     # -- public ------------------------------------------------------------------------------
     async def run(self) -> Status | None:
         """Drive the job to its end; None when it was drained or fenced (not ended here)."""
         self._task = asyncio.current_task()
+        if self.guard is not None:
+            with self.guard.active():  # the steps' tasks, created below, inherit it
+                return await self._run()
+        return await self._run()
+
+    async def _run(self) -> Status | None:
         if self._resume is not None:
             self._apply_records(self._resume)
         watcher = asyncio.create_task(self._watch_manager(), name=f"watch-{self.manager_id}")
@@ -482,6 +498,8 @@ class JobRunner:
                 if skip_reason:
                     await self._end_step(step, Status.SKIPPED, skip_reason)
                     return
+                if step.plan is Plan.RERUN:
+                    await self._until_rerun_allowed()
                 if not await self._start_step(step):
                     return
             worker = self._workers[step.spec.type]
@@ -681,18 +699,32 @@ class JobRunner:
             await self._write_status(step.job_id, Status.SPAWNED)
 
     async def _run_worker(self, step: _StepRun, worker: Worker) -> StepResult:
-        def child_running(child_id: str, attempt: int = 1, /) -> Awaitable[None]:
-            return self._child_event(step, child_id, "running", attempt=attempt)
+        async def child_running(child_id: str, attempt: int = 1, /) -> None:
+            """The child's work starts only once its ``running`` (with its attempt) is
+            committed: a child the monitor shows ``pending`` has not started anywhere, so an
+            orchestrator lost before the commit is never followed by a second run of it."""
+            if self._rerun_after:
+                before = step.existing.get(child_id)
+                if before is not None and before.status == Status.RUNNING.value:
+                    await self._until_rerun_allowed()
+            seq = await self._child_event(step, child_id, "running", attempt=attempt)
+            await self._stream.wait_acked(seq)
+            if self.fenced:
+                raise asyncio.CancelledError  # rejected: another instance owns the job
+
+        async def child_created(child_id: str, name: str) -> None:
+            await self._child_event(step, child_id, "created", name=name)
+
+        async def child_finished(child_id: str, status: ChildStatus, error: str) -> None:
+            await self._child_event(step, child_id, status, error=error)
 
         ctx = StepContext(
             step_id=step.job_id,
             step_name=step.spec.name,
             config=step.spec.config,
-            child_created=lambda cid, name: self._child_event(step, cid, "created", name=name),
+            child_created=child_created,
             child_running=child_running,
-            child_finished=lambda cid, status, error: self._child_event(
-                step, cid, status, error=error
-            ),
+            child_finished=child_finished,
             cancelled=step.cancel,
             child_cancel=lambda cid: step.child(cid).signal,
             attempt=step.attempt,
@@ -734,6 +766,17 @@ class JobRunner:
             await self._end_step(step, Status.FAILED, "timed out waiting for child jobs")
         return result
 
+    async def _until_rerun_allowed(self) -> None:
+        """Wait until work interrupted in a superseded instance is known stopped."""
+        delay = self._rerun_after - time.monotonic()
+        if delay > 0:
+            log.info(
+                "waiting for the superseded instance's lease before running work again",
+                manager_id=self.manager_id,
+                wait_s=round(delay, 2),
+            )
+            await asyncio.sleep(delay)
+
     async def _child_event(
         self,
         step: _StepRun,
@@ -743,7 +786,7 @@ class JobRunner:
         name: str = "",
         error: str = "",
         attempt: int = 0,
-    ) -> None:
+    ) -> int:
         counts = step.counts
         if kind == "created":
             counts["pending"] += 1
@@ -778,6 +821,7 @@ class JobRunner:
         if kind == "created" and not step.first_child.is_set():
             step.first_child_seq = seq
             step.first_child.set()
+        return seq
 
     def _count_child_failure(self) -> None:
         self._child_failures += 1

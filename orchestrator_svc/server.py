@@ -66,16 +66,23 @@ class RunningOrchestrator:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    async def _stop_connector(self) -> None:
+        self.connector.cancel()
+        with contextlib.suppress(asyncio.CancelledError, StepflowError):
+            await self.connector
+
     async def stop(self, grace: float | None = None) -> None:
         """Drain (no new children; running ones get the grace to finish), flush the event
         stream, then release the lease so another orchestrator adopts what is left at once."""
         grace_s = self.shutdown_grace_s if grace is None else grace
-        self.connector.cancel()
-        with contextlib.suppress(asyncio.CancelledError, StepflowError):
-            await self.connector
+        if not self.orchestrator.connected:
+            await self._stop_connector()  # still waiting for the monitor: nothing to keep
         await serving.set_not_serving(self.health, [SERVICE_NAME])
+        # The lease loop keeps heartbeating through the drain (adopting nothing): a grace
+        # longer than the lease must not let the lease lapse under the children it lets finish.
         await asyncio.gather(self.server.stop(grace_s), self.orchestrator.drain(grace_s))
         await self.stream.close(flush_timeout=max(grace_s, FLUSH_MIN_S))
+        await self._stop_connector()
         if self.orchestrator.connected:
             await self.orchestrator.release_lease()
         await self.channel.close()
@@ -117,10 +124,16 @@ async def create_server(
     )
     stream.on_rejected = orchestrator.on_event_rejected
     stream.on_fenced = orchestrator.on_event_fenced
+    orchestrator.guard.start()
     orchestrator_service_pb2_grpc.add_OrchestratorServiceServicer_to_server(
         OrchestratorServicer(orchestrator), server
     )
     health = serving.add_health_and_reflection(server, [SERVICE_NAME])
+
+    async def superseded(reason: str) -> None:
+        await serving.set_not_serving(health, [SERVICE_NAME])
+
+    orchestrator.on_superseded = superseded
     await serving.set_not_serving(health, [SERVICE_NAME])
     await server.start()
     log.info(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any, TypeVar, Unpack
 
@@ -112,6 +112,7 @@ class MonitorClient(_Client):
         request_id: str = "",
         owner: str = "",
         definition: Mapping[str, Any] | None = None,
+        instance: str = "",
         timeout: float | None = None,
         wait_for_ready: bool | None = None,
     ) -> job_pb2.Job:
@@ -127,6 +128,7 @@ class MonitorClient(_Client):
             request_id=request_id,
             owner=owner,
             definition=definition,
+            instance=instance,
         )
         resp: m.CreateJobResponse = await self._unary(
             self.stub.CreateJob, request, timeout, wait_for_ready
@@ -198,13 +200,15 @@ class MonitorClient(_Client):
         error: str = "",
         end_reason: str = "",
         owner: str = "",
+        instance: str = "",
         timeout: float | None = None,
         wait_for_ready: bool | None = None,
     ) -> job_pb2.Job:
         """Move a job forward (a status it already has is a no-op; backwards or out of a
-        terminal status raises StatusConflict). ``cancelled`` cancels everything under it."""
+        terminal status raises StatusConflict). ``cancelled`` cancels everything under it.
+        ``owner`` and ``instance`` fence the write (an orchestrator's)."""
         request = r.update_job_status(
-            job_id, status, error=error, end_reason=end_reason, owner=owner
+            job_id, status, error=error, end_reason=end_reason, owner=owner, instance=instance
         )
         resp: m.UpdateJobStatusResponse = await self._unary(
             self.stub.UpdateJobStatus, request, timeout, wait_for_ready
@@ -224,13 +228,14 @@ class MonitorClient(_Client):
         *,
         expected_version: int | None = None,
         owner: str = "",
+        instance: str = "",
         timeout: float | None = None,
         wait_for_ready: bool | None = None,
     ) -> job_pb2.Job:
         """Shallow-merge ``metadata`` (None deletes a key); with ``expected_version``, raises
         VersionConflict if the job moved on since that version."""
         request = r.update_job_metadata(
-            job_id, metadata, expected_version=expected_version, owner=owner
+            job_id, metadata, expected_version=expected_version, owner=owner, instance=instance
         )
         resp: m.UpdateJobMetadataResponse = await self._unary(
             self.stub.UpdateJobMetadata, request, timeout, wait_for_ready
@@ -243,11 +248,19 @@ class MonitorClient(_Client):
         step_id: str,
         status: r.StatusLike,
         *,
+        owner: str = "",
+        instance: str = "",
         timeout: float | None = None,
         wait_for_ready: bool | None = None,
     ) -> m.UpdateStepStatInManagerResponse:
+        """One step's status in the manager's ``step_stats``; ``owner`` (and ``instance``)
+        fence it: refused unless that orchestrator still owns the manager."""
         request = m.UpdateStepStatInManagerRequest(
-            manager_id=manager_id, step_id=step_id, status=r.status_pb(status)
+            manager_id=manager_id,
+            step_id=step_id,
+            status=r.status_pb(status),
+            owner=owner,
+            instance=instance,
         )
         resp: m.UpdateStepStatInManagerResponse = await self._unary(
             self.stub.UpdateStepStatInManager, request, timeout, wait_for_ready
@@ -261,21 +274,42 @@ class MonitorClient(_Client):
         instance: str,
         lease: float | str | timedelta,
         max_adopt: int = 0,
+        worker_types: Sequence[str] = (),
+        running_job_ids: Sequence[str] = (),
         timeout: float | None = None,
         wait_for_ready: bool | None = None,
     ) -> m.HeartbeatResponse:
         """Take or renew an orchestrator's lease (``lease`` seconds, or "30s")."""
-        request = r.heartbeat(owner=owner, instance=instance, lease=lease, max_adopt=max_adopt)
+        request = r.heartbeat(
+            owner=owner,
+            instance=instance,
+            lease=lease,
+            max_adopt=max_adopt,
+            worker_types=worker_types,
+            running_job_ids=running_job_ids,
+        )
         resp: m.HeartbeatResponse = await self._unary(
             self.stub.Heartbeat, request, timeout, wait_for_ready
         )
         return resp
 
     async def release_lease(
-        self, owner: str, *, timeout: float | None = None, wait_for_ready: bool | None = None
+        self,
+        owner: str,
+        *,
+        instance: str = "",
+        job_ids: Sequence[str] = (),
+        reason: str = "",
+        timeout: float | None = None,
+        wait_for_ready: bool | None = None,
     ) -> m.ReleaseLeaseResponse:
+        """Give the lease up (its jobs are orphaned for others to adopt at once), or with
+        ``job_ids`` give back only those jobs, saying ``reason``."""
+        request = m.ReleaseLeaseRequest(
+            owner=owner, instance=instance, job_ids=list(job_ids), reason=reason
+        )
         resp: m.ReleaseLeaseResponse = await self._unary(
-            self.stub.ReleaseLease, m.ReleaseLeaseRequest(owner=owner), timeout, wait_for_ready
+            self.stub.ReleaseLease, request, timeout, wait_for_ready
         )
         return resp
 

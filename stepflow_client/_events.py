@@ -254,6 +254,9 @@ class ChildEventEmitter:
         self._channel = channel
         self._channel_factory = channel_factory
         self.owner = owner
+        # The orchestrator instance (one process) holding ``owner``'s lease: with it, the
+        # batches of an instance superseded by a newer one are fenced.
+        self.instance = ""
         self.on_rejected = on_rejected
         self._hooks = hooks or EmitterHooks()
         self._log: LogHook = self._hooks.log or _stdlib_log
@@ -513,7 +516,10 @@ class ChildEventEmitter:
             batch.sent_at = time.monotonic()
             in_flight.append(batch)
             request = m.StreamChildEventsRequest(
-                batch_id=batch.stream_batch_id, events=batch.events, owner=self.owner
+                batch_id=batch.stream_batch_id,
+                events=batch.events,
+                owner=self.owner,
+                instance=self.instance,
             )
             self._hook(self._hooks.on_send, request)
             return request

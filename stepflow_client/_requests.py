@@ -99,6 +99,7 @@ def create_job(
     request_id: str,
     owner: str,
     definition: Mapping[str, Any] | None,
+    instance: str = "",
 ) -> m.CreateJobRequest:
     request = m.CreateJobRequest(
         kind=kind_pb(kind),
@@ -107,6 +108,7 @@ def create_job(
         type=type,
         request_id=request_id,
         owner=owner,
+        instance=instance,
     )
     if metadata:
         request.metadata.CopyFrom(to_struct(metadata))
@@ -148,7 +150,13 @@ def list_jobs(
 
 
 def update_job_status(
-    job_id: str, status: StatusLike, *, error: str, end_reason: str, owner: str
+    job_id: str,
+    status: StatusLike,
+    *,
+    error: str,
+    end_reason: str,
+    owner: str,
+    instance: str = "",
 ) -> m.UpdateJobStatusRequest:
     return m.UpdateJobStatusRequest(
         job_id=job_id,
@@ -156,22 +164,42 @@ def update_job_status(
         error=error,
         end_reason=end_reason,
         owner=owner,
+        instance=instance,
     )
 
 
 def update_job_metadata(
-    job_id: str, metadata: Mapping[str, Any], *, expected_version: int | None, owner: str
+    job_id: str,
+    metadata: Mapping[str, Any],
+    *,
+    expected_version: int | None,
+    owner: str,
+    instance: str = "",
 ) -> m.UpdateJobMetadataRequest:
-    request = m.UpdateJobMetadataRequest(job_id=job_id, metadata=to_struct(metadata), owner=owner)
+    request = m.UpdateJobMetadataRequest(
+        job_id=job_id, metadata=to_struct(metadata), owner=owner, instance=instance
+    )
     if expected_version is not None:
         request.expected_version = expected_version
     return request
 
 
 def heartbeat(
-    *, owner: str, instance: str, lease: float | str | timedelta, max_adopt: int
+    *,
+    owner: str,
+    instance: str,
+    lease: float | str | timedelta,
+    max_adopt: int,
+    worker_types: Sequence[str] = (),
+    running_job_ids: Sequence[str] = (),
 ) -> m.HeartbeatRequest:
-    request = m.HeartbeatRequest(owner=owner, instance=instance, max_adopt=max_adopt)
+    request = m.HeartbeatRequest(
+        owner=owner,
+        instance=instance,
+        max_adopt=max_adopt,
+        worker_types=list(worker_types),
+        running_job_ids=list(running_job_ids),
+    )
     request.lease.CopyFrom(duration_pb(lease))
     return request
 

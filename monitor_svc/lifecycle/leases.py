@@ -49,6 +49,7 @@ class HeartbeatResult:
     resumed_job_ids: list[str]
     fenced_job_ids: list[str] = field(default_factory=list)
     superseded_lease_remaining_s: float = 0.0
+    superseded_instance: str = ""
 
 
 # -- the lease ---------------------------------------------------------------------------------
@@ -123,7 +124,15 @@ def heartbeat(
             set(owned) if len(owned) < MAX_OWNED_IDS else _owned_among(tx, owner, running_job_ids)
         )
         fenced = [job_id for job_id in running_job_ids if job_id not in mine]
-    return HeartbeatResult(lease.expires_at, owned, adopted, resumed, fenced, remaining_s)
+    return HeartbeatResult(
+        lease.expires_at,
+        owned,
+        adopted,
+        resumed,
+        fenced,
+        remaining_s,
+        current.instance if current is not None and current.instance != instance else "",
+    )
 
 
 def _owned_among(tx: UnitOfWork, owner: str, job_ids: Iterable[str]) -> set[str]:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import structlog
 
+from orchestrator_svc import process_guard
 from orchestrator_svc.workers.base import CancelSignal, ChildStatus
 
 log = structlog.get_logger(__name__)
@@ -100,6 +101,9 @@ async def run_shell(
         )
     except OSError as exc:
         return ShellOutcome("failed", f"cannot start command: {exc}")
+    guard = process_guard.current()
+    if guard is not None:
+        guard.started(proc.pid)
 
     out, err = _Tail(), _Tail()
     readers = {
@@ -129,6 +133,11 @@ async def run_shell(
         finally:
             for reader in readers:
                 reader.cancel()
+            # What the command left running in its group (a background process) ends with it:
+            # nothing a step started outlives the step.
+            _signal_group(proc, signal.SIGKILL)
+            if guard is not None:
+                guard.ended(proc.pid)
     tails = {"stdout": out.last_lines(), "stderr": err.last_lines()}
     if outcome is not None:
         return ShellOutcome(outcome.status, outcome.error, proc.returncode, **tails)

@@ -213,20 +213,22 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, owner: _Optional[str] = ..., lease: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_adopt: _Optional[int] = ..., instance: _Optional[str] = ..., worker_types: _Optional[_Iterable[str]] = ..., running_job_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("lease_expires_at", "owned_job_ids", "adopted_job_ids", "resumed_job_ids", "fenced_job_ids", "superseded_lease_remaining")
+    __slots__ = ("lease_expires_at", "owned_job_ids", "adopted_job_ids", "resumed_job_ids", "fenced_job_ids", "superseded_lease_remaining", "superseded_instance")
     LEASE_EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
     OWNED_JOB_IDS_FIELD_NUMBER: _ClassVar[int]
     ADOPTED_JOB_IDS_FIELD_NUMBER: _ClassVar[int]
     RESUMED_JOB_IDS_FIELD_NUMBER: _ClassVar[int]
     FENCED_JOB_IDS_FIELD_NUMBER: _ClassVar[int]
     SUPERSEDED_LEASE_REMAINING_FIELD_NUMBER: _ClassVar[int]
+    SUPERSEDED_INSTANCE_FIELD_NUMBER: _ClassVar[int]
     lease_expires_at: _timestamp_pb2.Timestamp
     owned_job_ids: _containers.RepeatedScalarFieldContainer[str]
     adopted_job_ids: _containers.RepeatedScalarFieldContainer[str]
     resumed_job_ids: _containers.RepeatedScalarFieldContainer[str]
     fenced_job_ids: _containers.RepeatedScalarFieldContainer[str]
     superseded_lease_remaining: _duration_pb2.Duration
-    def __init__(self, lease_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., owned_job_ids: _Optional[_Iterable[str]] = ..., adopted_job_ids: _Optional[_Iterable[str]] = ..., resumed_job_ids: _Optional[_Iterable[str]] = ..., fenced_job_ids: _Optional[_Iterable[str]] = ..., superseded_lease_remaining: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    superseded_instance: str
+    def __init__(self, lease_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., owned_job_ids: _Optional[_Iterable[str]] = ..., adopted_job_ids: _Optional[_Iterable[str]] = ..., resumed_job_ids: _Optional[_Iterable[str]] = ..., fenced_job_ids: _Optional[_Iterable[str]] = ..., superseded_lease_remaining: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., superseded_instance: _Optional[str] = ...) -> None: ...
 
 class ReleaseLeaseRequest(_message.Message):
     __slots__ = ("owner", "instance", "job_ids", "reason")
