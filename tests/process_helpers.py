@@ -80,6 +80,8 @@ class ServerProcess:
     )
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
+    # Added to its (clean) environment: PYTHONPATH for a plugin, say.
+    extra_env: dict[str, str] = field(default_factory=dict)
 
     @property
     def address(self) -> str:
@@ -101,7 +103,7 @@ class ServerProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                env=clean_env(),
+                env={**clean_env(), **self.extra_env},
             )
 
     async def run(self) -> None:
