@@ -699,18 +699,24 @@ class JobRunner:
             await self._write_status(step.job_id, Status.SPAWNED)
 
     async def _run_worker(self, step: _StepRun, worker: Worker) -> StepResult:
+        must_run_once = step.spec.on_interrupt is OnInterrupt.FAIL
+
         async def child_running(child_id: str, attempt: int = 1, /) -> None:
-            """The child's work starts only once its ``running`` (with its attempt) is
-            committed: a child the monitor shows ``pending`` has not started anywhere, so an
-            orchestrator lost before the commit is never followed by a second run of it."""
+            """Work that must not run twice (``on_interrupt = "fail"``) starts only once its
+            ``running`` (with its attempt) is committed: a child the monitor shows ``pending``
+            has not started anywhere, so an orchestrator lost before the commit is never
+            followed by a second run. Other work starts at once: every process it starts dies
+            with this orchestrator (``process_guard``), so a run lost before its commit is
+            simply run again, never beside itself (waiting would cost every child a commit)."""
             if self._rerun_after:
                 before = step.existing.get(child_id)
                 if before is not None and before.status == Status.RUNNING.value:
                     await self._until_rerun_allowed()
             seq = await self._child_event(step, child_id, "running", attempt=attempt)
-            await self._stream.wait_acked(seq)
-            if self.fenced:
-                raise asyncio.CancelledError  # rejected: another instance owns the job
+            if must_run_once:
+                await self._stream.wait_acked(seq)
+                if self.fenced:
+                    raise asyncio.CancelledError  # rejected: another instance owns the job
 
         async def child_created(child_id: str, name: str) -> None:
             await self._child_event(step, child_id, "created", name=name)
