@@ -9,6 +9,7 @@ them or fire them without awaiting.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -37,6 +38,14 @@ class CancelSignal(Protocol):
     def is_set(self) -> bool: ...
 
     async def wait(self) -> object: ...
+
+
+_ATTEMPT: contextvars.ContextVar[int] = contextvars.ContextVar("stepflow_child_attempt", default=1)
+
+
+def current_attempt() -> int:
+    """The attempt of the child whose ``run_one`` is running (1 = its first run)."""
+    return _ATTEMPT.get()
 
 
 MAX_BACKOFF_S = 60.0
@@ -125,6 +134,11 @@ class StepContext:
         worker running the child must then stop it (its process too) and report it
         ``cancelled``."""
         return self.cancelled if self.child_cancel is None else self.child_cancel(child_id)
+
+    def child_attempt(self, index: int) -> int:
+        """The attempt of child ``index`` now running (1 = its first run): for a ``run_one``
+        written against the interface's first shape, ``run_one(index)``."""
+        return current_attempt()
 
     def child_id(self, index: int) -> str:
         """The id of the step's ``index``-th child (0-based).

@@ -5,10 +5,18 @@ once, and honour cancellation."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from typing import cast
 
-from orchestrator_svc.workers.base import ChildStatus, StepContext, sleep_unless_cancelled
+from orchestrator_svc.workers.base import (
+    _ATTEMPT,
+    ChildStatus,
+    StepContext,
+    current_attempt,
+    sleep_unless_cancelled,
+)
 
 YIELD_EVERY_CHILDREN = 64
 """Children handled between forced event-loop yields when nothing else suspends (callbacks
@@ -28,9 +36,48 @@ RunOne = Callable[[int, int], Awaitable[ChildOutcome]]
 """``run_one(index, attempt)`` runs child ``index`` once (``attempt`` 1 is its first run); must
 return ``cancelled`` promptly once ``ctx.cancelled`` is set."""
 
+__all__ = ["ChildOutcome", "RunOne", "RunOneV1", "current_attempt", "run_children"]
+
+RunOneV1 = Callable[[int], Awaitable[ChildOutcome]]
+"""The first shape of the interface, kept: ``run_one(index)``. Its attempt is
+``current_attempt()`` (and ``ctx.child_attempt(index)``) while it runs."""
+
+
+class RunOneShapeError(TypeError):
+    """A ``run_one`` that fits no supported shape of the worker interface."""
+
+
+def as_run_one(run_one: RunOne | RunOneV1) -> RunOne:
+    """``run_one`` in the current shape: ``(index, attempt)`` as it is, ``(index)`` (the first
+    shape, before retries) called without the attempt, which it reads from
+    ``current_attempt()``. Any other shape is refused at once, naming what to change."""
+    try:
+        params = list(inspect.signature(run_one).parameters.values())
+    except (TypeError, ValueError):
+        return run_one  # type: ignore[return-value]  # a builtin or C callable: trust it
+    positional = [
+        p
+        for p in params
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
+    ]
+    varargs = any(p.kind is p.VAR_POSITIONAL for p in params)
+    if len(positional) >= 2 or varargs:
+        return run_one  # type: ignore[return-value]
+    if len(positional) == 1:
+        one = cast(RunOneV1, run_one)
+
+        async def with_attempt(index: int, attempt: int) -> ChildOutcome:
+            return await one(index)
+
+        return with_attempt
+    raise RunOneShapeError(
+        f"run_one{inspect.signature(run_one)} fits no worker interface: take (index, attempt) "
+        "(or (index), reading the attempt from current_attempt())"
+    )
+
 
 async def run_children(
-    ctx: StepContext, names: Iterable[str], run_one: RunOne, *, concurrency: int
+    ctx: StepContext, names: Iterable[str], run_one: RunOne | RunOneV1, *, concurrency: int
 ) -> int:
     """Create one child per name, run them ``concurrency`` at a time; return how many exist.
 
@@ -46,6 +93,7 @@ async def run_children(
     started are NOT reported (the step is continued by the job's next owner); running ones
     finish as usual.
     """
+    run_attempt = as_run_one(run_one)  # before any child is created: a wrong shape creates none
     existing = ctx.existing_children
     created = 0
     for index, name in enumerate(names):
@@ -67,10 +115,13 @@ async def run_children(
         last = ctx.retry.last_attempt(before.interruptions if before is not None else 0)
         while True:
             await ctx.child_running(child_id, attempt)
+            token = _ATTEMPT.set(attempt)
             try:
-                outcome = await run_one(index, attempt)
+                outcome = await run_attempt(index, attempt)
             except Exception as exc:
                 outcome = ChildOutcome("failed", f"{type(exc).__name__}: {exc}")
+            finally:
+                _ATTEMPT.reset(token)
             if outcome.status != "failed" or attempt >= last:
                 return outcome
             # Asked for only here: the runner makes a child's cancel signal on first use, and

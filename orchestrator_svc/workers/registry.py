@@ -14,6 +14,7 @@ for a step, would fail jobs far from the cause.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from importlib import metadata
 
 import structlog
@@ -75,4 +76,31 @@ def as_worker(obj: object, where: str = "worker") -> Worker:
         raise WorkerLoadError(f"{where}: its type must be a non-empty string, got {obj.type!r}")
     if not inspect.iscoroutinefunction(obj.run):
         raise WorkerLoadError(f"{where}: run() must be an async function")
+    _check_takes_one(where, "run", obj.run, "async def run(self, ctx)")
+    _check_takes_one(where, "validate_config", obj.validate_config, "validate_config(self, config)")
+    version = getattr(obj, "interface_version", None)
+    if version is not None and version not in SUPPORTED_INTERFACE_VERSIONS:
+        raise WorkerLoadError(
+            f"{where}: interface_version {version!r} is not supported here (supported: "
+            f"{', '.join(map(str, SUPPORTED_INTERFACE_VERSIONS))}); upgrade stepflow or the plugin"
+        )
     return obj
+
+
+SUPPORTED_INTERFACE_VERSIONS = (1, 2)
+"""The worker interface's shapes this release runs: 1, ``run_one(index)`` as first documented;
+2, ``run_one(index, attempt)`` (retries). Both are kept; a plugin may declare its own with a
+class attribute ``interface_version``."""
+
+
+def _check_takes_one(where: str, name: str, method: Callable[..., object], shape: str) -> None:
+    """Refuse, at load time, a method that cannot be called with its one argument."""
+    try:
+        inspect.signature(method).bind(None)
+    except TypeError:
+        raise WorkerLoadError(
+            f"{where}: {name}{inspect.signature(method)} cannot be called as {shape}; "
+            f"change its signature to {shape}"
+        ) from None
+    except ValueError:
+        return  # no signature to read (a builtin): it is called as documented
