@@ -117,7 +117,9 @@ class MonitorClient(_Client):
         wait_for_ready: bool | None = None,
     ) -> job_pb2.Job:
         """Create a manager, step or child (idempotent by ``request_id``); ``job_timeout`` is
-        the job's own deadline from now, ``timeout`` the call's."""
+        the job's own deadline from now, ``timeout`` the call's. Without a ``request_id`` one
+        is made for the call, so the client's retry after a lost answer returns the job the
+        first attempt created, never a second one."""
         request = r.create_job(
             kind=kind,
             name=name,
@@ -125,7 +127,7 @@ class MonitorClient(_Client):
             type=type,
             metadata=metadata,
             timeout=job_timeout,
-            request_id=request_id,
+            request_id=request_id or r.new_request_id(),
             owner=owner,
             definition=definition,
             instance=instance,
@@ -237,9 +239,19 @@ class MonitorClient(_Client):
         request = r.update_job_metadata(
             job_id, metadata, expected_version=expected_version, owner=owner, instance=instance
         )
-        resp: m.UpdateJobMetadataResponse = await self._unary(
-            self.stub.UpdateJobMetadata, request, timeout, wait_for_ready
-        )
+        try:
+            resp: m.UpdateJobMetadataResponse = await self._unary(
+                self.stub.UpdateJobMetadata, request, timeout, wait_for_ready
+            )
+        except VersionConflict:
+            if expected_version is None:
+                raise
+            # The retry on UNAVAILABLE may have met this very write, committed before its
+            # answer was lost: a committed write is reported as committed, not as a conflict.
+            job = await self.get_job(job_id, timeout=timeout)
+            if r.looks_committed(job, metadata, expected_version):
+                return job
+            raise
         return resp.job
 
     async def update_step_stat_in_manager(

@@ -1,0 +1,110 @@
+"""The client retries only what is safe, and tells the truth when a write committed but its
+answer was lost: a real gRPC proxy between the client and a real monitor forwards a call, lets
+the monitor commit it, and answers UNAVAILABLE instead (once), so the client's automatic retry
+on UNAVAILABLE fires against a write that is already in."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from grpc import aio
+
+from stepflow_client.aio import MonitorClient
+from tests.process_helpers import ServerProcess, monitor_process
+
+
+class LosingProxy:
+    """Forwards every unary call to ``target``; the first call of ``lose`` is committed there
+    and its answer replaced by UNAVAILABLE."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self.lose: set[str] = set()
+        self.lost: list[str] = []
+        self.server = aio.server()
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.channel = aio.insecure_channel(target)
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        method = details.method
+        forward = self.channel.unary_unary(method)
+
+        async def behave(request: bytes, context: aio.ServicerContext) -> bytes:
+            try:
+                answer: bytes = await forward(request)
+            except aio.AioRpcError as exc:  # relayed as it came, with the error's reason
+                context.set_trailing_metadata(exc.trailing_metadata() or ())
+                await context.abort(exc.code(), exc.details() or "")
+            name = method.rsplit("/", 1)[-1]
+            if name in self.lose:
+                self.lose.discard(name)
+                self.lost.append(name)
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "connection reset (test proxy)")
+            return answer
+
+        return grpc.unary_unary_rpc_method_handler(behave)
+
+    async def __aenter__(self) -> LosingProxy:
+        outer = self
+
+        class Handler(grpc.GenericRpcHandler):
+            def service(self, details: grpc.HandlerCallDetails) -> Any:
+                return outer.service(details)
+
+        self.server.add_generic_rpc_handlers((Handler(),))
+        await self.server.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.server.stop(0)
+        await self.channel.close()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+@pytest.fixture
+async def monitor_proc(database_url: str, tmp_path: Path) -> AsyncIterator[ServerProcess]:
+    proc = monitor_process(database_url, tmp_path)
+    await proc.run()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+async def test_writes_whose_answer_was_lost_tell_the_truth(monitor_proc: ServerProcess) -> None:
+    direct = MonitorClient(monitor_proc.address)
+    async with LosingProxy(monitor_proc.address) as proxy:
+        client = MonitorClient(proxy.address)
+        try:
+            # create_job without a request_id: one job, not two.
+            proxy.lose.add("CreateJob")
+            job = await client.create_job(kind="manager", name="lost-answer")
+            assert proxy.lost == ["CreateJob"]
+            named = [
+                j for j in (await direct.list_jobs(kind="manager")).jobs if j.name == "lost-answer"
+            ]
+            assert [j.id for j in named] == [job.id]
+            # A committed expected_version write is reported committed, not a conflict.
+            proxy.lose.add("UpdateJobMetadata")
+            written = await client.update_job_metadata(
+                job.id, {"n": 1}, expected_version=job.version
+            )
+            assert proxy.lost[-1] == "UpdateJobMetadata"
+            assert written.version == job.version + 1
+            assert dict(written.metadata)["n"] == 1
+            # update_metadata(fn) applies fn exactly once per call.
+            proxy.lose.add("UpdateJobMetadata")
+            after = await client.update_metadata(job.id, lambda md: {**md, "n": md["n"] + 1})
+            assert len(proxy.lost) == 3
+            assert dict(after.metadata)["n"] == 2
+            assert dict((await direct.get_job(job.id)).metadata)["n"] == 2
+        finally:
+            await client.close()
+            await direct.close()
