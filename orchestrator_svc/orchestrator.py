@@ -24,7 +24,12 @@ from orchestrator_svc.records import ChildEvent, Job, LeaseAnswer
 from orchestrator_svc.runner import JobRunner
 from orchestrator_svc.workers.base import Worker
 from stepflow_common import tracing
-from stepflow_common.errors import FailedPrecondition, StepflowError, Unavailable
+from stepflow_common.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    StepflowError,
+    Unavailable,
+)
 from stepflow_common.status import EndReason, Kind, Status
 
 log = structlog.get_logger(__name__)
@@ -67,6 +72,10 @@ class Orchestrator:
         # Why this instance was superseded ("" while it was not): it then runs nothing more.
         self.superseded = ""
         self.on_superseded: Callable[[str], Awaitable[None]] | None = None
+        # Why the last heartbeat could not reach the monitor ("" once one gets through): the
+        # orchestrator then reports NOT_SERVING and refuses submits at once, naming the monitor.
+        self.monitor_error = ""
+        self.on_monitor_reachable: Callable[[bool], Awaitable[None]] | None = None
         # Kills what this orchestrator's jobs started if it dies or its lease lapses.
         self.guard = ProcessGuard()
         # Resumed jobs whose interrupted children may still run in the superseded instance
@@ -156,12 +165,28 @@ class Orchestrator:
                     runner.fence("this orchestrator's lease lapsed")
             try:
                 await self.heartbeat()
+                await self._monitor_reachable("")
             except JobFenced:
                 return  # superseded: this instance runs nothing more
+            except (Unavailable, DeadlineExceeded) as exc:
+                log.warning("heartbeat failed; trying again", owner=self.owner, error=str(exc))
+                await self._monitor_reachable(str(exc) or type(exc).__name__)
             except StepflowError as exc:
                 log.warning("heartbeat failed; trying again", owner=self.owner, error=str(exc))
             except Exception:
                 log.exception("heartbeat failed; trying again", owner=self.owner)
+
+    async def _monitor_reachable(self, error: str) -> None:
+        if bool(error) == bool(self.monitor_error):
+            self.monitor_error = error or self.monitor_error
+            return
+        self.monitor_error = error
+        if error:
+            log.error("the monitor is unreachable; NOT_SERVING", monitor=self.monitor_address)
+        else:
+            log.info("the monitor answers again; SERVING", monitor=self.monitor_address)
+        if self.on_monitor_reachable is not None and not (self.superseded or self.draining):
+            await self.on_monitor_reachable(not error)
 
     async def release_lease(self, timeout_s: float = 5.0) -> None:
         """Give the lease up (shutdown), so another orchestrator adopts what is left at once."""
@@ -374,6 +399,11 @@ class Orchestrator:
             raise Unavailable(
                 f"this orchestrator instance was superseded by a newer one under the owner "
                 f"{self.owner}; submit to that one"
+            )
+        if self.monitor_error:
+            raise Unavailable(
+                f"the orchestrator cannot reach its monitor at {self.monitor_address}: "
+                f"{self.monitor_error}"
             )
         if not self.connected:
             raise Unavailable(

@@ -134,6 +134,14 @@ async def create_server(
         await serving.set_not_serving(health, [SERVICE_NAME])
 
     orchestrator.on_superseded = superseded
+
+    async def monitor_reachable(reachable: bool) -> None:
+        if reachable:
+            await serving.set_serving(health, [SERVICE_NAME])
+        else:
+            await serving.set_not_serving(health, [SERVICE_NAME])
+
+    orchestrator.on_monitor_reachable = monitor_reachable
     await serving.set_not_serving(health, [SERVICE_NAME])
     await server.start()
     log.info(

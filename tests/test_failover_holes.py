@@ -389,3 +389,48 @@ def get_request(job_id: str) -> Any:
     from stepflow_proto.v1 import monitor_service_pb2 as m
 
     return m.GetJobRequest(job_id=job_id)
+
+
+# -- a newcomer's surprise: the monitor goes away under a running orchestrator --------------------
+async def test_an_orchestrator_that_loses_its_monitor_says_so_at_once(
+    monitor_proc: ServerProcess, tmp_path: Path
+) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from stepflow_proto.v1 import orchestrator_service_pb2 as o
+    from stepflow_proto.v1 import orchestrator_service_pb2_grpc as o_grpc
+
+    orch = orchestrator(monitor_proc, tmp_path, "alone", lease="1.5s")
+    try:
+        await orch.run()
+        monitor_proc.kill()
+        async with aio.insecure_channel(orch.address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+
+            async def status() -> int:
+                resp = await health.Check(health_pb2.HealthCheckRequest(), timeout=2)
+                return int(resp.status)
+
+            deadline = time.monotonic() + 10
+            while await status() == health_pb2.HealthCheckResponse.SERVING:
+                assert time.monotonic() < deadline, "still SERVING 10 s after the monitor died"
+                await asyncio.sleep(0.1)
+            stub = o_grpc.OrchestratorServiceStub(channel)
+            started = time.monotonic()
+            request = o.SubmitJobRequest()
+            request.definition.name = "nowhere"
+            step = request.definition.steps.add()
+            step.name, step.type = "s", "command"
+            step.config.update({"command": "true"})
+            with pytest.raises(aio.AioRpcError) as caught:
+                await stub.SubmitJob(request, timeout=30)
+            assert caught.value.code().name == "UNAVAILABLE"
+            assert monitor_proc.address in (caught.value.details() or "")
+            assert time.monotonic() - started < 5  # at once, not after a deadline
+            await monitor_proc.run()  # back on the same port: SERVING again
+            deadline = time.monotonic() + 20
+            while await status() != health_pb2.HealthCheckResponse.SERVING:
+                assert time.monotonic() < deadline, "not SERVING again with the monitor back"
+                await asyncio.sleep(0.1)
+    finally:
+        orch.stop()
