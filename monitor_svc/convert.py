@@ -12,7 +12,7 @@ from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
 
 from monitor_svc.records import ChildEventIn, JobFilter, JobState, JobView, NewJob
 from stepflow_common.durations import check_duration
-from stepflow_common.errors import InvalidArgument
+from stepflow_common.errors import InvalidArgument, ResourceExhausted
 from stepflow_common.limits import ID_PATTERN, MAX_ERROR_CHARS, MAX_METADATA_BYTES, truncate_text
 from stepflow_common.proto_status import KIND_FROM_PB, KIND_TO_PB, STATUS_FROM_PB, STATUS_TO_PB
 from stepflow_common.status import Kind, Status
@@ -101,7 +101,9 @@ def metadata(
 ) -> dict[str, Any]:
     size = value.ByteSize()
     if size > limit:
-        raise InvalidArgument(
+        # The same status as a merge that would pass the limit (README, "Limits"): the request
+        # is well formed, it is only too big to store.
+        raise ResourceExhausted(
             f"{field} is {size} bytes; the limit is {limit} (the whole document's size)"
         )
     try:

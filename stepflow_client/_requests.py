@@ -45,14 +45,25 @@ def kind_pb(kind: KindLike) -> job_pb2.JobKind:
     """A job kind given as the proto enum, ``Kind`` or its name ("manager")."""
     if isinstance(kind, int) and not isinstance(kind, str):
         return cast(job_pb2.JobKind, kind)
-    return KIND_TO_PB[Kind(str(kind))]
+    try:
+        return KIND_TO_PB[Kind(str(kind))]
+    except ValueError:
+        raise ValueError(
+            f"kind {kind!r} is not a job kind; use one of {', '.join(k.value for k in Kind)}"
+        ) from None
 
 
 def status_pb(status: StatusLike) -> job_pb2.JobStatus:
     """A status given as the proto enum, ``Status`` or its name ("completed")."""
     if isinstance(status, int) and not isinstance(status, str):
         return cast(job_pb2.JobStatus, status)
-    return STATUS_TO_PB[Status(str(status))]
+    try:
+        return STATUS_TO_PB[Status(str(status))]
+    except ValueError:
+        raise ValueError(
+            f"status {status!r} is not a job status; use one of "
+            f"{', '.join(s.value for s in Status)}"
+        ) from None
 
 
 def status_of(job: job_pb2.Job) -> str:

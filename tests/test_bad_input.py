@@ -329,7 +329,7 @@ GROUPS: dict[str, dict[str, Case]] = {
     # oversized and deeply nested metadata
     "metadata-size": {
         "metadata-over-1mb": Case(
-            patch({"big": "b" * (1024 * 1024 + 10)}), C.INVALID_ARGUMENT, ("bytes", "limit")
+            patch({"big": "b" * (1024 * 1024 + 10)}), C.RESOURCE_EXHAUSTED, ("bytes", "limit")
         ),
         "create-metadata-over-1mb": Case(
             lambda stub, t: stub.CreateJob(
@@ -338,7 +338,7 @@ GROUPS: dict[str, dict[str, Case]] = {
                 ),
                 timeout=CALL_S,
             ),
-            C.INVALID_ARGUMENT,
+            C.RESOURCE_EXHAUSTED,
             ("bytes", "limit"),
         ),
         "message-over-16mb": Case(

@@ -108,3 +108,12 @@ async def test_writes_whose_answer_was_lost_tell_the_truth(monitor_proc: ServerP
         finally:
             await client.close()
             await direct.close()
+
+
+def test_a_typo_in_a_kind_or_status_names_the_valid_values() -> None:
+    from stepflow_client import _requests as r
+
+    with pytest.raises(ValueError, match=r"'manger' is not a job kind; use one of manager, step"):
+        r.kind_pb("manger")
+    with pytest.raises(ValueError, match=r"'complete' is not a job status; use one of pending"):
+        r.status_pb("complete")
