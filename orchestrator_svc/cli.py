@@ -346,7 +346,18 @@ async def _submit(args: argparse.Namespace) -> int:
     spec = _load_job(args.file)
     connect_s = parse_duration(args.connect_timeout, "--connect-timeout", allow_zero=True)
     settings = _client_settings(args)
-    async with client.OrchestratorClient(args.orchestrator, **settings) as orchestrator:
+    async with contextlib.AsyncExitStack() as stack:
+        monitor: client.MonitorClient | None = None
+        if args.follow:
+            # The monitor first: with a wrong --monitor nothing is submitted (a job running
+            # unseen, and a second one when the command is run again, is worse than an error).
+            monitor = await stack.enter_async_context(
+                client.MonitorClient(args.monitor, **settings)
+            )
+            await _connect(monitor.channel, "monitor", args.monitor, "--monitor", connect_s, args)
+        orchestrator = await stack.enter_async_context(
+            client.OrchestratorClient(args.orchestrator, **settings)
+        )
         await _connect(
             orchestrator.channel,
             "orchestrator",
@@ -361,16 +372,14 @@ async def _submit(args: argparse.Namespace) -> int:
             )
         except StepflowError as exc:
             raise _refused(exc, "orchestrator", args.orchestrator, "--orchestrator") from exc
-    if not args.follow:
-        print(manager_id)
-        return cli.EXIT_OK
-    print(
-        f"following job {manager_id} (Ctrl-C leaves it running)",
-        file=sys.stderr,
-        flush=True,
-    )
-    async with client.MonitorClient(args.monitor, **settings) as monitor:
-        await _connect(monitor.channel, "monitor", args.monitor, "--monitor", connect_s, args)
+        if monitor is None:
+            print(manager_id)
+            return cli.EXIT_OK
+        print(
+            f"following job {manager_id} (Ctrl-C leaves it running)",
+            file=sys.stderr,
+            flush=True,
+        )
         final = await _follow_until_interrupted(args, monitor, manager_id)
     if final.status is Status.COMPLETED:
         return cli.EXIT_OK

@@ -119,6 +119,19 @@ def test_submit_to_nothing_says_what_it_waits_for_and_gives_up() -> None:
     assert "--orchestrator" in gave_up
 
 
+def test_submit_follow_checks_the_monitor_before_it_submits() -> None:
+    """A wrong --monitor is found before anything is submitted: the job is not left running
+    unseen, and running the command again makes no duplicate."""
+    monitor, orchestrator = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    done = run(
+        ORCHESTRATOR_SVC, "submit", QUICK, "--follow", "--monitor", monitor,
+        "--orchestrator", orchestrator, "--connect-timeout", "1s",
+    )  # fmt: skip
+    assert done.code == EXIT_UNREACHABLE
+    gave_up = done.stderr.strip().splitlines()[-1]
+    assert gave_up.startswith(f"orchestrator-svc: cannot reach the monitor at {monitor}"), gave_up
+
+
 @pytest.mark.parametrize("command", ["submit", "cancel"])
 def test_zero_connect_timeout_fails_at_once(command: str) -> None:
     address = f"127.0.0.1:{free_port()}"
