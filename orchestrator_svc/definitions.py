@@ -26,6 +26,7 @@ from orchestrator_svc.workers.base import MAX_BACKOFF_S, RetryPolicy, Worker
 from orchestrator_svc.workers.settings import describe, whole_number
 from stepflow_common.durations import parse_duration
 from stepflow_common.errors import InvalidArgument
+from stepflow_common.job_keys import JOB_KEYS, STEP_KEYS, TOLERANCE_KEYS
 from stepflow_common.limits import MAX_STEPS_PER_MANAGER
 from stepflow_proto.v1 import orchestrator_service_pb2 as pb
 
@@ -39,20 +40,6 @@ MAX_EXACT_INT = 2**53
 MAX_RETRIES = 100
 DEFAULT_RETRY_BACKOFF_S = 1.0
 
-JOB_KEYS = ("name", "timeout", "error_tolerance", "config", "steps")
-STEP_KEYS = (
-    "name",
-    "type",
-    "config",
-    "on_error",
-    "depends_on",
-    "wait",
-    "timeout",
-    "retries",
-    "retry_backoff",
-    "on_interrupt",
-)
-TOLERANCE_KEYS = ("max_child_failures", "action")
 
 _E = TypeVar("_E", bound=enum.StrEnum)
 

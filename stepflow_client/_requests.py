@@ -14,6 +14,7 @@ import grpc
 from google.protobuf import duration_pb2, json_format, struct_pb2
 
 from stepflow_common.durations import parse_duration
+from stepflow_common.job_keys import JOB_KEYS, STEP_KEYS, TOLERANCE_KEYS, reject_unknown_keys
 from stepflow_common.proto_status import KIND_TO_PB, STATUS_FROM_PB, STATUS_TO_PB, TERMINAL_PB
 from stepflow_common.status import Kind, Status
 from stepflow_proto.v1 import job_pb2
@@ -275,6 +276,13 @@ def job_definition(definition: o.JobDefinition | Mapping[str, Any]) -> o.JobDefi
     if isinstance(definition, o.JobDefinition):
         return definition
     data = dict(definition)
+    # Refused as a job file refuses it: a typo (``depend_on``) must not be dropped silently.
+    reject_unknown_keys(data, JOB_KEYS, "")
+    for index, raw_step in enumerate(data.get("steps") or ()):
+        if isinstance(raw_step, Mapping):
+            reject_unknown_keys(raw_step, STEP_KEYS, f"steps[{index}]")
+    if isinstance(data.get("error_tolerance"), Mapping):
+        reject_unknown_keys(data["error_tolerance"], TOLERANCE_KEYS, "error_tolerance")
     out = o.JobDefinition(name=str(data.get("name", "")))
     if data.get("timeout") is not None:
         out.timeout.CopyFrom(duration_pb(data["timeout"]))

@@ -117,3 +117,14 @@ def test_a_typo_in_a_kind_or_status_names_the_valid_values() -> None:
         r.kind_pb("manger")
     with pytest.raises(ValueError, match=r"'complete' is not a job status; use one of pending"):
         r.status_pb("complete")
+
+
+def test_a_dict_definition_is_refused_as_a_job_file_refuses_it() -> None:
+    from stepflow_client import _requests as r
+    from stepflow_common.errors import InvalidArgument
+
+    step = {"name": "b", "type": "command", "depend_on": ["a"]}
+    with pytest.raises(InvalidArgument, match=r"^steps\[0\]\.depend_on: unknown field"):
+        r.job_definition({"name": "x", "steps": [step]})
+    with pytest.raises(InvalidArgument, match=r"^timout: unknown field"):
+        r.job_definition({"name": "x", "timout": "1s", "steps": []})

@@ -78,6 +78,7 @@ def test_client_modules_import_only_grpc_protobuf_and_pure_common_modules(path: 
         "stepflow_common.proto_status",
         "stepflow_common.limits",
         "stepflow_common.durations",
+        "stepflow_common.job_keys",  # the job definition's keys (errors only)
         "stepflow_common.subprocesses",  # the standard library only (the test kit uses it)
     }
     for module in _imports(path):
