@@ -239,19 +239,9 @@ class MonitorClient(_Client):
         request = r.update_job_metadata(
             job_id, metadata, expected_version=expected_version, owner=owner, instance=instance
         )
-        try:
-            resp: m.UpdateJobMetadataResponse = await self._unary(
-                self.stub.UpdateJobMetadata, request, timeout, wait_for_ready
-            )
-        except VersionConflict:
-            if expected_version is None:
-                raise
-            # The retry on UNAVAILABLE may have met this very write, committed before its
-            # answer was lost: a committed write is reported as committed, not as a conflict.
-            job = await self.get_job(job_id, timeout=timeout)
-            if r.looks_committed(job, metadata, expected_version):
-                return job
-            raise
+        resp: m.UpdateJobMetadataResponse = await self._unary(
+            self.stub.UpdateJobMetadata, request, timeout, wait_for_ready
+        )
         return resp.job
 
     async def update_step_stat_in_manager(

@@ -216,28 +216,6 @@ def heartbeat(
     return request
 
 
-def looks_committed(job: job_pb2.Job, patch: Mapping[str, Any], expected_version: int) -> bool:
-    """Whether ``job``, read after a VersionConflict, is the write of ``patch`` at
-    ``expected_version`` itself: the answer of a committed write was lost and the transparent
-    retry on UNAVAILABLE met its own commit. True when the job is exactly one version on and
-    holds every key as written (``step_stats`` is merged, not replaced: not compared)."""
-    if job.version != expected_version + 1:
-        return False
-    current = metadata_of(job)
-    for key, value in patch.items():
-        if key == "step_stats":
-            continue
-        if value is None:
-            if key in current:
-                return False
-        elif current.get(key, _ABSENT) != json_format.MessageToDict(to_struct({key: value}))[key]:
-            return False
-    return True
-
-
-_ABSENT = object()
-
-
 def metadata_patch(before: Metadata, after: Metadata) -> Metadata:
     """The shallow merge that turns ``before`` into ``after``: every top-level key whose value
     changed, and ``None`` (delete) for every key ``after`` dropped."""
