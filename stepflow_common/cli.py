@@ -18,6 +18,7 @@ from grpc import aio
 
 from stepflow_client import ChannelConfigError, check_tls_files
 from stepflow_common import logs
+from stepflow_common.rpc_errors import REASON_KEY
 from stepflow_common.serving import Security
 
 EXIT_OK = 0
@@ -190,6 +191,11 @@ def check_listen(host: str, port: int) -> None:
 def rpc_error(exc: aio.AioRpcError, service: str, address: str, flag: str) -> CliError:
     """A failed call as one line naming the service and its address, with what to do."""
     code, details = exc.code(), (exc.details() or "").strip()
+    answered = any(key == REASON_KEY for key, _ in (exc.trailing_metadata() or ()))
+    if code == grpc.StatusCode.UNAVAILABLE and answered:
+        # The service answered: it is up but cannot serve (say, an orchestrator whose monitor
+        # is away): its own words name what is missing.
+        return CliError(f"the {service} at {address} is unavailable: {details}", EXIT_UNREACHABLE)
     if code == grpc.StatusCode.UNAVAILABLE:
         return CliError(
             f"cannot reach the {service} at {address} ({details or 'unavailable'}); is it "

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -26,12 +27,20 @@ from grpc import aio
 
 from stepflow_proto.v1 import job_pb2
 from stepflow_proto.v1 import monitor_service_pb2_grpc as m_grpc
-from tests.process_helpers import ServerProcess, assert_tree_consistent, list_all, monitor_process
+from tests.process_helpers import (
+    ORCHESTRATOR_SVC,
+    ServerProcess,
+    assert_tree_consistent,
+    clean_env,
+    list_all,
+    monitor_process,
+)
 from tests.test_failover import orchestrator, submit_to
 from tests.test_orchestrator_e2e import by_name, final, watch_until
 
 S = job_pb2
 WITHIN_S = 60.0
+QUICK_JOB = str(Path(__file__).resolve().parents[1] / "examples" / "quick.toml")
 # Long: a job waiting for an orchestrator that can run it must not fail meanwhile.
 ORPHAN_TIMEOUT = "60s"
 
@@ -427,6 +436,17 @@ async def test_an_orchestrator_that_loses_its_monitor_says_so_at_once(
             assert caught.value.code().name == "UNAVAILABLE"
             assert monitor_proc.address in (caught.value.details() or "")
             assert time.monotonic() - started < 5  # at once, not after a deadline
+            # The CLI names the service that is missing: the monitor, not the orchestrator.
+            done = await asyncio.to_thread(
+                subprocess.run,
+                [str(ORCHESTRATOR_SVC), "submit", QUICK_JOB,
+                 "--orchestrator", orch.address, "--connect-timeout", "5s"],
+                capture_output=True, text=True, timeout=60, env=clean_env(),
+            )  # fmt: skip
+            line = done.stderr.strip().splitlines()[-1]
+            assert done.returncode == 4, done.stderr
+            assert f"the orchestrator at {orch.address} is unavailable" in line, line
+            assert f"cannot reach its monitor at {monitor_proc.address}" in line, line
             await monitor_proc.run()  # back on the same port: SERVING again
             deadline = time.monotonic() + 20
             while await status() != health_pb2.HealthCheckResponse.SERVING:
