@@ -17,7 +17,7 @@ from monitor_svc.store.engine import (
 )
 from stepflow_common import cli, logs, metrics, serving, tracing
 from stepflow_common.cli import add_flag, add_log_level, add_server_flags, security_from
-from stepflow_common.durations import parse_duration
+from stepflow_common.durations import parse_flag_duration
 from stepflow_common.errors import InvalidArgument
 from stepflow_common.limits import MAX_METADATA_BYTES
 from stepflow_common.serving import CannotListen
@@ -243,17 +243,19 @@ def config_from(args: argparse.Namespace) -> MonitorConfig:
         host=args.host,
         port=args.port,
         timers=StepTimers(
-            default_wait_timeout_s=parse_duration(
+            default_wait_timeout_s=parse_flag_duration(
                 args.default_wait_timeout, "--default-wait-timeout"
             ),
-            grace_period_s=parse_duration(args.grace_period, "--grace-period"),
-            orphan_timeout_s=parse_duration(args.orphan_timeout, "--orphan-timeout"),
+            grace_period_s=parse_flag_duration(args.grace_period, "--grace-period"),
+            orphan_timeout_s=parse_flag_duration(args.orphan_timeout, "--orphan-timeout"),
         ),
         security=security_from(args),
-        shutdown_grace_s=parse_duration(args.shutdown_grace, "--shutdown-grace", allow_zero=True),
+        shutdown_grace_s=parse_flag_duration(
+            args.shutdown_grace, "--shutdown-grace", allow_zero=True
+        ),
         metrics_port=args.metrics_port,
         keepalive=serving.ServerKeepalive(
-            min_ping_interval_s=parse_duration(args.keepalive_permit, "--keepalive-permit"),
+            min_ping_interval_s=parse_flag_duration(args.keepalive_permit, "--keepalive-permit"),
             max_ping_strikes=max(args.max_ping_strikes, 0),
         ),
         limits=DocumentLimits(max_metadata_bytes=args.max_metadata_bytes),
@@ -270,7 +272,7 @@ def _prune(args: argparse.Namespace) -> int:
     from monitor_svc.store.prune import prune_finished
 
     # Zero is meaningful here: every finished job, however recent.
-    age = parse_duration(args.older_than, "--older-than", allow_zero=True)
+    age = parse_flag_duration(args.older_than, "--older-than", allow_zero=True)
     if args.batch_size < 1:
         raise InvalidArgument(f"--batch-size: must be at least 1, got {args.batch_size}")
     # The writer engine: on SQLite it begins IMMEDIATE, so a prune waits its turn beside a

@@ -19,7 +19,7 @@ from orchestrator_svc.workers.registry import WorkerLoadError
 from stepflow_client import aio as client
 from stepflow_common import cli, logs, metrics, serving, tracing
 from stepflow_common.cli import add_flag, add_log_level, add_server_flags, security_from
-from stepflow_common.durations import parse_duration
+from stepflow_common.durations import parse_flag_duration
 from stepflow_common.errors import InvalidArgument, NotFound, StepflowError
 from stepflow_common.proto_status import STATUS_FROM_PB
 from stepflow_common.status import Status
@@ -241,20 +241,24 @@ def _serve_config(args: argparse.Namespace) -> OrchestratorConfig:
             tls_cert=args.monitor_tls_cert,
             tls_key=args.monitor_tls_key,
         ),
-        shutdown_grace_s=parse_duration(args.shutdown_grace, "--shutdown-grace", allow_zero=True),
+        shutdown_grace_s=parse_flag_duration(
+            args.shutdown_grace, "--shutdown-grace", allow_zero=True
+        ),
         lease_s=_lease(args.lease),
         metrics_port=args.metrics_port,
         keepalive=serving.ClientKeepalive(
-            time_s=parse_duration(args.keepalive_time, "--keepalive-time"),
-            timeout_s=parse_duration(args.keepalive_timeout, "--keepalive-timeout"),
+            time_s=parse_flag_duration(args.keepalive_time, "--keepalive-time"),
+            timeout_s=parse_flag_duration(args.keepalive_timeout, "--keepalive-timeout"),
         ),
-        monitor_wait_log_s=parse_duration(args.monitor_wait_log_every, "--monitor-wait-log-every"),
+        monitor_wait_log_s=parse_flag_duration(
+            args.monitor_wait_log_every, "--monitor-wait-log-every"
+        ),
         otlp_endpoint=tracing.check_endpoint(args.otlp_endpoint),
     )
 
 
 def _lease(value: str) -> float:
-    lease_s = parse_duration(value, "--lease")
+    lease_s = parse_flag_duration(value, "--lease")
     if lease_s < MIN_LEASE_S:
         raise InvalidArgument(f"--lease: at least {MIN_LEASE_S:g}s, got {value}")
     return lease_s
@@ -342,9 +346,16 @@ def _refused(exc: StepflowError, service: str, address: str, flag: str) -> cli.C
     return cli.CliError(str(exc), cli.EXIT_FAILED)
 
 
+def _connect_timeout(args: argparse.Namespace) -> float:
+    try:
+        return parse_flag_duration(args.connect_timeout, "--connect-timeout", allow_zero=True)
+    except StepflowError as exc:  # a bad flag: usage, as a server's flags are
+        raise cli.CliError(str(exc), cli.EXIT_USAGE) from exc
+
+
 async def _submit(args: argparse.Namespace) -> int:
     spec = _load_job(args.file)
-    connect_s = parse_duration(args.connect_timeout, "--connect-timeout", allow_zero=True)
+    connect_s = _connect_timeout(args)
     settings = _client_settings(args)
     async with contextlib.AsyncExitStack() as stack:
         monitor: client.MonitorClient | None = None
@@ -426,7 +437,7 @@ async def _follow_until_interrupted(
 
 
 async def _cancel(args: argparse.Namespace) -> int:
-    connect_s = parse_duration(args.connect_timeout, "--connect-timeout", allow_zero=True)
+    connect_s = _connect_timeout(args)
     async with client.OrchestratorClient(args.orchestrator, **_client_settings(args)) as orch:
         await _connect(
             orch.channel, "orchestrator", args.orchestrator, "--orchestrator", connect_s, args

@@ -46,3 +46,16 @@ def check_duration(seconds: float, field: str, shown: object = None) -> None:
             f"{field}: {shown if shown is not None else seconds!r} is longer than the "
             f"{days:.0f} days a duration may be"
         )
+
+
+def parse_flag_duration(value: str, flag: str, *, allow_zero: bool = False) -> float:
+    """``parse_duration`` for a command-line flag (or its environment variable), where a
+    number without a unit is refused: ``--grace-period 5`` could mean 5 s or 5 min, and a flag
+    read wrong fails far from the typo. Zero needs no unit."""
+    match = _PATTERN.match(value)
+    unitless = match is not None and match.group(2) is None
+    if unitless and not (allow_zero and float(value) == 0):
+        raise InvalidArgument(
+            f"{flag}: {value!r} has no unit; write e.g. '{value.strip()}s' or '{value.strip()}ms'"
+        )
+    return parse_duration(value, flag, allow_zero=allow_zero)

@@ -315,3 +315,17 @@ async def test_live_errors_and_ctrl_c_in_follow(database_url: str, tmp_path: Pat
         done = run(ORCHESTRATOR_SVC, "cancel", job_id, *where)
         assert done.code == EXIT_OK, done.stderr
         assert done.stdout.strip() == f"{job_id}: cancelled"
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        ((MONITOR_SVC, "serve", "--grace-period", "5"), "--grace-period"),
+        ((ORCHESTRATOR_SVC, "serve", "--lease", "30"), "--lease"),
+        ((ORCHESTRATOR_SVC, "submit", QUICK, "--connect-timeout", "2"), "--connect-timeout"),
+    ],
+)
+def test_a_duration_flag_without_a_unit_is_refused(argv: tuple[str, ...], flag: str) -> None:
+    done = run(*argv, "--port", str(free_port())) if "serve" in argv else run(*argv)
+    assert done.code == EXIT_USAGE, done.stderr
+    assert f"{flag}: '{argv[-1]}' has no unit" in done.stderr
