@@ -77,6 +77,7 @@ class _Reaper:
                 stdout=subprocess.DEVNULL,
                 start_new_session=True,
                 close_fds=True,
+                cwd="/",  # pins no directory of the orchestrator's (a temporary one, say)
             )
         return self._proc
 

@@ -245,7 +245,7 @@ async def test_dedupe_keeps_no_state_so_replays_add_no_rows(
 ) -> None:
     """Duplicates are recognised by the child's state transition, not by remembering event
     ids: sending every event again (three times) adds no row to any table."""
-    tables = {"jobs", "step_progress", "counters", "leases", "alembic_version"}
+    tables = {"jobs", "step_progress", "counters", "leases", "lease_instances", "alembic_version"}
     assert table_names(database_url) <= tables  # none of them remembers events
     manager, steps = await manager_with_steps(stub, 2)
     batches = [children_events(steps[0].id, 50), children_events(steps[1].id, 30)]
