@@ -31,6 +31,7 @@ from stepflow_common.errors import (
     Unavailable,
 )
 from stepflow_common.status import EndReason, Kind, Status
+from stepflow_common.takeover import MAX_OWNED_IDS
 
 log = structlog.get_logger(__name__)
 
@@ -40,7 +41,6 @@ DEFAULT_CAPACITY = 16
 """Jobs an orchestrator runs before it stops adopting others' (it still takes submits)."""
 STOP_WAIT_S = 5.0  # after the shutdown grace, how long stopped runners get to unwind
 RERUN_MARGIN_S = 0.5  # after a superseded instance's lease would lapse, for its reaper to act
-OWNED_IDS_CAP = 10_000  # the monitor's cap on a heartbeat's owned_job_ids
 
 
 class Orchestrator:
@@ -144,7 +144,7 @@ class Orchestrator:
         async with self._submit_lock:  # a submit in flight registers its runner first
             fenced = set(resp.fenced)
             owned = set(resp.owned)
-            complete = len(resp.owned) < OWNED_IDS_CAP  # the monitor cuts the owned list
+            complete = len(resp.owned) < MAX_OWNED_IDS  # the monitor cuts the owned list
             for job_id, runner in list(self._runners.items()):
                 lost = job_id in fenced or (complete and job_id not in owned)
                 if lost and self._since.get(job_id, beat) < beat:

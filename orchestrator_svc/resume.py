@@ -20,11 +20,7 @@ from orchestrator_svc.records import Job
 from orchestrator_svc.workers.base import NO_CHILDREN, ExistingChild, Worker
 from stepflow_common.errors import FailedPrecondition
 from stepflow_common.status import Kind, Status
-
-MAX_INTERRUPTIONS = 3
-"""A step or child interrupted this many times does not run again: it fails
-``orchestrator_lost`` (work that kills its orchestrator every time must end somewhere)."""
-LOST_ERROR = "its orchestrator was lost while it ran"
+from stepflow_common.takeover import MAX_INTERRUPTIONS
 
 
 class Plan(enum.Enum):

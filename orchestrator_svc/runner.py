@@ -24,7 +24,7 @@ from orchestrator_svc.event_stream import EventStream
 from orchestrator_svc.monitor_client import JobFenced, MonitorClient
 from orchestrator_svc.process_guard import ProcessGuard
 from orchestrator_svc.records import ChildEvent, EventKind, Job
-from orchestrator_svc.resume import LOST_ERROR, JobRecord, Plan, StepRecord, plan_step
+from orchestrator_svc.resume import JobRecord, Plan, StepRecord, plan_step
 from orchestrator_svc.workers.base import (
     NO_CHILDREN,
     ChildStatus,
@@ -37,6 +37,7 @@ from stepflow_common import metrics, tracing
 from stepflow_common.errors import FailedPrecondition, StatusConflict, StepflowError
 from stepflow_common.status import EndReason, Status
 from stepflow_common.step_outcome import ChildTally, final_step_status
+from stepflow_common.takeover import LOST_WHILE_RUNNING as LOST_ERROR
 
 log = structlog.get_logger(__name__)
 

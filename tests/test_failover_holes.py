@@ -37,6 +37,7 @@ from tests.process_helpers import (
 )
 from tests.test_failover import orchestrator, submit_to
 from tests.test_orchestrator_e2e import by_name, final, watch_until
+from tests.test_plugin_shapes import install
 
 S = job_pb2
 WITHIN_S = 60.0
@@ -112,6 +113,9 @@ class Ledger:
 
     def overlaps(self) -> list[list[str]]:
         return [w for w in self.lines() if w[0] == "overlap"]
+
+
+NAPPER_ENTRY = "napper = napper_plugin:Napper"
 
 
 def fanout_job(
@@ -328,21 +332,10 @@ class Napper(BaseWorker):
 """
 
 
-def plugin_dir(tmp_path: Path) -> Path:
-    """A ``stepflow.workers`` plugin installed in a directory of its own (as pip would)."""
-    root = tmp_path / "plugin"
-    dist = root / "napper_plugin-1.0.dist-info"
-    dist.mkdir(parents=True)
-    (root / "napper_plugin.py").write_text(PLUGIN)
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: napper-plugin\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text("[stepflow.workers]\nnapper = napper_plugin:Napper\n")
-    return root
-
-
 async def test_a_job_goes_only_to_an_orchestrator_that_can_run_it(
     monitor_proc: ServerProcess, mstub: m_grpc.MonitorServiceStub, tmp_path: Path
 ) -> None:
-    plugin = {"PYTHONPATH": str(plugin_dir(tmp_path))}
+    plugin = {"PYTHONPATH": str(install(tmp_path / "site", "napper_plugin", PLUGIN, NAPPER_ENTRY))}
     # A long lease: the restart below comes while the job is still its owner's.
     able = orchestrator(monitor_proc, tmp_path, "able", lease="60s")
     able.extra_env = plugin

@@ -33,15 +33,24 @@ def _instance_reason(tx: UnitOfWork, owner: str, instance: str) -> str:
     return superseded_reason(owner, instance, lease.instance)
 
 
-def fence_reason(tx: UnitOfWork, manager: JobState | None, owner: str, instance: str = "") -> str:
-    """Why a write naming ``owner`` (and ``instance``) may not change a job of ``manager``
-    ("" if it may)."""
+def fence_reason(
+    tx: UnitOfWork,
+    manager: JobState | None,
+    owner: str,
+    instance: str = "",
+    *,
+    event: bool = False,
+) -> str:
+    """Why a write (or, with ``event``, a stream event) naming ``owner`` and ``instance`` may
+    not change a job of ``manager`` ("" if it may)."""
     if not owner or manager is None:
         return ""
     if manager.owner != owner:
         if not manager.owner:
-            return f"{FENCED_PREFIX}job {manager.id} is orphaned (owned by no orchestrator)"
-        return f"{FENCED_PREFIX}job {manager.id} is owned by {manager.owner}"
+            orphaned = "is orphaned" if event else "is orphaned (owned by no orchestrator)"
+            return f"{FENCED_PREFIX}job {manager.id} {orphaned}"
+        held = "was adopted by" if event else "is owned by"
+        return f"{FENCED_PREFIX}job {manager.id} {held} {manager.owner}"
     return _instance_reason(tx, owner, instance)
 
 
@@ -61,13 +70,7 @@ def event_fence_reason(
 ) -> str:
     """The stream's rejection of an event for a job adopted by another owner, or sent by a
     superseded instance ("" if none)."""
-    if not owner or manager is None:
-        return ""
-    if manager.owner != owner:
-        if not manager.owner:
-            return f"{FENCED_PREFIX}job {manager.id} is orphaned"
-        return f"{FENCED_PREFIX}job {manager.id} was adopted by {manager.owner}"
-    return _instance_reason(tx, owner, instance)
+    return fence_reason(tx, manager, owner, instance, event=True)
 
 
 def check_end_reason(end_reason: str, owner: str) -> None:

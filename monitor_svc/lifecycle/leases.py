@@ -28,13 +28,12 @@ from monitor_svc.records import InstanceRecord, JobState, Lease
 from stepflow_common.errors import Fenced, InvalidArgument
 from stepflow_common.limits import MAX_DURATION_S
 from stepflow_common.status import EndReason, Status
-from stepflow_common.takeover import LOST_WHILE_RUNNING, MAX_INTERRUPTIONS
+from stepflow_common.takeover import LOST_WHILE_RUNNING, MAX_INTERRUPTIONS, MAX_OWNED_IDS
 
 ORCHESTRATOR_LOST = EndReason.ORCHESTRATOR_LOST
 
 MIN_LEASE_S = 1.0
 MAX_ADOPT = 1000  # per heartbeat: one transaction stays short whatever the caller asks
-MAX_OWNED_IDS = 10_000  # keeps the answer well inside a default client's message size
 MAX_RUNNING_IDS = 200_000  # running_job_ids a heartbeat may name (about 7 MiB)
 ADOPT_CANDIDATES = 64  # orphans looked at per adoption slot, for those the caller can run
 
