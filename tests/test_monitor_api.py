@@ -1182,14 +1182,14 @@ def _oversized() -> dict[str, Any]:
     return {"blob": "x" * (1024 * 1024 + 16)}
 
 
-async def test_oversized_metadata_is_invalid_argument_and_changes_nothing(stub: Stub) -> None:
+async def test_oversized_metadata_is_resource_exhausted_and_changes_nothing(stub: Stub) -> None:
     assert (
         await refused(create(stub, kind=S.JOB_KIND_MANAGER, name="big", metadata=_oversized()))
-        == C.INVALID_ARGUMENT
+        == C.RESOURCE_EXHAUSTED
     )
     assert await all_jobs(stub) == []
     job = await create_manager(stub, keep=1)
-    assert await refused(update_meta(stub, job.id, _oversized())) == C.INVALID_ARGUMENT
+    assert await refused(update_meta(stub, job.id, _oversized())) == C.RESOURCE_EXHAUSTED
     assert snapshot(await get(stub, job.id)) == snapshot(job)
     # Just under the limit is fine.
     fine = await update_meta(stub, job.id, {"blob": "x" * (1024 * 1024 - 64)})
