@@ -152,6 +152,7 @@ class MonitorServicer(m_grpc.MonitorServiceServicer):
             expected,
             convert.owner(request.owner),
             convert.instance(request.instance),
+            convert.optional_id(request.request_id, "request_id") or "",
         )
         return convert.job_answer(view)
 

@@ -231,13 +231,22 @@ class MonitorClient(_Client):
         expected_version: int | None = None,
         owner: str = "",
         instance: str = "",
+        request_id: str = "",
         timeout: float | None = None,
         wait_for_ready: bool | None = None,
     ) -> job_pb2.Job:
         """Shallow-merge ``metadata`` (None deletes a key); with ``expected_version``, raises
-        VersionConflict if the job moved on since that version."""
+        VersionConflict if the job moved on since that version. The write is keyed by
+        ``request_id`` (one is made when none is given): a retry after a lost answer is not
+        applied twice, and an ``expected_version`` write it finds applied is answered as
+        written."""
         request = r.update_job_metadata(
-            job_id, metadata, expected_version=expected_version, owner=owner, instance=instance
+            job_id,
+            metadata,
+            expected_version=expected_version,
+            owner=owner,
+            instance=instance,
+            request_id=request_id,
         )
         resp: m.UpdateJobMetadataResponse = await self._unary(
             self.stub.UpdateJobMetadata, request, timeout, wait_for_ready
@@ -330,8 +339,7 @@ class MonitorClient(_Client):
         version conflict the job is read and ``fn`` applied again, up to ``attempts`` times
         (then VersionConflict). Returns the job as written (as read, if ``fn`` changed
         nothing). ``fn`` may run more than once: it must only compute. A write whose answer
-        was lost with its connection is retried; if it had been applied, the retry meets a
-        version conflict and ``fn`` runs again on the result."""
+        was lost with its connection is retried under the same key, so it is applied once."""
         for attempt in range(attempts):
             job = await self.get_job(job_id, timeout=timeout)
             before = r.metadata_of(job)

@@ -187,9 +187,14 @@ def update_job_metadata(
     expected_version: int | None,
     owner: str,
     instance: str = "",
+    request_id: str = "",
 ) -> m.UpdateJobMetadataRequest:
     request = m.UpdateJobMetadataRequest(
-        job_id=job_id, metadata=to_struct(metadata), owner=owner, instance=instance
+        job_id=job_id,
+        metadata=to_struct(metadata),
+        owner=owner,
+        instance=instance,
+        request_id=request_id or new_request_id(),
     )
     if expected_version is not None:
         request.expected_version = expected_version

@@ -98,6 +98,46 @@ async def test_create_job_whose_answer_was_lost_creates_one_job(
             await direct.close()
 
 
+async def test_expected_version_write_whose_answer_was_lost_is_reported_written(
+    monitor_proc: ServerProcess,
+) -> None:
+    direct = MonitorClient(monitor_proc.address)
+    async with LosingProxy(monitor_proc.address) as proxy:
+        client = MonitorClient(proxy.address)
+        try:
+            job = await client.create_job(kind="manager", name="cas", metadata={"n": 1})
+            proxy.lose.add("UpdateJobMetadata")
+            written = await client.update_job_metadata(
+                job.id, {"n": 2}, expected_version=job.version
+            )
+            assert proxy.lost == ["UpdateJobMetadata"]
+            assert written.version == job.version + 1
+            stored = await direct.get_job(job.id)
+            assert stored.version == job.version + 1
+            assert stored.metadata["n"] == 2
+        finally:
+            await client.close()
+            await direct.close()
+
+
+async def test_update_metadata_whose_answer_was_lost_applies_fn_once(
+    monitor_proc: ServerProcess,
+) -> None:
+    direct = MonitorClient(monitor_proc.address)
+    async with LosingProxy(monitor_proc.address) as proxy:
+        client = MonitorClient(proxy.address)
+        try:
+            job = await client.create_job(kind="manager", name="counter", metadata={"n": 0})
+            for expected in range(1, 4):
+                proxy.lose.add("UpdateJobMetadata")
+                await client.update_metadata(job.id, lambda d: {**d, "n": d["n"] + 1})
+                assert (await direct.get_job(job.id)).metadata["n"] == expected
+            assert proxy.lost == ["UpdateJobMetadata"] * 3
+        finally:
+            await client.close()
+            await direct.close()
+
+
 def test_a_typo_in_a_kind_or_status_names_the_valid_values() -> None:
     from stepflow_client import _requests as r
 

@@ -6,16 +6,18 @@ from __future__ import annotations
 
 from dataclasses import replace
 from datetime import timedelta
+from typing import Any
 
 import pytest
 
 from monitor_svc import lifecycle
-from monitor_svc.records import DocumentLimits
+from monitor_svc.records import DocumentLimits, JobState
 from stepflow_common.errors import (
     FailedPrecondition,
     InvalidArgument,
     ResourceExhausted,
     StatusConflict,
+    VersionConflict,
 )
 from stepflow_common.status import EndReason, Kind, Status
 from stepflow_common.step_outcome import ChildTally
@@ -469,3 +471,44 @@ def test_a_refused_unit_leaves_nothing_behind(life: Life) -> None:
         life.create(Kind.CHILD, step.id)
     assert life.job(step.id) == before
     assert life.tally(step.id) == ChildTally()
+
+
+def _keyed(
+    life: Life, job_id: str, patch: dict[str, Any], key: str, expected: int | None = None
+) -> JobState:
+    return life.run(
+        lambda tx: lifecycle.update_metadata(
+            tx, job_id, patch, expected, life.limits, request_id=key
+        )
+    ).job
+
+
+def test_a_keyed_metadata_write_is_applied_once_whatever_its_retry_says(life: Life) -> None:
+    manager = life.create(Kind.MANAGER, n=1)
+    first = _keyed(life, manager.id, {"n": 2}, "w-1", expected=manager.version)
+    assert (first.metadata["n"], first.version) == (2, manager.version + 1)
+    life.update(manager.id, metadata={"n": 5})  # another writer, between the write and its retry
+    # The retry of w-1: its expected_version is stale now, and it would undo n=5; it changes
+    # nothing and answers the job as it is.
+    again = _keyed(life, manager.id, {"n": 2}, "w-1", expected=manager.version)
+    assert (again.metadata["n"], again.version) == (5, manager.version + 2)
+    assert life.job(manager.id).metadata["n"] == 5
+    # The same key on another job is another write.
+    other = life.create(Kind.MANAGER, n=1)
+    assert _keyed(life, other.id, {"n": 9}, "w-1").metadata["n"] == 9
+
+
+def test_a_refused_keyed_write_is_not_remembered(life: Life) -> None:
+    manager = life.create(Kind.MANAGER, n=1)
+    with pytest.raises(VersionConflict):
+        _keyed(life, manager.id, {"n": 2}, "w-2", expected=manager.version + 7)
+    # Its key was not kept with the refusal: sent again with the right version, it applies.
+    assert _keyed(life, manager.id, {"n": 2}, "w-2", expected=manager.version).metadata["n"] == 2
+
+
+def test_a_keyed_write_that_changes_nothing_is_remembered_too(life: Life) -> None:
+    manager = life.create(Kind.MANAGER, n=1)
+    same = _keyed(life, manager.id, {"n": 1}, "w-3", expected=manager.version)
+    assert same.version == manager.version
+    life.update(manager.id, metadata={"n": 4})
+    assert _keyed(life, manager.id, {"n": 1}, "w-3", expected=manager.version).metadata["n"] == 4

@@ -246,7 +246,9 @@ async def test_dedupe_keeps_no_state_so_replays_add_no_rows(
     """Duplicates are recognised by the child's state transition, not by remembering event
     ids: sending every event again (three times) adds no row to any table."""
     tables = {"jobs", "step_progress", "counters", "leases", "lease_instances", "alembic_version"}
-    assert table_names(database_url) <= tables  # none of them remembers events
+    # None of them remembers events (metadata_writes keeps only keyed metadata writes).
+    assert table_names(database_url) - {"metadata_writes"} <= tables
+    assert "metadata_writes" in table_names(database_url)
     manager, steps = await manager_with_steps(stub, 2)
     batches = [children_events(steps[0].id, 50), children_events(steps[1].id, 30)]
     await send(stub, batches)
@@ -316,3 +318,37 @@ async def test_prune_succeeds_while_the_monitor_is_busy_writing(
         writes = await asyncio.wait_for(writer, CALL_S)
     assert writes > 0
     assert meta(await get(stub, live.id))["n"] == writes - 1
+
+
+def metadata_write_keys(database_url: str) -> int:
+    engine = create_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            return int(conn.execute(text("SELECT count(*) FROM metadata_writes")).scalar_one())
+    finally:
+        engine.dispose()
+
+
+async def test_prune_deletes_the_keys_of_metadata_writes_with_their_job_and_by_age(
+    stub: Stub, database_url: str
+) -> None:
+    """A keyed UpdateJobMetadata leaves its key; prune deletes it with a pruned tree, and any
+    key older than the cutoff on a job that lives on (a retry comes within seconds)."""
+    finished, _ = await manager_with_steps(stub, 1)
+    live, _ = await manager_with_steps(stub, 1)
+    for job_id in (finished.id, live.id):
+        for n in range(3):
+            await stub.UpdateJobMetadata(
+                m.UpdateJobMetadataRequest(
+                    job_id=job_id, metadata=struct({"n": n}), request_id=f"{job_id}-w{n}"
+                ),
+                timeout=CALL_S,
+            )
+    assert metadata_write_keys(database_url) == 6
+    await set_status(stub, finished.id, S.JOB_STATUS_COMPLETED)
+    await asyncio.to_thread(prune, database_url, "1h")
+    assert metadata_write_keys(database_url) == 6  # nothing is that old yet
+    await asyncio.sleep(0.05)
+    await asyncio.to_thread(prune, database_url, "10ms")
+    assert metadata_write_keys(database_url) == 0
+    assert (await get(stub, live.id)).metadata["n"] == 2.0  # the live job is untouched

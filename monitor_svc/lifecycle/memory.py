@@ -29,6 +29,7 @@ class MemoryDatabase:
         self.now = now or utcnow()
         self.leases: dict[str, Lease] = {}
         self.instances: dict[tuple[str, str], InstanceRecord] = {}
+        self.metadata_writes: dict[tuple[str, str], int] = {}
 
     def run(self, unit: Callable[[MemoryUnitOfWork], T]) -> T:
         uow = MemoryUnitOfWork(self)
@@ -46,6 +47,7 @@ class MemoryUnitOfWork:
         self._progress: dict[str, Progress] = {}
         self._touched: set[str] = set()
         self._leases: dict[str, Lease | None] = {}  # None: deleted in this unit
+        self._metadata_writes: dict[tuple[str, str], int] = {}
 
     # -- jobs --------------------------------------------------------------------------------
     def job(self, job_id: str) -> JobState | None:
@@ -86,6 +88,14 @@ class MemoryUnitOfWork:
 
     def touch(self, job_id: str) -> None:
         self._touched.add(job_id)
+
+    def metadata_write(self, job_id: str, request_id: str) -> int | None:
+        key = (job_id, request_id)
+        found = self._metadata_writes.get(key)
+        return found if found is not None else self._db.metadata_writes.get(key)
+
+    def record_metadata_write(self, job_id: str, request_id: str, version: int) -> None:
+        self._metadata_writes[(job_id, request_id)] = version
 
     def _all_jobs(self) -> list[JobState]:
         merged = {**self._db.jobs, **self._jobs}
@@ -196,6 +206,7 @@ class MemoryUnitOfWork:
                 self._db.leases.pop(owner, None)
             else:
                 self._db.leases[owner] = lease
+        self._db.metadata_writes.update(self._metadata_writes)
         if not (self._jobs or self._progress or self._touched):
             return
         self._db.change_seq = self._seq

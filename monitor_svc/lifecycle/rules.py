@@ -202,8 +202,14 @@ def update_metadata(
     limits: DocumentLimits,
     owner: str = "",
     instance: str = "",
+    request_id: str = "",
 ) -> JobView:
+    """Merge ``patch`` into a job's metadata. A write keyed by ``request_id`` is applied at
+    most once: its retry (the answer was lost) changes nothing and answers the job as it is,
+    before any fence or version check, since those held when it was applied."""
     job = _require(tx, job_id)
+    if request_id and tx.metadata_write(job_id, request_id) is not None:
+        return _view(tx, job)
     fencing.check_fence(tx, job, owner, instance)
     if expected_version is not None and expected_version != job.version:
         raise VersionConflict.stale(job_id, expected_version, job.version)
@@ -213,6 +219,8 @@ def update_metadata(
         job = job.clone()  # hot path: cheaper than dataclasses.replace
         job.metadata, job.version = merged.metadata, job.version + 1
         tx.put(job)
+    if request_id:
+        tx.record_metadata_write(job_id, request_id, job.version)
     return _view(tx, job)
 
 

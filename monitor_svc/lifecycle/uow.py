@@ -57,6 +57,14 @@ class UnitOfWork(Protocol):
         """Give a job this transaction's change_seq without changing its row."""
         ...
 
+    def metadata_write(self, job_id: str, request_id: str) -> int | None:
+        """The version a keyed metadata write left the job at, if it was applied."""
+        ...
+
+    def record_metadata_write(self, job_id: str, request_id: str, version: int) -> None:
+        """Remember a keyed metadata write (written with the job it changed)."""
+        ...
+
     # -- a step's child counts and seal --------------------------------------------------------
     def progress(self, step_id: str) -> Progress | None: ...
 

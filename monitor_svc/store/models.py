@@ -121,6 +121,19 @@ class LeaseRow(Base):
     worker_types: Mapped[str] = mapped_column(Text, default="", server_default=text("''"))
 
 
+class MetadataWriteRow(Base):
+    """A keyed ``UpdateJobMetadata`` already applied (its ``request_id``), so a client's retry
+    after a lost answer is recognised instead of applied again. Pruned with its job, and by
+    age: a retry comes within seconds."""
+
+    __tablename__ = "metadata_writes"
+
+    job_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    request_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    version: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+
+
 class LeaseInstanceRow(Base):
     """Every orchestrator instance (one process) that has held an owner's lease. The newest
     one supersedes the others for good (``superseded_by``), so an older process that wakes

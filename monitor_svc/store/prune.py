@@ -3,7 +3,8 @@
 A manager's tree (its steps, children and step progress rows) goes in one short transaction
 per batch of managers, so live traffic is never blocked for long and a prune interrupted half
 way leaves only whole trees behind. Live jobs, and finished jobs whose manager is still live,
-are never touched.
+are never touched. The keys of metadata writes older than the cutoff go too, whatever their
+job: they only serve a client's retry, which comes within seconds.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from datetime import datetime
 from sqlalchemy import Engine, delete, exists, select
 from sqlalchemy.orm import aliased
 
-from monitor_svc.store.models import CounterRow, JobRow, StepProgressRow
+from monitor_svc.store.models import CounterRow, JobRow, MetadataWriteRow, StepProgressRow
 from monitor_svc.store.tx import CHANGE_SEQ
 from stepflow_common.status import LIVE, TERMINAL
 
@@ -33,6 +34,8 @@ def prune_finished(
     engine: Engine, older_than: datetime, batch_managers: int = DEFAULT_BATCH_MANAGERS
 ) -> PruneResult:
     managers = jobs = progress = 0
+    with engine.begin() as conn:
+        conn.execute(delete(MetadataWriteRow).where(MetadataWriteRow.created_at < older_than))
     while True:
         with engine.begin() as conn:
             if conn.dialect.name == "postgresql":
@@ -63,6 +66,13 @@ def prune_finished(
             )
             if not ids:
                 return PruneResult(managers, jobs, progress)
+            conn.execute(
+                delete(MetadataWriteRow).where(
+                    MetadataWriteRow.job_id.in_(
+                        select(JobRow.id).where(JobRow.manager_id.in_(ids)).scalar_subquery()
+                    )
+                )
+            )
             progress += conn.execute(
                 delete(StepProgressRow).where(StepProgressRow.manager_id.in_(ids))
             ).rowcount

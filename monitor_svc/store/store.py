@@ -115,10 +115,11 @@ class MonitorStore:
         expected_version: int | None,
         owner: str = "",
         instance: str = "",
+        request_id: str = "",
     ) -> JobView:
         return await self.writer.run(
             lambda tx: lifecycle.update_metadata(
-                tx, job_id, patch, expected_version, self.limits, owner, instance
+                tx, job_id, patch, expected_version, self.limits, owner, instance, request_id
             )
         )
 

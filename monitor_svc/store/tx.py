@@ -50,6 +50,7 @@ from monitor_svc.store.models import (
     JobRow,
     LeaseInstanceRow,
     LeaseRow,
+    MetadataWriteRow,
     StepProgressRow,
 )
 from stepflow_common.status import LIVE, Kind, Status
@@ -226,6 +227,10 @@ _SELECT_INSTANCE = select(_I.c.instance, _I.c.owner, _I.c.superseded_by).where(
     _I.c.owner == bindparam("owner"), _I.c.instance == bindparam("instance")
 )
 _SELECT_LEASE_LOCKED = _SELECT_LEASE.with_for_update()
+_W = cast(Table, MetadataWriteRow.__table__)
+_SELECT_WRITE = select(_W.c.version).where(
+    _W.c.job_id == bindparam("job_id"), _W.c.request_id == bindparam("request_id")
+)
 _SELECT_ALL_LEASES = select(_L.c.owner, _L.c.instance, _L.c.expires_at, _L.c.worker_types)
 INSTANCE_MEMORY = timedelta(days=7)
 
@@ -301,7 +306,7 @@ class Tx:
         self._progress_dirty: set[str] = set()
         self._progress_new: set[str] = set()
         self._touched: set[str] = set()  # change_seq only (a manager whose counts moved)
-        self._undo: list[tuple[str, str, Any]] = []
+        self._undo: list[tuple[str, Any, Any]] = []
         self._seq: int | None = None
         self._manager_steps: dict[str, set[str]] = {}  # managers whose progress rows are loaded
         self._unit_progress: set[str] = set()  # progress rows this unit already copied
@@ -310,6 +315,7 @@ class Tx:
         self.earliest_deadline: datetime | None = None  # wakes the deadline timer after commit
         self._leases: dict[str, Lease | None] = {}  # None: absent (or deleted here)
         self._lease_dirty: set[str] = set()
+        self._metadata_writes: dict[tuple[str, str], int] = {}  # recorded here, to insert
         # A manager's tallies as last built, shared by the answers of the units after it
         # while no progress row changed (``_progress_epoch``) and the unit writes none.
         self._tallies: dict[str, tuple[int, dict[str, ChildTally]]] = {}
@@ -327,11 +333,13 @@ class Tx:
         self._progress_epoch += 1
         while len(self._undo) > mark:
             table, key, old = self._undo.pop()
-            cache: dict[str, Any]
+            cache: dict[Any, Any]
             if table == "job":
                 cache = self._jobs
             elif table == "progress":
                 cache = self._progress
+            elif table == "write":
+                cache = self._metadata_writes
             else:
                 cache = self._leases
             if old is _MISSING:
@@ -443,6 +451,30 @@ class Tx:
             for child_id in chunk:
                 self._jobs.setdefault(child_id, None)
         return {c: s for c in child_ids if (s := self._jobs.get(c)) is not None}
+
+    # -- keyed metadata writes ------------------------------------------------------------------
+    def metadata_write(self, job_id: str, request_id: str) -> int | None:
+        found = self._metadata_writes.get((job_id, request_id))
+        if found is not None:
+            return found
+        version = self.conn.execute(
+            _SELECT_WRITE, {"job_id": job_id, "request_id": request_id}
+        ).scalar()
+        return None if version is None else int(version)
+
+    def record_metadata_write(self, job_id: str, request_id: str, version: int) -> None:
+        key = (job_id, request_id)
+        self._undo.append(("write", key, self._metadata_writes.get(key, _MISSING)))
+        self._metadata_writes[key] = version
+
+    def _flush_metadata_writes(self) -> None:
+        if self._metadata_writes:
+            rows = [
+                {"job_id": j, "request_id": r, "version": v, "created_at": self.now}
+                for (j, r), v in self._metadata_writes.items()
+            ]
+            self.conn.execute(_W.insert(), rows)
+            self._metadata_writes.clear()
 
     # -- the clock's work ----------------------------------------------------------------------
     def due_jobs(self) -> list[str]:
@@ -562,6 +594,7 @@ class Tx:
         return self._dirty | self._touched
 
     def flush(self) -> None:
+        self._flush_metadata_writes()
         if not (self._dirty or self._touched or self._progress_dirty or self._lease_dirty):
             return
         seq = self.seq

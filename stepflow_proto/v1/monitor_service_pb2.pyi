@@ -109,18 +109,20 @@ class UpdateJobStatusResponse(_message.Message):
     def __init__(self, job: _Optional[_Union[_job_pb2.Job, _Mapping]] = ...) -> None: ...
 
 class UpdateJobMetadataRequest(_message.Message):
-    __slots__ = ("job_id", "metadata", "expected_version", "owner", "instance")
+    __slots__ = ("job_id", "metadata", "expected_version", "owner", "instance", "request_id")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_VERSION_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     metadata: _struct_pb2.Struct
     expected_version: int
     owner: str
     instance: str
-    def __init__(self, job_id: _Optional[str] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., expected_version: _Optional[int] = ..., owner: _Optional[str] = ..., instance: _Optional[str] = ...) -> None: ...
+    request_id: str
+    def __init__(self, job_id: _Optional[str] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., expected_version: _Optional[int] = ..., owner: _Optional[str] = ..., instance: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class UpdateJobMetadataResponse(_message.Message):
     __slots__ = ("job",)
