@@ -11,6 +11,7 @@ from typing import Any, NewType
 from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
 
 from monitor_svc.records import ChildEventIn, JobFilter, JobState, JobView, NewJob
+from stepflow_common import manager_document as doc
 from stepflow_common.durations import check_duration
 from stepflow_common.errors import InvalidArgument, ResourceExhausted
 from stepflow_common.limits import ID_PATTERN, MAX_ERROR_CHARS, MAX_METADATA_BYTES, truncate_text
@@ -269,14 +270,14 @@ def counts_pb(tally: ChildTally) -> job_pb2.ChildCounts:
 
 def step_stat_pb(entry: dict[str, Any], tally: ChildTally | None) -> job_pb2.StepStat:
     stat = job_pb2.StepStat(
-        step_index=_int(entry.get("step_index"), _INT32_MAX),
-        step_id=_str(entry.get("step_id")),
-        step_name=_str(entry.get("step_name")),
-        step_type=_str(entry.get("step_type")),
-        child_count=_int(entry.get("child_count"), _INT64_MAX),
-        document_count=_int(entry.get("document_count"), _INT64_MAX),
-        status=_status_pb(entry.get("status")),
-        error=_str(entry.get("error")),
+        step_index=_int(entry.get(doc.STEP_INDEX), _INT32_MAX),
+        step_id=_str(entry.get(doc.STEP_ID)),
+        step_name=_str(entry.get(doc.STEP_NAME)),
+        step_type=_str(entry.get(doc.STEP_TYPE)),
+        child_count=_int(entry.get(doc.CHILD_COUNT), _INT64_MAX),
+        document_count=_int(entry.get(doc.DOCUMENT_COUNT), _INT64_MAX),
+        status=_status_pb(entry.get(doc.STATUS)),
+        error=_str(entry.get(doc.ERROR)),
     )
     if tally is not None:
         stat.children.CopyFrom(counts_pb(tally))
@@ -375,7 +376,7 @@ def job_bytes(view: JobView, *, include_definition: bool = False) -> bytes:
         struct = _CONVERTED.metadata_bytes(job.id, job.metadata)
         parts.append(_length_delimited(_METADATA_TAG, struct))
     if job.kind is Kind.MANAGER:
-        entries = job.metadata.get("step_stats")
+        entries = job.metadata.get(doc.STEP_STATS)
         if isinstance(entries, list):
             parts.append(_CONVERTED.step_stats_bytes(job.id, entries, view.step_tallies))
     return b"".join(parts)
@@ -450,7 +451,7 @@ class _ConvertedCache:
         for entry in entries:
             if not isinstance(entry, dict):
                 continue
-            tally = tallies.get(str(entry.get("step_id")))
+            tally = tallies.get(str(entry.get(doc.STEP_ID)))
             known = by_entry.get(id(entry))
             if known is None or known[0] is not entry or known[1] != tally:
                 known = (entry, tally, _step_stat_bytes(entry, tally))

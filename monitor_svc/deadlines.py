@@ -13,9 +13,9 @@ from datetime import datetime
 
 import structlog
 
+from monitor_svc import metrics
 from monitor_svc.records import utcnow
 from monitor_svc.store.store import MonitorStore
-from stepflow_common import metrics
 
 log = structlog.get_logger(__name__)
 

@@ -18,16 +18,26 @@ import structlog
 
 from stepflow_common.errors import FailedPrecondition, InvalidArgument, NotFound
 from stepflow_common.limits import MAX_STEP_STAT_ERROR_CHARS, truncate_text
+from stepflow_common.manager_document import (
+    CHILD_COUNT,
+    COMPLETED_STEPS,
+    CURRENT_STEP_ID,
+    CURRENT_STEP_STATUS,
+    DOCUMENT_COUNT,
+    ERROR,
+    STATUS,
+    STEP_ID,
+    STEP_INDEX,
+    STEP_NAME,
+    STEP_STATS,
+    STEP_TYPE,
+)
 from stepflow_common.status import Status, Transition, check_transition, is_forward, parse_status
 from stepflow_common.step_outcome import ChildTally
 
 log = structlog.get_logger(__name__)
 
-STEP_STATS = "step_stats"
-CURRENT_STEP_ID = "current_step_id"
-CURRENT_STEP_STATUS = "current_step_status"
-COMPLETED_STEPS = "completed_steps"
-TEXT_FIELDS = ("step_name", "step_type", "error")
+TEXT_FIELDS = (STEP_NAME, STEP_TYPE, ERROR)
 # Whole numbers in an entry: JSON (a double) holds them exactly up to 2**53; step_index is an
 # int32 in the typed StepStat.
 MAX_WHOLE = 2**53
@@ -78,10 +88,10 @@ def merge_metadata(current: Mapping[str, Any], patch: Mapping[str, Any]) -> Merg
 
 def _follow_current_entry(new: Metadata) -> None:
     current_id = new.get(CURRENT_STEP_ID)
-    entry = next((e for e in new[STEP_STATS] if e.get("step_id") == current_id), None)
+    entry = next((e for e in new[STEP_STATS] if e.get(STEP_ID) == current_id), None)
     if entry is None:
         return
-    entry_status = _status_or_none(entry.get("status"))
+    entry_status = _status_or_none(entry.get(STATUS))
     if entry_status is not None:
         _current_follows(new, current_id, entry_status)
 
@@ -127,21 +137,21 @@ def _merge_step_stats(current: Any, patch: Any, ignored: list[str]) -> list[dict
     if not isinstance(patch, list):
         raise InvalidArgument("metadata.step_stats must be a list of objects")
     entries: list[dict[str, Any]] = [dict(e) for e in current] if isinstance(current, list) else []
-    by_id = {e.get("step_id"): e for e in entries}
+    by_id = {e.get(STEP_ID): e for e in entries}
     for raw in patch:
         _validate_entry(raw)
-        step_id = raw["step_id"]
+        step_id = raw[STEP_ID]
         existing = by_id.get(step_id)
-        if isinstance(raw.get("error"), str):
-            raw = {**raw, "error": truncate_text(raw["error"], MAX_STEP_STAT_ERROR_CHARS)}
+        if isinstance(raw.get(ERROR), str):
+            raw = {**raw, ERROR: truncate_text(raw[ERROR], MAX_STEP_STAT_ERROR_CHARS)}
         if existing is None:
             entry = {k: v for k, v in raw.items() if v is not None}
             entries.append(entry)
             by_id[step_id] = entry
             continue
         for key, value in raw.items():
-            if key == "status":
-                old = _status_or_none(existing.get("status"))
+            if key == STATUS:
+                old = _status_or_none(existing.get(STATUS))
                 if old is not None and value != old.value and not is_forward(old, Status(value)):
                     ignored.append(f"step_stats[{step_id}].status {old} -> {value}")
                     continue
@@ -155,19 +165,19 @@ def _merge_step_stats(current: Any, patch: Any, ignored: list[str]) -> list[dict
 def _validate_entry(raw: Any) -> None:
     if not isinstance(raw, dict):
         raise InvalidArgument("each metadata.step_stats entry must be an object")
-    step_id = raw.get("step_id")
+    step_id = raw.get(STEP_ID)
     if not isinstance(step_id, str) or not step_id:
         raise InvalidArgument("each metadata.step_stats entry needs a non-empty string step_id")
-    if raw.get("status") is None and "status" in raw:
+    if raw.get(STATUS) is None and STATUS in raw:
         raise InvalidArgument(f"step_stats[{step_id}].status cannot be deleted")
-    if "status" in raw:
-        parse_status(raw["status"])
-    index = raw.get("step_index")
+    if STATUS in raw:
+        parse_status(raw[STATUS])
+    index = raw.get(STEP_INDEX)
     if index is not None and (not _is_whole(index) or not 0 <= index <= MAX_STEP_INDEX):
         raise InvalidArgument(
             f"step_stats[{step_id}].step_index must be a whole number from 0 to {MAX_STEP_INDEX}"
         )
-    for name in ("child_count", "document_count"):
+    for name in (CHILD_COUNT, DOCUMENT_COUNT):
         value = raw.get(name)
         if value is not None and (not _is_whole(value) or abs(value) > MAX_WHOLE):
             raise InvalidArgument(
@@ -191,7 +201,7 @@ def _is_whole(value: Any) -> bool:
 def sort_entries(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Keep the array in step order; entries without an index keep their place at the end."""
     big = float("inf")
-    return sorted(entries, key=lambda e: e.get("step_index", big))
+    return sorted(entries, key=lambda e: e.get(STEP_INDEX, big))
 
 
 _ENDED = frozenset(s.value for s in Status if s.terminal)
@@ -200,7 +210,7 @@ _ENDED = frozenset(s.value for s in Status if s.terminal)
 def count_ended_steps(entries: list[dict[str, Any]]) -> int:
     # Plain text lookups: this runs over every entry on every step-stat write.
     ended = _ENDED
-    return sum(1 for e in entries if isinstance(status := e.get("status"), str) and status in ended)
+    return sum(1 for e in entries if isinstance(status := e.get(STATUS), str) and status in ended)
 
 
 def _status_or_none(value: Any) -> Status | None:
@@ -225,15 +235,15 @@ def set_step_stat_status(
     entries = metadata.get(STEP_STATS)
     if not isinstance(entries, list):
         raise FailedPrecondition("the manager's metadata has no step_stats yet")
-    index = next((i for i, e in enumerate(entries) if e.get("step_id") == step_id), None)
+    index = next((i for i, e in enumerate(entries) if e.get(STEP_ID) == step_id), None)
     if index is None:
         raise NotFound(f"step {step_id} is not in the manager's step_stats")
     entry = entries[index]
-    old = _status_or_none(entry.get("status")) or Status.PENDING
+    old = _status_or_none(entry.get(STATUS)) or Status.PENDING
     if check_transition(old, status, what=f"step {step_id} in step_stats") is Transition.NOOP:
         return StepStatUpdate(dict(metadata), dict(entry), False, False)
     new_entries = list(entries)
-    new_entry = {**entry, "status": status.value}
+    new_entry = {**entry, STATUS: status.value}
     new_entries[index] = new_entry
     new: Metadata = {**metadata, STEP_STATS: new_entries}
     current_changed = _current_follows(new, step_id, status)
@@ -263,30 +273,30 @@ def record_step_status(metadata: Mapping[str, Any], facts: StepFacts) -> Metadat
     """
     raw_entries = metadata.get(STEP_STATS)
     entries: list[dict[str, Any]] = list(raw_entries) if isinstance(raw_entries, list) else []
-    index = next((i for i, e in enumerate(entries) if e.get("step_id") == facts.step_id), None)
+    index = next((i for i, e in enumerate(entries) if e.get(STEP_ID) == facts.step_id), None)
     if index is None:
         entry: dict[str, Any] = {
-            "step_index": facts.step_index if facts.step_index is not None else len(entries),
-            "step_id": facts.step_id,
-            "step_name": facts.step_name,
-            "step_type": facts.step_type,
-            "child_count": 0,
-            "document_count": 0,
-            "status": Status.PENDING.value,
-            "error": "",
+            STEP_INDEX: facts.step_index if facts.step_index is not None else len(entries),
+            STEP_ID: facts.step_id,
+            STEP_NAME: facts.step_name,
+            STEP_TYPE: facts.step_type,
+            CHILD_COUNT: 0,
+            DOCUMENT_COUNT: 0,
+            STATUS: Status.PENDING.value,
+            ERROR: "",
         }
         entries.append(entry)
         index = len(entries) - 1
     else:
         entry = dict(entries[index])
-    old = _status_or_none(entry.get("status")) or Status.PENDING
+    old = _status_or_none(entry.get(STATUS)) or Status.PENDING
     if facts.status != old and is_forward(old, facts.status):
-        entry["status"] = facts.status.value
+        entry[STATUS] = facts.status.value
         if facts.error:
-            entry["error"] = truncate_text(facts.error, MAX_STEP_STAT_ERROR_CHARS)
+            entry[ERROR] = truncate_text(facts.error, MAX_STEP_STAT_ERROR_CHARS)
         if facts.status.terminal:
             if facts.child_count is not None:
-                entry["child_count"] = facts.child_count
+                entry[CHILD_COUNT] = facts.child_count
             if facts.tally is not None:
                 entry["children"] = tally_dict(facts.tally)
     entries[index] = entry
@@ -302,7 +312,7 @@ def record_child_count(metadata: Mapping[str, Any], step_id: str, child_count: i
     if not isinstance(entries, list):
         return dict(metadata)
     new_entries = [
-        {**e, "child_count": child_count} if e.get("step_id") == step_id else e for e in entries
+        {**e, CHILD_COUNT: child_count} if e.get(STEP_ID) == step_id else e for e in entries
     ]
     return {**metadata, STEP_STATS: new_entries}
 

@@ -12,11 +12,11 @@ import grpc
 import structlog
 from grpc import aio
 
-from monitor_svc import convert
+from monitor_svc import convert, metrics
 from monitor_svc.records import JobView
 from monitor_svc.store.store import MonitorStore
 from monitor_svc.watch import WatchHub
-from stepflow_common import metrics, tracing
+from stepflow_common import tracing
 from stepflow_common.errors import InvalidArgument
 from stepflow_common.limits import DEFAULT_CLIENT_MESSAGE_BYTES
 from stepflow_proto.v1 import job_pb2

@@ -16,8 +16,8 @@ from collections.abc import AsyncGenerator, Awaitable, Callable
 
 import structlog
 
+from monitor_svc import metrics
 from monitor_svc.records import JobView
-from stepflow_common import metrics
 
 log = structlog.get_logger(__name__)
 

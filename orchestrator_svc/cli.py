@@ -325,17 +325,24 @@ async def _connect(
     )
 
 
-def _client_settings(args: argparse.Namespace) -> client.ClientSettings:
+def _client_settings(args: argparse.Namespace, connect_s: float) -> client.ClientSettings:
     """The connection settings submit and cancel share (checked: CliError when a TLS file is
-    missing or a certificate comes without its key)."""
+    missing or a certificate comes without its key).
+
+    ``--connect-timeout 0s`` means "fail at once if nothing answers", so the channel's retry
+    on UNAVAILABLE, whose backoff would wait seconds, is off for it.
+    """
     cli.check_tls(args.tls_ca, args.tls_cert, args.tls_key, ("--tls-ca", "--tls-cert", "--tls-key"))
-    return {
+    settings: client.ClientSettings = {
         "tls_ca": args.tls_ca,
         "tls_cert": args.tls_cert,
         "tls_key": args.tls_key,
         "token": args.auth_token,
         "timeout": CALL_TIMEOUT_S,
     }
+    if connect_s <= 0:
+        settings["retry"] = None
+    return settings
 
 
 def _refused(exc: StepflowError, service: str, address: str, flag: str) -> cli.CliError:
@@ -356,7 +363,7 @@ def _connect_timeout(args: argparse.Namespace) -> float:
 async def _submit(args: argparse.Namespace) -> int:
     spec = _load_job(args.file)
     connect_s = _connect_timeout(args)
-    settings = _client_settings(args)
+    settings = _client_settings(args, connect_s)
     async with contextlib.AsyncExitStack() as stack:
         monitor: client.MonitorClient | None = None
         if args.follow:
@@ -438,7 +445,9 @@ async def _follow_until_interrupted(
 
 async def _cancel(args: argparse.Namespace) -> int:
     connect_s = _connect_timeout(args)
-    async with client.OrchestratorClient(args.orchestrator, **_client_settings(args)) as orch:
+    async with client.OrchestratorClient(
+        args.orchestrator, **_client_settings(args, connect_s)
+    ) as orch:
         await _connect(
             orch.channel, "orchestrator", args.orchestrator, "--orchestrator", connect_s, args
         )

@@ -19,6 +19,7 @@ from typing import Any, NoReturn
 import structlog
 from grpc import aio
 
+from orchestrator_svc import metrics
 from orchestrator_svc.convert import child_event_pb, event_from_pb, event_to_pb
 from orchestrator_svc.records import ChildEvent
 from stepflow_client._events import (
@@ -30,7 +31,6 @@ from stepflow_client._events import (
     EmitterHooks,
     EmitterStats,
 )
-from stepflow_common import metrics
 from stepflow_proto.v1 import job_pb2
 from stepflow_proto.v1 import monitor_service_pb2 as m
 

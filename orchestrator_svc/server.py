@@ -13,6 +13,7 @@ import structlog
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from orchestrator_svc import metrics as orchestrator_metrics
 from orchestrator_svc.event_stream import EventStream
 from orchestrator_svc.monitor_client import MonitorClient
 from orchestrator_svc.orchestrator import DEFAULT_CAPACITY, DEFAULT_LEASE_S, Orchestrator
@@ -108,7 +109,7 @@ async def create_server(
     if tracing.enabled():
         stream.on_send = tracing.stamp_batch
     stream.start()
-    metrics.track_unacked(lambda: stream.buffered)
+    orchestrator_metrics.track_unacked(lambda: stream.buffered)
     server = serving.make_server(config.security, [DomainErrorInterceptor(metrics.observe_rpc)])
     port = serving.bind(server, f"{config.host}:{config.port}", config.security)
     owner = config.owner or default_owner(port)

@@ -16,8 +16,8 @@ import grpc
 import structlog
 from grpc import aio
 
-from stepflow_client import ChannelConfigError, check_tls_files
 from stepflow_common import logs
+from stepflow_common.channels import ChannelConfigError, check_tls_files
 from stepflow_common.rpc_errors import REASON_KEY
 from stepflow_common.serving import Security
 

@@ -17,8 +17,8 @@ from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from stepflow_client.aio import ChannelSettings, Keepalive, aio_channel
 from stepflow_common import tracing
+from stepflow_common.channels import ChannelSettings, Keepalive, aio_channel
 from stepflow_common.limits import MAX_REQUEST_BYTES
 
 log = structlog.get_logger(__name__)

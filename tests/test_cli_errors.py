@@ -143,6 +143,21 @@ def test_zero_connect_timeout_fails_at_once(command: str) -> None:
     assert f"cannot reach the orchestrator at {address}" in done.line
 
 
+@pytest.mark.parametrize(("timeout", "retried"), [("0s", False), ("2s", True)])
+def test_zero_connect_timeout_turns_the_channel_retry_off(timeout: str, retried: bool) -> None:
+    """The channel's retry on UNAVAILABLE backs off for seconds: "fail at once" must not."""
+    from orchestrator_svc import cli as orchestrator_cli
+
+    args = orchestrator_cli.build_parser().parse_args(
+        ["cancel", "some-job", "--connect-timeout", timeout]
+    )
+    settings = orchestrator_cli._client_settings(args, orchestrator_cli._connect_timeout(args))
+    if retried:
+        assert "retry" not in settings  # the client's default policy
+    else:
+        assert settings["retry"] is None
+
+
 def test_help_lists_the_exit_statuses_and_no_empty_defaults() -> None:
     helps: list[list[str | Path]] = [
         [MONITOR_SVC, "--help"],

@@ -1113,9 +1113,9 @@ async def test_stale_spawned_after_the_step_completed_is_refused_by_the_monitor(
     """The old failure, reproduced: the children finish and the step completes, then the
     orchestrator writes ``spawned`` for it (here through all three APIs, straight after each
     step ended, as the old code did). The monitor's guard alone keeps every step completed."""
-    from orchestrator_svc import runner as runner_mod
+    from orchestrator_svc.runner.context import JobContext
 
-    real_end_step = runner_mod.JobRunner._end_step
+    real_end_step = JobContext.end_step
     stale_writes: list[str] = []
 
     async def end_step_then_write_spawned(self, step, status, error, **kw):  # type: ignore[no-untyped-def]
@@ -1123,7 +1123,7 @@ async def test_stale_spawned_after_the_step_completed_is_refused_by_the_monitor(
         stale_writes.append(step.job_id)
         await write_spawned_every_way(stub, self.manager_id, step.job_id)
 
-    monkeypatch.setattr(runner_mod.JobRunner, "_end_step", end_step_then_write_spawned)
+    monkeypatch.setattr(JobContext, "end_step", end_step_then_write_spawned)
     manager_id = await submit(
         ostub,
         {

@@ -23,8 +23,9 @@ import structlog
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, OperationalError
 
+from monitor_svc import metrics
 from monitor_svc.store.tx import Tx
-from stepflow_common import metrics, tracing
+from stepflow_common import tracing
 from stepflow_common.errors import AlreadyExists, InvalidArgument, StepflowError, Unavailable
 
 log = structlog.get_logger(__name__)

@@ -80,9 +80,74 @@ def test_client_modules_import_only_grpc_protobuf_and_pure_common_modules(path: 
         "stepflow_common.durations",
         "stepflow_common.job_keys",  # the job definition's keys (errors only)
         "stepflow_common.subprocesses",  # the standard library only (the test kit uses it)
+        "stepflow_common.channels",  # grpcio only: the channels the client and services dial
     }
     for module in _imports(path):
         top = module.split(".")[0]
         if top == "stepflow_common":
             assert module in allowed_common, f"{path.name} imports {module}"
         assert top not in SERVER_ONLY, f"{path.name} imports {module}"
+
+
+PROJECT = ("monitor_svc", "orchestrator_svc", "stepflow_common", "stepflow_client")
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _module_level_imports(path: Path, known: set[str]) -> set[str]:
+    """The project modules ``path`` imports when it is loaded (not those imported inside a
+    function, nor under ``TYPE_CHECKING``); ``from package import module`` names the module."""
+    found: set[str] = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name in known)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            subs = {f"{node.module}.{a.name}" for a in node.names} & known
+            found.update(subs or ({node.module} & known))
+    return found
+
+
+def _graph() -> dict[str, set[str]]:
+    paths = {
+        _module_name(p): p
+        for package in PROJECT
+        for p in _modules(ROOT / package)
+        if "migrations" not in p.parts
+    }
+    known = set(paths)
+    return {name: _module_level_imports(path, known) - {name} for name, path in paths.items()}
+
+
+def test_no_import_circles() -> None:
+    graph = _graph()
+    state: dict[str, int] = {}  # 1: on the path being walked, 2: done
+    path: list[str] = []
+
+    def walk(module: str) -> None:
+        state[module] = 1
+        path.append(module)
+        for target in sorted(graph[module]):
+            if state.get(target) == 1:
+                circle = [*path[path.index(target) :], target]
+                raise AssertionError("import circle: " + " -> ".join(circle))
+            if target not in state:
+                walk(target)
+        path.pop()
+        state[module] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            walk(module)
+
+
+def test_the_shared_code_imports_neither_service_nor_the_client() -> None:
+    """stepflow_common is the lowest layer: the client and both services stand on it."""
+    for module, targets in _graph().items():
+        if module.split(".")[0] == "stepflow_common":
+            above = {t for t in targets if t.split(".")[0] != "stepflow_common"}
+            assert not above, f"{module} imports {sorted(above)}"

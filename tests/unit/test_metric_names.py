@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 from prometheus_client.metrics import MetricWrapperBase
 
+from monitor_svc import metrics as monitor_metrics
+from orchestrator_svc import metrics as orchestrator_metrics
 from stepflow_common import metrics
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -37,8 +39,9 @@ NOT_BASE_UNITS = (
 
 
 def _defined() -> list[MetricWrapperBase]:
-    """Every metric object the metrics module defines."""
-    return [v for v in vars(metrics).values() if isinstance(v, MetricWrapperBase)]
+    """Every metric object the metrics modules (shared, and each service's) define."""
+    modules = (metrics, monitor_metrics, orchestrator_metrics)
+    return [v for m in modules for v in vars(m).values() if isinstance(v, MetricWrapperBase)]
 
 
 def _served() -> list[MetricWrapperBase]:

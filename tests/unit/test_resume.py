@@ -13,9 +13,11 @@ from orchestrator_svc.event_stream import EventStream
 from orchestrator_svc.monitor_client import MonitorClient
 from orchestrator_svc.resume import MAX_INTERRUPTIONS, JobRecord, Plan, StepRecord, plan_step
 from orchestrator_svc.runner import JobRunner
+from orchestrator_svc.runner.stop import StopReason
 from orchestrator_svc.workers.base import ExistingChild
 from orchestrator_svc.workers.registry import load_registry
 from stepflow_common.status import Status
+from stepflow_common.step_outcome import ChildTally
 from stepflow_proto.v1 import job_pb2
 
 WORKERS = load_registry(plugins=False)
@@ -118,8 +120,8 @@ async def test_ended_steps_stand_and_their_failures_count() -> None:
             StepRecord(Status.PENDING),
         ],
     )
-    runner._apply_records(runner._resume)  # type: ignore[arg-type]
-    a, b, c, d_, e = runner._steps
+    runner.apply_records(runner._resume)  # type: ignore[arg-type]
+    a, b, c, d_, e = runner.job.steps
     assert (a.plan, a.final, a.error, a.ended.is_set()) == (
         Plan.STANDS,
         Status.FAILED,
@@ -133,13 +135,13 @@ async def test_ended_steps_stand_and_their_failures_count() -> None:
         False,
     )
     assert c.plan is Plan.CONTINUE and c.existing == children
-    assert c.counts == {"pending": 1, "running": 1, "completed": 1, "failed": 1, "cancelled": 0}
-    assert c.counted_running == {"m.2.1"}
+    assert c.counts.tally() == ChildTally(pending=1, running=1, completed=1, failed=1)
+    assert c.counts.counted_running == {"m.2.1"}
     assert (d_.plan, d_.attempt) == (Plan.RERUN, 2)
     assert e.plan is Plan.START
     # on_error = continue: the failed step stops nothing; 5 failures are within the tolerance.
-    assert runner._child_failures == 5
-    assert not runner._stop_new and not runner._tolerance_exceeded
+    assert runner.job.child_failures.count == 5
+    assert not runner.job.stop.starts_no_step and not runner.job.child_failures.exceeded
 
 
 async def test_a_tolerance_exceeded_before_the_interruption_stops_the_job() -> None:
@@ -151,14 +153,15 @@ async def test_a_tolerance_exceeded_before_the_interruption_stops_the_job() -> N
     runner = runner_for(
         spec, [StepRecord(Status.COMPLETED, failed_children=3), StepRecord(Status.PENDING)]
     )
-    runner._apply_records(runner._resume)  # type: ignore[arg-type]
-    assert runner._tolerance_exceeded and runner._stop_new and runner._halted
-    assert runner._manager_error == "error tolerance exceeded (3 > 2)"
+    runner.apply_records(runner._resume)  # type: ignore[arg-type]
+    stop = runner.job.stop
+    assert runner.job.child_failures.exceeded and stop.halted
+    assert (stop.reason, stop.error) == (StopReason.TOLERANCE, "error tolerance exceeded (3 > 2)")
 
 
 async def test_a_failed_step_under_on_error_fail_stops_new_steps() -> None:
     spec = d.JobSpec(name="j", steps=(step(name="a"), step(name="b")))
     runner = runner_for(spec, [StepRecord(Status.FAILED, "x"), StepRecord(Status.PENDING)])
-    runner._apply_records(runner._resume)  # type: ignore[arg-type]
-    assert runner._stop_new and runner._failed_by_rule
-    assert runner._skip_reason(runner._steps[1]) == "job stopped before this step"
+    runner.apply_records(runner._resume)  # type: ignore[arg-type]
+    assert runner.job.stop.reason is StopReason.STEP_FAILED and not runner.job.stop.halted
+    assert runner.driver.skip_reason(runner.job.steps[1]) == "job stopped before this step"
