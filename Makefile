@@ -44,11 +44,13 @@ $(STAMP): pyproject.toml
 	fi
 	@touch "$(STAMP)"
 
-gen: venv ## regenerate stepflow_proto/ from protos/
+gen: venv ## regenerate stepflow_proto/ from protos/, and the blocking client from the asyncio one
 	"$(BIN)/python" scripts/gen_protos.py
+	"$(BIN)/python" scripts/gen_sync_client.py
 
-check-gen: venv ## fail if stepflow_proto/ is stale
+check-gen: venv ## fail if stepflow_proto/ or stepflow_client/_sync.py is stale
 	"$(BIN)/python" scripts/gen_protos.py --check
+	"$(BIN)/python" scripts/gen_sync_client.py --check
 
 buf-lint: venv ## buf lint (STANDARD rules) on protos/
 	cd protos && "$(BIN)/buf" lint
@@ -75,7 +77,7 @@ lint: venv ## buf lint, buf breaking, ruff check, ruff format --check, mypy
 	echo "lint clean"
 
 test: venv ## check-gen, lint (buf, ruff, mypy), then pytest (extra args: PYTEST_ARGS=...)
-	"$(BIN)/python" scripts/gen_protos.py --check
+	$(MAKE) --no-print-directory check-gen
 	$(MAKE) --no-print-directory lint
 	"$(BIN)/pytest" $(PYTEST_ARGS) $(TESTS)
 

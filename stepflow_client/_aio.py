@@ -1,10 +1,11 @@
-"""The asyncio clients (``stepflow_client.aio``). The blocking ones in ``_sync`` mirror them
-method for method; both build requests with ``_requests``."""
+"""The asyncio clients (``stepflow_client.aio``). The blocking ones in ``_sync`` are generated
+from this file (``scripts/gen_sync_client.py``); both build requests with ``_requests``."""
 
 from __future__ import annotations
 
 import asyncio
 import copy
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any, TypeVar, Unpack
@@ -38,21 +39,21 @@ class _Client:
 
     def __init__(self, target: str | aio.Channel, **settings: Unpack[ClientSettings]) -> None:
         timeout = settings.get("timeout", r.DEFAULT_TIMEOUT_S)
+        self._settings: ChannelSettings | None = None
         if isinstance(target, str):
-            self.channel = aio_channel(
-                ChannelSettings(
-                    target=target,
-                    tls=settings.get("tls", False),
-                    tls_ca=settings.get("tls_ca", ""),
-                    tls_cert=settings.get("tls_cert", ""),
-                    tls_key=settings.get("tls_key", ""),
-                    tls_server_name=settings.get("tls_server_name", ""),
-                    token=settings.get("token", ""),
-                    keepalive=settings.get("keepalive") or Keepalive(),
-                    retry=settings.get("retry", DEFAULT_RETRY),
-                    extra_options=settings.get("options", ()),
-                )
+            self._settings = ChannelSettings(
+                target=target,
+                tls=settings.get("tls", False),
+                tls_ca=settings.get("tls_ca", ""),
+                tls_cert=settings.get("tls_cert", ""),
+                tls_key=settings.get("tls_key", ""),
+                tls_server_name=settings.get("tls_server_name", ""),
+                token=settings.get("token", ""),
+                keepalive=settings.get("keepalive") or Keepalive(),
+                retry=settings.get("retry", DEFAULT_RETRY),
+                extra_options=settings.get("options", ()),
             )
+            self.channel = aio_channel(self._settings)
             self._owns_channel = True
         else:
             self.channel = target
@@ -386,7 +387,6 @@ class MonitorClient(_Client):
         ``reconnect_for`` seconds without the monitor (None: never)."""
         seen = after_change_seq
         attempt = 0
-        loop = asyncio.get_running_loop()
         outage_since: float | None = None
         while True:
             call = self.stub.WatchJob(
@@ -409,7 +409,7 @@ class MonitorClient(_Client):
             except aio.AioRpcError as exc:
                 if exc.code() not in r.RECONNECT_CODES:
                     raise decode(exc) from exc
-                now = loop.time()
+                now = time.monotonic()
                 outage_since = now if outage_since is None else outage_since
                 if reconnect_for is not None and now - outage_since >= reconnect_for:
                     raise decode(exc) from exc

@@ -1,5 +1,7 @@
-"""The blocking clients (``stepflow_client``): ``_aio`` method for method, without await.
-Both build requests with ``_requests``; keep them in step."""
+"""The blocking clients (``stepflow_client``): ``_aio``'s, method for method.
+
+Generated from ``_aio.py`` by ``scripts/gen_sync_client.py``: never edit; change ``_aio.py``
+and run ``make gen``."""
 
 from __future__ import annotations
 
