@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import sys
 from collections.abc import Callable
 from dataclasses import Field, dataclass, field, fields
@@ -36,8 +37,9 @@ class DocumentLimits:
 # The job record is declared once, below: the storage derives its columns, its row mapping
 # and its UPDATE statements from these fields, and ``clone`` copies them all. A field's
 # ``metadata`` says how the storage writes it (``Stored``); the column is the field's name
-# unless ``column`` says otherwise. A new field is one line here (with a default, so the
-# places that build jobs need not change) plus the migration that adds its column.
+# unless ``column`` says otherwise; ``Shown`` says how the answer shows it. A new field is one
+# line here (with a default, so the places that build jobs need not change) plus the
+# migration that adds its column.
 @dataclass(frozen=True, slots=True)
 class Stored:
     """How a job field is stored: written by every update of the row (``updated``), also by
@@ -51,47 +53,62 @@ class Stored:
     selected: bool = True
 
 
+class Shown(enum.Enum):
+    """How a job field appears in the ``stepflow.v1.Job`` answer (``monitor_svc/wire/answers``):
+    copied as it is into the field of the same name, as a timestamp of that name, or converted
+    there by hand (kind, status, parent_id, metadata, definition). A field without it is not
+    shown."""
+
+    AS_IS = "as_is"
+    TIME = "time"
+    CONVERTED = "converted"
+
+
 STORED = "stored"
+SHOWN = "shown"
 _FIXED = {STORED: Stored()}
 _UPDATED = {STORED: Stored(updated=True)}
 _CHILD = {STORED: Stored(updated=True, by_child_event=True)}
+_AS_IS = {SHOWN: Shown.AS_IS}
+_TIME = {SHOWN: Shown.TIME}
+_CONVERTED = {SHOWN: Shown.CONVERTED}
 
 
 @dataclass(slots=True)
 class JobState:
     """One job's row as a unit of work sees it. Units replace it, never mutate it in place."""
 
-    id: str = field(metadata=_FIXED)
-    kind: Kind = field(metadata=_FIXED)
-    parent_id: str | None = field(metadata=_FIXED)
-    manager_id: str = field(metadata=_FIXED)
-    name: str = field(metadata=_FIXED)
-    type: str = field(metadata=_FIXED)
-    status: Status = field(metadata=_CHILD)
-    error: str = field(metadata=_CHILD)
-    end_reason: str = field(metadata=_CHILD)
+    id: str = field(metadata=_FIXED | _AS_IS)
+    kind: Kind = field(metadata=_FIXED | _CONVERTED)
+    parent_id: str | None = field(metadata=_FIXED | _CONVERTED)
+    manager_id: str = field(metadata=_FIXED | _AS_IS)
+    name: str = field(metadata=_FIXED | _AS_IS)
+    type: str = field(metadata=_FIXED | _AS_IS)
+    status: Status = field(metadata=_CHILD | _CONVERTED)
+    error: str = field(metadata=_CHILD | _AS_IS)
+    end_reason: str = field(metadata=_CHILD | _AS_IS)
     metadata: dict[str, Any] = field(
-        metadata={STORED: Stored(updated=True, column="metadata_json")}
+        metadata={STORED: Stored(updated=True, column="metadata_json")} | _CONVERTED
     )
-    version: int = field(metadata=_CHILD)
-    change_seq: int = field(metadata=_CHILD)
+    version: int = field(metadata=_CHILD | _AS_IS)
+    change_seq: int = field(metadata=_CHILD | _AS_IS)
     step_index: int | None = field(metadata=_FIXED)
     timeout_s: float | None = field(metadata=_FIXED)
-    deadline: datetime | None = field(metadata=_UPDATED)
-    created_at: datetime = field(metadata=_FIXED)
-    started_at: datetime | None = field(metadata=_CHILD)
-    finished_at: datetime | None = field(metadata=_CHILD)
+    deadline: datetime | None = field(metadata=_UPDATED | _TIME)
+    created_at: datetime = field(metadata=_FIXED | _TIME)
+    started_at: datetime | None = field(metadata=_CHILD | _TIME)
+    finished_at: datetime | None = field(metadata=_CHILD | _TIME)
     request_id: str | None = field(metadata=_FIXED)
-    owner: str = field(metadata=_UPDATED)
+    owner: str = field(metadata=_UPDATED | _AS_IS)
     # Runs started: children by their RUNNING events, steps by their RUNNING status.
-    attempt: int = field(default=0, metadata=_CHILD)
+    attempt: int = field(default=0, metadata=_CHILD | _AS_IS)
     # Steps and children: how often their orchestrator was lost while they ran.
-    interruptions: int = field(default=0, metadata=_UPDATED)
+    interruptions: int = field(default=0, metadata=_UPDATED | _AS_IS)
     # Managers without an owner: when the job fails orchestrator_lost unless adopted first.
     orphan_deadline: datetime | None = field(default=None, metadata=_UPDATED)
     # Managers: the job definition they were submitted with (read on request only).
     definition: dict[str, Any] | None = field(
-        default=None, metadata={STORED: Stored(selected=False)}
+        default=None, metadata={STORED: Stored(selected=False)} | _CONVERTED
     )
 
     def clone(self) -> JobState:
@@ -116,6 +133,11 @@ _clone = _clone_function()
 
 def stored(f: Field[Any]) -> Stored:
     found: Stored = f.metadata[STORED]
+    return found
+
+
+def shown(f: Field[Any]) -> Shown | None:
+    found: Shown | None = f.metadata.get(SHOWN)
     return found
 
 

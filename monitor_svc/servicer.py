@@ -16,6 +16,7 @@ from monitor_svc import convert, metrics
 from monitor_svc.records import JobView
 from monitor_svc.store.store import MonitorStore
 from monitor_svc.watch import WatchHub
+from monitor_svc.wire import answers
 from stepflow_common import tracing
 from stepflow_common.errors import InvalidArgument
 from stepflow_common.limits import DEFAULT_CLIENT_MESSAGE_BYTES
@@ -39,74 +40,26 @@ def _observe(future: asyncio.Future[Any]) -> None:
         log.info("stream batch abandoned", error=f"{type(error).__name__}: {error}")
 
 
-def add_to_server(servicer: MonitorServicer, server: aio.Server) -> None:
-    """Register ``servicer`` as the generated code does, except that a handler may answer
-    with its response already serialized (``convert.Serialized``): it is sent unchanged."""
-    recorded = _Recorded()
-    m_grpc.add_MonitorServiceServicer_to_server(servicer, recorded)
-    handlers = {name: _sending_bytes(h) for name, h in recorded.handlers.items()}
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(recorded.service, handlers),)
-    )
-    server.add_registered_method_handlers(recorded.service, handlers)
-
-
-class _Recorded:
-    """Stands for the server while the generated code registers its handlers."""
-
-    service = ""
-    handlers: dict[str, grpc.RpcMethodHandler] = {}
-
-    def add_generic_rpc_handlers(self, _handlers: Any) -> None:
-        pass
-
-    def add_registered_method_handlers(
-        self, service: str, handlers: dict[str, grpc.RpcMethodHandler]
-    ) -> None:
-        self.service, self.handlers = service, handlers
-
-
-def _sending_bytes(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    serialize = handler.response_serializer
-
-    def serializer(response: Any) -> bytes:
-        if isinstance(response, bytes):
-            return response
-        return serialize(response)  # type: ignore[no-any-return]
-
-    if handler.unary_unary:
-        make, behaviour = grpc.unary_unary_rpc_method_handler, handler.unary_unary
-    elif handler.unary_stream:
-        make, behaviour = grpc.unary_stream_rpc_method_handler, handler.unary_stream
-    elif handler.stream_unary:
-        make, behaviour = grpc.stream_unary_rpc_method_handler, handler.stream_unary
-    else:
-        make, behaviour = grpc.stream_stream_rpc_method_handler, handler.stream_stream
-    return make(
-        behaviour, request_deserializer=handler.request_deserializer, response_serializer=serializer
-    )
-
-
 class MonitorServicer(m_grpc.MonitorServiceServicer):
     def __init__(self, store: MonitorStore, hub: WatchHub) -> None:
         self._store = store
         self._hub = hub
         # The latest WatchJob message per watched job, shared by its watchers.
-        self._rendered: dict[str, tuple[JobView, convert.Serialized]] = {}
+        self._rendered: dict[str, tuple[JobView, answers.Serialized]] = {}
 
     async def CreateJob(  # type: ignore[override]
         self, request: m.CreateJobRequest, context: aio.ServicerContext
-    ) -> convert.Serialized:
+    ) -> answers.Serialized:
         limit = self._store.limits.max_metadata_bytes
         view = await self._store.create_job(convert.new_job(request, limit))
-        return convert.job_answer(view)
+        return answers.job_answer(view)
 
     async def GetJob(  # type: ignore[override]
         self, request: m.GetJobRequest, context: aio.ServicerContext
-    ) -> convert.Serialized:
+    ) -> answers.Serialized:
         include = request.include_definition
         view = await self._store.get_job(convert.job_id(request.job_id), include_definition=include)
-        return convert.job_answer(view, include_definition=include)
+        return answers.job_answer(view, include_definition=include)
 
     async def ListJobs(
         self, request: m.ListJobsRequest, context: aio.ServicerContext
@@ -116,7 +69,7 @@ class MonitorServicer(m_grpc.MonitorServiceServicer):
         jobs: list[job_pb2.Job] = []
         budget = LIST_PAGE_BYTES
         for view in views:
-            job = convert.job_pb(view)
+            job = answers.job_pb(view)
             budget -= job.ByteSize() + 8  # + the field's tag and length
             if jobs and budget < 0:
                 # The page ends early so that it fits a default client; the token resumes
@@ -128,7 +81,7 @@ class MonitorServicer(m_grpc.MonitorServiceServicer):
 
     async def UpdateJobStatus(  # type: ignore[override]
         self, request: m.UpdateJobStatusRequest, context: aio.ServicerContext
-    ) -> convert.Serialized:
+    ) -> answers.Serialized:
         view = await self._store.update_status(
             convert.job_id(request.job_id),
             convert.status(request.status),
@@ -137,11 +90,11 @@ class MonitorServicer(m_grpc.MonitorServiceServicer):
             convert.owner(request.owner),
             convert.instance(request.instance),
         )
-        return convert.job_answer(view)
+        return answers.job_answer(view)
 
     async def UpdateJobMetadata(  # type: ignore[override]
         self, request: m.UpdateJobMetadataRequest, context: aio.ServicerContext
-    ) -> convert.Serialized:
+    ) -> answers.Serialized:
         expected = request.expected_version if request.HasField("expected_version") else None
         if expected is not None and expected < 1:
             raise InvalidArgument("expected_version must be >= 1 (versions start at 1)")
@@ -154,7 +107,7 @@ class MonitorServicer(m_grpc.MonitorServiceServicer):
             convert.instance(request.instance),
             convert.optional_id(request.request_id, "request_id") or "",
         )
-        return convert.job_answer(view)
+        return answers.job_answer(view)
 
     async def UpdateStepStatInManager(
         self, request: m.UpdateStepStatInManagerRequest, context: aio.ServicerContext
@@ -167,7 +120,7 @@ class MonitorServicer(m_grpc.MonitorServiceServicer):
             convert.instance(request.instance),
         )
         return m.UpdateStepStatInManagerResponse(
-            step_stat=convert.step_stat_pb(result.entry, result.tally),
+            step_stat=answers.step_stat_pb(result.entry, result.tally),
             current_step_status_changed=result.current_step_status_changed,
             version=result.version,
         )
@@ -244,7 +197,7 @@ class MonitorServicer(m_grpc.MonitorServiceServicer):
 
     async def WatchJob(  # type: ignore[override]
         self, request: m.WatchJobRequest, context: aio.ServicerContext
-    ) -> AsyncIterator[convert.Serialized]:
+    ) -> AsyncIterator[answers.Serialized]:
         job_id = convert.job_id(request.job_id)
         if request.after_change_seq < 0:
             raise InvalidArgument("after_change_seq must be >= 0")
@@ -258,13 +211,13 @@ class MonitorServicer(m_grpc.MonitorServiceServicer):
             if not self._hub.watching(job_id):
                 self._rendered.pop(job_id, None)
 
-    def _watch_message(self, job_id: str, view: JobView) -> convert.Serialized:
+    def _watch_message(self, job_id: str, view: JobView) -> answers.Serialized:
         """The message for a state the hub read once: built once for all of its watchers
         (the hub hands them the same view)."""
         rendered = self._rendered.get(job_id)
         if rendered is not None and rendered[0] is view:
             return rendered[1]
-        message = convert.job_answer(view)
+        message = answers.job_answer(view)
         self._rendered[job_id] = (view, message)
         return message
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import UTC, datetime
+from operator import attrgetter
 from typing import Any
 
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
@@ -23,34 +24,41 @@ EVENT_KIND_TO_PB: dict[EventKind, job_pb2.ChildEventKind] = {
     EventKind.SEALED: job_pb2.CHILD_EVENT_KIND_SEALED,
 }
 EVENT_KIND_FROM_PB: dict[int, EventKind] = {v: k for k, v in EVENT_KIND_TO_PB.items()}
-_TIMES = ("created_at", "started_at", "finished_at", "deadline")
+# The field table of ``records.Job``: the fields copied as they are under the same name, and
+# the timestamps; the others (kind, status, metadata, step_stats, definition) are converted
+# below. A new plain field of ``Job`` is one name here.
+PLAIN_FIELDS = (
+    "id",
+    "parent_id",
+    "manager_id",
+    "name",
+    "type",
+    "error",
+    "end_reason",
+    "version",
+    "change_seq",
+    "owner",
+    "attempt",
+    "interruptions",
+)
+TIME_FIELDS = ("created_at", "started_at", "finished_at", "deadline")
+_plain_values = attrgetter(*PLAIN_FIELDS)
 
 
 def job_from_pb(job: job_pb2.Job) -> Job:
+    times: dict[str, Any] = {
+        name: _time(getattr(job, name)) if job.HasField(name) else None for name in TIME_FIELDS
+    }
     return Job(
-        id=job.id,
+        **dict(zip(PLAIN_FIELDS, _plain_values(job), strict=True)),
+        **times,
         kind=KIND_FROM_PB[job.kind],
-        parent_id=job.parent_id,
-        manager_id=job.manager_id,
-        name=job.name,
-        type=job.type,
         status=STATUS_FROM_PB[job.status],
-        error=job.error,
-        end_reason=job.end_reason,
         metadata=json_format.MessageToDict(job.metadata),
-        version=job.version,
-        change_seq=job.change_seq,
         step_stats=tuple(step_stat_from_pb(stat) for stat in job.step_stats),
-        owner=job.owner,
-        attempt=job.attempt,
-        interruptions=job.interruptions,
         definition=(
             json_format.MessageToDict(job.definition) if job.HasField("definition") else None
         ),
-        created_at=_time(job.created_at) if job.HasField("created_at") else None,
-        started_at=_time(job.started_at) if job.HasField("started_at") else None,
-        finished_at=_time(job.finished_at) if job.HasField("finished_at") else None,
-        deadline=_time(job.deadline) if job.HasField("deadline") else None,
     )
 
 
@@ -72,21 +80,10 @@ def step_stat_from_pb(stat: job_pb2.StepStat) -> StepStat:
 def job_to_pb(job: Job) -> job_pb2.Job:
     """The record as the monitor sent it (CancelJob answers with the job)."""
     out = job_pb2.Job(
-        id=job.id,
+        **dict(zip(PLAIN_FIELDS, _plain_values(job), strict=True)),
         kind=KIND_TO_PB[job.kind],
-        parent_id=job.parent_id,
-        manager_id=job.manager_id,
-        name=job.name,
-        type=job.type,
         status=STATUS_TO_PB[job.status],
-        error=job.error,
-        end_reason=job.end_reason,
         metadata=to_struct(job.metadata),
-        version=job.version,
-        change_seq=job.change_seq,
-        owner=job.owner,
-        attempt=job.attempt,
-        interruptions=job.interruptions,
     )
     for stat in job.step_stats:
         c = stat.children
@@ -110,7 +107,7 @@ def job_to_pb(job: Job) -> job_pb2.Job:
                 cancelled=c.cancelled,
             )
         )
-    for name in _TIMES:
+    for name in TIME_FIELDS:
         value: datetime | None = getattr(job, name)
         if value is not None:
             getattr(out, name).CopyFrom(_timestamp(value))

@@ -6,8 +6,8 @@ from datetime import UTC, datetime
 
 from google.protobuf import json_format
 
-from monitor_svc.convert import job_answer, job_pb
 from monitor_svc.records import JobState, JobView
+from monitor_svc.wire.answers import job_answer, job_pb
 from stepflow_common.status import Kind, Status
 from stepflow_common.step_outcome import ChildTally
 from stepflow_proto.v1 import monitor_service_pb2 as m
