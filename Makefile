@@ -24,7 +24,7 @@ STEPFLOW_TEST_POSTGRES_URL ?= postgresql+psycopg://postgres@127.0.0.1:5432/test
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(firstword $(MAKEFILE_LIST)) | \
 		awk 'BEGIN {FS = ":.*## "} {printf "  make %-10s %s\n", $$1, $$2}'
-	@echo "  variables: PYTEST_ARGS='-k x -x'  TESTS=tests/test_x.py  PYTHON=python3.11"
+	@echo "  variables: PYTEST_ARGS='-k x -x'  TESTS=tests/unit  PYTHON=python3.11"
 
 venv: $(STAMP) ## create .venv and install the project with its [dev] extras
 

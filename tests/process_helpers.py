@@ -33,7 +33,9 @@ from stepflow_common.subprocesses import server_env
 from stepflow_proto.v1 import job_pb2
 from stepflow_proto.v1 import monitor_service_pb2 as m
 from stepflow_proto.v1 import monitor_service_pb2_grpc as m_grpc
+from stepflow_proto.v1 import orchestrator_service_pb2_grpc as o_grpc
 from tests.helpers import meta
+from tests.jobs import get, list_all, submit
 
 BIN = Path(sys.executable).parent
 MONITOR_SVC = BIN / "monitor-svc"
@@ -395,24 +397,6 @@ def make_certs(directory: Path) -> Certs:
 
 # -- reading the monitor ---------------------------------------------------------------------
 Stub = m_grpc.MonitorServiceStub
-CALL_S = 15.0
-
-
-async def get(stub: Stub, job_id: str) -> job_pb2.Job:
-    return (await stub.GetJob(m.GetJobRequest(job_id=job_id), timeout=CALL_S)).job
-
-
-async def list_all(stub: Stub, **filters: Any) -> list[job_pb2.Job]:
-    jobs: list[job_pb2.Job] = []
-    token = ""
-    while True:
-        resp = await stub.ListJobs(
-            m.ListJobsRequest(page_size=1000, page_token=token, **filters), timeout=CALL_S
-        )
-        jobs.extend(resp.jobs)
-        token = resp.next_page_token
-        if not token:
-            return jobs
 
 
 def counts(c: job_pb2.ChildCounts) -> tuple[int, int, int, int, int]:
@@ -509,3 +493,61 @@ async def wait_job(
                 call.cancel()
 
     return await asyncio.wait_for(go(), within)
+
+
+# -- orchestrators under leases (the failover tests) ---------------------------------------------
+FAILOVER_LEASE = "1.5s"
+"""The lease of the orchestrators the failover tests start: short, so a take-over is quick."""
+
+
+def orchestrator(
+    monitor: ServerProcess,
+    tmp_path: Path,
+    name: str,
+    *,
+    grace: str = "1s",
+    lease: str = FAILOVER_LEASE,
+) -> ServerProcess:
+    proc = orchestrator_process(
+        monitor.address, tmp_path, name=name, owner=name, extra=["--lease", lease]
+    )
+    # The helper's own grace (1s) first, then this test's.
+    proc.argv += ["--shutdown-grace", grace]
+    return proc
+
+
+@contextlib.asynccontextmanager
+async def running_orchestrators(
+    monitor: ServerProcess,
+    tmp_path: Path,
+    *names: str,
+    grace: str = "1s",
+    lease: str = FAILOVER_LEASE,
+) -> AsyncIterator[tuple[ServerProcess, ...]]:
+    """Orchestrators named (and owning as) ``names`` on ``monitor``, started in that order and
+    stopped on the way out, however the test ends (one it killed or stopped is left as is)."""
+    procs = tuple(orchestrator(monitor, tmp_path, name, grace=grace, lease=lease) for name in names)
+    try:
+        for proc in procs:
+            await proc.run()
+        yield procs
+    finally:
+        for proc in procs:
+            proc.stop()
+
+
+async def submit_to(proc: ServerProcess, data: dict[str, Any], request_id: str = "") -> str:
+    async with aio.insecure_channel(proc.address) as channel:
+        return await submit(o_grpc.OrchestratorServiceStub(channel), data, request_id)
+
+
+def install(root: Path, name: str, source: str, entry: str) -> Path:
+    """A distribution ``name`` with one ``stepflow.workers`` entry point, laid out in ``root``
+    as ``pip install --target`` lays it out (a module and its ``.dist-info``)."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / f"{name}.py").write_text(source)
+    dist = root / f"{name}-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text(f"[stepflow.workers]\n{entry}\n")
+    return root

@@ -27,7 +27,7 @@ from orchestrator_svc import cli as orchestrator_cli
 from orchestrator_svc.demo import ServiceProcess, free_port, start_service, wait_serving
 from tests.process_helpers import PG_BIN
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"

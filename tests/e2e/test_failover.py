@@ -27,17 +27,17 @@ from stepflow_proto.v1 import job_pb2
 from stepflow_proto.v1 import monitor_service_pb2_grpc as m_grpc
 from stepflow_proto.v1 import orchestrator_service_pb2 as o
 from stepflow_proto.v1 import orchestrator_service_pb2_grpc as o_grpc
+from tests.jobs import Recorder, by_name, final, list_all, sim, watch_until
 from tests.process_helpers import (
     ServerProcess,
     assert_tree_consistent,
-    list_all,
     monitor_process,
-    orchestrator_process,
+    orchestrator,
+    running_orchestrators,
+    submit_to,
 )
-from tests.test_orchestrator_e2e import Recorder, by_name, final, sim, submit, watch_until
 
 S = job_pb2
-LEASE = "1.5s"
 ORPHAN_TIMEOUT = "3s"
 WITHIN_S = 60.0
 
@@ -62,38 +62,6 @@ async def monitor_proc(database_url: str, tmp_path: Path) -> AsyncIterator[Serve
 async def mstub(monitor_proc: ServerProcess) -> AsyncIterator[m_grpc.MonitorServiceStub]:
     async with aio.insecure_channel(monitor_proc.address) as channel:
         yield m_grpc.MonitorServiceStub(channel)
-
-
-def orchestrator(
-    monitor: ServerProcess, tmp_path: Path, name: str, *, grace: str = "1s", lease: str = LEASE
-) -> ServerProcess:
-    proc = orchestrator_process(
-        monitor.address, tmp_path, name=name, owner=name, extra=["--lease", lease]
-    )
-    # The helper's own grace (1s) first, then this test's.
-    proc.argv += ["--shutdown-grace", grace]
-    return proc
-
-
-@contextlib.asynccontextmanager
-async def running_orchestrators(
-    monitor: ServerProcess, tmp_path: Path, *names: str, grace: str = "1s", lease: str = LEASE
-) -> AsyncIterator[tuple[ServerProcess, ...]]:
-    """Orchestrators named (and owning as) ``names`` on ``monitor``, started in that order and
-    stopped on the way out, however the test ends (one it killed or stopped is left as is)."""
-    procs = tuple(orchestrator(monitor, tmp_path, name, grace=grace, lease=lease) for name in names)
-    try:
-        for proc in procs:
-            await proc.run()
-        yield procs
-    finally:
-        for proc in procs:
-            proc.stop()
-
-
-async def submit_to(proc: ServerProcess, data: dict[str, Any], request_id: str = "") -> str:
-    async with aio.insecure_channel(proc.address) as channel:
-        return await submit(o_grpc.OrchestratorServiceStub(channel), data, request_id)
 
 
 def two_step_job(name: str, children: int = 24, duration_ms: int = 300) -> dict[str, Any]:

@@ -37,7 +37,7 @@ from tests.process_helpers import (
     running,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 QUICK = ROOT / "examples" / "quick.toml"
 RUN_TIMEOUT_S = 60.0
 

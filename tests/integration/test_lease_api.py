@@ -18,6 +18,7 @@ from stepflow_proto.v1 import monitor_service_pb2 as m
 from stepflow_proto.v1 import monitor_service_pb2_grpc as m_grpc
 from tests.conftest import code_of
 from tests.helpers import struct
+from tests.jobs import get
 from tests.process_helpers import TERMINAL, wait_job
 
 pytestmark = pytest.mark.timeout(60)
@@ -85,11 +86,6 @@ def event(step_id: str, child_id: str, kind: int, attempt: int = 0) -> S.ChildEv
         kind=kind,
         attempt=attempt,
     )
-
-
-async def get(stub: Stub, job_id: str, include_definition: bool = False) -> S.Job:
-    request = m.GetJobRequest(job_id=job_id, include_definition=include_definition)
-    return (await stub.GetJob(request)).job
 
 
 async def test_heartbeat_answers_the_lease_and_the_owned_jobs(stub: Stub) -> None:

@@ -33,7 +33,7 @@ from orchestrator_svc.follow import final_table, follow
 from orchestrator_svc.records import Job
 from stepflow_proto.v1 import job_pb2
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 WIDTH, HEIGHT = 80, 40
 POLL_S = 0.05

@@ -25,6 +25,7 @@ from stepflow_proto.v1 import job_pb2
 from stepflow_proto.v1 import monitor_service_pb2 as m
 from stepflow_proto.v1 import monitor_service_pb2_grpc as m_grpc
 from tests.helpers import entry, manager_with_steps, meta, struct
+from tests.jobs import get
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -122,10 +123,6 @@ def job_status(step_id: str, status: int, *, changes: bool = True) -> Call:
         assert resp.job.status == status
 
     return Call(run, changes)
-
-
-async def get(stub: Stub, job_id: str) -> job_pb2.Job:
-    return (await stub.GetJob(m.GetJobRequest(job_id=job_id), timeout=RPC_TIMEOUT_S)).job
 
 
 # -- the scenarios ------------------------------------------------------------------------------

@@ -27,21 +27,21 @@ from grpc import aio
 
 from stepflow_proto.v1 import job_pb2
 from stepflow_proto.v1 import monitor_service_pb2_grpc as m_grpc
+from tests.jobs import by_name, final, list_all, watch_until
 from tests.process_helpers import (
     ORCHESTRATOR_SVC,
     ServerProcess,
     assert_tree_consistent,
     clean_env,
-    list_all,
+    install,
     monitor_process,
+    orchestrator,
+    submit_to,
 )
-from tests.test_failover import orchestrator, submit_to
-from tests.test_orchestrator_e2e import by_name, final, watch_until
-from tests.test_plugin_shapes import install
 
 S = job_pb2
 WITHIN_S = 60.0
-QUICK_JOB = str(Path(__file__).resolve().parents[1] / "examples" / "quick.toml")
+QUICK_JOB = str(Path(__file__).resolve().parents[2] / "examples" / "quick.toml")
 # Long: a job waiting for an orchestrator that can run it must not fail meanwhile.
 ORPHAN_TIMEOUT = "60s"
 

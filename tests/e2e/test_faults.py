@@ -43,6 +43,7 @@ from stepflow_proto.v1 import monitor_service_pb2_grpc as m_grpc
 from stepflow_proto.v1 import orchestrator_service_pb2 as o
 from stepflow_proto.v1 import orchestrator_service_pb2_grpc as o_grpc
 from tests.helpers import manager_with_steps, meta, struct
+from tests.jobs import get, list_all
 from tests.orchestrator_fixtures import definition
 from tests.process_helpers import (
     FAST_RECONNECT,
@@ -50,8 +51,6 @@ from tests.process_helpers import (
     assert_ended_once,
     assert_tree_consistent,
     counts,
-    get,
-    list_all,
     monitor_process,
     postgres_binaries_missing,
     postgres_cluster,

@@ -14,17 +14,18 @@ from grpc import aio
 
 from stepflow_proto.v1 import job_pb2
 from stepflow_proto.v1 import monitor_service_pb2_grpc as m_grpc
+from tests.jobs import by_name, final, list_all
 from tests.process_helpers import (
     ORCHESTRATOR_SVC,
     ServerProcess,
     assert_tree_consistent,
     clean_env,
     free_port,
-    list_all,
+    install,
     monitor_process,
+    orchestrator,
+    submit_to,
 )
-from tests.test_failover import orchestrator, submit_to
-from tests.test_orchestrator_e2e import by_name, final
 
 S = job_pb2
 
@@ -81,18 +82,6 @@ class Broken(BaseWorker):
     async def run(self):
         return StepResult.success()
 """
-
-
-def install(root: Path, name: str, source: str, entry: str) -> Path:
-    """A distribution ``name`` with one ``stepflow.workers`` entry point, laid out in ``root``
-    as ``pip install --target`` lays it out (a module and its ``.dist-info``)."""
-    root.mkdir(parents=True, exist_ok=True)
-    (root / f"{name}.py").write_text(source)
-    dist = root / f"{name}-1.0.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text(f"[stepflow.workers]\n{entry}\n")
-    return root
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from tests.process_helpers import clean_env, monitor_process, orchestrator_proce
 
 pytestmark = pytest.mark.timeout(120)
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 BLOCK = re.compile(r"(<!-- client-example: not run[^>]*-->\n)?```python\n(.*?)^```", re.M | re.S)
 
 

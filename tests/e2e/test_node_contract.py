@@ -20,7 +20,7 @@ import pytest
 from monitor_svc.server import RunningMonitor
 from orchestrator_svc.server import RunningOrchestrator
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 NODE_DIR = ROOT / "tests" / "node"
 NODE = shutil.which("node")
 NPM = shutil.which("npm")

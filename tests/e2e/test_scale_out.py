@@ -34,13 +34,12 @@ from stepflow_proto.v1 import job_pb2
 from stepflow_proto.v1 import monitor_service_pb2 as m
 from stepflow_proto.v1 import monitor_service_pb2_grpc as m_grpc
 from tests.helpers import meta, struct
+from tests.jobs import get, list_all
 from tests.process_helpers import (
     TERMINAL,
     ServerProcess,
     assert_ended_once,
     assert_tree_consistent,
-    get,
-    list_all,
     monitor_process,
     running,
     wait_job,

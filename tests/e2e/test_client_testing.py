@@ -28,7 +28,7 @@ from stepflow_proto.v1 import monitor_service_pb2_grpc as m_grpc
 pytest_plugins = ["pytester"]
 
 CALL_S = 10.0
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 README_EXAMPLE_START = "# tests/test_nightly.py in your project"
 
 CONSUMER_CONFTEST = """

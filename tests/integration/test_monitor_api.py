@@ -25,6 +25,7 @@ from stepflow_proto.v1 import job_pb2
 from stepflow_proto.v1 import monitor_service_pb2 as m
 from stepflow_proto.v1 import monitor_service_pb2_grpc as m_grpc
 from tests.helpers import create_manager, create_step, entry, manager_with_steps, meta, struct
+from tests.jobs import get
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -37,8 +38,6 @@ STATUS_NAME = {pb: status.value for status, pb in STATUS_TO_PB.items()}
 
 
 # -- small call wrappers ----------------------------------------------------------------------
-async def get(stub: Stub, job_id: str) -> job_pb2.Job:
-    return (await stub.GetJob(m.GetJobRequest(job_id=job_id), timeout=RPC_TIMEOUT_S)).job
 
 
 async def set_status(stub: Stub, job_id: str, status: int, error: str = "") -> job_pb2.Job:

@@ -9,6 +9,7 @@ from google.protobuf import duration_pb2
 from stepflow_proto.v1 import job_pb2
 from stepflow_proto.v1 import monitor_service_pb2 as m
 from tests.helpers import entry, manager_with_steps, meta, struct
+from tests.jobs import get
 from tests.stream_helpers import (
     cancelled,
     completed,
@@ -21,10 +22,6 @@ from tests.stream_helpers import (
 )
 
 S = job_pb2
-
-
-async def get(stub, job_id: str) -> job_pb2.Job:
-    return (await stub.GetJob(m.GetJobRequest(job_id=job_id))).job
 
 
 async def start(stub, step_id: str) -> None:

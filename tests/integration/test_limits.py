@@ -37,6 +37,7 @@ from stepflow_proto.v1 import job_pb2
 from stepflow_proto.v1 import monitor_service_pb2 as m
 from stepflow_proto.v1 import monitor_service_pb2_grpc as m_grpc
 from tests.helpers import create_manager, create_step, entry, manager_with_steps, meta, struct
+from tests.jobs import get
 from tests.stream_helpers import completed, created, failed, running, sealed, send_batches
 
 pytestmark = pytest.mark.timeout(120)
@@ -52,10 +53,6 @@ WATCH_WAIT_S = 20.0
 def timers() -> StepTimers:
     # A grace period long enough that a test can look at a handed-off step before it ends.
     return StepTimers(default_wait_timeout_s=30.0, grace_period_s=2.0)
-
-
-async def get(stub: Stub, job_id: str) -> job_pb2.Job:
-    return (await stub.GetJob(m.GetJobRequest(job_id=job_id))).job
 
 
 async def set_status(
@@ -313,7 +310,7 @@ async def test_an_end_reason_only_the_monitor_gives_is_invalid_argument(
     assert await get(stub, step.id) == before
 
 
-# orchestrator_lost too, from the job's owner only: tests/test_lease_api.py.
+# orchestrator_lost too, from the job's owner only: tests/integration/test_lease_api.py.
 @pytest.mark.parametrize("reason", ["", "api", "orchestrator", "cancelled"])
 async def test_the_end_reasons_a_client_may_give_are_recorded(stub: Stub, reason: str) -> None:
     _manager, (step,) = await manager_with_steps(stub, 1)

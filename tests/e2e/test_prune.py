@@ -26,7 +26,12 @@ from stepflow_proto.v1 import job_pb2
 from stepflow_proto.v1 import monitor_service_pb2 as m
 from stepflow_proto.v1 import monitor_service_pb2_grpc as m_grpc
 from tests.helpers import manager_with_steps, meta, struct
-from tests.process_helpers import MONITOR_SVC, clean_env, get, list_all, wait_job
+from tests.jobs import get, list_all
+from tests.process_helpers import (
+    MONITOR_SVC,
+    clean_env,
+    wait_job,
+)
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 BUF = Path(sys.executable).parent / "buf"  # PyPI buf-bin, installed by the [dev] extras
 RELEASED = ROOT / "protos" / "released" / "stepflow-v1.json"
 JOB_PROTO = Path("stepflow/v1/job.proto")

@@ -27,14 +27,7 @@ from stepflow_proto.v1 import monitor_service_pb2_grpc as m_grpc
 from stepflow_proto.v1 import orchestrator_service_pb2 as o
 from stepflow_proto.v1 import orchestrator_service_pb2_grpc as o_grpc
 from tests.helpers import meta
-from tests.process_helpers import (
-    ORCHESTRATOR_SVC,
-    ServerProcess,
-    clean_env,
-    monitor_process,
-    orchestrator_process,
-)
-from tests.test_orchestrator_e2e import (
+from tests.jobs import (
     assert_consistent,
     by_name,
     counts_of,
@@ -44,6 +37,13 @@ from tests.test_orchestrator_e2e import (
     submit,
     tally_counts,
     watch_until,
+)
+from tests.process_helpers import (
+    ORCHESTRATOR_SVC,
+    ServerProcess,
+    clean_env,
+    monitor_process,
+    orchestrator_process,
 )
 
 S = job_pb2

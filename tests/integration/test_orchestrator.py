@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 from stepflow_proto.v1 import job_pb2
-from stepflow_proto.v1 import monitor_service_pb2 as m
 from tests.helpers import meta
+from tests.jobs import get
 from tests.orchestrator_fixtures import run_to_end
 
 S = job_pb2
-
-
-async def get(stub, job_id):
-    return (await stub.GetJob(m.GetJobRequest(job_id=job_id))).job
 
 
 async def test_multi_step_job_with_failures_and_a_skip(stub, ostub) -> None:

@@ -41,7 +41,7 @@ from orchestrator_svc.workers.registry import as_worker
 from stepflow_common.errors import InvalidArgument
 from stepflow_proto.v1 import monitor_service_pb2, orchestrator_service_pb2
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 BIN = Path(sys.executable).parent
 README_MONITOR = "localhost:50051"

@@ -14,8 +14,7 @@ from monitor_svc.lifecycle import leases
 from monitor_svc.lifecycle.leases import HeartbeatResult
 from stepflow_common.errors import Fenced
 from stepflow_common.status import EndReason, Status
-from tests.lifecycle_harness import Life
-from tests.test_leases import (
+from tests.lease_calls import (
     LEASE_S,
     ORPHAN_TIMEOUT_S,
     TIMERS,
@@ -26,6 +25,7 @@ from tests.test_leases import (
     status,
     step,
 )
+from tests.lifecycle_harness import Life
 
 pytestmark = pytest.mark.timeout(30)
 
