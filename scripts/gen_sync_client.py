@@ -33,7 +33,7 @@ FLAVOUR: tuple[tuple[str, str], ...] = (
     ("self.channel = aio_channel(self._settings)", "self.channel = sync_channel(self._settings)"),
     (
         "from stepflow_client._events import ChildEventEmitter\n",
-        "from stepflow_client._events import SyncChildEventEmitter\n",
+        "from stepflow_client._events_sync import SyncChildEventEmitter\n",
     ),
     (
         '''    def events(self, **options: Any) -> ChildEventEmitter:

@@ -12,12 +12,8 @@ from stepflow_client._channel import (
     check_tls_files,
     sync_channel,
 )
-from stepflow_client._events import (
-    EmitterClosed,
-    EmitterHooks,
-    EmitterStats,
-    SyncChildEventEmitter,
-)
+from stepflow_client._events import EmitterClosed, EmitterHooks, EmitterStats
+from stepflow_client._events_sync import SyncChildEventEmitter
 from stepflow_client._requests import is_terminal, metadata_of, status_of
 from stepflow_client._sync import MonitorClient, OrchestratorClient
 from stepflow_common.errors import (

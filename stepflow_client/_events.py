@@ -41,19 +41,42 @@ import collections
 import contextlib
 import itertools
 import logging
-import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable
 from types import TracebackType
-from typing import Any, Protocol, TypeVar
+from typing import Any
 
-import grpc
 from grpc import aio
 
+from stepflow_client._event_parts import (
+    BACKOFF_INITIAL_S,
+    BACKOFF_MAX_S,
+    BATCH_LINGER_S,
+    BATCH_MAX_BYTES,
+    BATCH_MAX_EVENTS,
+    CLOSE_FLUSH_S,
+    MAX_BATCHES_IN_FLIGHT,
+    MAX_BUFFERED_EVENTS,
+    MAX_NAME_CHARS,
+    REFUSED,
+    Batch,
+    EmitterClosed,
+    EmitterHooks,
+    EmitterStats,
+    EventCallback,
+    LogHook,
+    StreamEnded,
+    child_event,
+    event_bytes,
+    is_fenced,
+    over_the_limit,
+    sealed_event,
+    sizes_bound,
+    stdlib_log,
+)
 from stepflow_common.errors import FENCED_PREFIX
-from stepflow_common.limits import MAX_ERROR_CHARS, MAX_REQUEST_BYTES, truncate_text
+from stepflow_common.limits import MAX_ERROR_CHARS, truncate_text
 from stepflow_proto.v1 import job_pb2
 from stepflow_proto.v1 import monitor_service_pb2 as m
 from stepflow_proto.v1 import monitor_service_pb2_grpc as m_grpc
@@ -67,150 +90,9 @@ __all__ = [
     "EmitterClosed",
     "EmitterHooks",
     "EmitterStats",
-    "SyncChildEventEmitter",
     "event_bytes",
     "is_fenced",
 ]
-
-_logger = logging.getLogger("stepflow_client.events")
-T = TypeVar("T")
-
-BATCH_MAX_EVENTS = 500
-# A quarter of what the monitor accepts: a full batch of the largest events a send can make
-# (an error of MAX_ERROR_CHARS 4-byte characters) still fits several times over.
-BATCH_MAX_BYTES = MAX_REQUEST_BYTES // 4
-BATCH_LINGER_S = 0.002  # wait this long for more events before sending a partial batch
-MAX_BUFFERED_EVENTS = 20_000
-MAX_BATCHES_IN_FLIGHT = 16
-BACKOFF_INITIAL_S = 0.05
-BACKOFF_MAX_S = 2.0
-CLOSE_FLUSH_S = 5.0
-MAX_NAME_CHARS = 512  # the monitor keeps no more of a child's name
-# How the monitor says it will not take a batch as it is: sending it again unchanged fails the
-# same way, so it is split instead.
-REFUSED = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INVALID_ARGUMENT})
-
-EventCallback = Callable[[job_pb2.ChildEvent, str], None]
-"""``callback(event, reason)``: ``event`` will never be committed, for ``reason``."""
-
-
-def is_fenced(reason: str) -> bool:
-    """Whether a rejection reason says the event's job has another owner now."""
-    return reason.startswith(FENCED_PREFIX)
-
-
-def event_bytes(event: job_pb2.ChildEvent) -> int:
-    """What ``event`` adds to a request: its size plus its field tag and length prefix."""
-    size = event.ByteSize()
-    return size + 1 + max(1, (size.bit_length() + 6) // 7)
-
-
-class LogHook(Protocol):
-    """``log(level, message, **fields)`` (a ``logging`` level): where the emitter's own
-    warnings go. ``exc_info=True`` among the fields asks for the current exception."""
-
-    def __call__(self, level: int, message: str, /, **fields: Any) -> None: ...
-
-
-def _stdlib_log(level: int, message: str, /, **fields: Any) -> None:
-    """The default ``LogHook``: the ``stepflow_client.events`` logger, fields as key=value."""
-    if not _logger.isEnabledFor(level):
-        return
-    exc_info = bool(fields.pop("exc_info", False))
-    text = " ".join(f"{key}={value!r}" for key, value in fields.items())
-    _logger.log(level, "%s %s", message, text, exc_info=exc_info)
-
-
-@dataclass(frozen=True, slots=True)
-class EmitterHooks:
-    """What an embedding service plugs in: its logging, its metrics, and what it does with
-    an event that will never be committed. Every hook runs on the emitter's event loop and
-    must not block; an exception in one is logged and otherwise ignored.
-
-    Each event that is not committed is reported exactly once: to ``on_fenced`` for a fenced
-    rejection, to ``on_dropped`` for an event the monitor refused even alone, when these are
-    given, and otherwise to the emitter's ``on_rejected``.
-    """
-
-    on_fenced: EventCallback | None = None
-    """A rejection that says the job has another owner (see ``is_fenced``)."""
-    on_dropped: EventCallback | None = None
-    """An event the monitor refused even alone: dropped, so that it holds back no other."""
-    on_refused_batch: Callable[[], None] | None = None
-    """The monitor refused a batch whole (it is split, never sent again unchanged)."""
-    on_ack: Callable[[int, float], None] | None = None
-    """A batch is acknowledged: ``on_ack(events, seconds_since_sent)``."""
-    log: LogHook | None = None
-    """Where log records go (default: the standard ``logging`` module)."""
-    on_send: Callable[[m.StreamChildEventsRequest], None] | None = None
-    """Each request just before it is sent (tracing stamps its steps' contexts there)."""
-
-
-@dataclass(slots=True)
-class EmitterStats:
-    """Counters for tests and diagnostics (metrics belong in ``EmitterHooks``)."""
-
-    sent_batches: int = 0
-    acked_events: int = 0
-    resent_batches: int = 0
-    reconnects: int = 0
-    refused_batches: int = 0
-    split_batches: int = 0
-    dropped_events: int = 0
-    rejected: list[tuple[str, str]] = field(default_factory=list)
-    """``(event_id, reason)`` of every event not committed (rejected, fenced or dropped)."""
-
-
-class EmitterClosed(RuntimeError):
-    """The emitter is closed (or its stream task failed): nothing more can be sent or
-    awaited through it."""
-
-
-@dataclass(slots=True, eq=False)  # compared by identity: a batch is one send
-class _Batch:
-    events: list[job_pb2.ChildEvent]
-    seqs: list[int]
-    stream_batch_id: int = 0
-    sent_at: float = 0.0  # time.monotonic() when last sent: the ack lag
-
-    @property
-    def last_seq(self) -> int:
-        return self.seqs[-1]
-
-    def halves(self) -> tuple[_Batch, _Batch]:
-        mid = len(self.events) // 2
-        return (
-            _Batch(self.events[:mid], self.seqs[:mid]),
-            _Batch(self.events[mid:], self.seqs[mid:]),
-        )
-
-
-class _StreamEnded(Exception):
-    """The stream is no longer usable (an acknowledgement out of order): open another."""
-
-
-# -- building events -----------------------------------------------------------------------------
-def _child(
-    kind: job_pb2.ChildEventKind,
-    step_id: str,
-    child_id: str,
-    *,
-    error: str = "",
-    name: str = "",
-    attempt: int = 0,
-) -> job_pb2.ChildEvent:
-    return job_pb2.ChildEvent(
-        kind=kind, step_id=step_id, child_id=child_id, error=error, name=name, attempt=attempt
-    )
-
-
-def _sealed(step_id: str, child_count: int, handed_to_monitor: bool) -> job_pb2.ChildEvent:
-    return job_pb2.ChildEvent(
-        kind=job_pb2.CHILD_EVENT_KIND_SEALED,
-        step_id=step_id,
-        child_count=child_count,
-        handed_to_monitor=handed_to_monitor,
-    )
 
 
 class ChildEventEmitter:
@@ -259,14 +141,14 @@ class ChildEventEmitter:
         self.instance = ""
         self.on_rejected = on_rejected
         self._hooks = hooks or EmitterHooks()
-        self._log: LogHook = self._hooks.log or _stdlib_log
+        self._log: LogHook = self._hooks.log or stdlib_log
         self._instance = instance_id or uuid.uuid4().hex[:12]
         self._seq = itertools.count(1)
         self._batch_max = batch_max_events
         self._batch_max_bytes = batch_max_bytes
         self._max_buffered = max_buffered
         self._queue: collections.deque[tuple[int, job_pb2.ChildEvent]] = collections.deque()
-        self._unacked: collections.deque[_Batch] = collections.deque()
+        self._unacked: collections.deque[Batch] = collections.deque()
         self._buffered = 0
         self._last_sent = 0
         self._acked_through = 0
@@ -338,26 +220,28 @@ class ChildEventEmitter:
     ) -> int:
         """A child of ``step_id`` exists (the monitor creates its record, ``pending``)."""
         return await self.send(
-            _child(job_pb2.CHILD_EVENT_KIND_CREATED, step_id, child_id, name=name, attempt=attempt)
+            child_event(
+                job_pb2.CHILD_EVENT_KIND_CREATED, step_id, child_id, name=name, attempt=attempt
+            )
         )
 
     async def running(self, step_id: str, child_id: str, *, attempt: int = 0) -> int:
         """The child started (again, for a later ``attempt``)."""
         return await self.send(
-            _child(job_pb2.CHILD_EVENT_KIND_RUNNING, step_id, child_id, attempt=attempt)
+            child_event(job_pb2.CHILD_EVENT_KIND_RUNNING, step_id, child_id, attempt=attempt)
         )
 
     async def completed(self, step_id: str, child_id: str) -> int:
-        return await self.send(_child(job_pb2.CHILD_EVENT_KIND_COMPLETED, step_id, child_id))
+        return await self.send(child_event(job_pb2.CHILD_EVENT_KIND_COMPLETED, step_id, child_id))
 
     async def failed(self, step_id: str, child_id: str, error: str) -> int:
         return await self.send(
-            _child(job_pb2.CHILD_EVENT_KIND_FAILED, step_id, child_id, error=error)
+            child_event(job_pb2.CHILD_EVENT_KIND_FAILED, step_id, child_id, error=error)
         )
 
     async def cancelled(self, step_id: str, child_id: str, error: str = "") -> int:
         return await self.send(
-            _child(job_pb2.CHILD_EVENT_KIND_CANCELLED, step_id, child_id, error=error)
+            child_event(job_pb2.CHILD_EVENT_KIND_CANCELLED, step_id, child_id, error=error)
         )
 
     async def sealed(
@@ -366,7 +250,7 @@ class ChildEventEmitter:
         """The step spawned its last child (``child_count`` in all). Handed to the monitor
         (the default), the monitor ends the step once every child is terminal; otherwise the
         step's runner ends it itself (UpdateJobStatus)."""
-        return await self.send(_sealed(step_id, child_count, handed_to_monitor))
+        return await self.send(sealed_event(step_id, child_count, handed_to_monitor))
 
     async def flush(self, *, through: int | None = None) -> None:
         """Return once every event up to sequence ``through`` (default: all sent so far) is
@@ -454,14 +338,14 @@ class ChildEventEmitter:
         channel = self._channel if self._channel is not None else self._make_channel()
         try:
             while True:
-                in_flight: collections.deque[_Batch] = collections.deque()
+                in_flight: collections.deque[Batch] = collections.deque()
                 try:
                     await self._one_stream(channel, in_flight)
                     backoff = BACKOFF_INITIAL_S
                 except asyncio.CancelledError:
                     raise
                 except aio.AioRpcError as exc:
-                    if exc.code() in REFUSED or _over_the_limit(in_flight):
+                    if exc.code() in REFUSED or over_the_limit(in_flight):
                         await self._refused(in_flight, exc)
                         backoff = BACKOFF_INITIAL_S  # the connection is fine: resend at once
                     else:
@@ -473,7 +357,7 @@ class ChildEventEmitter:
                             unacked_batches=len(self._unacked),
                             retry_in_s=backoff,
                         )
-                except _StreamEnded as exc:
+                except StreamEnded as exc:
                     self._log(
                         logging.WARNING, "event stream restarted", why=str(exc), retry_in_s=backoff
                     )
@@ -495,7 +379,7 @@ class ChildEventEmitter:
         assert self._channel_factory is not None
         return self._channel_factory()
 
-    async def _one_stream(self, channel: aio.Channel, in_flight: collections.deque[_Batch]) -> None:
+    async def _one_stream(self, channel: aio.Channel, in_flight: collections.deque[Batch]) -> None:
         stub = m_grpc.MonitorServiceStub(channel)
         stream_no = next(self._streams)
         batch_ids = itertools.count(1)
@@ -511,7 +395,7 @@ class ChildEventEmitter:
                 )
             return current()
 
-        def sent(batch: _Batch) -> m.StreamChildEventsRequest:
+        def sent(batch: Batch) -> m.StreamChildEventsRequest:
             batch.stream_batch_id = next(batch_ids)
             batch.sent_at = time.monotonic()
             in_flight.append(batch)
@@ -561,7 +445,7 @@ class ChildEventEmitter:
                 cancel()
 
     async def _on_ack(
-        self, ack: m.StreamChildEventsResponse, in_flight: collections.deque[_Batch]
+        self, ack: m.StreamChildEventsResponse, in_flight: collections.deque[Batch]
     ) -> None:
         if not in_flight or in_flight[0].stream_batch_id != ack.batch_id:
             if all(b.stream_batch_id != ack.batch_id for b in in_flight):
@@ -571,7 +455,7 @@ class ChildEventEmitter:
                     id=ack.batch_id,
                 )
                 return
-            raise _StreamEnded(f"acknowledgement for batch {ack.batch_id} out of order")
+            raise StreamEnded(f"acknowledgement for batch {ack.batch_id} out of order")
         batch = in_flight.popleft()
         self._hook(self._hooks.on_ack, len(batch.events), time.monotonic() - batch.sent_at)
         by_id = {e.event_id: e for e in batch.events} if ack.rejected else {}
@@ -580,7 +464,7 @@ class ChildEventEmitter:
 
     async def _settle(
         self,
-        batch: _Batch,
+        batch: Batch,
         rejected: list[tuple[job_pb2.ChildEvent, str]],
         *,
         dropped: bool = False,
@@ -628,7 +512,7 @@ class ChildEventEmitter:
         careful = self._acked_through < self._careful_through
         return 1 if careful else MAX_BATCHES_IN_FLIGHT
 
-    async def _refused(self, in_flight: collections.deque[_Batch], exc: aio.AioRpcError) -> None:
+    async def _refused(self, in_flight: collections.deque[Batch], exc: aio.AioRpcError) -> None:
         """The monitor refused a batch whole. With one batch in flight that is the one: halve
         it, or drop its only event. Otherwise send one at a time until it shows itself."""
         self.stats.refused_batches += 1
@@ -680,7 +564,7 @@ class ChildEventEmitter:
         last = self._last_sent
         return any(target >= last for target in self._flush_targets)
 
-    def _batch_if_it_fits(self) -> _Batch | None:
+    def _batch_if_it_fits(self) -> Batch | None:
         """The next batch, taken whole from the head of the queue when even an upper bound
         of its size is within the byte cap (the usual case: small events), else None with the
         queue untouched. The same batch the event-by-event packing makes, without measuring
@@ -688,13 +572,13 @@ class ChildEventEmitter:
         take = min(len(self._queue), self._batch_max)
         head = list(itertools.islice(self._queue, take))
         events = [event for _, event in head]
-        if _sizes_bound(events) > self._batch_max_bytes:
+        if sizes_bound(events) > self._batch_max_bytes:
             return None
         for _ in range(take):
             self._queue.popleft()
-        return _Batch(events, [seq for seq, _ in head])
+        return Batch(events, [seq for seq, _ in head])
 
-    async def _next_batch(self, current: Callable[[], bool]) -> _Batch | None:
+    async def _next_batch(self, current: Callable[[], bool]) -> Batch | None:
         """The next batch from the queue, or None if the stream is replaced meanwhile.
 
         The batch is taken and recorded in ``_unacked`` with no await in between, and only by
@@ -724,181 +608,6 @@ class ChildEventEmitter:
             events.append(event)
             seqs.append(seq)
             size += grows
-        batch = _Batch(events, seqs)
+        batch = Batch(events, seqs)
         self._unacked.append(batch)
         return batch
-
-
-def _sizes_bound(events: list[job_pb2.ChildEvent]) -> int:
-    """At least what ``event_bytes`` adds up to over ``events`` (a length prefix takes at
-    most 5 bytes below 4 GiB), in one pass without a Python call per event."""
-    return sum(map(job_pb2.ChildEvent.ByteSize, events)) + 6 * len(events)
-
-
-def _over_the_limit(in_flight: collections.deque[_Batch]) -> bool:
-    """Whether a batch in flight is larger than a message may be. gRPC itself then fails the
-    stream (INTERNAL, not RESOURCE_EXHAUSTED) before the monitor sees it; it is a refusal all
-    the same, to be split, never a broken connection to resend it on unchanged."""
-    return any(
-        sum(event_bytes(event) for event in batch.events) >= MAX_REQUEST_BYTES
-        for batch in in_flight
-    )
-
-
-class SyncChildEventEmitter:
-    """``ChildEventEmitter`` for threaded code: it runs on its own event loop in a background
-    thread, so plain threads (any number) report events with blocking calls.
-
-    ``channel_factory`` is called on that thread, inside its loop: a gRPC asyncio channel
-    belongs to the loop that made it. The emitter closes it on close. Every other argument
-    is ``ChildEventEmitter``'s; ``on_rejected`` and the hooks run on the background thread
-    (they must not call back into this emitter: that would wait on itself).
-
-    ``send`` blocks while the buffer is full (the backpressure reaches the producing
-    threads); ``flush`` blocks until everything sent is committed. Use ``with`` or ``close``.
-    """
-
-    def __init__(
-        self,
-        channel_factory: Callable[[], aio.Channel],
-        *,
-        owner: str = "",
-        max_buffered: int = MAX_BUFFERED_EVENTS,
-        on_rejected: EventCallback | None = None,
-        hooks: EmitterHooks | None = None,
-        instance_id: str | None = None,
-        batch_max_events: int = BATCH_MAX_EVENTS,
-        batch_max_bytes: int = BATCH_MAX_BYTES,
-        thread_name: str = "stepflow-child-events",
-    ) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._serve, name=thread_name, daemon=True)
-        self._closed = False
-        self._close_lock = threading.Lock()
-        self._thread.start()
-
-        async def make() -> ChildEventEmitter:
-            emitter = ChildEventEmitter(
-                channel_factory=channel_factory,
-                owner=owner,
-                max_buffered=max_buffered,
-                on_rejected=on_rejected,
-                hooks=hooks,
-                instance_id=instance_id,
-                batch_max_events=batch_max_events,
-                batch_max_bytes=batch_max_bytes,
-            )
-            emitter.start()
-            return emitter
-
-        try:
-            self._emitter = self._call(make())
-        except BaseException:
-            self._stop_loop()
-            raise
-
-    def _serve(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        try:
-            self._loop.run_forever()
-        finally:
-            pending = asyncio.all_tasks(self._loop)
-            for task in pending:
-                task.cancel()
-            if pending:
-                self._loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-            self._loop.run_until_complete(self._loop.shutdown_asyncgens())
-            self._loop.close()
-
-    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run ``coro`` on the emitter's loop and wait for its result.
-
-        Time limits are applied inside the loop (``asyncio.timeout``), never by abandoning the
-        wait here: a send then either queues its event or raises, with no window in which it
-        is queued although the caller was told it timed out."""
-        if threading.current_thread() is self._thread:
-            coro.close()
-            raise RuntimeError("a SyncChildEventEmitter cannot be called from its own thread")
-        if self._closed and self._loop.is_closed():
-            coro.close()
-            raise EmitterClosed("the emitter is closed")
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
-
-    @property
-    def buffered(self) -> int:
-        """Events sent but not yet settled (a snapshot)."""
-        return self._emitter.buffered
-
-    @property
-    def stats(self) -> EmitterStats:
-        """The emitter's counters (a live object updated by the background thread)."""
-        return self._emitter.stats
-
-    def send(self, event: job_pb2.ChildEvent, *, timeout: float | None = None) -> int:
-        """``ChildEventEmitter.send``: blocks while the buffer is full (``TimeoutError``
-        after ``timeout`` seconds, the event not queued)."""
-        return self._call(self._send(event, timeout))
-
-    async def _send(self, event: job_pb2.ChildEvent, limit_s: float | None) -> int:
-        async with asyncio.timeout(limit_s):
-            return await self._emitter.send(event)
-
-    def created(self, step_id: str, child_id: str, *, name: str = "", attempt: int = 0) -> int:
-        return self.send(
-            _child(job_pb2.CHILD_EVENT_KIND_CREATED, step_id, child_id, name=name, attempt=attempt)
-        )
-
-    def running(self, step_id: str, child_id: str, *, attempt: int = 0) -> int:
-        return self.send(
-            _child(job_pb2.CHILD_EVENT_KIND_RUNNING, step_id, child_id, attempt=attempt)
-        )
-
-    def completed(self, step_id: str, child_id: str) -> int:
-        return self.send(_child(job_pb2.CHILD_EVENT_KIND_COMPLETED, step_id, child_id))
-
-    def failed(self, step_id: str, child_id: str, error: str) -> int:
-        return self.send(_child(job_pb2.CHILD_EVENT_KIND_FAILED, step_id, child_id, error=error))
-
-    def cancelled(self, step_id: str, child_id: str, error: str = "") -> int:
-        return self.send(_child(job_pb2.CHILD_EVENT_KIND_CANCELLED, step_id, child_id, error=error))
-
-    def sealed(self, step_id: str, child_count: int, *, handed_to_monitor: bool = True) -> int:
-        return self.send(_sealed(step_id, child_count, handed_to_monitor))
-
-    def flush(self, *, through: int | None = None, timeout: float | None = None) -> None:
-        """``ChildEventEmitter.flush``, blocking (``TimeoutError`` after ``timeout`` seconds;
-        the events stay buffered and keep being sent)."""
-        self._call(self._flush(through, timeout))
-
-    async def _flush(self, through: int | None, limit_s: float | None) -> None:
-        async with asyncio.timeout(limit_s):
-            await self._emitter.flush(through=through)
-
-    def close(self, flush_timeout: float | None = CLOSE_FLUSH_S) -> int:
-        """Flush (bounded), stop the stream, the loop and its thread. Returns how many events
-        were left unsettled. Closing twice is harmless (the second returns 0)."""
-        with self._close_lock:
-            if self._closed:
-                return 0
-            self._closed = True
-        try:
-            return self._call(self._emitter.close(flush_timeout))
-        finally:
-            self._stop_loop()
-
-    def _stop_loop(self) -> None:
-        self._closed = True
-        if not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join()
-
-    def __enter__(self) -> SyncChildEventEmitter:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

@@ -23,7 +23,7 @@ from stepflow_client._channel import (
     sync_channel,
 )
 from stepflow_client._errors import decode
-from stepflow_client._events import SyncChildEventEmitter
+from stepflow_client._events_sync import SyncChildEventEmitter
 from stepflow_common.errors import VersionConflict
 from stepflow_proto.v1 import job_pb2
 from stepflow_proto.v1 import monitor_service_pb2 as m

@@ -29,9 +29,9 @@ from stepflow_client._events import (
     ChildEventEmitter,
     EmitterClosed,
     EmitterHooks,
-    SyncChildEventEmitter,
     is_fenced,
 )
+from stepflow_client._events_sync import SyncChildEventEmitter
 from stepflow_proto.v1 import job_pb2
 from stepflow_proto.v1 import monitor_service_pb2 as m
 from stepflow_proto.v1 import monitor_service_pb2_grpc as m_grpc
