@@ -135,7 +135,7 @@ def _state_function() -> Callable[
             args.append(f"_STATUS[r[{i}]]")
         elif type_name == "dict[str, Any]":
             args.append(f"({{}} if r[{i}] == '{{}}' else _loads(r[{i}]))")
-        elif type_name == "datetime":  # never empty; as tx._created_at reads it
+        elif type_name == "datetime":  # never empty; as statements.created_at_of reads it
             args.append(f"(now() if r[{i}] is None else d(r[{i}]))")
         elif type_name == "datetime | None":
             args.append(f"(None if r[{i}] is None else d(r[{i}]))")

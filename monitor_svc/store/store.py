@@ -25,7 +25,7 @@ from monitor_svc.records import (
 )
 from monitor_svc.store.engine import SQLITE_SYNCHRONOUS_DEFAULT, is_sqlite, make_engine
 from monitor_svc.store.models import JobRow, LeaseRow, StepProgressRow
-from monitor_svc.store.tx import JOB_SELECT, SELECT_JOB, read_definition, row_to_state
+from monitor_svc.store.statements import JOB_SELECT, SELECT_JOB, read_definition, row_to_state
 from monitor_svc.store.writer import Reader, Writer
 from stepflow_common.errors import InvalidArgument, NotFound, StatusConflict
 from stepflow_common.status import LIVE, Kind, Status

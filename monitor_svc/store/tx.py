@@ -9,38 +9,25 @@ and one commit between them, and each still raises its version by one.
 
 from __future__ import annotations
 
-import json
-import threading
-from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from dataclasses import Field
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any, cast
 
 from sqlalchemy import (
-    BindParameter,
     Connection,
     Table,
-    bindparam,
     delete,
     func,
-    literal,
     select,
     update,
 )
-from sqlalchemy.dialects import postgresql, sqlite
 
 from monitor_svc.records import (
-    JOB_FIELDS,
-    PROGRESS_FIELDS,
-    PROGRESS_VALUES,
     InstanceRecord,
     JobState,
     Lease,
     Progress,
     as_utc,
-    column_of,
-    stored,
     utcnow,
 )
 from monitor_svc.store import notify
@@ -48,248 +35,49 @@ from monitor_svc.store.bulk import statements
 from monitor_svc.store.models import (
     CounterRow,
     JobRow,
-    LeaseInstanceRow,
-    LeaseRow,
-    MetadataWriteRow,
-    StepProgressRow,
 )
-from stepflow_common.status import LIVE, Kind, Status
+from monitor_svc.store.statements import (
+    INSTANCE_MEMORY,
+    INSTANCES,
+    JOB_SELECT,
+    JOBS,
+    LEASES,
+    LIVE_MANAGERS,
+    LIVE_STATUS,
+    LIVE_VALUES,
+    MANAGER_KIND,
+    METADATA_WRITES,
+    PROGRESS,
+    SELECT_ALL_LEASES,
+    SELECT_BY_REQUEST,
+    SELECT_INSTANCE,
+    SELECT_JOB,
+    SELECT_JOB_LOCKED,
+    SELECT_LEASE,
+    SELECT_LEASE_LOCKED,
+    SELECT_MANAGER_PROGRESS,
+    SELECT_PROGRESS,
+    SELECT_PROGRESS_LOCKED,
+    SELECT_WRITE,
+    UPDATE_JOB,
+    UPSERT_LEASE,
+    created_at_of,
+    is_orphan,
+    oldest_first,
+    progress_insert_params,
+    read_definition,
+    row_to_progress,
+    row_to_state,
+    state_to_insert,
+    update_params,
+    worker_types_of,
+)
+from stepflow_common.status import Kind
 from stepflow_common.step_outcome import ChildTally
 
 CHANGE_SEQ = "change_seq"
 IN_CHUNK = 500
 _MISSING = object()
-
-_T = cast(Table, JobRow.__table__)
-# Every statement and mapping below is derived from the fields of ``JobState``, in their order.
-_COLUMNS = tuple(column_of(f) for f in JOB_FIELDS)
-# Read with the row: every field but the few kept for the one call that asks (``selected``).
-_READ_FIELDS = tuple(f for f in JOB_FIELDS if stored(f).selected)
-JOB_SELECT = select(*(_T.c[column_of(f)] for f in _READ_FIELDS))
-# Statements built once: building and cache-keying a statement per call costs more than
-# running it on the hot paths.
-SELECT_JOB = JOB_SELECT.where(_T.c.id == bindparam("job_id"))
-_SELECT_JOB_LOCKED = SELECT_JOB.with_for_update()
-_SELECT_BY_REQUEST = JOB_SELECT.where(_T.c.request_id == bindparam("request_id"))
-_UPDATED = tuple(f for f in JOB_FIELDS if stored(f).updated)
-
-
-def _update_of(changed: tuple[Field[Any], ...]) -> tuple[Any, tuple[str, ...]]:
-    """An UPDATE of the ``changed`` fields by id, and its bind names."""
-    binds = ("b_id", *(f"b_{column_of(f)}" for f in changed))
-    stmt = (
-        update(_T)
-        .where(_T.c.id == bindparam("b_id"))
-        .values({column_of(f): bindparam(f"b_{column_of(f)}") for f in changed})
-    )
-    return stmt, binds
-
-
-_UPDATE_JOB, _UPDATE_BINDS = _update_of(_UPDATED)
-_P = cast(Table, StepProgressRow.__table__)
-_PROGRESS_SELECT = select(*(_P.c[name] for name in PROGRESS_FIELDS))
-_SELECT_PROGRESS = _PROGRESS_SELECT.where(_P.c.step_id == bindparam("step_id"))
-_SELECT_PROGRESS_LOCKED = _SELECT_PROGRESS.with_for_update()
-_SELECT_MANAGER_PROGRESS = _PROGRESS_SELECT.where(_P.c.manager_id == bindparam("manager_id"))
-
-
-# Enum member -> its text, by dict lookup: ``member.value`` is a slow descriptor call and the
-# event path converts a status per child.
-_STATUS = {s.value: s for s in Status}
-_KIND = {k.value: k for k in Kind}
-_TEXT: dict[Status | Kind, str] = {**{s: s.value for s in Status}, **{k: k.value for k in Kind}}
-_LIVE = sorted(s.value for s in LIVE)
-# Queries of live managers name the kind and the live statuses as literals in the SQL (not
-# parameters), the terms of the partial index of live managers (``ix_jobs_live_managers``):
-# SQLite uses a partial index only for a query that repeats its terms.
-_MANAGER_KIND = literal(Kind.MANAGER.value, literal_execute=True)
-_LIVE_STATUS: BindParameter[Any] = bindparam(
-    "live_statuses", _LIVE, expanding=True, literal_execute=True
-)
-
-
-class _Documents:
-    """Large metadata documents by their JSON text, as last written or read.
-
-    A hot manager's row is read and written again by every group transaction; its document
-    is parsed only when its text changed (another process wrote it), and every read of it
-    shares the same Python values, so the answers' serialized bytes (``convert``) and the
-    size bookkeeping (``metadata_rules``) carry over from one transaction to the next. The
-    values are never changed in place (units replace a job's metadata, never mutate it).
-    Shared by the writer and the read pool, hence the lock.
-    """
-
-    MIN_CHARS = 1024  # smaller documents parse faster than they are looked up
-    MAX_CHARS = 32 * 1024 * 1024  # the texts kept, in all
-
-    def __init__(self) -> None:
-        self._by_text: OrderedDict[str, dict[str, Any]] = OrderedDict()
-        self._chars = 0
-        self._lock = threading.Lock()
-
-    def load(self, text: str) -> Any:
-        if text == "{}":
-            return {}
-        if len(text) < self.MIN_CHARS:
-            return json.loads(text)
-        with self._lock:
-            found = self._by_text.get(text)
-            if found is not None:
-                self._by_text.move_to_end(text)
-                return found
-        value = json.loads(text)
-        self._keep(text, value)
-        return value
-
-    def dump(self, value: dict[str, Any]) -> str:
-        if not value:
-            return "{}"
-        text = json.dumps(value, separators=(",", ":"))
-        if len(text) >= self.MIN_CHARS:
-            self._keep(text, value)
-        return text
-
-    def _keep(self, text: str, value: dict[str, Any]) -> None:
-        if len(text) > self.MAX_CHARS // 4:
-            return
-        with self._lock:
-            if self._by_text.pop(text, None) is not None:
-                self._chars -= len(text)
-            self._by_text[text] = value
-            self._chars += len(text)
-            while self._chars > self.MAX_CHARS:
-                old, _ = self._by_text.popitem(last=False)
-                self._chars -= len(old)
-
-
-_DOCUMENTS = _Documents()
-_load_json = _DOCUMENTS.load
-_dump_json = _DOCUMENTS.dump
-
-
-def _created_at(value: datetime) -> datetime:
-    return as_utc(value) or utcnow()
-
-
-# How a field's type is read back: enums from their text, the metadata from JSON, times as UTC
-# (SQLite hands them back naive). Every other type is stored as it is.
-_DECODE_BY_TYPE: dict[str, Callable[[Any], Any]] = {
-    "Kind": _KIND.__getitem__,
-    "Status": _STATUS.__getitem__,
-    "dict[str, Any]": _load_json,
-    "datetime": _created_at,
-    "datetime | None": as_utc,
-}
-
-
-_DECODE = tuple(
-    (i, _DECODE_BY_TYPE[str(f.type)])
-    for i, f in enumerate(_READ_FIELDS)
-    if str(f.type) in _DECODE_BY_TYPE
-)
-
-
-def _params_function(
-    name: str, keys: tuple[str, ...], fields: tuple[Field[Any], ...]
-) -> Callable[[JobState], dict[str, Any]]:
-    """A statement's parameters from a ``JobState``, written out from the field table once at
-    import: a plain dict literal, as fast as one written by hand (this runs per child event)."""
-    encode = {"Kind": "_TEXT[s.{}]", "Status": "_TEXT[s.{}]", "dict[str, Any]": "_dump_json(s.{})"}
-    items = ", ".join(
-        f"{key!r}: " + encode.get(str(f.type), "s.{}").format(f.name)
-        for key, f in zip(keys, fields, strict=True)
-    )
-    namespace: dict[str, Any] = {"_TEXT": _TEXT, "_dump_json": _dump_json}
-    exec(f"def {name}(s):\n    return {{{items}}}\n", namespace)
-    function: Callable[[JobState], dict[str, Any]] = namespace[name]
-    return function
-
-
-def row_to_state(row: Any) -> JobState:
-    """A row of ``JOB_SELECT`` (its columns are the fields, in order) as a ``JobState``."""
-    values = list(row)
-    for index, decode in _DECODE:
-        values[index] = decode(values[index])
-    return JobState(*values)
-
-
-_ID_FIELD = JOB_FIELDS[0]
-state_to_insert = _params_function("state_to_insert", _COLUMNS, JOB_FIELDS)
-_update_params = _params_function("update_params", _UPDATE_BINDS, (_ID_FIELD, *_UPDATED))
-
-
-_L = cast(Table, LeaseRow.__table__)
-_SELECT_LEASE = select(_L.c.owner, _L.c.instance, _L.c.expires_at, _L.c.worker_types).where(
-    _L.c.owner == bindparam("owner")
-)
-_I = cast(Table, LeaseInstanceRow.__table__)
-_SELECT_INSTANCE = select(_I.c.instance, _I.c.owner, _I.c.superseded_by).where(
-    _I.c.owner == bindparam("owner"), _I.c.instance == bindparam("instance")
-)
-_SELECT_LEASE_LOCKED = _SELECT_LEASE.with_for_update()
-_W = cast(Table, MetadataWriteRow.__table__)
-_SELECT_WRITE = select(_W.c.version).where(
-    _W.c.job_id == bindparam("job_id"), _W.c.request_id == bindparam("request_id")
-)
-_SELECT_ALL_LEASES = select(_L.c.owner, _L.c.instance, _L.c.expires_at, _L.c.worker_types)
-INSTANCE_MEMORY = timedelta(days=7)
-
-
-def _types(text: str | None) -> tuple[str, ...]:
-    return tuple(t for t in (text or "").split(",") if t)
-
-
-_LIVE_MANAGERS = JOB_SELECT.where(
-    _T.c.kind == _MANAGER_KIND,
-    _T.c.owner == bindparam("owner"),
-    _T.c.status.in_(_LIVE_STATUS),
-).order_by(_T.c.created_at, _T.c.id)
-
-
-def _upsert_lease(sqlite_db: bool) -> Any:
-    insert = (sqlite.insert if sqlite_db else postgresql.insert)(_L)
-    return insert.on_conflict_do_update(
-        index_elements=[_L.c.owner],
-        set_={
-            "instance": insert.excluded.instance,
-            "expires_at": insert.excluded.expires_at,
-            "worker_types": insert.excluded.worker_types,
-        },
-    )
-
-
-_UPSERT_LEASE = {True: _upsert_lease(True), False: _upsert_lease(False)}
-
-
-def _is_orphan(state: JobState) -> bool:
-    return (
-        state.kind is Kind.MANAGER
-        and state.owner == ""
-        and state.orphan_deadline is not None
-        and not state.status.terminal
-    )
-
-
-def _oldest_first(state: JobState) -> tuple[datetime, str]:
-    return state.created_at, state.id
-
-
-def read_definition(conn: Connection, manager_id: str) -> dict[str, Any] | None:
-    found: dict[str, Any] | None = conn.execute(
-        select(_T.c.definition).where(_T.c.id == manager_id)
-    ).scalar()
-    return found
-
-
-def row_to_progress(row: Any) -> Progress:
-    progress = Progress(*row)
-    progress.handed = bool(progress.handed)
-    progress.grace_deadline = as_utc(progress.grace_deadline)
-    return progress
-
-
-def _progress_insert(p: Progress) -> dict[str, Any]:
-    return dict(zip(PROGRESS_FIELDS, PROGRESS_VALUES(p), strict=True))
 
 
 class Tx:
@@ -351,7 +139,7 @@ class Tx:
     def job(self, job_id: str) -> JobState | None:
         if job_id in self._jobs:
             return self._jobs[job_id]
-        stmt = _SELECT_JOB_LOCKED if self._lock_rows else SELECT_JOB
+        stmt = SELECT_JOB_LOCKED if self._lock_rows else SELECT_JOB
         row = self.conn.execute(stmt, {"job_id": job_id}).first()
         state = row_to_state(row) if row is not None else None
         self._jobs[job_id] = state
@@ -364,7 +152,7 @@ class Tx:
         for state in self._jobs.values():
             if state is not None and state.request_id == request_id:
                 return state
-        row = self.conn.execute(_SELECT_BY_REQUEST, {"request_id": request_id}).first()
+        row = self.conn.execute(SELECT_BY_REQUEST, {"request_id": request_id}).first()
         if row is None:
             return None
         return self.job(row.id)
@@ -413,7 +201,7 @@ class Tx:
     ) -> list[JobState]:
         stmt = JOB_SELECT.where(where)
         if live_only:
-            stmt = stmt.where(JobRow.status.in_(_LIVE))
+            stmt = stmt.where(JobRow.status.in_(LIVE_VALUES))
         if self._lock_rows:
             stmt = stmt.with_for_update()
         found = []
@@ -458,7 +246,7 @@ class Tx:
         if found is not None:
             return found
         version = self.conn.execute(
-            _SELECT_WRITE, {"job_id": job_id, "request_id": request_id}
+            SELECT_WRITE, {"job_id": job_id, "request_id": request_id}
         ).scalar()
         return None if version is None else int(version)
 
@@ -473,13 +261,15 @@ class Tx:
                 {"job_id": j, "request_id": r, "version": v, "created_at": self.now}
                 for (j, r), v in self._metadata_writes.items()
             ]
-            self.conn.execute(_W.insert(), rows)
+            self.conn.execute(METADATA_WRITES.insert(), rows)
             self._metadata_writes.clear()
 
     # -- the clock's work ----------------------------------------------------------------------
     def due_jobs(self) -> list[str]:
-        stmt = select(_T.c.id).where(
-            _T.c.deadline.is_not(None), _T.c.deadline <= self.now, _T.c.status.in_(_LIVE)
+        stmt = select(JOBS.c.id).where(
+            JOBS.c.deadline.is_not(None),
+            JOBS.c.deadline <= self.now,
+            JOBS.c.status.in_(LIVE_VALUES),
         )
         if self._lock_rows:
             # Two monitors on one database: each due deadline is claimed by exactly one of them.
@@ -487,8 +277,8 @@ class Tx:
         return list(self.conn.execute(stmt).scalars())
 
     def due_graces(self) -> list[str]:
-        stmt = select(_P.c.step_id).where(
-            _P.c.grace_deadline.is_not(None), _P.c.grace_deadline <= self.now
+        stmt = select(PROGRESS.c.step_id).where(
+            PROGRESS.c.grace_deadline.is_not(None), PROGRESS.c.grace_deadline <= self.now
         )
         if self._lock_rows:
             stmt = stmt.with_for_update(skip_locked=True)
@@ -498,7 +288,7 @@ class Tx:
     def progress(self, step_id: str) -> Progress | None:
         if step_id in self._progress:
             return self._progress[step_id]
-        stmt = _SELECT_PROGRESS_LOCKED if self._lock_rows else _SELECT_PROGRESS
+        stmt = SELECT_PROGRESS_LOCKED if self._lock_rows else SELECT_PROGRESS
         row = self.conn.execute(stmt, {"step_id": step_id}).first()
         progress = row_to_progress(row) if row is not None else None
         self._progress[step_id] = progress
@@ -509,7 +299,7 @@ class Tx:
         if manager_id in self._manager_steps:
             return
         steps = self._manager_steps[manager_id] = set()
-        for row in self.conn.execute(_SELECT_MANAGER_PROGRESS, {"manager_id": manager_id}):
+        for row in self.conn.execute(SELECT_MANAGER_PROGRESS, {"manager_id": manager_id}):
             steps.add(row.step_id)
             if row.step_id not in self._progress:
                 self._progress[row.step_id] = row_to_progress(row)
@@ -617,19 +407,19 @@ class Tx:
             elif state.kind is child and job_id not in full_rows:
                 child_updates.append(state)
             else:
-                updates.append(_update_params(state))
+                updates.append(update_params(state))
         if inserts:
-            self.conn.execute(_T.insert(), inserts)
+            self.conn.execute(JOBS.insert(), inserts)
         if child_inserts:
             bulk.insert_children(self.conn, child_inserts)
         if updates:
-            self.conn.execute(_UPDATE_JOB, updates)
+            self.conn.execute(UPDATE_JOB, updates)
         if child_updates:
             bulk.update_children(self.conn, child_updates)
         only_touched = sorted(self._touched - self._dirty)
         for start in range(0, len(only_touched), IN_CHUNK):
             chunk = only_touched[start : start + IN_CHUNK]
-            self.conn.execute(update(_T).where(_T.c.id.in_(chunk)).values(change_seq=seq))
+            self.conn.execute(update(JOBS).where(JOBS.c.id.in_(chunk)).values(change_seq=seq))
         new_rows: list[dict[str, Any]] = []
         changed_rows: list[Progress] = []
         for step_id in self._progress_dirty:
@@ -639,11 +429,11 @@ class Tx:
             if progress.grace_deadline is not None:
                 self._note_deadline(progress.grace_deadline)
             if step_id in self._progress_new:
-                new_rows.append(_progress_insert(progress))
+                new_rows.append(progress_insert_params(progress))
             else:
                 changed_rows.append(progress)
         if new_rows:
-            self.conn.execute(_P.insert(), new_rows)
+            self.conn.execute(PROGRESS.insert(), new_rows)
         if changed_rows:
             bulk.update_progress(self.conn, changed_rows)
         self._flush_leases()
@@ -654,13 +444,13 @@ class Tx:
     def lease(self, owner: str) -> Lease | None:
         if owner in self._leases:
             return self._leases[owner]
-        stmt = _SELECT_LEASE_LOCKED if self._lock_rows else _SELECT_LEASE
+        stmt = SELECT_LEASE_LOCKED if self._lock_rows else SELECT_LEASE
         row = self.conn.execute(stmt, {"owner": owner}).first()
         found = None
         if row is not None:
             expires_at = as_utc(row.expires_at)
             assert expires_at is not None
-            found = Lease(row.owner, row.instance, expires_at, _types(row.worker_types))
+            found = Lease(row.owner, row.instance, expires_at, worker_types_of(row.worker_types))
         self._leases[owner] = found
         return found
 
@@ -681,9 +471,9 @@ class Tx:
                 row.owner,
                 row.instance,
                 as_utc(row.expires_at) or self.now,
-                _types(row.worker_types),
+                worker_types_of(row.worker_types),
             )
-            for row in self.conn.execute(_SELECT_ALL_LEASES)
+            for row in self.conn.execute(SELECT_ALL_LEASES)
         }
         for owner in self._lease_dirty:
             lease = self._leases.get(owner)
@@ -694,12 +484,12 @@ class Tx:
         return [lease for lease in found.values() if lease.expires_at > self.now]
 
     def instance_record(self, owner: str, instance: str) -> InstanceRecord | None:
-        row = self.conn.execute(_SELECT_INSTANCE, {"owner": owner, "instance": instance}).first()
+        row = self.conn.execute(SELECT_INSTANCE, {"owner": owner, "instance": instance}).first()
         return None if row is None else InstanceRecord(row.instance, row.owner, row.superseded_by)
 
     def add_instance(self, record: InstanceRecord) -> None:
         self.conn.execute(
-            _I.insert(),
+            INSTANCES.insert(),
             {
                 "instance": record.instance,
                 "owner": record.owner,
@@ -710,13 +500,19 @@ class Tx:
         # Superseded instances are remembered for a week: a process frozen longer than that
         # is treated as new (and supersedes, as a restart does).
         self.conn.execute(
-            delete(_I).where(_I.c.superseded_by != "", _I.c.created_at < self.now - INSTANCE_MEMORY)
+            delete(INSTANCES).where(
+                INSTANCES.c.superseded_by != "", INSTANCES.c.created_at < self.now - INSTANCE_MEMORY
+            )
         )
 
     def supersede_instances(self, owner: str, by_instance: str) -> None:
         self.conn.execute(
-            update(_I)
-            .where(_I.c.owner == owner, _I.c.instance != by_instance, _I.c.superseded_by == "")
+            update(INSTANCES)
+            .where(
+                INSTANCES.c.owner == owner,
+                INSTANCES.c.instance != by_instance,
+                INSTANCES.c.superseded_by == "",
+            )
             .values(superseded_by=by_instance)
         )
 
@@ -734,67 +530,67 @@ class Tx:
         return [s for job_id in self._dirty if (s := self._jobs.get(job_id)) is not None]
 
     def live_managers(self, owner: str) -> list[JobState]:
-        stmt = _LIVE_MANAGERS.with_for_update() if self._lock_rows else _LIVE_MANAGERS
+        stmt = LIVE_MANAGERS.with_for_update() if self._lock_rows else LIVE_MANAGERS
         found = {s.id: s for s in self._cache_rows(self.conn.execute(stmt, {"owner": owner}))}
         for state in self._changed_here():
             if state.kind is Kind.MANAGER and state.owner == owner:
                 found[state.id] = state
         live = [s for s in found.values() if s.owner == owner and not s.status.terminal]
-        return sorted(live, key=_oldest_first)
+        return sorted(live, key=oldest_first)
 
     def live_manager_ids(self, owner: str, limit: int) -> list[str]:
         stmt = (
-            select(_T.c.id, _T.c.created_at)
+            select(JOBS.c.id, JOBS.c.created_at)
             .where(
-                _T.c.kind == _MANAGER_KIND,
-                _T.c.owner == owner,
-                _T.c.status.in_(_LIVE_STATUS),
+                JOBS.c.kind == MANAGER_KIND,
+                JOBS.c.owner == owner,
+                JOBS.c.status.in_(LIVE_STATUS),
             )
-            .order_by(_T.c.created_at, _T.c.id)
+            .order_by(JOBS.c.created_at, JOBS.c.id)
             .limit(limit)
         )
         found: dict[str, tuple[datetime, str]] = {}
         for row in self.conn.execute(stmt):
             cached = self._jobs.get(row.id)
             if cached is None or (cached.owner == owner and not cached.status.terminal):
-                found[row.id] = (_created_at(row.created_at), row.id)
+                found[row.id] = (created_at_of(row.created_at), row.id)
         for state in self._changed_here():
             if state.kind is Kind.MANAGER and state.owner == owner and not state.status.terminal:
-                found[state.id] = _oldest_first(state)
+                found[state.id] = oldest_first(state)
         return [job_id for _, job_id in sorted(found.values())[:limit]]
 
     def orphans(self, limit: int) -> list[JobState]:
         stmt = (
             JOB_SELECT.where(
-                _T.c.orphan_deadline.is_not(None),
-                _T.c.kind == _MANAGER_KIND,
-                _T.c.owner == "",
-                _T.c.status.in_(_LIVE_STATUS),
+                JOBS.c.orphan_deadline.is_not(None),
+                JOBS.c.kind == MANAGER_KIND,
+                JOBS.c.owner == "",
+                JOBS.c.status.in_(LIVE_STATUS),
             )
-            .order_by(_T.c.created_at, _T.c.id)
+            .order_by(JOBS.c.created_at, JOBS.c.id)
             .limit(limit)
         )
         if self._lock_rows:
             stmt = stmt.with_for_update(skip_locked=True)
         found = {s.id: s for s in self._cache_rows(self.conn.execute(stmt))}
         for state in self._changed_here():
-            if _is_orphan(state):
+            if is_orphan(state):
                 found[state.id] = state
-        return sorted((s for s in found.values() if _is_orphan(s)), key=_oldest_first)[:limit]
+        return sorted((s for s in found.values() if is_orphan(s)), key=oldest_first)[:limit]
 
     def due_leases(self) -> list[str]:
-        stmt = select(_L.c.owner).where(_L.c.expires_at <= self.now)
+        stmt = select(LEASES.c.owner).where(LEASES.c.expires_at <= self.now)
         if self._lock_rows:
             stmt = stmt.with_for_update(skip_locked=True)
         return list(self.conn.execute(stmt).scalars())
 
     def due_orphans(self) -> list[str]:
-        stmt = select(_T.c.id).where(
-            _T.c.orphan_deadline.is_not(None),
-            _T.c.orphan_deadline <= self.now,
-            _T.c.kind == _MANAGER_KIND,
-            _T.c.owner == "",
-            _T.c.status.in_(_LIVE_STATUS),
+        stmt = select(JOBS.c.id).where(
+            JOBS.c.orphan_deadline.is_not(None),
+            JOBS.c.orphan_deadline <= self.now,
+            JOBS.c.kind == MANAGER_KIND,
+            JOBS.c.owner == "",
+            JOBS.c.status.in_(LIVE_STATUS),
         )
         if self._lock_rows:
             stmt = stmt.with_for_update(skip_locked=True)
@@ -822,6 +618,6 @@ class Tx:
                     }
                 )
         if gone:
-            self.conn.execute(delete(_L).where(_L.c.owner.in_(gone)))
+            self.conn.execute(delete(LEASES).where(LEASES.c.owner.in_(gone)))
         if kept:
-            self.conn.execute(_UPSERT_LEASE[self.sqlite], kept)
+            self.conn.execute(UPSERT_LEASE[self.sqlite], kept)

@@ -11,7 +11,7 @@ from sqlalchemy import Table
 
 from monitor_svc.records import JOB_FIELDS, JobState, Progress, column_of
 from monitor_svc.store.models import JobRow, StepProgressRow
-from monitor_svc.store.tx import JOB_SELECT, row_to_state, state_to_insert
+from monitor_svc.store.statements import JOB_SELECT, row_to_state, state_to_insert
 from stepflow_common.status import LIVE, TERMINAL, Kind, Status
 
 
