@@ -1,16 +1,17 @@
 """The job lifecycle: every rule of a job's life, from creation to its end, in one place.
 
-``rules`` holds the rules as plain functions over a ``UnitOfWork`` (``uow``); the store runs
+``rules`` holds the rules as plain functions over a ``UnitOfWork`` (``uow``), and
+``child_events`` those of the child-event stream; the store runs
 them in its SQL transactions, ``memory`` runs them over dicts (the rules' own tests);
 ``leases`` holds the rules of orchestrators coming and going (leases, instances, adoption),
 ``fencing`` who may still write to a job. Neither SQL nor gRPC is imported here.
 """
 
 from monitor_svc.lifecycle import fencing, leases, rules
+from monitor_svc.lifecycle.child_events import apply_events
 from monitor_svc.lifecycle.rules import (
     StepStatResult,
     StepTimers,
-    apply_events,
     create_job,
     deadline_after,
     set_status,

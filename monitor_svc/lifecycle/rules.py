@@ -1,5 +1,6 @@
 """Every rule of a job's life, as plain code against a ``UnitOfWork``: creating jobs, status
-moves and their cascades, child events and seals, the ways a step ends, and the deadlines.
+moves and their cascades, the ways a step ends, and the deadlines (child events and seals:
+``child_events``).
 
 Each public function here is one unit of work: it reads and writes through the unit of work
 only, and raises a domain error (``stepflow_common.errors``) to refuse; the unit of work then
@@ -13,10 +14,10 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from monitor_svc import metadata_rules as rules
+from monitor_svc import metadata_rules
 from monitor_svc.lifecycle import fencing
 from monitor_svc.lifecycle.uow import UnitOfWork
-from monitor_svc.records import ChildEventIn, DocumentLimits, JobState, JobView, NewJob, Progress
+from monitor_svc.records import DocumentLimits, JobState, JobView, NewJob, Progress
 from stepflow_common.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -33,17 +34,8 @@ from stepflow_common.status import (
     Transition,
     check_status_for_kind,
     check_transition,
-    is_forward,
 )
 from stepflow_common.step_outcome import ChildTally, children_done, final_step_status
-
-EVENT_STATUS = {
-    "created": Status.PENDING,
-    "running": Status.RUNNING,
-    "completed": Status.COMPLETED,
-    "failed": Status.FAILED,
-    "cancelled": Status.CANCELLED,
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +104,9 @@ def create_job(tx: UnitOfWork, new: NewJob, timers: StepTimers, limits: Document
         manager_id = parent.manager_id
         if new.kind is Kind.STEP:
             _check_room_for_step(tx, manager_id, limits)
-    metadata = rules.merge_metadata({}, new.metadata).metadata  # same checks as UpdateJobMetadata
+    metadata = metadata_rules.merge_metadata(
+        {}, new.metadata
+    ).metadata  # same checks as UpdateJobMetadata
     _check_document_size(job_id, {}, metadata, limits)
     step_index = _step_index(new) if new.kind is Kind.STEP else None
     state = JobState(
@@ -140,7 +134,7 @@ def create_job(tx: UnitOfWork, new: NewJob, timers: StepTimers, limits: Document
     )
     if new.kind is Kind.CHILD:
         assert new.parent_id is not None
-        _count_child_change(tx, new.parent_id, manager_id, None, Status.PENDING, timers)
+        count_child_change(tx, new.parent_id, manager_id, None, Status.PENDING, timers)
     tx.insert(state)
     if new.kind is Kind.STEP:
         tx.put_progress(Progress(job_id, manager_id), new=True)
@@ -152,9 +146,9 @@ def _step_index(new: NewJob) -> int | None:
     value = new.metadata.get("step_index")
     if not isinstance(value, int | float) or isinstance(value, bool):
         return None
-    if not (value == int(value) and 0 <= value <= rules.MAX_STEP_INDEX):
+    if not (value == int(value) and 0 <= value <= metadata_rules.MAX_STEP_INDEX):
         raise InvalidArgument(
-            f"metadata.step_index must be a whole number from 0 to {rules.MAX_STEP_INDEX}"
+            f"metadata.step_index must be a whole number from 0 to {metadata_rules.MAX_STEP_INDEX}"
         )
     return int(value)
 
@@ -213,7 +207,7 @@ def update_metadata(
     fencing.check_fence(tx, job, owner, instance)
     if expected_version is not None and expected_version != job.version:
         raise VersionConflict.stale(job_id, expected_version, job.version)
-    merged = rules.merge_metadata(job.metadata, patch)
+    merged = metadata_rules.merge_metadata(job.metadata, patch)
     if merged.changed:
         _check_document_size(job_id, job.metadata, merged.metadata, limits)
         job = job.clone()  # hot path: cheaper than dataclasses.replace
@@ -236,7 +230,7 @@ def update_step_stat(
     if manager.kind is not Kind.MANAGER:
         raise FailedPrecondition(f"job {manager_id} is a {manager.kind}, not a manager")
     fencing.check_fence(tx, manager, owner, instance)
-    update = rules.set_step_stat_status(manager.metadata, step_id, status)
+    update = metadata_rules.set_step_stat_status(manager.metadata, step_id, status)
     if update.changed:
         manager = manager.clone()
         manager.metadata, manager.version = update.metadata, manager.version + 1
@@ -267,8 +261,8 @@ def _check_document_size(
     """Refuse a client's write that would make the document larger than the limit (a write
     that does not grow an over-limit document, e.g. a status, still passes). Only clients'
     writes are checked: the monitor's own entries (bounded by the step count) always land."""
-    size = rules.size_after(old, new)
-    if size <= limits.max_metadata_bytes or size <= rules.document_size(old):
+    size = metadata_rules.size_after(old, new)
+    if size <= limits.max_metadata_bytes or size <= metadata_rules.document_size(old):
         return
     raise ResourceExhausted(
         f"job {job_id}'s metadata would be {size} bytes; the limit is "
@@ -300,7 +294,7 @@ def set_status(
         new.orphan_deadline = None
     tx.put(new)
     if job.kind is Kind.CHILD:
-        _count_child_change(tx, job.parent_id or "", job.manager_id, job.status, status, timers)
+        count_child_change(tx, job.parent_id or "", job.manager_id, job.status, status, timers)
     elif job.kind is Kind.STEP:
         _on_step_status(tx, new, timers)
     elif job.kind is Kind.MANAGER and status.terminal:
@@ -331,10 +325,10 @@ def _on_step_status(tx: UnitOfWork, step: JobState, timers: StepTimers) -> None:
             set_status(tx, child, Status.CANCELLED, "", EndReason.CANCELLED, timers)
         progress = tx.progress(step.id)
         if progress is not None and progress.grace_deadline is not None:
-            working = _working_progress(tx, step.id)
+            working = working_progress(tx, step.id)
             working.grace_deadline = None
     elif step.status is Status.SPAWNED:
-        working = _working_progress(tx, step.id)
+        working = working_progress(tx, step.id)
         if step.deadline is None:
             tx.put(replace(step, deadline=deadline_after(tx.now, timers.default_wait_timeout_s)))
         if working.sealed_count is None and working.tally().total == 0:
@@ -342,7 +336,7 @@ def _on_step_status(tx: UnitOfWork, step: JobState, timers: StepTimers) -> None:
         working.handed = True
     _record_in_manager(tx, step.id)
     if step.status is Status.SPAWNED:
-        _check_step_end(tx, step.id, timers)
+        check_step_end(tx, step.id, timers)
 
 
 def _record_in_manager(tx: UnitOfWork, step_id: str) -> None:
@@ -356,7 +350,7 @@ def _record_in_manager(tx: UnitOfWork, step_id: str) -> None:
     child_count = None
     if progress is not None:
         child_count = progress.sealed_count if progress.sealed_count is not None else tally.total  # type: ignore[union-attr]
-    facts = rules.StepFacts(
+    facts = metadata_rules.StepFacts(
         step_id=step.id,
         step_name=step.name,
         step_type=step.type,
@@ -366,7 +360,7 @@ def _record_in_manager(tx: UnitOfWork, step_id: str) -> None:
         child_count=child_count,
         tally=tally,
     )
-    metadata = rules.record_step_status(manager.metadata, facts)
+    metadata = metadata_rules.record_step_status(manager.metadata, facts)
     if metadata != manager.metadata:
         tx.put(replace(manager, metadata=metadata, version=manager.version + 1))
     else:
@@ -375,20 +369,20 @@ def _record_in_manager(tx: UnitOfWork, step_id: str) -> None:
         tx.touch(manager.id)
 
 
-def _working_progress(tx: UnitOfWork, step_id: str) -> Progress:
+def working_progress(tx: UnitOfWork, step_id: str) -> Progress:
     step = tx.job(step_id)
     assert step is not None
     return tx.working_progress(step_id, step.manager_id)
 
 
 # -- the one place a child's change reaches its step ---------------------------------------
-class _BeyondSeal(FailedPrecondition):
+class BeyondSeal(FailedPrecondition):
     def __init__(self, step_id: str, sealed_count: int) -> None:
         super().__init__(f"step {step_id} is sealed with {sealed_count} children")
         self.sealed_count = sealed_count
 
 
-def _count_child_change(
+def count_child_change(
     tx: UnitOfWork,
     step_id: str,
     manager_id: str,
@@ -404,19 +398,19 @@ def _count_child_change(
     progress = tx.working_progress(step_id, manager_id)
     if old is None:
         if progress.sealed_count is not None and progress.tally().total >= progress.sealed_count:
-            raise _BeyondSeal(step_id, progress.sealed_count)
+            raise BeyondSeal(step_id, progress.sealed_count)
         progress.grace_deadline = None  # a hand-off that has a child no longer waits for one
     else:
         progress.add(old, -1)
     progress.add(status, 1)
     tx.touch(manager_id)
     if ends is None:
-        _check_step_end(tx, step_id, timers)
+        check_step_end(tx, step_id, timers)
     else:
         ends.add(step_id)
 
 
-def _check_step_end(tx: UnitOfWork, step_id: str, timers: StepTimers) -> None:
+def check_step_end(tx: UnitOfWork, step_id: str, timers: StepTimers) -> None:
     """End a handed-off step whose seal is met: zero children, or all children terminal."""
     step = tx.job(step_id)
     if step is None or step.status.terminal:
@@ -430,172 +424,6 @@ def _check_step_end(tx: UnitOfWork, step_id: str, timers: StepTimers) -> None:
     elif children_done(tally, progress.sealed_count):
         status, error = final_step_status(tally)
         set_status(tx, step, status, error, EndReason.CHILDREN_TERMINAL, timers)
-
-
-# -- the child-event stream ------------------------------------------------------------------
-def apply_events(
-    tx: UnitOfWork,
-    events: list[ChildEventIn],
-    timers: StepTimers,
-    owner: str = "",
-    instance: str = "",
-) -> list[tuple[str, str]]:
-    """Apply one batch of child events. Dedupe is by the child's state transition: statuses
-    only move forward, so a replayed or late event finds nothing to change, and nothing extra
-    has to be kept (or pruned) to recognise it."""
-    rejected: list[tuple[str, str]] = []
-    steps: dict[str, JobState | None] = {}
-    for event in events:
-        if event.step_id not in steps:
-            steps[event.step_id] = tx.job(event.step_id) if event.step_id else None
-    tx.child_states({e.child_id for e in events if e.child_id})
-    affected: set[str] = set()
-    fences: dict[str, str] = {}
-    for event in events:
-        reason = _fence_event(tx, steps.get(event.step_id), owner, instance, fences)
-        reason = reason or _apply_event(tx, event, steps, timers, affected)
-        if reason:
-            rejected.append((event.event_id, reason))
-        else:
-            affected.add(event.step_id)
-    for step_id in affected:
-        _check_step_end(tx, step_id, timers)
-    return rejected
-
-
-def _fence_event(
-    tx: UnitOfWork, step: JobState | None, owner: str, instance: str, fences: dict[str, str]
-) -> str:
-    """The fencing rejection of an event for ``step`` (once per manager and batch)."""
-    if not owner or step is None:
-        return ""
-    if step.manager_id not in fences:
-        fences[step.manager_id] = fencing.event_fence_reason(
-            tx, tx.job(step.manager_id), owner, instance
-        )
-    return fences[step.manager_id]
-
-
-def _apply_event(
-    tx: UnitOfWork,
-    event: ChildEventIn,
-    steps: dict[str, JobState | None],
-    timers: StepTimers,
-    ends: set[str],
-) -> str:
-    """One event of a batch; the reason it is rejected, or "". Steps whose children changed
-    are added to ``ends``, to be checked for their end once the batch is applied."""
-    step = steps.get(event.step_id)
-    if step is None:
-        return f"unknown step {event.step_id!r}"
-    if step.kind is not Kind.STEP:
-        return f"job {event.step_id} is a {step.kind}, not a step"
-    if event.kind == "sealed":
-        return _apply_seal(tx, event, timers)
-    status = EVENT_STATUS.get(event.kind)
-    if status is None:
-        return f"unknown event kind {event.kind!r}"
-    if not event.child_id:
-        return "child_id is required"
-    child = tx.cached_job(event.child_id)
-    if child is not None:
-        if child.kind is not Kind.CHILD or child.parent_id != event.step_id:
-            return f"job {event.child_id} is not a child of step {event.step_id}"
-        if child.status != status and is_forward(child.status, status):
-            new = child.clone()
-            new.status, new.version = status, child.version + 1
-            new.attempt = fencing.event_attempt(child.attempt, status, event.attempt)
-            if status is Status.RUNNING:
-                new.started_at = new.started_at or tx.now
-            elif status.terminal:
-                new.finished_at = tx.now
-                new.end_reason = EndReason.ORCHESTRATOR
-                new.error = event.error
-            tx.put(new, status_only=True)
-            _count_child_change(
-                tx, event.step_id, step.manager_id, child.status, status, timers, ends
-            )
-        elif status is Status.RUNNING and child.status is status and event.attempt > child.attempt:
-            # A new attempt of a running child (a retry, or a run after an interruption).
-            new = child.clone()
-            new.attempt, new.version = event.attempt, child.version + 1
-            tx.put(new, status_only=True)
-        return ""
-    error = event.error
-    if step.status.terminal and not status.terminal:
-        # A child first heard of after its step ended (cancelled, timed out) is recorded, but
-        # as cancelled: nothing under an ended step may stay live.
-        status, error = Status.CANCELLED, f"step already {step.status}"
-    try:
-        _count_child_change(tx, event.step_id, step.manager_id, None, status, timers, ends)
-    except _BeyondSeal as beyond:
-        return f"beyond the seal's child_count {beyond.sealed_count}"
-    tx.insert(
-        JobState(
-            id=event.child_id,
-            kind=Kind.CHILD,
-            parent_id=event.step_id,
-            manager_id=step.manager_id,
-            name=event.name,
-            type=step.type,
-            status=status,
-            error=error if status.terminal else "",
-            end_reason=EndReason.ORCHESTRATOR if status.terminal else "",
-            metadata={},
-            version=1,
-            change_seq=0,
-            step_index=None,
-            timeout_s=None,
-            deadline=None,
-            created_at=tx.now,
-            started_at=tx.now if status is not Status.PENDING else None,
-            finished_at=tx.now if status.terminal else None,
-            request_id=None,
-            owner=step.owner,
-            attempt=fencing.event_attempt(0, status, event.attempt),
-        )
-    )
-    return ""
-
-
-def _apply_seal(tx: UnitOfWork, event: ChildEventIn, timers: StepTimers) -> str:
-    progress = _working_progress(tx, event.step_id)
-    if event.child_count < 0:
-        return "child_count must be >= 0"
-    if progress.sealed_count is not None:
-        if progress.sealed_count == event.child_count:
-            return ""  # the same seal again
-        return f"already sealed with child_count {progress.sealed_count}"
-    seen = progress.tally().total
-    if event.child_count < seen:
-        return f"child_count {event.child_count} is below the {seen} children already seen"
-    progress.sealed_count = event.child_count
-    progress.grace_deadline = None
-    step = tx.job(event.step_id)
-    assert step is not None
-    hand_off = (
-        event.handed_to_monitor and not step.status.terminal and step.status is not Status.SPAWNED
-    )
-    if step.deadline is None and not step.status.terminal and not hand_off:
-        # The seal starts the wait for the children; the deadline is part of the step's row,
-        # so its version moves. (A hand-off gets its deadline from the move to spawned below.)
-        step = replace(
-            step,
-            deadline=deadline_after(tx.now, timers.default_wait_timeout_s),
-            version=step.version + 1,
-        )
-        tx.put(step)
-    manager = tx.job(step.manager_id)
-    if manager is not None:
-        metadata = rules.record_child_count(manager.metadata, step.id, event.child_count)
-        if metadata != manager.metadata:
-            tx.put(replace(manager, metadata=metadata, version=manager.version + 1))
-    if event.handed_to_monitor:
-        progress.handed = True
-        if hand_off:
-            set_status(tx, step, Status.SPAWNED, "", "", timers)
-    tx.touch(step.manager_id)
-    return ""
 
 
 # -- deadlines -------------------------------------------------------------------------------
@@ -627,7 +455,7 @@ def fire_due(tx: UnitOfWork, timers: StepTimers) -> int:
         progress = tx.progress(step_id)
         if step is None or progress is None:
             continue
-        working = _working_progress(tx, step_id)
+        working = working_progress(tx, step_id)
         working.grace_deadline = None
         if (
             step.status is Status.SPAWNED
