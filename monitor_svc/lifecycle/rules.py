@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from monitor_svc import metadata_rules
+from monitor_svc import document_size, metadata_rules
 from monitor_svc.lifecycle import fencing
 from monitor_svc.lifecycle.uow import UnitOfWork
 from monitor_svc.records import DocumentLimits, JobState, JobView, NewJob, Progress
@@ -261,8 +261,8 @@ def _check_document_size(
     """Refuse a client's write that would make the document larger than the limit (a write
     that does not grow an over-limit document, e.g. a status, still passes). Only clients'
     writes are checked: the monitor's own entries (bounded by the step count) always land."""
-    size = metadata_rules.size_after(old, new)
-    if size <= limits.max_metadata_bytes or size <= metadata_rules.document_size(old):
+    size = document_size.size_after(old, new)
+    if size <= limits.max_metadata_bytes or size <= document_size.document_size(old):
         return
     raise ResourceExhausted(
         f"job {job_id}'s metadata would be {size} bytes; the limit is "

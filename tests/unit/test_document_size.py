@@ -9,6 +9,7 @@ from google.protobuf import struct_pb2
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from monitor_svc import document_size
 from monitor_svc import metadata_rules as rules
 
 _LEAF = st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.text(max_size=40)
@@ -33,8 +34,8 @@ def test_the_size_after_each_write_is_the_encoded_size(patches: list[dict[str, A
     document: dict[str, Any] = {}
     for patch in patches:
         merged = rules.merge_metadata(document, patch).metadata
-        size = rules.size_after(document, merged)
-        assert size == rules.encoded_size(merged) == _struct_bytes(merged)
+        size = document_size.size_after(document, merged)
+        assert size == document_size.encoded_size(merged) == _struct_bytes(merged)
         document = merged
 
 
@@ -42,7 +43,9 @@ def test_a_step_stat_write_changes_the_size_by_its_entry_only() -> None:
     entries = [{"step_id": f"s{i}", "step_index": i, "status": "pending"} for i in range(50)]
     document = rules.merge_metadata({}, {"step_stats": entries, "x": "y"}).metadata
     update = rules.set_step_stat_status(document, "s7", rules.Status.SPAWNED)
-    assert rules.size_after(document, update.metadata) == rules.encoded_size(update.metadata)
+    assert document_size.size_after(document, update.metadata) == document_size.encoded_size(
+        update.metadata
+    )
     assert update.metadata["completed_steps"] == 0
     ended = rules.set_step_stat_status(update.metadata, "s7", rules.Status.COMPLETED)
     assert ended.metadata["completed_steps"] == 1
