@@ -146,12 +146,11 @@ def test_zero_connect_timeout_fails_at_once(command: str) -> None:
 @pytest.mark.parametrize(("timeout", "retried"), [("0s", False), ("2s", True)])
 def test_zero_connect_timeout_turns_the_channel_retry_off(timeout: str, retried: bool) -> None:
     """The channel's retry on UNAVAILABLE backs off for seconds: "fail at once" must not."""
-    from orchestrator_svc import cli as orchestrator_cli
+    from orchestrator_svc import cli_client
+    from orchestrator_svc.cli import build_parser
 
-    args = orchestrator_cli.build_parser().parse_args(
-        ["cancel", "some-job", "--connect-timeout", timeout]
-    )
-    settings = orchestrator_cli._client_settings(args, orchestrator_cli._connect_timeout(args))
+    args = build_parser().parse_args(["cancel", "some-job", "--connect-timeout", timeout])
+    settings = cli_client.client_settings(args, cli_client.connect_timeout(args))
     if retried:
         assert "retry" not in settings  # the client's default policy
     else:
