@@ -24,7 +24,7 @@ from sqlalchemy.engine import make_url
 
 from monitor_svc import cli as monitor_cli
 from orchestrator_svc import cli as orchestrator_cli
-from orchestrator_svc.demo import ServiceProcess, free_port, start_service, wait_serving
+from orchestrator_svc.demo_services import ServiceProcess, free_port, start_service, wait_serving
 from tests.process_helpers import PG_BIN
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -28,7 +28,7 @@ import pytest
 from rich.console import Console
 
 from orchestrator_svc.convert import job_from_pb
-from orchestrator_svc.demo import ServiceProcess, start_service, wait_serving
+from orchestrator_svc.demo_services import ServiceProcess, start_service, wait_serving
 from orchestrator_svc.follow import final_table, follow
 from orchestrator_svc.records import Job
 from stepflow_proto.v1 import job_pb2

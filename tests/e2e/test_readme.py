@@ -35,7 +35,7 @@ import pytest
 from monitor_svc import cli as monitor_cli
 from orchestrator_svc import cli as orchestrator_cli
 from orchestrator_svc import definitions
-from orchestrator_svc.demo import ServiceProcess, start_service, wait_serving
+from orchestrator_svc.demo_services import ServiceProcess, start_service, wait_serving
 from orchestrator_svc.workers.base import StepContext
 from orchestrator_svc.workers.registry import as_worker
 from stepflow_common.errors import InvalidArgument

@@ -21,7 +21,7 @@ from google.protobuf import duration_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
 from orchestrator_svc import definitions
-from orchestrator_svc.demo import ServiceProcess, free_port, start_service, wait_serving
+from orchestrator_svc.demo_services import ServiceProcess, free_port, start_service, wait_serving
 from stepflow_common.proto_status import TERMINAL_PB as TERMINAL
 from stepflow_proto.v1 import job_pb2
 from stepflow_proto.v1 import monitor_service_pb2 as m
