@@ -1,24 +1,22 @@
 """The job lifecycle: every rule of a job's life, from creation to its end, in one place.
 
-``rules`` holds the rules as plain functions over a ``UnitOfWork`` (``uow``), and
-``child_events`` those of the child-event stream; the store runs
-them in its SQL transactions, ``memory`` runs them over dicts (the rules' own tests);
-``leases`` holds the rules of orchestrators coming and going (leases, instances, adoption),
-``fencing`` who may still write to a job. Neither SQL nor gRPC is imported here.
+``rules`` holds the rules as plain functions over a ``UnitOfWork`` (``uow``): the one place a
+status changes and its cascades, a child's change reaching its step, the deadlines.
+``api_units`` holds the units the API calls, ``child_events`` those of the child-event stream,
+``leases`` those of orchestrators coming and going (leases, instances, adoption), and
+``fencing`` who may still write to a job. The store runs them in its SQL transactions;
+``memory`` runs them over dicts (the rules' own tests). Neither SQL nor gRPC is imported here.
 """
 
 from monitor_svc.lifecycle import fencing, leases, rules
-from monitor_svc.lifecycle.child_events import apply_events
-from monitor_svc.lifecycle.rules import (
-    StepStatResult,
-    StepTimers,
+from monitor_svc.lifecycle.api_units import (
     create_job,
-    deadline_after,
-    set_status,
     update_metadata,
     update_status,
     update_step_stat,
 )
+from monitor_svc.lifecycle.child_events import apply_events
+from monitor_svc.lifecycle.rules import StepStatResult, StepTimers, deadline_after, set_status
 from monitor_svc.lifecycle.uow import UnitOfWork
 
 
