@@ -11,7 +11,7 @@ is declared once, on ``records.JobState`` (``Shown``).
 from __future__ import annotations
 
 from collections import OrderedDict
-from operator import attrgetter
+from collections.abc import Callable
 from typing import Any, NewType
 
 from google.protobuf import struct_pb2
@@ -116,24 +116,42 @@ assert all(
 # The one field table: each JobState field says how the answer shows it (records.Shown).
 _AS_IS = tuple(f.name for f in JOB_FIELDS if shown(f) is Shown.AS_IS)
 _TIMES = tuple(f.name for f in JOB_FIELDS if shown(f) is Shown.TIME)
-_as_is_values = attrgetter(*_AS_IS)
+
+
+def _scalars_function() -> Callable[[JobState], job_pb2.Job]:
+    """The ``Job`` message of a record's scalar and time fields, written out from the field
+    table once at import: the constructor call a hand-written one would make (it runs once
+    per answer, and a loop over the table costs a tenth of the answer more)."""
+    args = ", ".join(f"{name}=j.{name}" for name in _AS_IS)
+    times = "".join(
+        f"    if j.{name} is not None:\n        out.{name}.FromDatetime(j.{name})\n"
+        for name in _TIMES
+    )
+    source = (
+        "def scalars(j):\n"
+        f"    out = Job({args}, kind=KIND_TO_PB[j.kind], parent_id=j.parent_id or '',"
+        " status=STATUS_TO_PB[j.status])\n"
+        f"{times}    return out\n"
+    )
+    namespace: dict[str, Any] = {
+        "Job": job_pb2.Job,
+        "KIND_TO_PB": KIND_TO_PB,
+        "STATUS_TO_PB": STATUS_TO_PB,
+    }
+    exec(source, namespace)
+    function: Callable[[JobState], job_pb2.Job] = namespace["scalars"]
+    return function
+
+
+_scalars = _scalars_function()
 
 
 def job_bytes(view: JobView, *, include_definition: bool = False) -> bytes:
     """The job as a serialized ``job_pb2.Job``."""
     job: JobState = view.job
-    out = job_pb2.Job(
-        **dict(zip(_AS_IS, _as_is_values(job), strict=True)),
-        kind=KIND_TO_PB[job.kind],
-        parent_id=job.parent_id or "",
-        status=STATUS_TO_PB[job.status],
-    )
+    out = _scalars(job)
     if include_definition and job.definition is not None:
         out.definition.update(job.definition)
-    for name in _TIMES:
-        value = getattr(job, name)
-        if value is not None:
-            getattr(out, name).FromDatetime(value)
     parts = [out.SerializeToString()]
     if job.metadata:
         struct = _CONVERTED.metadata_bytes(job.id, job.metadata)
