@@ -5,8 +5,6 @@ on UNAVAILABLE fires against a write that is already in."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -14,7 +12,7 @@ import pytest
 from grpc import aio
 
 from stepflow_client.aio import MonitorClient
-from tests.process_helpers import ServerProcess, monitor_process
+from tests.process_helpers import ServerProcess
 
 
 class LosingProxy:
@@ -66,16 +64,6 @@ class LosingProxy:
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
-
-
-@pytest.fixture
-async def monitor_proc(database_url: str, tmp_path: Path) -> AsyncIterator[ServerProcess]:
-    proc = monitor_process(database_url, tmp_path)
-    await proc.run()
-    try:
-        yield proc
-    finally:
-        proc.stop()
 
 
 async def test_create_job_whose_answer_was_lost_creates_one_job(

@@ -15,7 +15,7 @@ import json
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,25 +43,12 @@ WITHIN_S = 60.0
 
 
 @pytest.fixture
-async def monitor_proc(database_url: str, tmp_path: Path) -> AsyncIterator[ServerProcess]:
-    proc = monitor_process(
-        database_url,
-        tmp_path,
-        grace_period="1s",
-        default_wait_timeout="60s",
-        extra=["--orphan-timeout", ORPHAN_TIMEOUT],
-    )
-    await proc.run()
-    try:
-        yield proc
-    finally:
-        proc.stop()
-
-
-@pytest.fixture
-async def mstub(monitor_proc: ServerProcess) -> AsyncIterator[m_grpc.MonitorServiceStub]:
-    async with aio.insecure_channel(monitor_proc.address) as channel:
-        yield m_grpc.MonitorServiceStub(channel)
+def monitor_options() -> dict[str, Any]:
+    return {
+        "grace_period": "1s",
+        "default_wait_timeout": "60s",
+        "extra": ["--orphan-timeout", ORPHAN_TIMEOUT],
+    }
 
 
 def two_step_job(name: str, children: int = 24, duration_ms: int = 300) -> dict[str, Any]:

@@ -18,7 +18,6 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +33,6 @@ from tests.process_helpers import (
     assert_tree_consistent,
     clean_env,
     install,
-    monitor_process,
     orchestrator,
     submit_to,
 )
@@ -71,25 +69,13 @@ with open(ledger, "a") as f:
 
 
 @pytest.fixture
-async def monitor_proc(database_url: str, tmp_path: Path) -> AsyncIterator[ServerProcess]:
-    proc = monitor_process(
-        database_url,
-        tmp_path,
-        grace_period="1s",
-        default_wait_timeout="120s",
-        extra=["--orphan-timeout", ORPHAN_TIMEOUT],
-    )
-    await proc.run()
-    try:
-        yield proc
-    finally:
-        proc.stop()
-
-
-@pytest.fixture
-async def mstub(monitor_proc: ServerProcess) -> AsyncIterator[m_grpc.MonitorServiceStub]:
-    async with aio.insecure_channel(monitor_proc.address) as channel:
-        yield m_grpc.MonitorServiceStub(channel)
+def monitor_options() -> dict[str, Any]:
+    """A job waiting for an orchestrator that can run it must not fail meanwhile."""
+    return {
+        "grace_period": "1s",
+        "default_wait_timeout": "120s",
+        "extra": ["--orphan-timeout", ORPHAN_TIMEOUT],
+    }
 
 
 class Ledger:

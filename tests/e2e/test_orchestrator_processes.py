@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 from grpc import aio
 
 from monitor_svc.server import RunningMonitor
@@ -42,21 +40,10 @@ from tests.process_helpers import (
     ORCHESTRATOR_SVC,
     ServerProcess,
     clean_env,
-    monitor_process,
     orchestrator_process,
 )
 
 S = job_pb2
-
-
-@pytest.fixture
-async def monitor_proc(database_url: str, tmp_path: Path) -> AsyncIterator[ServerProcess]:
-    proc = monitor_process(database_url, tmp_path, grace_period="1s", default_wait_timeout="60s")
-    await proc.run()
-    try:
-        yield proc
-    finally:
-        proc.stop()
 
 
 # -- the monitor restarted mid-job ---------------------------------------------------------------

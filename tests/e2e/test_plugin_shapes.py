@@ -6,10 +6,8 @@ with one line naming it and what to change."""
 from __future__ import annotations
 
 import subprocess
-from collections.abc import AsyncIterator
 from pathlib import Path
 
-import pytest
 from grpc import aio
 
 from stepflow_proto.v1 import job_pb2
@@ -22,7 +20,6 @@ from tests.process_helpers import (
     clean_env,
     free_port,
     install,
-    monitor_process,
     orchestrator,
     submit_to,
 )
@@ -82,16 +79,6 @@ class Broken(BaseWorker):
     async def run(self):
         return StepResult.success()
 """
-
-
-@pytest.fixture
-async def monitor_proc(database_url: str, tmp_path: Path) -> AsyncIterator[ServerProcess]:
-    proc = monitor_process(database_url, tmp_path, grace_period="1s", default_wait_timeout="60s")
-    await proc.run()
-    try:
-        yield proc
-    finally:
-        proc.stop()
 
 
 async def test_plugins_of_each_supported_shape_run_with_exact_counts(
