@@ -33,6 +33,9 @@ from collections.abc import Generator, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+# The server knobs stay readable here, where they were defined before _local_server.py.
+from stepflow_client._local_server import HEALTH_CALL_S as HEALTH_CALL_S
+from stepflow_client._local_server import LOG_TAIL_LINES as LOG_TAIL_LINES
 from stepflow_client._local_server import (
     MONITOR_PORT_EVENT,
     MONITOR_SERVICE,
@@ -43,6 +46,8 @@ from stepflow_client._local_server import (
     LocalServer,
     ServerFailed,
 )
+from stepflow_client._local_server import POLL_S as POLL_S
+from stepflow_client._local_server import STOP_TIMEOUT_S as STOP_TIMEOUT_S
 
 __all__ = [
     "LocalMonitor",

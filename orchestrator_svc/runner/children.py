@@ -84,7 +84,7 @@ class Children:
         self,
         step: StepRun,
         child_id: str,
-        kind: ChildTransition | str,
+        kind: ChildTransition,
         *,
         name: str = "",
         error: str = "",
@@ -98,7 +98,7 @@ class Children:
         else:
             if kind not in _CHILD_ENDS:
                 raise ValueError(f"not how a child ends: {kind!r}")
-            status: ChildStatus = kind  # type: ignore[assignment]
+            status: ChildStatus = kind
             step.counts.ended(child_id, status)
             metrics.observe_child_end(step.spec.type, status)
             control = step.children.pop(child_id, None)
