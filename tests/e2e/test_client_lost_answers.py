@@ -5,6 +5,8 @@ on UNAVAILABLE fires against a write that is already in."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -66,64 +68,54 @@ class LosingProxy:
         return f"127.0.0.1:{self.port}"
 
 
-async def test_create_job_whose_answer_was_lost_creates_one_job(
-    monitor_proc: ServerProcess,
-) -> None:
-    direct = MonitorClient(monitor_proc.address)
-    async with LosingProxy(monitor_proc.address) as proxy:
-        client = MonitorClient(proxy.address)
-        try:
-            # create_job without a request_id: one job, not two.
-            proxy.lose.add("CreateJob")
-            job = await client.create_job(kind="manager", name="lost-answer")
-            assert proxy.lost == ["CreateJob"]
-            named = [
-                j for j in (await direct.list_jobs(kind="manager")).jobs if j.name == "lost-answer"
-            ]
-            assert [j.id for j in named] == [job.id]
-        finally:
-            await client.close()
-            await direct.close()
+@dataclass
+class Lossy:
+    """A client whose answers ``proxy`` may lose, and one that talks to the monitor directly."""
+
+    proxy: LosingProxy
+    client: MonitorClient
+    direct: MonitorClient
+
+
+@pytest.fixture
+async def lossy(monitor_proc: ServerProcess) -> AsyncIterator[Lossy]:
+    async with (
+        LosingProxy(monitor_proc.address) as proxy,
+        MonitorClient(proxy.address) as client,
+        MonitorClient(monitor_proc.address) as direct,
+    ):
+        yield Lossy(proxy, client, direct)
+
+
+async def test_create_job_whose_answer_was_lost_creates_one_job(lossy: Lossy) -> None:
+    # create_job without a request_id: one job, not two.
+    lossy.proxy.lose.add("CreateJob")
+    job = await lossy.client.create_job(kind="manager", name="lost-answer")
+    assert lossy.proxy.lost == ["CreateJob"]
+    managers = (await lossy.direct.list_jobs(kind="manager")).jobs
+    assert [j.id for j in managers if j.name == "lost-answer"] == [job.id]
 
 
 async def test_expected_version_write_whose_answer_was_lost_is_reported_written(
-    monitor_proc: ServerProcess,
+    lossy: Lossy,
 ) -> None:
-    direct = MonitorClient(monitor_proc.address)
-    async with LosingProxy(monitor_proc.address) as proxy:
-        client = MonitorClient(proxy.address)
-        try:
-            job = await client.create_job(kind="manager", name="cas", metadata={"n": 1})
-            proxy.lose.add("UpdateJobMetadata")
-            written = await client.update_job_metadata(
-                job.id, {"n": 2}, expected_version=job.version
-            )
-            assert proxy.lost == ["UpdateJobMetadata"]
-            assert written.version == job.version + 1
-            stored = await direct.get_job(job.id)
-            assert stored.version == job.version + 1
-            assert stored.metadata["n"] == 2
-        finally:
-            await client.close()
-            await direct.close()
+    job = await lossy.client.create_job(kind="manager", name="cas", metadata={"n": 1})
+    lossy.proxy.lose.add("UpdateJobMetadata")
+    written = await lossy.client.update_job_metadata(job.id, {"n": 2}, expected_version=job.version)
+    assert lossy.proxy.lost == ["UpdateJobMetadata"]
+    assert written.version == job.version + 1
+    stored = await lossy.direct.get_job(job.id)
+    assert stored.version == job.version + 1
+    assert stored.metadata["n"] == 2
 
 
-async def test_update_metadata_whose_answer_was_lost_applies_fn_once(
-    monitor_proc: ServerProcess,
-) -> None:
-    direct = MonitorClient(monitor_proc.address)
-    async with LosingProxy(monitor_proc.address) as proxy:
-        client = MonitorClient(proxy.address)
-        try:
-            job = await client.create_job(kind="manager", name="counter", metadata={"n": 0})
-            for expected in range(1, 4):
-                proxy.lose.add("UpdateJobMetadata")
-                await client.update_metadata(job.id, lambda d: {**d, "n": d["n"] + 1})
-                assert (await direct.get_job(job.id)).metadata["n"] == expected
-            assert proxy.lost == ["UpdateJobMetadata"] * 3
-        finally:
-            await client.close()
-            await direct.close()
+async def test_update_metadata_whose_answer_was_lost_applies_fn_once(lossy: Lossy) -> None:
+    job = await lossy.client.create_job(kind="manager", name="counter", metadata={"n": 0})
+    for expected in range(1, 4):
+        lossy.proxy.lose.add("UpdateJobMetadata")
+        await lossy.client.update_metadata(job.id, lambda d: {**d, "n": d["n"] + 1})
+        assert (await lossy.direct.get_job(job.id)).metadata["n"] == expected
+    assert lossy.proxy.lost == ["UpdateJobMetadata"] * 3
 
 
 def test_a_typo_in_a_kind_or_status_names_the_valid_values() -> None:
