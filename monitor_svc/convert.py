@@ -12,13 +12,19 @@ from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
 from monitor_svc.records import ChildEventIn, JobFilter, NewJob
 from stepflow_common.durations import check_duration
 from stepflow_common.errors import InvalidArgument, ResourceExhausted
-from stepflow_common.limits import ID_PATTERN, MAX_ERROR_CHARS, MAX_METADATA_BYTES, truncate_text
+from stepflow_common.limits import (
+    ID_PATTERN,
+    MAX_ERROR_CHARS,
+    MAX_METADATA_BYTES,
+    MAX_NAME_CHARS,
+    truncate_text,
+)
 from stepflow_common.proto_status import KIND_FROM_PB, STATUS_FROM_PB
 from stepflow_common.status import Kind, Status
 from stepflow_proto.v1 import job_pb2
 from stepflow_proto.v1 import monitor_service_pb2 as m
 
-MAX_NAME = 512
+MAX_NAME = MAX_NAME_CHARS
 MAX_METADATA_DEPTH = 32
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 50

@@ -30,7 +30,6 @@ MAX_BATCHES_IN_FLIGHT = 16
 BACKOFF_INITIAL_S = 0.05
 BACKOFF_MAX_S = 2.0
 CLOSE_FLUSH_S = 5.0
-MAX_NAME_CHARS = 512  # the monitor keeps no more of a child's name
 # How the monitor says it will not take a batch as it is: sending it again unchanged fails the
 # same way, so it is split instead.
 REFUSED = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INVALID_ARGUMENT})

@@ -58,7 +58,6 @@ from stepflow_client._event_parts import (
     CLOSE_FLUSH_S,
     MAX_BATCHES_IN_FLIGHT,
     MAX_BUFFERED_EVENTS,
-    MAX_NAME_CHARS,
     REFUSED,
     Batch,
     EmitterClosed,
@@ -76,7 +75,7 @@ from stepflow_client._event_parts import (
     stdlib_log,
 )
 from stepflow_common.errors import FENCED_PREFIX
-from stepflow_common.limits import MAX_ERROR_CHARS, truncate_text
+from stepflow_common.limits import MAX_ERROR_CHARS, MAX_NAME_CHARS, truncate_text
 from stepflow_proto.v1 import job_pb2
 from stepflow_proto.v1 import monitor_service_pb2 as m
 from stepflow_proto.v1 import monitor_service_pb2_grpc as m_grpc

@@ -31,6 +31,10 @@ MAX_METADATA_BYTES = 1024 * 1024
 # duplicate) keep a manager with a full document under DEFAULT_CLIENT_MESSAGE_BYTES.
 MAX_STEPS_PER_MANAGER = 200
 
+# A job's name (and a step's, a child's, a worker type's): the monitor refuses a longer one in
+# a call and cuts one in an event to it; a job file is refused with one.
+MAX_NAME_CHARS = 512
+
 # The error text in a step_stats entry (the step's own row keeps up to MAX_ERROR_CHARS).
 MAX_STEP_STAT_ERROR_CHARS = 512
 

@@ -15,7 +15,6 @@ from orchestrator_svc.definitions.spec import (
     DEFAULT_RETRY_BACKOFF_S,
     MAX_CONFIG_DEPTH,
     MAX_EXACT_INT,
-    MAX_NAME_CHARS,
     MAX_RETRIES,
     MAX_STEPS,
     JobSpec,

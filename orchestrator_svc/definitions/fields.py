@@ -13,7 +13,6 @@ from orchestrator_svc.definitions.spec import (
     DEFAULT_RETRY_BACKOFF_S,
     MAX_CONFIG_DEPTH,
     MAX_EXACT_INT,
-    MAX_NAME_CHARS,
     MAX_RETRIES,
     MAX_STEPS,
     JobSpec,
@@ -28,6 +27,7 @@ from orchestrator_svc.workers.settings import describe, whole_number
 from stepflow_common.durations import parse_duration
 from stepflow_common.errors import InvalidArgument
 from stepflow_common.job_keys import STEP_KEYS, TOLERANCE_KEYS
+from stepflow_common.limits import MAX_NAME_CHARS
 
 _E = TypeVar("_E", bound=enum.StrEnum)
 

@@ -10,7 +10,6 @@ from typing import Any
 from orchestrator_svc.workers.base import RetryPolicy
 from stepflow_common.limits import MAX_STEPS_PER_MANAGER
 
-MAX_NAME_CHARS = 512
 MAX_STEPS = MAX_STEPS_PER_MANAGER
 """The monitor refuses a manager's step beyond this: a job that could not be recorded whole
 is refused before it starts."""
