@@ -24,6 +24,7 @@ from orchestrator_svc.definitions.spec import (
     ToleranceAction,
     ToleranceSpec,
 )
+from stepflow_common.limits import MAX_NAME_CHARS
 
 __all__ = [
     "DEFAULT_RETRY_BACKOFF_S",

@@ -162,3 +162,15 @@ def test_the_shared_code_imports_neither_service_nor_the_client() -> None:
         if module.split(".")[0] == "stepflow_common":
             above = {t for t in targets if t.split(".")[0] != "stepflow_common"}
             assert not above, f"{module} imports {sorted(above)}"
+
+
+@pytest.mark.parametrize(
+    "module", sorted(m for m in _graph() if not m.endswith("__main__")), ids=str
+)
+def test_every_name_a_module_exports_is_there(module: str) -> None:
+    """``__all__`` is a promise to importers (``from pkg import *`` and readers alike)."""
+    import importlib
+
+    loaded = importlib.import_module(module)
+    missing = [n for n in getattr(loaded, "__all__", ()) if not hasattr(loaded, n)]
+    assert not missing, f"{module}.__all__ names what it does not have: {missing}"
