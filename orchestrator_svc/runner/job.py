@@ -46,7 +46,6 @@ class JobRunner:
     ) -> None:
         self.spec = spec
         self.manager_id = manager.id
-        self.owner = owner
         # The processes of this job's work die with this orchestrator (see process_guard).
         self.guard: ProcessGuard | None = None
         runs = [
@@ -59,7 +58,6 @@ class JobRunner:
         self._repairs = Repairs(self.job)
         self._watch = ManagerWatch(self.job)
         self._resume = resume
-        self.draining = self.job.draining
         self.finished = asyncio.Event()
 
     @classmethod
@@ -85,10 +83,6 @@ class JobRunner:
             resume=record,
             rerun_after=rerun_after,
         )
-
-    @property
-    def fenced(self) -> bool:
-        return self.job.fenced
 
     # -- what the orchestrator asks of a job -------------------------------------------------
     async def run(self) -> Status | None:
