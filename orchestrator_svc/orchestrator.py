@@ -23,6 +23,7 @@ from orchestrator_svc.process_guard import ProcessGuard
 from orchestrator_svc.records import ChildEvent, Job, LeaseAnswer
 from orchestrator_svc.runner import JobRunner
 from orchestrator_svc.workers.base import Worker
+from stepflow_common import manager_document as doc
 from stepflow_common import tracing
 from stepflow_common.errors import (
     DeadlineExceeded,
@@ -283,7 +284,7 @@ class Orchestrator:
                         parent_id=manager.id,
                         name=step.name,
                         type_=step.type,
-                        metadata={"step_index": index},
+                        metadata={doc.STEP_INDEX: index},
                         timeout_s=step.timeout_s,
                         request_id=resume.step_request_id(manager.id, index),
                         owner=self.owner,

@@ -18,6 +18,7 @@ from orchestrator_svc.definitions import JobSpec, OnInterrupt, StepSpec, from_ma
 from orchestrator_svc.monitor_client import MonitorClient
 from orchestrator_svc.records import Job
 from orchestrator_svc.workers.base import NO_CHILDREN, ExistingChild, Worker
+from stepflow_common import manager_document as doc
 from stepflow_common.errors import FailedPrecondition
 from stepflow_common.status import Kind, Status
 from stepflow_common.takeover import MAX_INTERRUPTIONS
@@ -102,7 +103,7 @@ async def load(
             parent_id=manager.id,
             name=step.name,
             type_=step.type,
-            metadata={"step_index": index},
+            metadata={doc.STEP_INDEX: index},
             timeout_s=step.timeout_s,
             request_id=step_request_id(manager.id, index),
             owner=owner,

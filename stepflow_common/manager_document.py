@@ -24,7 +24,7 @@ ERROR_TOLERANCE_EXCEEDED = "error_tolerance_exceeded"
 """Set (to the message) when a job with ``action = "continue"`` goes over its tolerance."""
 
 # The keys of one ``step_stats`` entry.
-STEP_INDEX = "step_index"  # 0-based
+STEP_INDEX = "step_index"  # 0-based; also a step job's own metadata key (its position)
 STEP_ID = "step_id"
 STEP_NAME = "step_name"
 STEP_TYPE = "step_type"

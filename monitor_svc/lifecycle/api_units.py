@@ -19,6 +19,7 @@ from monitor_svc.lifecycle.rules import (
 )
 from monitor_svc.lifecycle.uow import UnitOfWork
 from monitor_svc.records import DocumentLimits, JobState, JobView, NewJob, Progress
+from stepflow_common import manager_document as doc
 from stepflow_common.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -122,7 +123,7 @@ def create_job(tx: UnitOfWork, new: NewJob, timers: StepTimers, limits: Document
 
 def _step_index(new: NewJob) -> int | None:
     """A step's position from its metadata (``step_index``), when it is one."""
-    value = new.metadata.get("step_index")
+    value = new.metadata.get(doc.STEP_INDEX)
     if not isinstance(value, int | float) or isinstance(value, bool):
         return None
     if not (value == int(value) and 0 <= value <= metadata_rules.MAX_STEP_INDEX):
