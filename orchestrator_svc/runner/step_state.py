@@ -55,11 +55,14 @@ class ChildCounts:
     """
 
     pending: int = 0
-    running: int = 0
     completed: int = 0
     failed: int = 0
     cancelled: int = 0
     counted_running: set[str] = field(default_factory=set)
+
+    @property
+    def running(self) -> int:
+        return len(self.counted_running)
 
     def created(self) -> None:
         self.pending += 1
@@ -68,12 +71,10 @@ class ChildCounts:
         if child_id not in self.counted_running:
             self.counted_running.add(child_id)
             self.pending -= 1
-            self.running += 1
 
     def ended(self, child_id: str, status: ChildStatus) -> None:
         if child_id in self.counted_running:
             self.counted_running.discard(child_id)
-            self.running -= 1
         else:
             self.pending -= 1
         if status == "completed":
@@ -88,7 +89,6 @@ class ChildCounts:
         if status == Status.PENDING.value:
             self.pending += 1
         elif status == Status.RUNNING.value:
-            self.running += 1
             self.counted_running.add(child_id)
         elif status == Status.COMPLETED.value:
             self.completed += 1
