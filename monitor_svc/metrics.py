@@ -31,6 +31,12 @@ WATCH_READS = Counter(
     "however many watch it.",
     registry=None,
 )
+LOG_LINES = Counter(
+    "stepflow_monitor_log_lines_total",
+    "Job-log lines received on StreamChildEvents; outcome is accepted or rejected.",
+    ["outcome"],
+    registry=None,
+)
 DEADLINES_FIRED = Counter(
     "stepflow_monitor_deadlines_fired_total",
     "Deadlines (step timeouts, grace periods, job timeouts) the monitor fired.",
@@ -38,7 +44,8 @@ DEADLINES_FIRED = Counter(
 )
 
 register_service(
-    "monitor", (CHILD_EVENTS, COMMIT_DURATION, COMMIT_UNITS, DEADLINES_FIRED, WATCH_READS)
+    "monitor",
+    (CHILD_EVENTS, COMMIT_DURATION, COMMIT_UNITS, DEADLINES_FIRED, LOG_LINES, WATCH_READS),
 )
 
 
@@ -47,6 +54,12 @@ def observe_events(received: int, rejected: int) -> None:
     CHILD_EVENTS.labels("accepted").inc(received - rejected)
     if rejected:
         CHILD_EVENTS.labels("rejected").inc(rejected)
+
+
+def observe_log_lines(received: int, rejected: int) -> None:
+    LOG_LINES.labels("accepted").inc(received - rejected)
+    if rejected:
+        LOG_LINES.labels("rejected").inc(rejected)
 
 
 def observe_commit(seconds: float, units: int) -> None:

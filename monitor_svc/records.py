@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from operator import attrgetter
 from typing import Any, NamedTuple
 
-from stepflow_common.limits import MAX_METADATA_BYTES, MAX_STEPS_PER_MANAGER
+from stepflow_common.limits import MAX_LOG_BYTES, MAX_METADATA_BYTES, MAX_STEPS_PER_MANAGER
 from stepflow_common.status import Kind, Status
 from stepflow_common.step_outcome import ChildTally
 
@@ -26,12 +26,26 @@ def as_utc(value: datetime | None) -> datetime | None:
     return value.replace(tzinfo=UTC)
 
 
+class LogEntryIn(NamedTuple):
+    """One decoded log line from a writer (the stream's or AppendJobLog's)."""
+
+    key: str
+    step_id: str
+    child_id: str
+    attempt: int
+    source: str
+    level: str
+    message: str
+    time: datetime | None
+
+
 @dataclass(frozen=True, slots=True)
 class DocumentLimits:
     """Bounds on what a client can make the monitor store (flags; defaults in limits.py)."""
 
     max_metadata_bytes: int = MAX_METADATA_BYTES
     max_steps_per_manager: int = MAX_STEPS_PER_MANAGER
+    max_log_bytes: int = MAX_LOG_BYTES  # a job's log; past it output lines are dropped
 
 
 # The job record is declared once, below: the storage derives its columns, its row mapping

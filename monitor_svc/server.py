@@ -11,12 +11,15 @@ from grpc import aio
 
 from monitor_svc.deadlines import DeadlineTimer
 from monitor_svc.lifecycle import StepTimers
+from monitor_svc.log_follow import LogHub
+from monitor_svc.log_lines import MAX_READ_LIMIT, LogPage
 from monitor_svc.records import DocumentLimits, JobView
 from monitor_svc.servicer import MonitorServicer
 from monitor_svc.store.engine import SQLITE_SYNCHRONOUS_DEFAULT, safe_url
 from monitor_svc.store.migrate import upgrade
 from monitor_svc.store.notify import Listener
 from monitor_svc.store.store import MonitorStore, read_view
+from monitor_svc.store.tx_log import LogFilter
 from monitor_svc.watch import WatchHub
 from monitor_svc.wire.prebuilt import add_to_server
 from stepflow_common import metrics, serving, tracing
@@ -55,6 +58,7 @@ class RunningMonitor:
     timer: DeadlineTimer
     health: object
     shutdown_grace_s: float
+    logs: LogHub
     listener: Listener | None = None
 
     @property
@@ -69,6 +73,7 @@ class RunningMonitor:
         if self.listener is not None:
             await asyncio.to_thread(self.listener.stop)
         self.hub.close()
+        self.logs.close()
         await asyncio.to_thread(self.store.close)
 
 
@@ -84,6 +89,7 @@ async def create_server(config: MonitorConfig) -> RunningMonitor:
     def on_commit(changed: set[str], earliest: datetime | None) -> None:
         # On the writer thread: the watched jobs among ``changed`` are read here and now.
         hub.committed(changed, read_now)
+        logs.committed(changed)
         if earliest is not None:
             timer.offer_threadsafe(earliest)
 
@@ -100,11 +106,17 @@ async def create_server(config: MonitorConfig) -> RunningMonitor:
 
     hub = WatchHub(read)
     hub.bind_loop(loop)
+
+    async def read_log(manager_id: str, after_seq: int) -> LogPage:
+        return await store.read_log(manager_id, after_seq, MAX_READ_LIMIT, LogFilter())
+
+    logs = LogHub(read_log)
+    logs.bind_loop(loop)
     timer = DeadlineTimer(store)
     server = serving.make_server(
         config.security, [DomainErrorInterceptor(metrics.observe_rpc)], config.keepalive
     )
-    add_to_server(MonitorServicer(store, hub), server)
+    add_to_server(MonitorServicer(store, hub, logs), server)
     health = serving.add_health_and_reflection(server, [SERVICE_NAME])
     port = serving.bind(server, f"{config.host}:{config.port}", config.security)
     await server.start()
@@ -112,13 +124,17 @@ async def create_server(config: MonitorConfig) -> RunningMonitor:
     listener = None
     if not store.sqlite:
         # Other replicas on this database: their commits wake our watchers too.
-        listener = Listener(config.database_url, hub.notify_any_threadsafe)
+        def on_change(changed: set[str] | None) -> None:
+            hub.notify_any_threadsafe(changed)
+            logs.notify_any_threadsafe(changed)
+
+        listener = Listener(config.database_url, on_change)
         listener.start()
         await asyncio.to_thread(listener.ready.wait, 5.0)
     await serving.set_serving(health, [SERVICE_NAME])
     log.info("monitor serving", port=port, database=safe_url(config.database_url))
     return RunningMonitor(
-        server, port, store, hub, timer, health, config.shutdown_grace_s, listener
+        server, port, store, hub, timer, health, config.shutdown_grace_s, logs, listener
     )
 
 

@@ -12,8 +12,9 @@ import grpc
 import structlog
 from grpc import aio
 
-from monitor_svc import convert, metrics
-from monitor_svc.records import JobView
+from monitor_svc import convert, convert_log, metrics
+from monitor_svc.log_follow import LogHub
+from monitor_svc.records import JobView, LogEntryIn
 from monitor_svc.store.store import MonitorStore
 from monitor_svc.watch import WatchHub
 from monitor_svc.wire import answers
@@ -41,9 +42,10 @@ def _observe(future: asyncio.Future[Any]) -> None:
 
 
 class MonitorServicer(m_grpc.MonitorServiceServicer):
-    def __init__(self, store: MonitorStore, hub: WatchHub) -> None:
+    def __init__(self, store: MonitorStore, hub: WatchHub, logs: LogHub) -> None:
         self._store = store
         self._hub = hub
+        self._logs = logs
         # The latest WatchJob message per watched job, shared by its watchers.
         self._rendered: dict[str, tuple[JobView, answers.Serialized]] = {}
 
@@ -184,15 +186,23 @@ class MonitorServicer(m_grpc.MonitorServiceServicer):
 
     async def _ingest(self, request: m.StreamChildEventsRequest) -> m.StreamChildEventsResponse:
         decoded, refused = convert.child_events(request.events)
-        rejected = [m.RejectedEvent(event_id=e, reason=reason) for e, reason in refused]
-        if decoded:
+        lines: list[LogEntryIn] = []
+        refused_lines: list[tuple[str, str]] = []
+        if request.log_lines:
+            lines, refused_lines = convert_log.entries(request.log_lines, need_step=True)
+        if decoded or lines:
             owner = convert.owner(request.owner)
             instance = convert.instance(request.instance)
-            for event_id, reason in await self._store.apply_events(decoded, owner, instance):
-                rejected.append(m.RejectedEvent(event_id=event_id, reason=reason))
+            events_out, lines_out = await self._store.apply_events(decoded, owner, instance, lines)
+            refused.extend(events_out)
+            refused_lines.extend(lines_out)
+        rejected = [m.RejectedEvent(event_id=e, reason=reason) for e, reason in refused]
+        rejected.extend(m.RejectedEvent(event_id=k, reason=reason) for k, reason in refused_lines)
         if rejected:
             log.info("events rejected", batch_id=request.batch_id, count=len(rejected))
-        metrics.observe_events(len(request.events), len(rejected))
+        metrics.observe_events(len(request.events), len(refused))
+        if request.log_lines:
+            metrics.observe_log_lines(len(request.log_lines), len(refused_lines))
         return m.StreamChildEventsResponse(batch_id=request.batch_id, rejected=rejected)
 
     async def WatchJob(  # type: ignore[override]
@@ -220,6 +230,56 @@ class MonitorServicer(m_grpc.MonitorServiceServicer):
         message = answers.job_answer(view)
         self._rendered[job_id] = (view, message)
         return message
+
+    # -- the job log ---------------------------------------------------------------------------
+    async def ReadJobLog(
+        self, request: m.ReadJobLogRequest, context: aio.ServicerContext
+    ) -> m.ReadJobLogResponse:
+        job_id, after_seq, limit, asked = convert_log.page_request(request)
+        manager_id, scope = await self._store.log_scope(job_id)
+        page = await self._store.read_log(
+            manager_id, after_seq, limit, convert_log.narrowed(scope, asked)
+        )
+        return m.ReadJobLogResponse(
+            lines=[convert_log.line_pb(line) for line in page.lines],
+            next_seq=page.next_seq,
+            complete=page.complete,
+        )
+
+    async def FollowJobLog(
+        self, request: m.FollowJobLogRequest, context: aio.ServicerContext
+    ) -> AsyncIterator[m.FollowJobLogResponse]:
+        job_id, after_seq, _, asked = convert_log.page_request(request)
+        manager_id, scope = await self._store.log_scope(job_id)  # NOT_FOUND before the stream
+        where = convert_log.narrowed(scope, asked)
+        pages = self._logs.follow(manager_id, after_seq, where.matches)
+        try:
+            async for page in pages:
+                for start in range(0, max(len(page.lines), 1), convert_log.FOLLOW_CHUNK):
+                    chunk = page.lines[start : start + convert_log.FOLLOW_CHUNK]
+                    last = start + convert_log.FOLLOW_CHUNK >= len(page.lines)
+                    yield m.FollowJobLogResponse(
+                        lines=[convert_log.line_pb(line) for line in chunk],
+                        next_seq=page.next_seq if last else chunk[-1].seq,
+                        complete=page.complete and last,
+                    )
+        finally:
+            await pages.aclose()
+
+    async def AppendJobLog(
+        self, request: m.AppendJobLogRequest, context: aio.ServicerContext
+    ) -> m.AppendJobLogResponse:
+        job_id = convert.job_id(request.job_id)
+        if len(request.lines) > convert_log.MAX_LINES_PER_CALL:
+            raise InvalidArgument(
+                f"{len(request.lines)} lines in one call; the limit is "
+                f"{convert_log.MAX_LINES_PER_CALL}"
+            )
+        entries, refused = convert_log.entries(request.lines, need_step=False)
+        if refused:
+            raise InvalidArgument(f"log line {refused[0][0]!r}: {refused[0][1]}")
+        appended, last_seq = await self._store.append_log(job_id, entries)
+        return m.AppendJobLogResponse(appended=appended, last_seq=last_seq)
 
     async def Heartbeat(
         self, request: m.HeartbeatRequest, context: aio.ServicerContext

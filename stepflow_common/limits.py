@@ -46,6 +46,11 @@ MAX_DURATION_S = 366 * 24 * 3600.0
 # URLs and both databases' keys.
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}$")
 
+# The job log: a line is stored cut past this many bytes (writers cut before sending, so a
+# batch of lines always fits a message), and a job's log holds this many by default.
+MAX_LOG_LINE_BYTES = 16 * 1024
+MAX_LOG_BYTES = 16 * 1024 * 1024
+
 TRUNCATION_MARKER = "… [truncated {dropped} characters]"
 
 

@@ -8,7 +8,7 @@ status changes and its cascades, a child's change reaching its step, the deadlin
 ``memory`` runs them over dicts (the rules' own tests). Neither SQL nor gRPC is imported here.
 """
 
-from monitor_svc.lifecycle import fencing, leases, rules
+from monitor_svc.lifecycle import fencing, leases, log_units, rules
 from monitor_svc.lifecycle.api_units import (
     create_job,
     update_metadata,
@@ -35,6 +35,7 @@ __all__ = [
     "fencing",
     "fire_due",
     "leases",
+    "log_units",
     "set_status",
     "update_metadata",
     "update_status",

@@ -18,6 +18,7 @@ from monitor_svc.lifecycle.rules import (
     working_progress,
 )
 from monitor_svc.lifecycle.uow import UnitOfWork
+from monitor_svc.log_lines import refused_line, seal_line
 from monitor_svc.records import ChildEventIn, JobState
 from stepflow_common.status import (
     EndReason,
@@ -53,13 +54,20 @@ def apply_events(
     tx.child_states({e.child_id for e in events if e.child_id})
     affected: set[str] = set()
     fences: dict[str, str] = {}
+    refused_by_fence: dict[str, int] = {}
     for event in events:
         reason = _fence_event(tx, steps.get(event.step_id), owner, instance, fences)
+        if reason:
+            refused_by_fence[event.step_id] = refused_by_fence.get(event.step_id, 0) + 1
         reason = reason or _apply_event(tx, event, steps, timers, affected)
         if reason:
             rejected.append((event.event_id, reason))
         else:
             affected.add(event.step_id)
+    for step_id, count in refused_by_fence.items():
+        step = steps[step_id]
+        assert step is not None
+        tx.log(refused_line(step, count, fences[step.manager_id]))
     for step_id in affected:
         check_step_end(tx, step_id, timers)
     return rejected
@@ -175,6 +183,7 @@ def _apply_seal(tx: UnitOfWork, event: ChildEventIn, timers: StepTimers) -> str:
     progress.grace_deadline = None
     step = tx.job(event.step_id)
     assert step is not None
+    tx.log(seal_line(step, event.child_count, event.handed_to_monitor))
     hand_off = (
         event.handed_to_monitor and not step.status.terminal and step.status is not Status.SPAWNED
     )

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Any, TypeVar
 
+from monitor_svc.log_lines import LogLine, describe_change
 from monitor_svc.records import InstanceRecord, JobState, Lease, Progress, utcnow
 from stepflow_common.status import Kind
 from stepflow_common.step_outcome import ChildTally
@@ -30,6 +31,7 @@ class MemoryDatabase:
         self.leases: dict[str, Lease] = {}
         self.instances: dict[tuple[str, str], InstanceRecord] = {}
         self.metadata_writes: dict[tuple[str, str], int] = {}
+        self.log: list[LogLine] = []  # committed lines, in order (no seq, bounds or keys here)
 
     def run(self, unit: Callable[[MemoryUnitOfWork], T]) -> T:
         uow = MemoryUnitOfWork(self)
@@ -48,6 +50,7 @@ class MemoryUnitOfWork:
         self._touched: set[str] = set()
         self._leases: dict[str, Lease | None] = {}  # None: deleted in this unit
         self._metadata_writes: dict[tuple[str, str], int] = {}
+        self._log: list[LogLine] = []
 
     # -- jobs --------------------------------------------------------------------------------
     def job(self, job_id: str) -> JobState | None:
@@ -78,6 +81,8 @@ class MemoryUnitOfWork:
         ]
 
     def put(self, state: JobState, *, status_only: bool = False) -> None:
+        for line in describe_change(self.job(state.id), state):
+            self.log(line)
         state.change_seq = self._seq
         self._jobs[state.id] = state
 
@@ -88,6 +93,17 @@ class MemoryUnitOfWork:
 
     def touch(self, job_id: str) -> None:
         self._touched.add(job_id)
+
+    def log(self, line: LogLine) -> None:
+        self._log.append(line)
+
+    def stored_log_keys(self, manager_id: str, keys: list[str]) -> set[str]:
+        wanted = set(keys)
+        return {
+            line.key
+            for line in [*self._db.log, *self._log]
+            if line.manager_id == manager_id and line.key in wanted and line.key is not None
+        }
 
     def metadata_write(self, job_id: str, request_id: str) -> int | None:
         key = (job_id, request_id)
@@ -207,6 +223,7 @@ class MemoryUnitOfWork:
             else:
                 self._db.leases[owner] = lease
         self._db.metadata_writes.update(self._metadata_writes)
+        self._db.log.extend(self._log)
         if not (self._jobs or self._progress or self._touched):
             return
         self._db.change_seq = self._seq

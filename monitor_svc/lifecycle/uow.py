@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any, Protocol
 
+from monitor_svc.log_lines import LogLine
 from monitor_svc.records import InstanceRecord, JobState, Lease, Progress
 from stepflow_common.step_outcome import ChildTally
 
@@ -55,6 +56,15 @@ class UnitOfWork(Protocol):
 
     def touch(self, job_id: str) -> None:
         """Give a job this transaction's change_seq without changing its row."""
+        ...
+
+    def log(self, line: LogLine) -> None:
+        """Add a line to its manager's job log, written with this unit (gone if it raises).
+        ``put`` writes the lines a job's change calls for (``log_lines.describe_change``)."""
+        ...
+
+    def stored_log_keys(self, manager_id: str, keys: list[str]) -> set[str]:
+        """Those of ``keys`` the manager's log holds already (or this transaction adds)."""
         ...
 
     def metadata_write(self, job_id: str, request_id: str) -> int | None:

@@ -147,3 +147,50 @@ class LeaseInstanceRow(Base):
         String(ID_LENGTH), default="", server_default=text("''")
     )
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class JobLogRow(Base):
+    """One line of a manager's log. ``seq`` rises by one per manager in commit order (the
+    writer that gives it holds the manager's log head until commit)."""
+
+    __tablename__ = "job_log"
+
+    manager_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    step_id: Mapped[str] = mapped_column(String(ID_LENGTH), default="")
+    child_id: Mapped[str] = mapped_column(String(ID_LENGTH), default="")
+    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    source: Mapped[str] = mapped_column(String(8))
+    level: Mapped[str] = mapped_column(String(8))
+    message: Mapped[str] = mapped_column(Text)
+    truncated: Mapped[bool] = mapped_column(Boolean, default=False)
+    # A writer's key for the line: a resent line is recognised and stored once.
+    line_key: Mapped[str | None] = mapped_column(String(ID_LENGTH))
+
+    __table_args__ = (
+        Index(
+            "ux_job_log_line_key",
+            "manager_id",
+            "line_key",
+            unique=True,
+            postgresql_where=text("line_key IS NOT NULL"),
+            sqlite_where=text("line_key IS NOT NULL"),
+        ),
+    )
+
+
+class JobLogHeadRow(Base):
+    """A log's running totals: per manager (``step_id`` "") its last seq and bytes, and per
+    step its line count; past the byte budget, a step's dropped lines are counted and its
+    latest one held in ``tail`` (written, with the count, when the step ends)."""
+
+    __tablename__ = "job_log_heads"
+
+    manager_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    step_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    last_seq: Mapped[int] = mapped_column(BigInteger, default=0)
+    bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    lines: Mapped[int] = mapped_column(BigInteger, default=0)
+    dropped: Mapped[int] = mapped_column(BigInteger, default=0)
+    tail: Mapped[str | None] = mapped_column(Text)

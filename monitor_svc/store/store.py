@@ -7,18 +7,20 @@ import base64
 import json
 from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Connection, func, or_, select
 
 from monitor_svc import lifecycle
 from monitor_svc.lifecycle import StepStatResult, StepTimers, leases
 from monitor_svc.lifecycle.leases import HeartbeatResult
+from monitor_svc.log_lines import LogPage
 from monitor_svc.records import (
     ChildEventIn,
     DocumentLimits,
     JobFilter,
     JobView,
+    LogEntryIn,
     NewJob,
     as_utc,
     utcnow,
@@ -26,12 +28,15 @@ from monitor_svc.records import (
 from monitor_svc.store.engine import SQLITE_SYNCHRONOUS_DEFAULT, is_sqlite, make_engine
 from monitor_svc.store.models import JobRow, LeaseRow, StepProgressRow
 from monitor_svc.store.statements import JOB_SELECT, SELECT_JOB, read_definition, row_to_state
+from monitor_svc.store.tx import Tx
+from monitor_svc.store.tx_log import LogFilter, last_seq, read_page
 from monitor_svc.store.writer import Reader, Writer
-from stepflow_common.errors import InvalidArgument, NotFound, StatusConflict
+from stepflow_common.errors import Fenced, InvalidArgument, NotFound, StatusConflict
 from stepflow_common.status import LIVE, Kind, Status
 from stepflow_common.step_outcome import ChildTally
 
 _DEFAULT_TIMERS = StepTimers()
+T = TypeVar("T")
 
 
 class MonitorStore:
@@ -55,7 +60,12 @@ class MonitorStore:
         self._read_engine = make_engine(
             database_url, writer=False, sqlite_synchronous=sqlite_synchronous
         )
-        self.writer = Writer(self._write_engine, lock_rows=not self.sqlite, on_commit=on_commit)
+        self.writer = Writer(
+            self._write_engine,
+            lock_rows=not self.sqlite,
+            on_commit=on_commit,
+            log_limit_bytes=self.limits.max_log_bytes,
+        )
         self.reader = Reader(self._read_engine)
 
     def close(self) -> None:
@@ -99,10 +109,12 @@ class MonitorStore:
         owner: str = "",
         instance: str = "",
     ) -> JobView:
-        result = await self.writer.run(
+        result = await self._fenced(
+            job_id,
+            "a status change",
             lambda tx: lifecycle.update_status(
                 tx, job_id, status, error, end_reason, self.timers, owner, instance
-            )
+            ),
         )
         if isinstance(result, StatusConflict):
             raise result  # after the commit of the timeout that made the request too late
@@ -117,24 +129,75 @@ class MonitorStore:
         instance: str = "",
         request_id: str = "",
     ) -> JobView:
-        return await self.writer.run(
+        return await self._fenced(
+            job_id,
+            "a metadata write",
             lambda tx: lifecycle.update_metadata(
                 tx, job_id, patch, expected_version, self.limits, owner, instance, request_id
-            )
+            ),
         )
 
     async def update_step_stat(
         self, manager_id: str, step_id: str, status: Status, owner: str = "", instance: str = ""
     ) -> StepStatResult:
-        return await self.writer.run(
-            lambda tx: lifecycle.update_step_stat(tx, manager_id, step_id, status, owner, instance)
+        return await self._fenced(
+            step_id,
+            "a step_stats write",
+            lambda tx: lifecycle.update_step_stat(tx, manager_id, step_id, status, owner, instance),
         )
 
+    async def _fenced(self, job_id: str, what: str, unit: Callable[[Tx], T]) -> T:
+        """Run ``unit``; when a fence refuses it, say so in the job's log (a unit of its own:
+        the refused unit left nothing behind) and raise as before."""
+        try:
+            return await self.writer.run(unit)
+        except Fenced as fenced:
+            reason = str(fenced)
+            await self.writer.run(
+                lambda tx: lifecycle.log_units.log_fenced_write(tx, job_id, what, reason)
+            )
+            raise
+
     async def apply_events(
-        self, events: list[ChildEventIn], owner: str = "", instance: str = ""
-    ) -> list[tuple[str, str]]:
-        return await self.writer.run(
-            lambda tx: lifecycle.apply_events(tx, events, self.timers, owner, instance)
+        self,
+        events: list[ChildEventIn],
+        owner: str = "",
+        instance: str = "",
+        lines: Sequence[LogEntryIn] = (),
+    ) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+        """A stream batch in one unit: its events, then its log lines; the (id, reason) of
+        the events refused and of the lines refused."""
+
+        def unit(tx: Tx) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+            refused = lifecycle.apply_events(tx, events, self.timers, owner, instance)
+            return refused, lifecycle.log_units.stream_lines(tx, lines) if lines else []
+
+        return await self.writer.run(unit)
+
+    # -- the job log ------------------------------------------------------------------------------
+    async def append_log(self, job_id: str, entries: Sequence[LogEntryIn]) -> tuple[int, int]:
+        """``AppendJobLog``: (lines stored now, the log's last seq after the commit)."""
+
+        manager_id, appended = await self.writer.run(
+            lambda tx: lifecycle.log_units.append_lines(tx, job_id, entries)
+        )
+        return appended, await self.reader.run(lambda conn: last_seq(conn, manager_id))
+
+    async def log_scope(self, job_id: str) -> tuple[str, LogFilter]:
+        """The manager whose log ``job_id`` reads, and the filter a step's or child's adds."""
+        view = await self.get_job(job_id)
+        job = view.job
+        if job.kind is Kind.MANAGER:
+            return job.id, LogFilter()
+        if job.kind is Kind.STEP:
+            return job.manager_id, LogFilter(step_id=job.id)
+        return job.manager_id, LogFilter(step_id=job.parent_id or "", child_id=job.id)
+
+    async def read_log(
+        self, manager_id: str, after_seq: int, limit: int, where: LogFilter
+    ) -> LogPage:
+        return await self.reader.run(
+            lambda conn: read_page(conn, manager_id, after_seq, limit, where)
         )
 
     async def fire_due(self) -> int:

@@ -21,6 +21,7 @@ from sqlalchemy import (
     update,
 )
 
+from monitor_svc.log_lines import DEFAULT_MAX_LOG_BYTES, LogLine, describe_change
 from monitor_svc.records import (
     JobState,
     Lease,
@@ -56,6 +57,7 @@ from monitor_svc.store.statements import (
 )
 from monitor_svc.store.tx_leases import MISSING as _MISSING
 from monitor_svc.store.tx_leases import LeaseRows
+from monitor_svc.store.tx_log import LogRows
 from stepflow_common.status import Kind
 from stepflow_common.step_outcome import ChildTally
 
@@ -63,10 +65,21 @@ CHANGE_SEQ = "change_seq"
 IN_CHUNK = 500
 
 
-class Tx(LeaseRows):
+LOG_CHANGE_PREFIX = "log:"
+"""Changed ids naming a manager whose log grew (for the log's followers, on every replica)."""
+
+
+class Tx(LeaseRows, LogRows):
     """The state of one group transaction: a cache of locked jobs and step progress rows."""
 
-    def __init__(self, conn: Connection, *, lock_rows: bool, now: datetime | None = None) -> None:
+    def __init__(
+        self,
+        conn: Connection,
+        *,
+        lock_rows: bool,
+        now: datetime | None = None,
+        log_limit_bytes: int = DEFAULT_MAX_LOG_BYTES,
+    ) -> None:
         self.conn = conn
         self.now = now or utcnow()
         self._lock_rows = lock_rows
@@ -92,6 +105,9 @@ class Tx(LeaseRows):
         self._tallies: dict[str, tuple[int, dict[str, ChildTally]]] = {}
         self._progress_epoch = 0
         self._unit_writes_progress = False
+        self._log: list[LogLine] = []
+        self.log_limit_bytes = log_limit_bytes
+        self.log_grew: dict[str, int] = {}
 
     # -- units -------------------------------------------------------------------------------
     def begin_unit(self) -> int:
@@ -105,6 +121,9 @@ class Tx(LeaseRows):
         while len(self._undo) > mark:
             table, key, old = self._undo.pop()
             cache: dict[Any, Any]
+            if table == "log":
+                self._rollback_log(key)
+                continue
             if table == "job":
                 cache = self._jobs
             elif table == "progress":
@@ -146,7 +165,10 @@ class Tx(LeaseRows):
         ``status_only`` (the child-event path) lets a child row be written without its
         metadata; any other put of the job in this transaction writes the whole row.
         """
-        self._undo.append(("job", state.id, self._jobs.get(state.id, _MISSING)))
+        old = self._jobs.get(state.id, _MISSING)
+        self._undo.append(("job", state.id, old))
+        for line in describe_change(None if old is _MISSING else old, state):  # type: ignore[arg-type]
+            self.log(line)
         if not status_only:
             self._full_rows.add(state.id)
         state.change_seq = self.seq
@@ -360,11 +382,17 @@ class Tx(LeaseRows):
         self.now = as_utc(row[1]) or self.now
 
     def changed_ids(self) -> set[str]:
-        return self._dirty | self._touched
+        changed = self._dirty | self._touched
+        if self.log_grew:
+            changed.update(LOG_CHANGE_PREFIX + m for m in self.log_grew)
+        return changed
 
     def flush(self) -> None:
         self._flush_metadata_writes()
+        self._flush_log()
         if not (self._dirty or self._touched or self._progress_dirty or self._lease_dirty):
+            if self.log_grew and not self.sqlite:
+                notify.send(self.conn, self.changed_ids())
             return
         seq = self.seq
         bulk = statements(self.conn.dialect)

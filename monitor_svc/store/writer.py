@@ -27,6 +27,7 @@ from monitor_svc import metrics
 from monitor_svc.store.tx import Tx
 from stepflow_common import tracing
 from stepflow_common.errors import AlreadyExists, InvalidArgument, StepflowError, Unavailable
+from stepflow_common.limits import MAX_LOG_BYTES
 
 log = structlog.get_logger(__name__)
 
@@ -53,8 +54,10 @@ class Writer:
         *,
         lock_rows: bool,
         on_commit: Callable[[set[str], datetime | None], None] | None = None,
+        log_limit_bytes: int = MAX_LOG_BYTES,
     ) -> None:
         self._engine = engine
+        self._log_limit_bytes = log_limit_bytes
         self._lock_rows = lock_rows
         self._on_commit = on_commit
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
@@ -133,7 +136,7 @@ class Writer:
         conn = self._connection()
         try:
             with conn.begin():
-                tx = Tx(conn, lock_rows=self._lock_rows)
+                tx = Tx(conn, lock_rows=self._lock_rows, log_limit_bytes=self._log_limit_bytes)
                 if self._lock_rows:
                     tx.serialise_with_database_clock()
                 for job in batch:

@@ -163,3 +163,45 @@ class ChildEvent(_message.Message):
     name: str
     attempt: int
     def __init__(self, event_id: _Optional[str] = ..., step_id: _Optional[str] = ..., child_id: _Optional[str] = ..., kind: _Optional[_Union[ChildEventKind, str]] = ..., error: _Optional[str] = ..., child_count: _Optional[int] = ..., handed_to_monitor: _Optional[bool] = ..., occurred_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., name: _Optional[str] = ..., attempt: _Optional[int] = ...) -> None: ...
+
+class JobLogLine(_message.Message):
+    __slots__ = ("seq", "time", "step_id", "child_id", "attempt", "source", "level", "message", "truncated")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    CHILD_ID_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    LEVEL_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    time: _timestamp_pb2.Timestamp
+    step_id: str
+    child_id: str
+    attempt: int
+    source: str
+    level: str
+    message: str
+    truncated: bool
+    def __init__(self, seq: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., step_id: _Optional[str] = ..., child_id: _Optional[str] = ..., attempt: _Optional[int] = ..., source: _Optional[str] = ..., level: _Optional[str] = ..., message: _Optional[str] = ..., truncated: _Optional[bool] = ...) -> None: ...
+
+class JobLogEntry(_message.Message):
+    __slots__ = ("key", "step_id", "child_id", "attempt", "source", "level", "message", "time")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    CHILD_ID_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    LEVEL_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    step_id: str
+    child_id: str
+    attempt: int
+    source: str
+    level: str
+    message: str
+    time: _timestamp_pb2.Timestamp
+    def __init__(self, key: _Optional[str] = ..., step_id: _Optional[str] = ..., child_id: _Optional[str] = ..., attempt: _Optional[int] = ..., source: _Optional[str] = ..., level: _Optional[str] = ..., message: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...

@@ -155,18 +155,20 @@ class UpdateStepStatInManagerResponse(_message.Message):
     def __init__(self, step_stat: _Optional[_Union[_job_pb2.StepStat, _Mapping]] = ..., current_step_status_changed: _Optional[bool] = ..., version: _Optional[int] = ...) -> None: ...
 
 class StreamChildEventsRequest(_message.Message):
-    __slots__ = ("batch_id", "events", "owner", "traceparents", "instance")
+    __slots__ = ("batch_id", "events", "owner", "traceparents", "instance", "log_lines")
     BATCH_ID_FIELD_NUMBER: _ClassVar[int]
     EVENTS_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
     TRACEPARENTS_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    LOG_LINES_FIELD_NUMBER: _ClassVar[int]
     batch_id: int
     events: _containers.RepeatedCompositeFieldContainer[_job_pb2.ChildEvent]
     owner: str
     traceparents: _containers.RepeatedScalarFieldContainer[str]
     instance: str
-    def __init__(self, batch_id: _Optional[int] = ..., events: _Optional[_Iterable[_Union[_job_pb2.ChildEvent, _Mapping]]] = ..., owner: _Optional[str] = ..., traceparents: _Optional[_Iterable[str]] = ..., instance: _Optional[str] = ...) -> None: ...
+    log_lines: _containers.RepeatedCompositeFieldContainer[_job_pb2.JobLogEntry]
+    def __init__(self, batch_id: _Optional[int] = ..., events: _Optional[_Iterable[_Union[_job_pb2.ChildEvent, _Mapping]]] = ..., owner: _Optional[str] = ..., traceparents: _Optional[_Iterable[str]] = ..., instance: _Optional[str] = ..., log_lines: _Optional[_Iterable[_Union[_job_pb2.JobLogEntry, _Mapping]]] = ...) -> None: ...
 
 class StreamChildEventsResponse(_message.Message):
     __slots__ = ("batch_id", "rejected")
@@ -249,3 +251,71 @@ class ReleaseLeaseResponse(_message.Message):
     ORPHANED_JOB_IDS_FIELD_NUMBER: _ClassVar[int]
     orphaned_job_ids: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, orphaned_job_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ReadJobLogRequest(_message.Message):
+    __slots__ = ("job_id", "after_seq", "limit", "step_id", "child_id", "sources")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    AFTER_SEQ_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    CHILD_ID_FIELD_NUMBER: _ClassVar[int]
+    SOURCES_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    after_seq: int
+    limit: int
+    step_id: str
+    child_id: str
+    sources: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, job_id: _Optional[str] = ..., after_seq: _Optional[int] = ..., limit: _Optional[int] = ..., step_id: _Optional[str] = ..., child_id: _Optional[str] = ..., sources: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ReadJobLogResponse(_message.Message):
+    __slots__ = ("lines", "next_seq", "complete")
+    LINES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_SEQ_FIELD_NUMBER: _ClassVar[int]
+    COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    lines: _containers.RepeatedCompositeFieldContainer[_job_pb2.JobLogLine]
+    next_seq: int
+    complete: bool
+    def __init__(self, lines: _Optional[_Iterable[_Union[_job_pb2.JobLogLine, _Mapping]]] = ..., next_seq: _Optional[int] = ..., complete: _Optional[bool] = ...) -> None: ...
+
+class FollowJobLogRequest(_message.Message):
+    __slots__ = ("job_id", "after_seq", "limit", "step_id", "child_id", "sources")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    AFTER_SEQ_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    CHILD_ID_FIELD_NUMBER: _ClassVar[int]
+    SOURCES_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    after_seq: int
+    limit: int
+    step_id: str
+    child_id: str
+    sources: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, job_id: _Optional[str] = ..., after_seq: _Optional[int] = ..., limit: _Optional[int] = ..., step_id: _Optional[str] = ..., child_id: _Optional[str] = ..., sources: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class FollowJobLogResponse(_message.Message):
+    __slots__ = ("lines", "next_seq", "complete")
+    LINES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_SEQ_FIELD_NUMBER: _ClassVar[int]
+    COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    lines: _containers.RepeatedCompositeFieldContainer[_job_pb2.JobLogLine]
+    next_seq: int
+    complete: bool
+    def __init__(self, lines: _Optional[_Iterable[_Union[_job_pb2.JobLogLine, _Mapping]]] = ..., next_seq: _Optional[int] = ..., complete: _Optional[bool] = ...) -> None: ...
+
+class AppendJobLogRequest(_message.Message):
+    __slots__ = ("job_id", "lines")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    LINES_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    lines: _containers.RepeatedCompositeFieldContainer[_job_pb2.JobLogEntry]
+    def __init__(self, job_id: _Optional[str] = ..., lines: _Optional[_Iterable[_Union[_job_pb2.JobLogEntry, _Mapping]]] = ...) -> None: ...
+
+class AppendJobLogResponse(_message.Message):
+    __slots__ = ("appended", "last_seq")
+    APPENDED_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEQ_FIELD_NUMBER: _ClassVar[int]
+    appended: int
+    last_seq: int
+    def __init__(self, appended: _Optional[int] = ..., last_seq: _Optional[int] = ...) -> None: ...

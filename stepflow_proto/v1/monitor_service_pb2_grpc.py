@@ -85,6 +85,21 @@ class MonitorServiceStub:
                 request_serializer=stepflow_dot_v1_dot_monitor__service__pb2.ReleaseLeaseRequest.SerializeToString,
                 response_deserializer=stepflow_dot_v1_dot_monitor__service__pb2.ReleaseLeaseResponse.FromString,
                 _registered_method=True)
+        self.ReadJobLog = channel.unary_unary(
+                '/stepflow.v1.MonitorService/ReadJobLog',
+                request_serializer=stepflow_dot_v1_dot_monitor__service__pb2.ReadJobLogRequest.SerializeToString,
+                response_deserializer=stepflow_dot_v1_dot_monitor__service__pb2.ReadJobLogResponse.FromString,
+                _registered_method=True)
+        self.FollowJobLog = channel.unary_stream(
+                '/stepflow.v1.MonitorService/FollowJobLog',
+                request_serializer=stepflow_dot_v1_dot_monitor__service__pb2.FollowJobLogRequest.SerializeToString,
+                response_deserializer=stepflow_dot_v1_dot_monitor__service__pb2.FollowJobLogResponse.FromString,
+                _registered_method=True)
+        self.AppendJobLog = channel.unary_unary(
+                '/stepflow.v1.MonitorService/AppendJobLog',
+                request_serializer=stepflow_dot_v1_dot_monitor__service__pb2.AppendJobLogRequest.SerializeToString,
+                response_deserializer=stepflow_dot_v1_dot_monitor__service__pb2.AppendJobLogResponse.FromString,
+                _registered_method=True)
 
 
 class MonitorServiceServicer:
@@ -163,6 +178,28 @@ class MonitorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReadJobLog(self, request, context):
+        """A page of a job's log: the lines after after_seq, in seq order.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FollowJobLog(self, request, context):
+        """A job's log: the stored lines after after_seq, then each line as it is committed; ends
+        after the last line once the job is terminal.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AppendJobLog(self, request, context):
+        """Adds lines to a job's log (an outside worker's output). Idempotent by each line's key.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MonitorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -215,6 +252,21 @@ def add_MonitorServiceServicer_to_server(servicer, server):
                     servicer.ReleaseLease,
                     request_deserializer=stepflow_dot_v1_dot_monitor__service__pb2.ReleaseLeaseRequest.FromString,
                     response_serializer=stepflow_dot_v1_dot_monitor__service__pb2.ReleaseLeaseResponse.SerializeToString,
+            ),
+            'ReadJobLog': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReadJobLog,
+                    request_deserializer=stepflow_dot_v1_dot_monitor__service__pb2.ReadJobLogRequest.FromString,
+                    response_serializer=stepflow_dot_v1_dot_monitor__service__pb2.ReadJobLogResponse.SerializeToString,
+            ),
+            'FollowJobLog': grpc.unary_stream_rpc_method_handler(
+                    servicer.FollowJobLog,
+                    request_deserializer=stepflow_dot_v1_dot_monitor__service__pb2.FollowJobLogRequest.FromString,
+                    response_serializer=stepflow_dot_v1_dot_monitor__service__pb2.FollowJobLogResponse.SerializeToString,
+            ),
+            'AppendJobLog': grpc.unary_unary_rpc_method_handler(
+                    servicer.AppendJobLog,
+                    request_deserializer=stepflow_dot_v1_dot_monitor__service__pb2.AppendJobLogRequest.FromString,
+                    response_serializer=stepflow_dot_v1_dot_monitor__service__pb2.AppendJobLogResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -488,6 +540,87 @@ class MonitorService:
             '/stepflow.v1.MonitorService/ReleaseLease',
             stepflow_dot_v1_dot_monitor__service__pb2.ReleaseLeaseRequest.SerializeToString,
             stepflow_dot_v1_dot_monitor__service__pb2.ReleaseLeaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadJobLog(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stepflow.v1.MonitorService/ReadJobLog',
+            stepflow_dot_v1_dot_monitor__service__pb2.ReadJobLogRequest.SerializeToString,
+            stepflow_dot_v1_dot_monitor__service__pb2.ReadJobLogResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FollowJobLog(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/stepflow.v1.MonitorService/FollowJobLog',
+            stepflow_dot_v1_dot_monitor__service__pb2.FollowJobLogRequest.SerializeToString,
+            stepflow_dot_v1_dot_monitor__service__pb2.FollowJobLogResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AppendJobLog(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stepflow.v1.MonitorService/AppendJobLog',
+            stepflow_dot_v1_dot_monitor__service__pb2.AppendJobLogRequest.SerializeToString,
+            stepflow_dot_v1_dot_monitor__service__pb2.AppendJobLogResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -57,6 +57,14 @@ class MonitorServiceStub:
     """Gives a lease up at once (graceful shutdown): the owner's unfinished managers are orphaned
     and adopted by a live orchestrator without waiting for the lease to lapse.
     """
+    ReadJobLog: _grpc.UnaryUnaryMultiCallable[_monitor_service_pb2.ReadJobLogRequest, _monitor_service_pb2.ReadJobLogResponse]
+    """A page of a job's log: the lines after after_seq, in seq order."""
+    FollowJobLog: _grpc.UnaryStreamMultiCallable[_monitor_service_pb2.FollowJobLogRequest, _monitor_service_pb2.FollowJobLogResponse]
+    """A job's log: the stored lines after after_seq, then each line as it is committed; ends
+    after the last line once the job is terminal.
+    """
+    AppendJobLog: _grpc.UnaryUnaryMultiCallable[_monitor_service_pb2.AppendJobLogRequest, _monitor_service_pb2.AppendJobLogResponse]
+    """Adds lines to a job's log (an outside worker's output). Idempotent by each line's key."""
 
 @_typing.type_check_only
 class MonitorServiceAsyncStub(MonitorServiceStub):
@@ -87,6 +95,14 @@ class MonitorServiceAsyncStub(MonitorServiceStub):
     """Gives a lease up at once (graceful shutdown): the owner's unfinished managers are orphaned
     and adopted by a live orchestrator without waiting for the lease to lapse.
     """
+    ReadJobLog: _aio.UnaryUnaryMultiCallable[_monitor_service_pb2.ReadJobLogRequest, _monitor_service_pb2.ReadJobLogResponse]  # type: ignore[assignment]
+    """A page of a job's log: the lines after after_seq, in seq order."""
+    FollowJobLog: _aio.UnaryStreamMultiCallable[_monitor_service_pb2.FollowJobLogRequest, _monitor_service_pb2.FollowJobLogResponse]  # type: ignore[assignment]
+    """A job's log: the stored lines after after_seq, then each line as it is committed; ends
+    after the last line once the job is terminal.
+    """
+    AppendJobLog: _aio.UnaryUnaryMultiCallable[_monitor_service_pb2.AppendJobLogRequest, _monitor_service_pb2.AppendJobLogResponse]  # type: ignore[assignment]
+    """Adds lines to a job's log (an outside worker's output). Idempotent by each line's key."""
 
 class MonitorServiceServicer(metaclass=_abc_1.ABCMeta):
     """Owns the job records and the managers' metadata; ingests child events and ends steps."""
@@ -174,5 +190,31 @@ class MonitorServiceServicer(metaclass=_abc_1.ABCMeta):
         """Gives a lease up at once (graceful shutdown): the owner's unfinished managers are orphaned
         and adopted by a live orchestrator without waiting for the lease to lapse.
         """
+
+    @_abc_1.abstractmethod
+    def ReadJobLog(
+        self,
+        request: _monitor_service_pb2.ReadJobLogRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_monitor_service_pb2.ReadJobLogResponse, _abc.Awaitable[_monitor_service_pb2.ReadJobLogResponse]]:
+        """A page of a job's log: the lines after after_seq, in seq order."""
+
+    @_abc_1.abstractmethod
+    def FollowJobLog(
+        self,
+        request: _monitor_service_pb2.FollowJobLogRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_monitor_service_pb2.FollowJobLogResponse], _abc.AsyncIterator[_monitor_service_pb2.FollowJobLogResponse]]:
+        """A job's log: the stored lines after after_seq, then each line as it is committed; ends
+        after the last line once the job is terminal.
+        """
+
+    @_abc_1.abstractmethod
+    def AppendJobLog(
+        self,
+        request: _monitor_service_pb2.AppendJobLogRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_monitor_service_pb2.AppendJobLogResponse, _abc.Awaitable[_monitor_service_pb2.AppendJobLogResponse]]:
+        """Adds lines to a job's log (an outside worker's output). Idempotent by each line's key."""
 
 def add_MonitorServiceServicer_to_server(servicer: MonitorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

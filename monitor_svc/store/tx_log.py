@@ -1,0 +1,382 @@
+"""The job log's half of the unit of work (``tx.Tx``): lines collected by the units of a group
+transaction, written at its flush with their ``seq``, once per key, within the job's budget.
+
+``seq`` is gap-free and in commit order because one transaction at a time holds a manager's
+log head: SQLite's writer holds the database, and on PostgreSQL every monitor's write
+transaction takes the change_seq counter lock first (see ``Tx.serialise_with_database_clock``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, cast
+
+import psycopg
+from sqlalchemy import Connection, Table, bindparam, select, tuple_, update
+from sqlalchemy.exc import DBAPIError
+
+from monitor_svc.log_lines import (
+    EVENT,
+    MAX_PAGE_BYTES,
+    Keep,
+    LogLine,
+    LogPage,
+    StoredLine,
+    dropped_line,
+)
+from monitor_svc.records import as_utc
+from monitor_svc.store.models import JobLogHeadRow, JobLogRow
+from monitor_svc.store.statements import JOBS
+from stepflow_common.status import Status
+
+LOG = cast(Table, JobLogRow.__table__)
+HEADS = cast(Table, JobLogHeadRow.__table__)
+IN_CHUNK = 500
+_COLUMNS = (
+    "manager_id",
+    "seq",
+    "time",
+    "step_id",
+    "child_id",
+    "attempt",
+    "source",
+    "level",
+    "message",
+    "truncated",
+    "line_key",
+)
+_INSERT_SQLITE = f"INSERT INTO job_log ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * 11)})"
+_COPY_PG = f"COPY job_log ({', '.join(_COLUMNS)}) FROM STDIN"
+_UPDATE_HEAD = (
+    update(HEADS)
+    .where(HEADS.c.manager_id == bindparam("m_id"), HEADS.c.step_id == bindparam("s_id"))
+    .values(
+        last_seq=bindparam("last_seq"),
+        bytes=bindparam("bytes"),
+        lines=bindparam("lines"),
+        dropped=bindparam("dropped"),
+        tail=bindparam("tail"),
+    )
+)
+
+
+def message_bytes(message: str) -> int:
+    return len(message) if message.isascii() else len(message.encode("utf-8", "replace"))
+
+
+@dataclass(slots=True)
+class _Head:
+    """A log's totals (step_id "") or one step's, as this transaction changes them."""
+
+    manager_id: str
+    step_id: str
+    last_seq: int = 0
+    bytes: int = 0
+    lines: int = 0
+    dropped: int = 0
+    tail: str | None = None
+    new: bool = True
+    dirty: bool = False
+
+
+class LogRows:
+    """Job-log lines as ``Tx`` collects and writes them."""
+
+    conn: Connection
+    now: datetime
+    sqlite: bool
+    _undo: list[tuple[str, Any, Any]]
+    log_limit_bytes: int
+    _log: list[LogLine]
+    log_grew: dict[str, int]  # manager -> its last seq, for the log's followers
+
+    def log(self, line: LogLine) -> None:
+        """Add a line to its manager's log, written with this transaction (undone with its
+        unit)."""
+        self._undo.append(("log", len(self._log), None))
+        self._log.append(line)
+
+    def stored_log_keys(self, manager_id: str, keys: list[str]) -> set[str]:
+        wanted = set(keys)
+        found = {
+            line.key for line in self._log if line.manager_id == manager_id and line.key in wanted
+        }
+        pairs = [(manager_id, key) for key in sorted(wanted)]
+        found.update(k for _, k in self._keys_in_log(pairs))
+        return {k for k in found if k is not None}
+
+    def _rollback_log(self, length: int) -> None:
+        del self._log[length:]
+
+    def _flush_log(self) -> None:
+        lines = self._log
+        if not lines:
+            return
+        self._log = []
+        managers = sorted({line.manager_id for line in lines})
+        heads = self._load_heads(managers)
+        seen = self._stored_keys(lines)
+        rows: list[tuple[Any, ...]] = []
+        limit = self.log_limit_bytes
+        now = self.now
+        for line in lines:
+            manager_id = line.manager_id
+            if line.key is not None:
+                if (manager_id, line.key) in seen:
+                    continue  # sent before (a resent batch): stored once
+                seen.add((manager_id, line.key))
+            total = _head(heads, manager_id, "")
+            step = _head(heads, manager_id, line.step_id) if line.step_id else total
+            if line.ends_step and step.dropped:
+                self._write_held(rows, total, step, limit, now)
+            size = message_bytes(line.message)
+            if (
+                line.keep is Keep.BUDGET
+                and total.bytes + size > limit
+                and (step.lines > 0 or line.source == EVENT)
+            ):
+                step.dropped += 1
+                total.dropped += 1
+                if line.source != EVENT:
+                    step.tail = _encode_tail(line)
+                step.dirty = total.dirty = True
+                continue
+            _append(rows, total, step, line, now)
+        if rows:
+            self._insert_lines(rows)
+        self._write_heads([h for h in heads.values() if h.dirty])
+        for manager_id in managers:
+            head = heads.get((manager_id, ""))
+            if head is not None and head.dirty:
+                self.log_grew[manager_id] = head.last_seq
+
+    def _write_held(
+        self, rows: list[tuple[Any, ...]], total: _Head, step: _Head, limit: int, now: datetime
+    ) -> None:
+        """A step ends: the count of its dropped lines, then its last line (held back)."""
+        tail = _decode_tail(step.tail, total.manager_id) if step.tail is not None else None
+        dropped = step.dropped - (1 if tail is not None else 0)
+        if dropped:
+            summary = dropped_line(total.manager_id, step.step_id, dropped, limit)
+            _append(rows, total, step, summary, now)
+        if tail is not None:
+            _append(rows, total, step, tail, now)
+        step.dropped, step.tail = 0, None
+        step.dirty = True
+
+    def _load_heads(self, managers: list[str]) -> dict[tuple[str, str], _Head]:
+        heads: dict[tuple[str, str], _Head] = {}
+        for start in range(0, len(managers), IN_CHUNK):
+            chunk = managers[start : start + IN_CHUNK]
+            for row in self.conn.execute(select(HEADS).where(HEADS.c.manager_id.in_(chunk))):
+                heads[(row.manager_id, row.step_id)] = _Head(
+                    row.manager_id,
+                    row.step_id,
+                    row.last_seq,
+                    row.bytes,
+                    row.lines,
+                    row.dropped,
+                    row.tail,
+                    new=False,
+                )
+        return heads
+
+    def _stored_keys(self, lines: list[LogLine]) -> set[tuple[str, str]]:
+        """The (manager, key) pairs of ``lines`` already in the log."""
+        return self._keys_in_log(
+            sorted({(line.manager_id, line.key) for line in lines if line.key is not None})
+        )
+
+    def _keys_in_log(self, keyed: list[tuple[str, str]]) -> set[tuple[str, str]]:
+        found: set[tuple[str, str]] = set()
+        for start in range(0, len(keyed), IN_CHUNK):
+            chunk = keyed[start : start + IN_CHUNK]
+            stmt = select(LOG.c.manager_id, LOG.c.line_key).where(
+                tuple_(LOG.c.manager_id, LOG.c.line_key).in_(chunk)
+            )
+            found.update((m, k) for m, k in self.conn.execute(stmt))
+        return found
+
+    def _insert_lines(self, rows: list[tuple[Any, ...]]) -> None:
+        if self.sqlite:
+            encode = LOG.c.time.type.dialect_impl(self.conn.dialect).bind_processor(
+                self.conn.dialect
+            )
+            if encode is not None:
+                rows = [(*r[:2], encode(r[2]), *r[3:]) for r in rows]
+            self.conn.exec_driver_sql(_INSERT_SQLITE, rows)
+            return
+        driver = self.conn.connection.driver_connection
+        assert isinstance(driver, psycopg.Connection)
+        try:
+            with driver.cursor() as cursor, cursor.copy(_COPY_PG) as copy:
+                for row in rows:
+                    copy.write_row(row)
+        except psycopg.Error as exc:  # as exec_driver_sql would raise it: the writer's handling
+            raise DBAPIError.instance(_COPY_PG, None, exc, psycopg.Error) from exc
+
+    def _write_heads(self, heads: list[_Head]) -> None:
+        new = [_head_values(h, "manager_id", "step_id") for h in heads if h.new]
+        old = [_head_values(h, "m_id", "s_id") for h in heads if not h.new]
+        if new:
+            self.conn.execute(HEADS.insert(), new)
+        if old:
+            self.conn.execute(_UPDATE_HEAD, old)
+
+
+def _head(heads: dict[tuple[str, str], _Head], manager_id: str, step_id: str) -> _Head:
+    head = heads.get((manager_id, step_id))
+    if head is None:
+        head = heads[(manager_id, step_id)] = _Head(manager_id, step_id)
+    return head
+
+
+def _append(
+    rows: list[tuple[Any, ...]], total: _Head, step: _Head, line: LogLine, now: datetime
+) -> None:
+    total.last_seq += 1
+    total.bytes += message_bytes(line.message)
+    step.lines += 1
+    if step is not total:
+        total.lines += 1
+    total.dirty = step.dirty = True
+    rows.append(
+        (
+            line.manager_id,
+            total.last_seq,
+            line.time or now,
+            line.step_id,
+            line.child_id,
+            line.attempt,
+            line.source,
+            line.level,
+            line.message,
+            line.truncated,
+            line.key,
+        )
+    )
+
+
+def _head_values(head: _Head, manager_key: str, step_key: str) -> dict[str, Any]:
+    return {
+        manager_key: head.manager_id,
+        step_key: head.step_id,
+        "last_seq": head.last_seq,
+        "bytes": head.bytes,
+        "lines": head.lines,
+        "dropped": head.dropped,
+        "tail": head.tail,
+    }
+
+
+def _encode_tail(line: LogLine) -> str:
+    return json.dumps(
+        {
+            "step_id": line.step_id,
+            "child_id": line.child_id,
+            "attempt": line.attempt,
+            "source": line.source,
+            "level": line.level,
+            "message": line.message,
+            "time": line.time.isoformat() if line.time else None,
+            "truncated": line.truncated,
+        }
+    )
+
+
+def _decode_tail(tail: str, manager_id: str) -> LogLine:
+    data = json.loads(tail)
+    return LogLine(
+        manager_id,
+        data["step_id"],
+        data["child_id"],
+        data["attempt"],
+        data["source"],
+        data["level"],
+        data["message"],
+        datetime.fromisoformat(data["time"]) if data["time"] else None,
+        truncated=data["truncated"],
+        keep=Keep.ALWAYS,
+    )
+
+
+# -- reads --------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class LogFilter:
+    step_id: str = ""
+    child_id: str = ""
+    sources: tuple[str, ...] = ()
+
+    def matches(self, line: StoredLine) -> bool:
+        return (
+            (not self.step_id or line.step_id == self.step_id)
+            and (not self.child_id or line.child_id == self.child_id)
+            and (not self.sources or line.source in self.sources)
+        )
+
+
+def read_page(
+    conn: Connection, manager_id: str, after_seq: int, limit: int, where: LogFilter
+) -> LogPage:
+    """One page of a log, in one snapshot: up to ``limit`` lines after ``after_seq`` that
+    ``where`` selects (at most ``MAX_PAGE_BYTES`` of them), where to read on from, and
+    whether the job is terminal with its last line read."""
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+    status = conn.execute(select(JOBS.c.status).where(JOBS.c.id == manager_id)).scalar()
+    terminal = status is not None and Status(status).terminal
+    head = last_seq(conn, manager_id)
+    stmt = (
+        select(
+            LOG.c.seq,
+            LOG.c.time,
+            LOG.c.step_id,
+            LOG.c.child_id,
+            LOG.c.attempt,
+            LOG.c.source,
+            LOG.c.level,
+            LOG.c.message,
+            LOG.c.truncated,
+        )
+        .where(LOG.c.manager_id == manager_id, LOG.c.seq > after_seq, LOG.c.seq <= head)
+        .order_by(LOG.c.seq)
+        .limit(limit)
+    )
+    if where.step_id:
+        stmt = stmt.where(LOG.c.step_id == where.step_id)
+    if where.child_id:
+        stmt = stmt.where(LOG.c.child_id == where.child_id)
+    if where.sources:
+        stmt = stmt.where(LOG.c.source.in_(where.sources))
+    lines: list[StoredLine] = []
+    size = 0
+    for row in conn.execute(stmt):
+        size += message_bytes(row.message) + 200  # the line's other fields, generously
+        if lines and size > MAX_PAGE_BYTES:
+            break
+        lines.append(
+            StoredLine(
+                row.seq,
+                as_utc(row.time) or row.time,
+                row.step_id,
+                row.child_id,
+                row.attempt,
+                row.source,
+                row.level,
+                row.message,
+                row.truncated,
+            )
+        )
+    full = len(lines) == limit or size > MAX_PAGE_BYTES
+    # Past the last line read; with nothing more up to the head, past what the filters skip.
+    next_seq = lines[-1].seq if full else max(head, after_seq)
+    return LogPage(lines, next_seq, terminal and next_seq >= head, more=next_seq < head)
+
+
+def last_seq(conn: Connection, manager_id: str) -> int:
+    found = conn.execute(
+        select(HEADS.c.last_seq).where(HEADS.c.manager_id == manager_id, HEADS.c.step_id == "")
+    ).scalar()
+    return int(found or 0)
