@@ -57,12 +57,15 @@ class Outcome:
         return self.children / self.wall_s if self.wall_s > 0 else math.nan
 
 
-def definition(steps: int, children: int) -> o.JobDefinition:
-    """Built from the protos alone, as any client would."""
+def definition(steps: int, children: int, log_lines: int = 0) -> o.JobDefinition:
+    """Built from the protos alone, as any client would (``log_lines``: lines each child
+    writes to the job's log)."""
     job = o.JobDefinition(name=f"bench-e2e-{steps}x{children}")
     for index in range(steps):
         config = struct_pb2.Struct()
         config.update({"children": children, "duration_ms": 0})
+        if log_lines:
+            config.update({"log_lines": log_lines})
         job.steps.append(o.StepDefinition(name=f"step-{index}", type="simulate", config=config))
     return job
 
@@ -74,6 +77,7 @@ async def run_job(
     children: int,
     *,
     real: bool,
+    log_lines: int = 0,
 ) -> Outcome:
     async with (
         aio.insecure_channel(orchestrator.address) as o_channel,
@@ -82,7 +86,7 @@ async def run_job(
         ostub = o_grpc.OrchestratorServiceStub(o_channel)
         mstub = m_grpc.MonitorServiceStub(m_channel)
         request = o.SubmitJobRequest(
-            definition=definition(steps, children), request_id=uuid.uuid4().hex
+            definition=definition(steps, children, log_lines), request_id=uuid.uuid4().hex
         )
         common.analyze(monitor)
         groups = common.cpu_groups(monitor, "monitor")

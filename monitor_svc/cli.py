@@ -19,7 +19,7 @@ from stepflow_common import cli, logs, metrics, serving, tracing
 from stepflow_common.cli import add_flag, add_log_level, add_server_flags, security_from
 from stepflow_common.durations import parse_flag_duration
 from stepflow_common.errors import InvalidArgument
-from stepflow_common.limits import MAX_METADATA_BYTES
+from stepflow_common.limits import MAX_LOG_BYTES, MAX_METADATA_BYTES
 from stepflow_common.serving import CannotListen
 
 PROG = "monitor-svc"
@@ -101,6 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
         "largest metadata document of a job (protobuf-encoded); a merge that would pass it is "
         "RESOURCE_EXHAUSTED. Above ~1.5 MiB a manager's answers may not fit a default "
         "client's 4 MiB",
+        type_=int,
+    )
+    add_flag(
+        serve_p,
+        COMMAND,
+        "--max-log-bytes",
+        MAX_LOG_BYTES,
+        "bytes a job's log holds; past it output lines are dropped, but each step's first and "
+        "last lines and the monitor's own lines about steps and the job are kept",
         type_=int,
     )
     add_flag(
@@ -232,6 +241,8 @@ def config_from(args: argparse.Namespace) -> MonitorConfig:
     """The server's configuration from ``serve``'s flags; InvalidArgument names a bad one."""
     if args.max_metadata_bytes < 1024:
         raise InvalidArgument("--max-metadata-bytes: must be at least 1024")
+    if args.max_log_bytes < 1024:
+        raise InvalidArgument("--max-log-bytes: must be at least 1024")
     synchronous = args.sqlite_synchronous.lower()
     if synchronous not in SQLITE_SYNCHRONOUS_MODES:
         raise InvalidArgument(
@@ -258,7 +269,9 @@ def config_from(args: argparse.Namespace) -> MonitorConfig:
             min_ping_interval_s=parse_flag_duration(args.keepalive_permit, "--keepalive-permit"),
             max_ping_strikes=max(args.max_ping_strikes, 0),
         ),
-        limits=DocumentLimits(max_metadata_bytes=args.max_metadata_bytes),
+        limits=DocumentLimits(
+            max_metadata_bytes=args.max_metadata_bytes, max_log_bytes=args.max_log_bytes
+        ),
         sqlite_synchronous=synchronous,
         otlp_endpoint=tracing.check_endpoint(args.otlp_endpoint),
     )
@@ -284,7 +297,7 @@ def _prune(args: argparse.Namespace) -> int:
         engine.dispose()
     print(
         f"pruned {result.managers} finished jobs ({result.jobs} job rows, "
-        f"{result.progress_rows} step progress rows)"
+        f"{result.progress_rows} step progress rows, {result.log_lines} log lines)"
     )
     return cli.EXIT_OK
 

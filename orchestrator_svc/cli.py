@@ -1,4 +1,5 @@
-"""``orchestrator-svc``: serve the OrchestratorService, submit a job file, cancel a job."""
+"""``orchestrator-svc``: serve the OrchestratorService, submit a job file, print a job's log,
+cancel a job."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import argparse
 import asyncio
 import sys
 
-from orchestrator_svc.cli_client import DEFAULT_ORCHESTRATOR, PROG, cancel, submit
+from orchestrator_svc.cli_client import DEFAULT_ORCHESTRATOR, PROG, cancel, show_logs, submit
 from orchestrator_svc.server import DEFAULT_MONITOR, DEFAULT_PORT, OrchestratorConfig, serve
 from orchestrator_svc.workers.registry import WorkerLoadError
 from stepflow_common import cli, logs, metrics, serving, tracing
@@ -146,6 +147,24 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_client_tls_flags(submit_p, COMMAND, "the orchestrator's and the monitor's")
     _client_flags(submit_p)
 
+    logs_p = sub.add_parser(
+        "logs",
+        help="print a job's log (--follow: until the job ends)",
+        description="Print the log of a job (manager, step or child) from the monitor, a line "
+        "each: TIME STEP[/CHILD] SOURCE MESSAGE. With --follow, go on printing each line as it "
+        "is committed until the job ends; the exit status is then submit --follow's (0 "
+        "completed, 3 otherwise).",
+        epilog=cli.EXIT_CODES_HELP,
+        formatter_class=cli.HelpFormatter,
+    )
+    logs_p.add_argument("job_id")
+    logs_p.add_argument("--follow", action="store_true", help="follow until the job ends")
+    add_flag(logs_p, COMMAND, "--step", "", "only this step's lines (by its name)")
+    add_flag(logs_p, COMMAND, "--monitor", DEFAULT_MONITOR, "the monitor's HOST:PORT")
+    add_flag(logs_p, COMMAND, "--auth-token", "", "bearer token")
+    cli.add_client_tls_flags(logs_p, COMMAND, "the monitor's")
+    _client_flags(logs_p)
+
     cancel_p = sub.add_parser(
         "cancel",
         help="cancel a job (manager, step or child)",
@@ -185,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure("console", args.log_level)
     if args.command == "submit":
         return cli.run(PROG, lambda: asyncio.run(submit(args)), debug=debug)
+    if args.command == "logs":
+        return cli.run(PROG, lambda: asyncio.run(show_logs(args)), debug=debug)
     return cli.run(PROG, lambda: asyncio.run(cancel(args)), debug=debug)
 
 

@@ -1,4 +1,4 @@
-"""``orchestrator-svc submit`` and ``cancel``: a client of both services, built on
+"""``orchestrator-svc submit``, ``logs`` and ``cancel``: a client of both services, built on
 ``stepflow_client``, whose every failure is one line naming the service that is missing."""
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ def client_settings(args: argparse.Namespace, connect_s: float) -> client.Client
     return settings
 
 
-def _refused(exc: StepflowError, service: str, address: str, flag: str) -> cli.CliError:
+def refused(exc: StepflowError, service: str, address: str, flag: str) -> cli.CliError:
     """A failed call as the command's one line (by its gRPC status, which the error wraps)."""
     cause = exc.__cause__
     if isinstance(cause, aio.AioRpcError):
@@ -155,7 +155,7 @@ async def submit(args: argparse.Namespace) -> int:
                 definitions.to_proto(spec), request_id=args.request_id
             )
         except StepflowError as exc:
-            raise _refused(exc, "orchestrator", args.orchestrator, "--orchestrator") from exc
+            raise refused(exc, "orchestrator", args.orchestrator, "--orchestrator") from exc
         if monitor is None:
             print(manager_id)
             return cli.EXIT_OK
@@ -165,8 +165,11 @@ async def submit(args: argparse.Namespace) -> int:
             flush=True,
         )
         final = await _follow_until_interrupted(args, monitor, manager_id)
-    if final.status is Status.COMPLETED:
-        return cli.EXIT_OK
+        if final.status is Status.COMPLETED:
+            return cli.EXIT_OK
+        from orchestrator_svc.cli_logs import show_failed_steps
+
+        await show_failed_steps(monitor, manager_id)
     return cli.EXIT_JOB_NOT_COMPLETED
 
 
@@ -209,6 +212,16 @@ async def _follow_until_interrupted(
         loop.remove_signal_handler(signal.SIGINT)
 
 
+async def show_logs(args: argparse.Namespace) -> int:
+    from orchestrator_svc.cli_logs import logs
+
+    connect_s = connect_timeout(args)
+    settings = client_settings(args, connect_s)
+    async with client.MonitorClient(args.monitor, **settings) as monitor:
+        await _connect(monitor.channel, "monitor", args.monitor, "--monitor", connect_s, args)
+    return await logs(args, settings)
+
+
 async def cancel(args: argparse.Namespace) -> int:
     connect_s = connect_timeout(args)
     async with client.OrchestratorClient(
@@ -222,7 +235,7 @@ async def cancel(args: argparse.Namespace) -> int:
         except NotFound as exc:
             raise cli.CliError(f"no job {args.job_id}", cli.EXIT_FAILED) from exc
         except StepflowError as exc:
-            raise _refused(exc, "orchestrator", args.orchestrator, "--orchestrator") from exc
+            raise refused(exc, "orchestrator", args.orchestrator, "--orchestrator") from exc
     from orchestrator_svc.follow import status_name
 
     print(f"{job.id}: {status_name(STATUS_FROM_PB.get(job.status))}")

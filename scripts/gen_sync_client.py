@@ -1,4 +1,5 @@
-"""Generate the blocking client (``stepflow_client/_sync.py``) from the asyncio one (``_aio.py``).
+"""Generate the blocking client (``stepflow_client/_sync.py``, ``_sync_log.py``) from the
+asyncio one (``_aio.py``, ``_aio_log.py``).
 
 The two have the same classes and methods; the blocking one is the asyncio one without
 ``async``/``await``, on ``grpc`` instead of ``grpc.aio``, plus the few lines listed in
@@ -17,18 +18,26 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SOURCE = ROOT / "stepflow_client" / "_aio.py"
-TARGET = ROOT / "stepflow_client" / "_sync.py"
+CLIENT = ROOT / "stepflow_client"
+# Each asyncio module and its blocking twin.
+PAIRS = (
+    (CLIENT / "_aio.py", CLIENT / "_sync.py"),
+    (CLIENT / "_aio_log.py", CLIENT / "_sync_log.py"),
+)
 RUFF = Path(sys.executable).parent / "ruff"
 
-HEADER = '''"""The blocking clients (``stepflow_client``): ``_aio``'s, method for method.
+HEADER = '''"""The blocking clients (``stepflow_client``): ``{source}``'s, method for method.
 
-Generated from ``_aio.py`` by ``scripts/gen_sync_client.py``: never edit; change ``_aio.py``
-and run ``make gen``."""
+Generated from ``{source}.py`` by ``scripts/gen_sync_client.py``: never edit; change
+``{source}.py`` and run ``make gen``."""
 '''
 
 # Exact blocks of _aio.py and what the blocking client has in their place; each must occur once.
 FLAVOUR: tuple[tuple[str, str], ...] = (
+    (
+        "from stepflow_client._aio_log import LogCalls",
+        "from stepflow_client._sync_log import LogCalls",
+    ),
     ("    aio_channel,\n)", "    aio_channel,\n    sync_channel,\n)"),
     ("self.channel = aio_channel(self._settings)", "self.channel = sync_channel(self._settings)"),
     (
@@ -72,14 +81,14 @@ WORDS: tuple[tuple[str, str], ...] = (
 )
 
 
-def generate() -> str:
-    text = SOURCE.read_text()
+def generate(source: Path, target: Path) -> str:
+    text = source.read_text()
     body = text[text.index('"""', 3) + 3 :].lstrip("\n")
-    for old, new in FLAVOUR:
+    for old, new in FLAVOUR if source.name == "_aio.py" else ():
         count = body.count(old)
         if count != 1:
             raise SystemExit(
-                f"gen_sync_client: expected one {old!r} in {SOURCE.name}, found {count}"
+                f"gen_sync_client: expected one {old!r} in {source.name}, found {count}"
             )
         body = body.replace(old, new)
     for pattern, replacement in WORDS:
@@ -87,16 +96,16 @@ def generate() -> str:
     left = re.findall(r"\basync (?:def|for|with)\b.*|\bawait \w.*|\basyncio\.\w.*", body)
     if left:
         raise SystemExit(f"gen_sync_client: asyncio left in the blocking client: {left[:3]}")
-    source = HEADER + "\n" + body
-    sorted_imports = _ruff(["check", "--fix", "--select", "I", "--quiet"], source)
-    return _ruff(["format"], sorted_imports)
+    made = HEADER.format(source=source.stem) + "\n" + body
+    sorted_imports = _ruff(["check", "--fix", "--select", "I", "--quiet"], made, target)
+    return _ruff(["format"], sorted_imports, target)
 
 
-def _ruff(command: list[str], source: str) -> str:
+def _ruff(command: list[str], source: str, target: Path) -> str:
     """``source`` through ruff, as the project's settings have it (the output is checked by
     ``make lint`` like any file)."""
     done = subprocess.run(
-        [str(RUFF), *command, "--stdin-filename", str(TARGET), "-"],
+        [str(RUFF), *command, "--stdin-filename", str(target), "-"],
         input=source,
         capture_output=True,
         text=True,
@@ -109,27 +118,31 @@ def _ruff(command: list[str], source: str) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="fail if _sync.py is stale")
+    parser.add_argument("--check", action="store_true", help="fail if a blocking twin is stale")
     args = parser.parse_args()
-    made = generate()
-    if not args.check:
-        TARGET.write_text(made)
-        return 0
-    committed = TARGET.read_text()
-    if committed == made:
-        return 0
-    diff = difflib.unified_diff(
-        committed.splitlines(keepends=True),
-        made.splitlines(keepends=True),
-        "stepflow_client/_sync.py (committed)",
-        "stepflow_client/_sync.py (generated from _aio.py)",
-    )
-    sys.stderr.writelines(diff)
-    print(
-        "stepflow_client/_sync.py is stale: run `make gen` (it is generated from _aio.py)",
-        file=sys.stderr,
-    )
-    return 1
+    stale = 0
+    for source, target in PAIRS:
+        made = generate(source, target)
+        if not args.check:
+            target.write_text(made)
+            continue
+        committed = target.read_text() if target.exists() else ""
+        if committed == made:
+            continue
+        diff = difflib.unified_diff(
+            committed.splitlines(keepends=True),
+            made.splitlines(keepends=True),
+            f"stepflow_client/{target.name} (committed)",
+            f"stepflow_client/{target.name} (generated from {source.name})",
+        )
+        sys.stderr.writelines(diff)
+        print(
+            f"stepflow_client/{target.name} is stale: run `make gen` (it is generated from "
+            f"{source.name})",
+            file=sys.stderr,
+        )
+        stale = 1
+    return stale
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from typing import Any, TypeVar, Unpack
 from grpc import aio
 
 from stepflow_client import _requests as r
+from stepflow_client._aio_log import LogCalls
 from stepflow_client._channel import (
     ChannelSettings,
     ClientSettings,
@@ -92,7 +93,7 @@ class _Client:
 _C = TypeVar("_C", bound=_Client)
 
 
-class MonitorClient(_Client):
+class MonitorClient(_Client, LogCalls):
     """Every MonitorService call, returning the protobuf messages; failures raise the typed
     errors of ``stepflow_client`` (``NotFound``, ``StatusConflict``, ``VersionConflict``…).
     ``timeout`` (seconds) is each call's default deadline; every method takes its own too."""

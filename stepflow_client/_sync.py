@@ -1,7 +1,7 @@
 """The blocking clients (``stepflow_client``): ``_aio``'s, method for method.
 
-Generated from ``_aio.py`` by ``scripts/gen_sync_client.py``: never edit; change ``_aio.py``
-and run ``make gen``."""
+Generated from ``_aio.py`` by ``scripts/gen_sync_client.py``: never edit; change
+``_aio.py`` and run ``make gen``."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from stepflow_client._channel import (
 )
 from stepflow_client._errors import decode
 from stepflow_client._events_sync import SyncChildEventEmitter
+from stepflow_client._sync_log import LogCalls
 from stepflow_common.errors import VersionConflict
 from stepflow_proto.v1 import job_pb2
 from stepflow_proto.v1 import monitor_service_pb2 as m
@@ -94,7 +95,7 @@ class _Client:
 _C = TypeVar("_C", bound=_Client)
 
 
-class MonitorClient(_Client):
+class MonitorClient(_Client, LogCalls):
     """Every MonitorService call, returning the protobuf messages; failures raise the typed
     errors of ``stepflow_client`` (``NotFound``, ``StatusConflict``, ``VersionConflict``…).
     ``timeout`` (seconds) is each call's default deadline; every method takes its own too."""

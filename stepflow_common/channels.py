@@ -22,8 +22,9 @@ ORCHESTRATOR_SERVICE = "stepflow.v1.OrchestratorService"
 MAX_MESSAGE_BYTES = MAX_REQUEST_BYTES
 
 # The calls gRPC itself may send again on UNAVAILABLE: every unary call (each is idempotent on
-# the services: a request_id, a status already reached, a merge applied twice) and WatchJob
-# (read-only). Not StreamChildEvents: its client resends unacknowledged batches itself.
+# the services: a request_id, a status already reached, a merge applied twice, a log line's
+# key), WatchJob and FollowJobLog (read-only). Not StreamChildEvents: its client resends
+# unacknowledged batches itself.
 RETRIED_METHODS: tuple[tuple[str, str], ...] = (
     (MONITOR_SERVICE, "CreateJob"),
     (MONITOR_SERVICE, "GetJob"),
@@ -34,6 +35,9 @@ RETRIED_METHODS: tuple[tuple[str, str], ...] = (
     (MONITOR_SERVICE, "WatchJob"),
     (MONITOR_SERVICE, "Heartbeat"),
     (MONITOR_SERVICE, "ReleaseLease"),
+    (MONITOR_SERVICE, "ReadJobLog"),
+    (MONITOR_SERVICE, "FollowJobLog"),
+    (MONITOR_SERVICE, "AppendJobLog"),
     (ORCHESTRATOR_SERVICE, "SubmitJob"),
     (ORCHESTRATOR_SERVICE, "CancelJob"),
     (ORCHESTRATOR_SERVICE, "ListWorkers"),

@@ -1,6 +1,6 @@
 """``monitor-svc prune``: delete finished jobs older than a cutoff, whole trees at a time.
 
-A manager's tree (its steps, children and step progress rows) goes in one short transaction
+A manager's tree (its steps, children, step progress rows and job log) goes in one short transaction
 per batch of managers, so live traffic is never blocked for long and a prune interrupted half
 way leaves only whole trees behind. Live jobs, and finished jobs whose manager is still live,
 are never touched. The keys of metadata writes older than the cutoff go too, whatever their
@@ -15,7 +15,14 @@ from datetime import datetime
 from sqlalchemy import Engine, delete, exists, select
 from sqlalchemy.orm import aliased
 
-from monitor_svc.store.models import CounterRow, JobRow, MetadataWriteRow, StepProgressRow
+from monitor_svc.store.models import (
+    CounterRow,
+    JobLogHeadRow,
+    JobLogRow,
+    JobRow,
+    MetadataWriteRow,
+    StepProgressRow,
+)
 from monitor_svc.store.tx import CHANGE_SEQ
 from stepflow_common.status import LIVE, TERMINAL
 
@@ -28,12 +35,13 @@ class PruneResult:
     managers: int
     jobs: int
     progress_rows: int
+    log_lines: int = 0
 
 
 def prune_finished(
     engine: Engine, older_than: datetime, batch_managers: int = DEFAULT_BATCH_MANAGERS
 ) -> PruneResult:
-    managers = jobs = progress = 0
+    managers = jobs = progress = log_lines = 0
     with engine.begin() as conn:
         conn.execute(delete(MetadataWriteRow).where(MetadataWriteRow.created_at < older_than))
     while True:
@@ -65,7 +73,7 @@ def prune_finished(
                 ).scalars()
             )
             if not ids:
-                return PruneResult(managers, jobs, progress)
+                return PruneResult(managers, jobs, progress, log_lines)
             conn.execute(
                 delete(MetadataWriteRow).where(
                     MetadataWriteRow.job_id.in_(
@@ -76,5 +84,9 @@ def prune_finished(
             progress += conn.execute(
                 delete(StepProgressRow).where(StepProgressRow.manager_id.in_(ids))
             ).rowcount
+            log_lines += conn.execute(
+                delete(JobLogRow).where(JobLogRow.manager_id.in_(ids))
+            ).rowcount
+            conn.execute(delete(JobLogHeadRow).where(JobLogHeadRow.manager_id.in_(ids)))
             jobs += conn.execute(delete(JobRow).where(JobRow.manager_id.in_(ids))).rowcount
             managers += len(ids)

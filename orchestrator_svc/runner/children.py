@@ -65,6 +65,22 @@ class Children:
         async def child_finished(child_id: str, status: ChildStatus, error: str) -> None:
             await self.event(step, child_id, status, error=error)
 
+        async def write_log(
+            message: str,
+            /,
+            *,
+            source: str = "log",
+            level: str = "info",
+            child_id: str = "",
+            attempt: int = 0,
+        ) -> None:
+            """A line of the step's (or a child's) output, on the stream with its events."""
+            if self.job.fenced:
+                return  # the job's new owner writes its log now
+            await self.job.stream.emit_log(
+                step.job_id, message, source=source, level=level, child_id=child_id, attempt=attempt
+            )
+
         return StepContext(
             step_id=step.job_id,
             step_name=step.spec.name,
@@ -78,6 +94,7 @@ class Children:
             retry=step.spec.retry,
             existing_children=step.existing,
             draining=self.job.draining,
+            write_log=write_log,
         )
 
     async def event(

@@ -32,6 +32,22 @@ ChildFinished = Callable[[str, ChildStatus, str], Awaitable[None]]
 """``child_finished(child_id, status, error)``: the child ended; ``error`` is "" on success."""
 
 
+class LineSink(Protocol):
+    """``write_log(message, source=, level=, child_id=, attempt=)``: one line into the job's
+    log (awaited: it waits while the event stream's buffer is full)."""
+
+    def __call__(
+        self,
+        message: str,
+        /,
+        *,
+        source: str = "log",
+        level: str = "info",
+        child_id: str = "",
+        attempt: int = 0,
+    ) -> Awaitable[None]: ...
+
+
 class CancelSignal(Protocol):
     """What a worker needs of a cancellation flag; ``asyncio.Event`` is one."""
 
@@ -104,6 +120,9 @@ class StepContext:
     attempt ``existing.attempt + 1``. ``run_children`` does all of that for a worker.
     ``attempt`` is the step's own attempt (a step without children that is run again).
 
+    ``log`` writes a line into the job's log under this step (or one of its children); a
+    command's output goes there line by line through the same sink (``write_log``).
+
     ``draining`` is set when the orchestrator shuts down (not a cancel): the worker should
     start no more children, let the running ones finish, and return WITHOUT reporting the
     children it never started; the job's next owner continues the step from its recorded
@@ -123,6 +142,19 @@ class StepContext:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     existing_children: Mapping[str, ExistingChild] = field(default_factory=lambda: NO_CHILDREN)
     draining: CancelSignal | None = None
+    write_log: LineSink | None = None
+
+    async def log(
+        self, message: str, *, level: str = "info", child_id: str = "", source: str = "log"
+    ) -> None:
+        """One line in the job's log: the step's own (``child_id`` empty) or a child's, at
+        ``level`` (debug, info, warning, error); ``source`` is ``log``, ``stdout`` or
+        ``stderr``. Without a log (a context built by hand) the line goes nowhere."""
+        if self.write_log is not None:
+            attempt = current_attempt() if child_id else self.attempt
+            await self.write_log(
+                message, source=source, level=level, child_id=child_id, attempt=attempt
+            )
 
     @property
     def stopping(self) -> bool:

@@ -58,6 +58,7 @@ class CommandWorker(BaseWorker):
             cwd=settings.cwd,
             env={**settings.env, ATTEMPT_ENV: str(ctx.attempt)},
             timeout_s=settings.timeout_s,
+            on_line=lambda source, text: ctx.log(text, source=source),
         )
         outcome.log_output(job_id=ctx.step_id, step=ctx.step_name)
         if outcome.status == "completed":

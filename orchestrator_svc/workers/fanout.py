@@ -109,14 +109,16 @@ class FanoutWorker(BaseWorker):
 
         async def run_one(index: int, attempt: int) -> ChildOutcome:
             item = settings.items[index]
+            child_id = ctx.child_id(index)
             outcome = await run_shell(
                 settings.command_for(item),
-                cancelled=ctx.child_cancelled(ctx.child_id(index)),
+                cancelled=ctx.child_cancelled(child_id),
                 cwd=settings.cwd,
                 env={**settings.env, ITEM_ENV: item, ATTEMPT_ENV: str(attempt)},
                 timeout_s=settings.timeout_s,
+                on_line=lambda source, text: ctx.log(text, source=source, child_id=child_id),
             )
-            outcome.log_output(job_id=ctx.child_id(index), step_id=ctx.step_id, item=item)
+            outcome.log_output(job_id=child_id, step_id=ctx.step_id, item=item)
             return ChildOutcome(outcome.status, outcome.error)
 
         names = [item[:MAX_CHILD_NAME_CHARS] for item in settings.items]

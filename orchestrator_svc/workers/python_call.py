@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from orchestrator_svc.workers import python_output
 from orchestrator_svc.workers.base import BaseWorker, StepContext, StepResult
 from orchestrator_svc.workers.settings import get_str
 from stepflow_common.errors import InvalidArgument
@@ -109,16 +110,17 @@ class PythonWorker(BaseWorker):
         except InvalidArgument as exc:
             return StepResult.failure(str(exc))
         context = CallContext(ctx.step_id, ctx.step_name, ctx.attempt)
-        call = asyncio.ensure_future(_call(function, dict(ctx.config), context))
-        cancel_seen = asyncio.ensure_future(ctx.cancelled.wait())
-        try:
-            await asyncio.wait({call, cancel_seen}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            cancel_seen.cancel()
-            interrupted = not call.done()
-            if interrupted:
-                call.cancel()
-                await asyncio.wait({call}, timeout=CANCEL_GRACE_S)
+        async with python_output.captured(ctx):
+            call = asyncio.ensure_future(_call(function, dict(ctx.config), context))
+            cancel_seen = asyncio.ensure_future(ctx.cancelled.wait())
+            try:
+                await asyncio.wait({call, cancel_seen}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                cancel_seen.cancel()
+                interrupted = not call.done()
+                if interrupted:
+                    call.cancel()
+                    await asyncio.wait({call}, timeout=CANCEL_GRACE_S)
         if interrupted or call.cancelled():
             return StepResult.stopped("cancelled while running")
         error = call.exception()

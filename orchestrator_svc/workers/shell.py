@@ -7,13 +7,14 @@ import asyncio
 import contextlib
 import os
 import signal
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 import structlog
 
 from orchestrator_svc import process_guard
 from orchestrator_svc.workers.base import CancelSignal, ChildStatus
+from stepflow_common.limits import MAX_LOG_LINE_BYTES
 
 log = structlog.get_logger(__name__)
 
@@ -29,6 +30,10 @@ OUTPUT_LOG_LINES = 20
 """Lines of each stream the "command output" log line carries (within OUTPUT_TAIL_BYTES)."""
 ERROR_OUTPUT_CHARS = 500
 READ_CHUNK_BYTES = 64 * 1024
+
+OnLine = Callable[[str, str], Awaitable[None]]
+"""``on_line(source, text)``: one line the command printed (``stdout`` or ``stderr``), without
+its newline; a line longer than the log's line limit comes in pieces of at most that size."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,16 +59,42 @@ class ShellOutcome:
 
 
 class _Tail:
-    """Reads a stream to its end, keeping only the last OUTPUT_TAIL_BYTES."""
+    """Reads a stream to its end, keeping only the last OUTPUT_TAIL_BYTES, and hands each
+    line to ``on_line`` as it is printed (awaited: a slow log slows the command's pipe, it
+    never fills memory)."""
 
-    def __init__(self) -> None:
+    def __init__(self, source: str, on_line: OnLine | None = None) -> None:
         self.data = b""
+        self._source = source
+        self._on_line = on_line
+        self._partial = b""
 
     async def read(self, stream: asyncio.StreamReader | None) -> None:
         if stream is None:
             return
         while chunk := await stream.read(READ_CHUNK_BYTES):
             self.data = (self.data + chunk)[-OUTPUT_TAIL_BYTES:]
+            if self._on_line is not None:
+                await self._lines(chunk)
+        if self._on_line is not None and self._partial:
+            await self._emit(self._partial)  # the last line, printed without a newline
+            self._partial = b""
+
+    async def _lines(self, chunk: bytes) -> None:
+        data = self._partial + chunk
+        *complete, self._partial = data.split(b"\n")
+        for line in complete:
+            await self._emit(line)
+        while len(self._partial) > MAX_LOG_LINE_BYTES:  # a line without end: in pieces
+            piece, self._partial = (
+                self._partial[:MAX_LOG_LINE_BYTES],
+                self._partial[MAX_LOG_LINE_BYTES:],
+            )
+            await self._emit(piece)
+
+    async def _emit(self, line: bytes) -> None:
+        assert self._on_line is not None
+        await self._on_line(self._source, line.decode("utf-8", "replace").rstrip("\r"))
 
     def text(self) -> str:
         return self.data.decode("utf-8", "replace").strip()
@@ -82,10 +113,12 @@ async def run_shell(
     cwd: str | None = None,
     env: Mapping[str, str] | None = None,
     timeout_s: float | None = None,
+    on_line: OnLine | None = None,
 ) -> ShellOutcome:
     """Run ``command`` with ``/bin/sh``: completed on exit status 0, failed otherwise or on
     timeout, cancelled when ``cancelled`` is set first. The command gets its own process
-    group so that stopping it also stops whatever it started (POSIX only)."""
+    group so that stopping it also stops whatever it started (POSIX only). Each line it
+    prints goes to ``on_line`` as it is printed."""
     if cancelled.is_set():
         return ShellOutcome("cancelled", "cancelled before it started")
     full_env = {**os.environ, **env} if env else None
@@ -105,7 +138,7 @@ async def run_shell(
     if guard is not None:
         guard.started(proc.pid)
 
-    out, err = _Tail(), _Tail()
+    out, err = _Tail("stdout", on_line), _Tail("stderr", on_line)
     readers = {
         asyncio.ensure_future(out.read(proc.stdout)),
         asyncio.ensure_future(err.read(proc.stderr)),

@@ -22,7 +22,10 @@ from orchestrator_svc.workers.children import ChildOutcome, run_children
 from orchestrator_svc.workers.settings import get_int, reject_unknown_keys
 from stepflow_common.step_outcome import ChildTally
 
-KEYS = frozenset({"children", "duration_ms", "concurrency", "fail_every", "cancel_every"})
+KEYS = frozenset(
+    {"children", "duration_ms", "concurrency", "fail_every", "cancel_every", "log_lines"}
+)
+MAX_LOG_LINES = 1_000
 DEFAULT_CONCURRENCY = 16
 MAX_CONCURRENCY = 100_000
 MAX_CHILDREN = 1_000_000
@@ -36,6 +39,7 @@ class SimulateSettings:
     concurrency: int
     fail_every: int
     cancel_every: int
+    log_lines: int = 0  # lines each child writes to the job's log
 
     @classmethod
     def parse(cls, config: Mapping[str, Any]) -> SimulateSettings:
@@ -54,6 +58,7 @@ class SimulateSettings:
             ),
             fail_every=get_int(config, "fail_every", default=0, minimum=0),
             cancel_every=get_int(config, "cancel_every", default=0, minimum=0),
+            log_lines=get_int(config, "log_lines", default=0, minimum=0, maximum=MAX_LOG_LINES),
         )
 
     def outcome(self, number: int) -> ChildOutcome:
@@ -89,7 +94,8 @@ class SimulateWorker(BaseWorker):
     type = "simulate"
     description = (
         "Children that sleep duration_ms and fail/cancel by a fixed pattern (config: children, "
-        "duration_ms, concurrency=16, fail_every, cancel_every); for demos, tests, benchmarks."
+        "duration_ms, concurrency=16, fail_every, cancel_every, log_lines per child); for "
+        "demos, tests, benchmarks."
     )
     spawns_children = True
 
@@ -107,6 +113,11 @@ class SimulateWorker(BaseWorker):
                 ctx.child_cancelled(ctx.child_id(index)), duration_s
             ):
                 return ChildOutcome("cancelled", "step cancelled while the child was running")
+            for line in range(1, settings.log_lines + 1):
+                await ctx.log(
+                    f"child {index + 1} attempt {attempt}: line {line}",
+                    child_id=ctx.child_id(index),
+                )
             return settings.outcome(index + 1)
 
         names = (f"{ctx.step_name}-{k}" for k in range(1, settings.children + 1))

@@ -39,7 +39,8 @@ S = job_pb2
 K = job_pb2
 Stub = m_grpc.MonitorServiceStub
 CALL_S = 15.0
-TABLES = ("jobs", "step_progress")
+TABLES = ("jobs", "step_progress", "job_log")
+LAST_LOG_LINES: list[int] = []  # what the last prune() reported
 _ids = itertools.count(1)
 
 
@@ -104,10 +105,13 @@ def prune(database_url: str, older_than: str, batch_size: int = 2) -> tuple[int,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     found = re.search(
-        r"pruned (\d+) finished jobs \((\d+) job rows, (\d+) step progress rows\)", done.stdout
+        r"pruned (\d+) finished jobs \((\d+) job rows, (\d+) step progress rows, (\d+) log "
+        r"lines\)",
+        done.stdout,
     )
     assert found, done.stdout
-    managers, jobs, progress = (int(g) for g in found.groups())
+    managers, jobs, progress, log_lines = (int(g) for g in found.groups())
+    LAST_LOG_LINES[:] = [log_lines]
     return managers, jobs, progress
 
 
@@ -202,6 +206,9 @@ async def test_prune_deletes_finished_trees_and_leaves_live_jobs_alone(
     after = row_counts(database_url)
     assert after["jobs"] == before["jobs"] - jobs
     assert after["step_progress"] == before["step_progress"] - progress
+    # Their logs went with them (the events meanwhile end nothing, so they write no line).
+    assert LAST_LOG_LINES[0] > 0
+    assert after["job_log"] == before["job_log"] - LAST_LOG_LINES[0]
     for manager_id, _, _ in finished:
         await assert_gone(stub, manager_id)
 
@@ -251,6 +258,8 @@ async def test_dedupe_keeps_no_state_so_replays_add_no_rows(
     """Duplicates are recognised by the child's state transition, not by remembering event
     ids: sending every event again (three times) adds no row to any table."""
     tables = {"jobs", "step_progress", "counters", "leases", "lease_instances", "alembic_version"}
+    # The job log keeps lines, not events: a replay changes nothing, so it writes no line.
+    tables |= {"job_log", "job_log_heads"}
     # None of them remembers events (metadata_writes keeps only keyed metadata writes).
     assert table_names(database_url) - {"metadata_writes"} <= tables
     assert "metadata_writes" in table_names(database_url)

@@ -1,5 +1,6 @@
 """The blocking client is generated from the asyncio one (``scripts/gen_sync_client.py``), so
-the two cannot drift: the committed ``_sync.py`` is exactly what the script makes now."""
+the two cannot drift: the committed ``_sync.py`` and ``_sync_log.py`` are exactly what the
+script makes now."""
 
 from __future__ import annotations
 
@@ -23,20 +24,24 @@ def _generator():  # type: ignore[no-untyped-def]
 
 def test_the_committed_blocking_client_is_the_generated_one() -> None:
     gen = _generator()
-    assert gen.generate() == gen.TARGET.read_text(), "stale: run `make gen`"
+    assert len(gen.PAIRS) == 2
+    for source, target in gen.PAIRS:
+        assert gen.generate(source, target) == target.read_text(), f"{target.name}: make gen"
 
 
 def test_the_blocking_client_has_no_asyncio_left() -> None:
-    text = (ROOT / "stepflow_client" / "_sync.py").read_text()
-    for word in ("async def", "await ", "asyncio.", "AsyncIterator", "aio.AioRpcError"):
-        assert word not in text, word
+    for name in ("_sync.py", "_sync_log.py"):
+        text = (ROOT / "stepflow_client" / name).read_text()
+        for word in ("async def", "await ", "asyncio.", "AsyncIterator", "aio.AioRpcError"):
+            assert word not in text, (name, word)
 
 
 def test_the_check_fails_on_a_hand_edit(tmp_path: Path, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
     gen = _generator()
+    (source, target), rest = gen.PAIRS[0], gen.PAIRS[1:]
     edited = tmp_path / "_sync.py"
-    edited.write_text(gen.TARGET.read_text().replace("def get_job(", "def get_job_renamed(", 1))
-    monkeypatch.setattr(gen, "TARGET", edited)
+    edited.write_text(target.read_text().replace("def get_job(", "def get_job_renamed(", 1))
+    monkeypatch.setattr(gen, "PAIRS", ((source, edited), *rest))
     monkeypatch.setattr(sys, "argv", ["gen_sync_client.py", "--check"])
     assert gen.main() == 1
     assert "is stale: run `make gen`" in capsys.readouterr().err
