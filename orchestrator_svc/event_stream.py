@@ -2,12 +2,12 @@
 the orchestrator's records, logs, metrics and repairs plugged in.
 
 The stream itself (batching, acks only after commit, resend in order after a reconnect, the
-split and drop of a refused batch) lives in ``stepflow_client._events``, shared with every
-other service that reports children. What is the orchestrator's own is here: its
-``ChildEvent`` records in and out, structlog for the emitter's records, the Prometheus
-counters, and who hears of an event that will not be committed (``on_rejected`` for a rejected
-or dropped event, whose runner then writes the child's end through UpdateJobStatus;
-``on_fenced`` for an event of a job another orchestrator owns now).
+split and drop of a refused batch) lives in ``stepflow_client._events`` and the modules it is
+made of, shared with every other service that reports children. What is the orchestrator's
+own is here: its ``ChildEvent`` records in and out, structlog for the emitter's records, the
+Prometheus counters, and who hears of an event that will not be committed (``on_rejected``
+for a rejected or dropped event, whose runner then writes the child's end through
+UpdateJobStatus; ``on_fenced`` for an event of a job another orchestrator owns now).
 """
 
 from __future__ import annotations

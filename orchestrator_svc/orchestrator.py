@@ -1,23 +1,20 @@
-"""The orchestrator's state: the jobs this instance runs, submit (idempotent), cancel, and its
-lease: the heartbeat that keeps its jobs its own, resumes them after a restart, adopts the jobs
-of orchestrators that went away, and stops its work on jobs another one owns now."""
+"""The orchestrator's state: the jobs this instance runs, submit (idempotent), cancel, drain.
+Its lease on them (the heartbeat, resume and adoption, being superseded, giving jobs back) is
+``lease_keeper.LeaseKeeper``'s, which reaches the jobs through ``LeasedJobs``."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import socket
-import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
-from pathlib import Path
+from collections.abc import Mapping
 
 import structlog
 
 from orchestrator_svc import resume
 from orchestrator_svc.definitions import JobSpec, to_mapping
 from orchestrator_svc.event_stream import EventStream
+from orchestrator_svc.lease_keeper import DEFAULT_LEASE_S, LeaseKeeper, lost_jobs
 from orchestrator_svc.monitor_client import JobFenced, MonitorClient
 from orchestrator_svc.process_guard import ProcessGuard
 from orchestrator_svc.records import ChildEvent, Job, LeaseAnswer
@@ -25,23 +22,15 @@ from orchestrator_svc.runner import JobRunner
 from orchestrator_svc.workers.base import Worker
 from stepflow_common import manager_document as doc
 from stepflow_common import tracing
-from stepflow_common.errors import (
-    DeadlineExceeded,
-    FailedPrecondition,
-    StepflowError,
-    Unavailable,
-)
+from stepflow_common.errors import FailedPrecondition, StepflowError, Unavailable
 from stepflow_common.status import EndReason, Kind, Status
-from stepflow_common.takeover import MAX_OWNED_IDS
 
 log = structlog.get_logger(__name__)
 
 CANCEL_WAIT_S = 10.0  # how long CancelJob waits for a job's work to stop before ending it
-DEFAULT_LEASE_S = 30.0
 DEFAULT_CAPACITY = 16
 """Jobs an orchestrator runs before it stops adopting others' (it still takes submits)."""
 STOP_WAIT_S = 5.0  # after the shutdown grace, how long stopped runners get to unwind
-RERUN_MARGIN_S = 0.5  # after a superseded instance's lease would lapse, for its reaper to act
 
 
 class Orchestrator:
@@ -65,24 +54,21 @@ class Orchestrator:
         self.stream = stream
         self.workers = workers
         self.owner = owner
-        # Unique per process: the monitor tells a restart (a new instance) from a renewal, and
-        # fences this process for good once a newer one under the same owner takes over.
-        self.instance = instance or new_instance_id()
-        monitor.instance = self.instance
-        stream.instance = self.instance
-        # Why this instance was superseded ("" while it was not): it then runs nothing more.
-        self.superseded = ""
-        self.on_superseded: Callable[[str], Awaitable[None]] | None = None
-        # Why the last heartbeat could not reach the monitor ("" once one gets through): the
-        # orchestrator then reports NOT_SERVING and refuses submits at once, naming the monitor.
-        self.monitor_error = ""
-        self.on_monitor_reachable: Callable[[bool], Awaitable[None]] | None = None
         # Kills what this orchestrator's jobs started if it dies or its lease lapses.
         self.guard = ProcessGuard()
-        # Resumed jobs whose interrupted children may still run in the superseded instance
-        # (frozen, not dead) until its lease lapses: re-run them after this monotonic time.
-        self._rerun_after: dict[str, float] = {}
-        self.lease_s = lease_s
+        self.lease = LeaseKeeper(
+            monitor,
+            self,
+            owner=owner,
+            workers=workers,
+            guard=self.guard,
+            monitor_address=monitor_address,
+            lease_s=lease_s,
+            instance=instance,
+        )
+        # Every write and event names this process's instance: a superseded one's are fenced.
+        monitor.instance = self.lease.instance
+        stream.instance = self.lease.instance
         self.capacity = capacity
         self.draining = False
         self._runners: dict[str, JobRunner] = {}
@@ -91,114 +77,42 @@ class Orchestrator:
         self._since: dict[str, int] = {}
         self._loading: set[str] = set()
         self._unrunnable: set[str] = set()
-        self._beats = 0
-        # When the lease lapses unless renewed (monotonic clock; None before the first beat).
-        self._lease_until: float | None = None
         self._tasks: set[asyncio.Task[object]] = set()
         self._submit_lock = asyncio.Lock()
 
-    # -- the lease -----------------------------------------------------------------------------
+    # -- the lease: ``self.lease`` keeps it, with its state and its hooks ------------------------
     async def heartbeat(self) -> LeaseAnswer:
-        """Renew the lease once and act on the answer: continue the jobs that are ours and not
-        running here (resumed after a restart, adopted, or left over), and stop the work on
-        jobs that are no longer ours."""
-        if self.superseded:
-            raise JobFenced(self.superseded)
-        free = self.capacity - len(self._runners) - len(self._loading)
-        max_adopt = 0 if self.draining else max(0, free)
-        self._beats += 1
-        beat = self._beats
-        sent = time.monotonic()
-        try:
-            resp = await self.monitor.heartbeat(
-                owner=self.owner,
-                instance=self.instance,
-                lease_s=self.lease_s,
-                max_adopt=max_adopt,
-                timeout_s=max(self.lease_s / 3, 1.0),
-                worker_types=sorted(self.workers),
-                running_job_ids=[*self._runners, *self._loading],
-            )
-        except JobFenced as exc:
-            await self._supersede(str(exc))
-            raise
-        self._lease_until = sent + self.lease_s
-        self.guard.lease_until(self._lease_until)
-        if (
-            resp.resumed
-            and resp.superseded_remaining_s > 0
-            and may_still_run(resp.superseded_instance)
-        ):
-            # The superseded instance may be frozen rather than dead: its reaper kills its
-            # processes when its lease would have lapsed; its interrupted children run again
-            # only after that.
-            after = time.monotonic() + resp.superseded_remaining_s + RERUN_MARGIN_S
-            for job_id in resp.resumed:
-                self._rerun_after[job_id] = after
-        if resp.adopted or resp.resumed:
-            log.info(
-                "jobs taken over",
-                owner=self.owner,
-                adopted=list(resp.adopted),
-                resumed=list(resp.resumed),
-            )
-        async with self._submit_lock:  # a submit in flight registers its runner first
-            fenced = set(resp.fenced)
-            owned = set(resp.owned)
-            complete = len(resp.owned) < MAX_OWNED_IDS  # the monitor cuts the owned list
-            for job_id, runner in list(self._runners.items()):
-                lost = job_id in fenced or (complete and job_id not in owned)
-                if lost and self._since.get(job_id, beat) < beat:
-                    runner.fence("another orchestrator owns it now")
-            for job_id in [*resp.resumed, *resp.adopted, *resp.owned]:
-                self._continue_soon(job_id)
-        return resp
+        """Renew the lease once and act on the answer (``LeaseKeeper.heartbeat``)."""
+        return await self.lease.heartbeat()
 
     async def lease_loop(self) -> None:
-        """Heartbeat every lease/3 until cancelled. A lease that lapses unrenewed (the monitor
-        unreachable, or this process frozen) stops all work here: another orchestrator may
-        own those jobs by now, and the answer that says which comes only with a heartbeat."""
-        interval = self.lease_s / 3
-        while True:
-            await asyncio.sleep(interval)
-            if self._lease_until is not None and time.monotonic() > self._lease_until:
-                for runner in list(self._runners.values()):
-                    runner.fence("this orchestrator's lease lapsed")
-            try:
-                await self.heartbeat()
-                await self._monitor_reachable("")
-            except JobFenced:
-                return  # superseded: this instance runs nothing more
-            except (Unavailable, DeadlineExceeded) as exc:
-                log.warning("heartbeat failed; trying again", owner=self.owner, error=str(exc))
-                await self._monitor_reachable(str(exc) or type(exc).__name__)
-            except StepflowError as exc:
-                log.warning("heartbeat failed; trying again", owner=self.owner, error=str(exc))
-            except Exception:
-                log.exception("heartbeat failed; trying again", owner=self.owner)
-
-    async def _monitor_reachable(self, error: str) -> None:
-        if bool(error) == bool(self.monitor_error):
-            self.monitor_error = error or self.monitor_error
-            return
-        self.monitor_error = error
-        if error:
-            log.error("the monitor is unreachable; NOT_SERVING", monitor=self.monitor_address)
-        else:
-            log.info("the monitor answers again; SERVING", monitor=self.monitor_address)
-        if self.on_monitor_reachable is not None and not (self.superseded or self.draining):
-            await self.on_monitor_reachable(not error)
+        """Keep the lease until cancelled or superseded (``LeaseKeeper.lease_loop``)."""
+        await self.lease.lease_loop()
 
     async def release_lease(self, timeout_s: float = 5.0) -> None:
-        """Give the lease up (shutdown), so another orchestrator adopts what is left at once."""
-        if self.superseded:
-            return  # the lease is the newer instance's
-        try:
-            orphaned = await self.monitor.release_lease(self.owner, timeout_s=timeout_s)
-        except StepflowError as exc:
-            log.warning("could not release the lease; it lapses", owner=self.owner, error=str(exc))
-            return
-        log.info("lease released", owner=self.owner, orphaned=orphaned)
+        """Give the lease up on shutdown (``LeaseKeeper.release_lease``)."""
+        await self.lease.release_lease(timeout_s)
+
+    # What the lease keeper asks of the jobs (``LeasedJobs``).
+    def held(self) -> list[str]:
+        return [*self._runners, *self._loading]
+
+    def room(self) -> int:
+        return 0 if self.draining else max(0, self.capacity - len(self.held()))
+
+    async def apply_lease(self, answer: LeaseAnswer, beat: int) -> None:
+        """Stop the work on the jobs heartbeat ``beat``'s answer says are no longer ours, and
+        continue those that are ours and not running here (resumed, adopted, left over)."""
+        async with self._submit_lock:  # a submit in flight registers its runner first
+            known = [j for j in self._runners if self._since.get(j, beat) < beat]
+            for job_id in lost_jobs(answer, known):
+                self._runners[job_id].fence("another orchestrator owns it now")
+            for job_id in [*answer.resumed, *answer.adopted, *answer.owned]:
+                self._continue_soon(job_id)
+
+    def fence_all(self, reason: str) -> None:
+        for runner in list(self._runners.values()):
+            runner.fence(reason)
 
     def _continue_soon(self, job_id: str) -> None:
         if (
@@ -225,7 +139,8 @@ class Orchestrator:
             # No stored definition, or a step type this orchestrator lacks: given back at once,
             # for an orchestrator that can run it.
             self._loading.discard(job_id)
-            await self._give_back(job_id, f"{self.owner} cannot run it: {exc}")
+            if not await self.lease.give_back(job_id, f"{self.owner} cannot run it: {exc}"):
+                self._unrunnable.add(job_id)  # not tried here again
             return None
         finally:
             self._loading.discard(job_id)
@@ -240,7 +155,7 @@ class Orchestrator:
                 stream=self.stream,
                 workers=self.workers,
                 owner=self.owner,
-                rerun_after=self._rerun_after.pop(job_id, 0.0),
+                rerun_after=self.lease.rerun_after(job_id),
             )
             self._start(runner)
         return None
@@ -306,35 +221,10 @@ class Orchestrator:
             log.info("job submitted", manager_id=manager.id, name=spec.name, steps=len(steps))
             return manager.id
 
-    async def _give_back(self, job_id: str, reason: str) -> None:
-        """Hand a job this orchestrator cannot run back to the monitor (orphaned at once, for
-        an orchestrator that can); if that fails, it is not tried here again."""
-        log.error("cannot run job; giving it back", manager_id=job_id, reason=reason)
-        try:
-            await self.monitor.release_lease(
-                self.owner, timeout_s=5.0, job_ids=[job_id], reason=reason
-            )
-        except StepflowError as exc:
-            log.warning("could not give the job back", manager_id=job_id, error=str(exc))
-            self._unrunnable.add(job_id)
-
-    async def _supersede(self, reason: str) -> None:
-        """A newer instance under this owner took over: stop every job's work here (its
-        processes killed), run and adopt nothing more, and never take a job back."""
-        if self.superseded:
-            return
-        self.superseded = reason
-        log.error("this instance was superseded; it stops all its work", reason=reason)
-        for runner in list(self._runners.values()):
-            runner.fence("a newer instance of this orchestrator took over")
-        self.guard.no_deadline()
-        if self.on_superseded is not None:
-            await self.on_superseded(reason)
-
     def _start(self, runner: JobRunner) -> None:
         runner.guard = self.guard
         self._runners[runner.manager_id] = runner
-        self._since[runner.manager_id] = self._beats
+        self._since[runner.manager_id] = self.lease.beats
         task: asyncio.Task[object] = asyncio.create_task(
             tracing.job_run(self._run(runner), runner.manager_id, runner.spec.name, _job_outcome),
             name=f"job-{runner.manager_id}",
@@ -396,15 +286,15 @@ class Orchestrator:
         )
 
     def require_connected(self) -> None:
-        if self.superseded:
+        if self.lease.superseded:
             raise Unavailable(
                 f"this orchestrator instance was superseded by a newer one under the owner "
                 f"{self.owner}; submit to that one"
             )
-        if self.monitor_error:
+        if self.lease.monitor_error:
             raise Unavailable(
                 f"the orchestrator cannot reach its monitor at {self.monitor_address}: "
-                f"{self.monitor_error}"
+                f"{self.lease.monitor_error}"
             )
         if not self.connected:
             raise Unavailable(
@@ -443,43 +333,15 @@ class Orchestrator:
             runner.drain()
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=grace_s)
-        left = list(self._runners.values())
-        for runner in left:
-            runner.fence("the shutdown grace is over")
+        left = len(self._runners)
+        self.fence_all("the shutdown grace is over")
         for task in list(self._tasks):
             if task.get_name().startswith("continue-"):
                 task.cancel()
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=STOP_WAIT_S)
         if left:
-            log.info("jobs left to the next owner", count=len(left))
-
-
-def new_instance_id() -> str:
-    """``HOST:PID:RANDOM``: unique per process, and telling a later instance on the same host
-    whether this process is still alive (``may_still_run``)."""
-    return f"{socket.gethostname()[:64]}:{os.getpid()}:{uuid.uuid4().hex[:16]}"
-
-
-def may_still_run(instance: str) -> bool:
-    """Whether a superseded instance's processes may still run. An instance of this host
-    whose process is gone has none: its reaper killed them when it died. Any other (alive but
-    frozen, on another host, or of unknown form) may, until its lease lapses."""
-    host, _, rest = instance.partition(":")
-    pid_text = rest.partition(":")[0]
-    if host != socket.gethostname()[:64] or not pid_text.isdigit():
-        return True
-    try:
-        os.kill(int(pid_text), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie (dead, not yet reaped by its parent) runs nothing
-        stat = Path(f"/proc/{pid_text}/stat").read_text()
-    except OSError:
-        return True
-    return stat.rpartition(")")[2].split()[:1] != ["Z"]
+            log.info("jobs left to the next owner", count=left)
 
 
 def _job_outcome(result: object) -> dict[str, str]:

@@ -15,8 +15,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from orchestrator_svc import metrics as orchestrator_metrics
 from orchestrator_svc.event_stream import EventStream
+from orchestrator_svc.lease_keeper import DEFAULT_LEASE_S
 from orchestrator_svc.monitor_client import MonitorClient
-from orchestrator_svc.orchestrator import DEFAULT_CAPACITY, DEFAULT_LEASE_S, Orchestrator
+from orchestrator_svc.orchestrator import DEFAULT_CAPACITY, Orchestrator
 from orchestrator_svc.servicer import OrchestratorServicer
 from orchestrator_svc.workers.registry import load_registry
 from stepflow_common import metrics, serving, tracing
@@ -134,7 +135,7 @@ async def create_server(
     async def superseded(reason: str) -> None:
         await serving.set_not_serving(health, [SERVICE_NAME])
 
-    orchestrator.on_superseded = superseded
+    orchestrator.lease.on_superseded = superseded
 
     async def monitor_reachable(reachable: bool) -> None:
         if reachable:
@@ -142,7 +143,7 @@ async def create_server(
         else:
             await serving.set_not_serving(health, [SERVICE_NAME])
 
-    orchestrator.on_monitor_reachable = monitor_reachable
+    orchestrator.lease.on_monitor_reachable = monitor_reachable
     await serving.set_not_serving(health, [SERVICE_NAME])
     await server.start()
     log.info(
@@ -233,8 +234,8 @@ async def _connect(
         "orchestrator serving",
         monitor=config.monitor,
         owner=orchestrator.owner,
-        instance=orchestrator.instance,
-        lease_s=orchestrator.lease_s,
+        instance=orchestrator.lease.instance,
+        lease_s=orchestrator.lease.lease_s,
         waited_s=round(time.monotonic() - started, 1),
     )
     await orchestrator.lease_loop()
