@@ -156,6 +156,25 @@ class EventStream:
         except EmitterClosed:
             return await _closed()
 
+    async def emit_log(
+        self,
+        step_id: str,
+        message: str,
+        *,
+        source: str = "log",
+        level: str = "info",
+        child_id: str = "",
+        attempt: int = 0,
+    ) -> int:
+        """A line of a step's (or a child's) output, in order with the events (same
+        backpressure, same acknowledgement, stored once whatever is resent)."""
+        try:
+            return await self._emitter.log(
+                step_id, message, child_id=child_id, attempt=attempt, source=source, level=level
+            )
+        except EmitterClosed:
+            return await _closed()
+
     async def wait_acked(self, seq: int | None = None) -> None:
         """Return once every event up to ``seq`` (default: all emitted so far) is settled:
         committed, rejected, or dropped (the last two reported through ``on_rejected``).

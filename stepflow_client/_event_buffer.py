@@ -14,8 +14,14 @@ import collections
 import contextlib
 import itertools
 
-from stepflow_client._event_parts import MAX_BATCHES_IN_FLIGHT, Batch, event_bytes, sizes_bound
-from stepflow_proto.v1 import job_pb2
+from stepflow_client._event_parts import (
+    LOG_ENTRY,
+    MAX_BATCHES_IN_FLIGHT,
+    Batch,
+    Item,
+    event_bytes,
+    sizes_bound,
+)
 
 
 class EventBuffer:
@@ -33,7 +39,8 @@ class EventBuffer:
         self.max_buffered = max_buffered
         self.batch_max = batch_max_events
         self.batch_max_bytes = batch_max_bytes
-        self.queue: collections.deque[tuple[int, job_pb2.ChildEvent]] = collections.deque()
+        self.queue: collections.deque[tuple[int, Item]] = collections.deque()
+        self.lines_queued = 0  # log lines among the queued items (0: a batch has none)
         self.unacked: collections.deque[Batch] = collections.deque()
         self.buffered = 0
         self.last_sent = 0
@@ -44,10 +51,16 @@ class EventBuffer:
         self.flush_targets: list[int] = []  # the ``through`` of every waiting flush
         self._seq = itertools.count(1)
 
-    def enqueue(self, event: job_pb2.ChildEvent) -> int:
-        """Queue ``event`` under the next sequence number (its ``event_id`` says which)."""
+    def enqueue(self, event: Item) -> int:
+        """Queue ``event`` under the next sequence number (its ``event_id`` says which; a log
+        line's ``key``, unless it has one, so a resent line is stored once)."""
         seq = next(self._seq)
-        event.event_id = f"{self.id_prefix}-{seq}"
+        if type(event) is LOG_ENTRY:
+            if not event.key:
+                event.key = f"{self.id_prefix}-{seq}"
+            self.lines_queued += 1
+        else:
+            event.event_id = f"{self.id_prefix}-{seq}"  # type: ignore[union-attr]
         self.queue.append((seq, event))
         self.buffered += 1
         self.last_sent = seq
@@ -74,6 +87,10 @@ class EventBuffer:
         batch = self._batch_if_it_fits()
         if batch is None:
             batch = self._packed_batch()
+        if self.lines_queued:
+            lines = sum(1 for e in batch.events if type(e) is LOG_ENTRY)
+            self.lines_queued -= lines
+            batch.has_lines = lines > 0
         self.unacked.append(batch)
         return batch
 
@@ -94,7 +111,7 @@ class EventBuffer:
     def _packed_batch(self) -> Batch:
         """The next batch, event by event until the next would pass the byte cap (the first
         is always taken: a batch is never empty)."""
-        events: list[job_pb2.ChildEvent] = []
+        events: list[Item] = []
         seqs: list[int] = []
         size = 0
         while self.queue and len(events) < self.batch_max:

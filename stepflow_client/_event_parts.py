@@ -12,7 +12,7 @@ from typing import Any, Protocol, TypeVar
 import grpc
 
 from stepflow_common.errors import FENCED_PREFIX
-from stepflow_common.limits import MAX_REQUEST_BYTES
+from stepflow_common.limits import MAX_LOG_LINE_BYTES, MAX_REQUEST_BYTES
 from stepflow_proto.v1 import job_pb2
 from stepflow_proto.v1 import monitor_service_pb2 as m
 
@@ -37,13 +37,51 @@ REFUSED = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INVALID
 EventCallback = Callable[[job_pb2.ChildEvent, str], None]
 """``callback(event, reason)``: ``event`` will never be committed, for ``reason``."""
 
+Item = job_pb2.ChildEvent | job_pb2.JobLogEntry
+"""What an emitter sends: child events and, in the same order, job-log lines."""
+LineCallback = Callable[[job_pb2.JobLogEntry, str], None]
+"""``callback(line, reason)``: a log line the monitor refused (it is not stored)."""
+LOG_ENTRY = job_pb2.JobLogEntry
+
+
+def item_id(item: Item) -> str:
+    """How an ack names an item: an event by its ``event_id``, a line by its ``key``."""
+    return item.key if type(item) is LOG_ENTRY else item.event_id  # type: ignore[union-attr]
+
+
+def log_entry(
+    step_id: str,
+    message: str,
+    *,
+    child_id: str = "",
+    attempt: int = 0,
+    source: str = "log",
+    level: str = "info",
+    key: str = "",
+) -> job_pb2.JobLogEntry:
+    """A log line, cut to the line limit here (with a marker) so every batch stays small."""
+    if len(message) * 4 > MAX_LOG_LINE_BYTES:
+        data = message.encode("utf-8", "replace")
+        if len(data) > MAX_LOG_LINE_BYTES:
+            kept = data[: MAX_LOG_LINE_BYTES - 64].decode("utf-8", "ignore")
+            message = f"{kept} … [line cut: {len(data) - len(kept.encode())} more bytes]"
+    return job_pb2.JobLogEntry(
+        key=key,
+        step_id=step_id,
+        child_id=child_id,
+        attempt=attempt,
+        source=source,
+        level=level,
+        message=message.replace("\x00", "\ufffd"),
+    )
+
 
 def is_fenced(reason: str) -> bool:
     """Whether a rejection reason says the event's job has another owner now."""
     return reason.startswith(FENCED_PREFIX)
 
 
-def event_bytes(event: job_pb2.ChildEvent) -> int:
+def event_bytes(event: Item) -> int:
     """What ``event`` adds to a request: its size plus its field tag and length prefix."""
     size = event.ByteSize()
     return size + 1 + max(1, (size.bit_length() + 6) // 7)
@@ -88,6 +126,8 @@ class EmitterHooks:
     """Where log records go (default: the standard ``logging`` module)."""
     on_send: Callable[[m.StreamChildEventsRequest], None] | None = None
     """Each request just before it is sent (tracing stamps its steps' contexts there)."""
+    on_line_rejected: LineCallback | None = None
+    """A log line the monitor refused (it is logged either way; nothing is repaired)."""
 
 
 @dataclass(slots=True)
@@ -112,10 +152,19 @@ class EmitterClosed(RuntimeError):
 
 @dataclass(slots=True, eq=False)  # compared by identity: a batch is one send
 class Batch:
-    events: list[job_pb2.ChildEvent]
+    events: list[Item]  # child events and log lines, in the order they were sent
     seqs: list[int]
     stream_batch_id: int = 0
     sent_at: float = 0.0  # time.monotonic() when last sent: the ack lag
+    has_lines: bool = False
+
+    def request_parts(self) -> tuple[list[job_pb2.ChildEvent], list[job_pb2.JobLogEntry]]:
+        """The batch's events and its log lines, each in their order."""
+        if not self.has_lines:
+            return self.events, []  # type: ignore[return-value]
+        events = [e for e in self.events if type(e) is not LOG_ENTRY]
+        lines = [e for e in self.events if type(e) is LOG_ENTRY]
+        return events, lines  # type: ignore[return-value]
 
     @property
     def last_seq(self) -> int:
@@ -124,8 +173,8 @@ class Batch:
     def halves(self) -> tuple[Batch, Batch]:
         mid = len(self.events) // 2
         return (
-            Batch(self.events[:mid], self.seqs[:mid]),
-            Batch(self.events[mid:], self.seqs[mid:]),
+            Batch(self.events[:mid], self.seqs[:mid], has_lines=self.has_lines),
+            Batch(self.events[mid:], self.seqs[mid:], has_lines=self.has_lines),
         )
 
 
@@ -157,7 +206,7 @@ def sealed_event(step_id: str, child_count: int, handed_to_monitor: bool) -> job
     )
 
 
-def sizes_bound(events: list[job_pb2.ChildEvent]) -> int:
+def sizes_bound(events: list[Item]) -> int:
     """At least what ``event_bytes`` adds up to over ``events`` (a length prefix takes at
     most 5 bytes below 4 GiB), in one pass without a Python call per event."""
     return sum(map(job_pb2.ChildEvent.ByteSize, events)) + 6 * len(events)

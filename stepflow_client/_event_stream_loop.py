@@ -36,9 +36,11 @@ from stepflow_client._event_parts import (
     EmitterHooks,
     EmitterStats,
     EventCallback,
+    Item,
     LogHook,
     StreamEnded,
     is_fenced,
+    item_id,
     over_the_limit,
 )
 from stepflow_proto.v1 import job_pb2
@@ -150,11 +152,13 @@ class StreamLoop:
             batch.stream_batch_id = next(batch_ids)
             batch.sent_at = time.monotonic()
             in_flight.append(batch)
+            events, lines = batch.request_parts()
             request = m.StreamChildEventsRequest(
                 batch_id=batch.stream_batch_id,
-                events=batch.events,
+                events=events,
                 owner=self._sender.owner,
                 instance=self._sender.instance,
+                log_lines=lines,
             )
             self._hook(self._hooks.on_send, request)
             return request
@@ -209,14 +213,14 @@ class StreamLoop:
             raise StreamEnded(f"acknowledgement for batch {ack.batch_id} out of order")
         batch = in_flight.popleft()
         self._hook(self._hooks.on_ack, len(batch.events), time.monotonic() - batch.sent_at)
-        by_id = {e.event_id: e for e in batch.events} if ack.rejected else {}
+        by_id = {item_id(e): e for e in batch.events} if ack.rejected else {}
         rejected = [(by_id[r.event_id], r.reason) for r in ack.rejected if r.event_id in by_id]
         await self._settle(batch, rejected)
 
     async def _settle(
         self,
         batch: Batch,
-        rejected: list[tuple[job_pb2.ChildEvent, str]],
+        rejected: list[tuple[Item, str]],
         *,
         dropped: bool = False,
     ) -> None:
@@ -224,7 +228,10 @@ class StreamLoop:
         waiter on ``flush`` finds their consequences already in motion)."""
         self._buffer.retire(batch)
         for event, reason in rejected:
-            self._stats.rejected.append((event.event_id, reason))
+            self._stats.rejected.append((item_id(event), reason))
+            if isinstance(event, job_pb2.JobLogEntry):
+                self._line_refused(event, reason)
+                continue
             if not dropped:
                 self._log(
                     logging.WARNING,
@@ -240,6 +247,19 @@ class StreamLoop:
             self._buffer.count_settled(batch)
             self._stats.acked_events += len(batch.events)
             self._changed.notify_all()
+
+    def _line_refused(self, line: job_pb2.JobLogEntry, reason: str) -> None:
+        """A log line not stored: said in the emitter's log, and to ``on_line_rejected``
+        (nothing else depends on it, so nothing is repaired)."""
+        self._log(
+            logging.WARNING,
+            "log line refused by monitor",
+            key=line.key,
+            step_id=line.step_id,
+            child_id=line.child_id,
+            reason=reason,
+        )
+        self._hook(self._hooks.on_line_rejected, line, reason)
 
     def _reporter(self, reason: str, *, dropped: bool) -> EventCallback | None:
         """Who hears of an event that will never be committed (see ``EmitterHooks``)."""
@@ -286,6 +306,10 @@ class StreamLoop:
             return
         event = culprit.events[0]
         self._stats.dropped_events += 1
+        reason = f"refused by the monitor ({exc.code().name}: {exc.details()})"
+        if isinstance(event, job_pb2.JobLogEntry):
+            await self._settle(culprit, [(event, reason)], dropped=True)
+            return
         self._log(
             logging.ERROR,
             "event dropped: the monitor refuses it even alone",
@@ -297,7 +321,6 @@ class StreamLoop:
             code=exc.code().name,
             details=exc.details(),
         )
-        reason = f"refused by the monitor ({exc.code().name}: {exc.details()})"
         await self._settle(culprit, [(event, reason)], dropped=True)
 
     async def _next_batch(self, current: Callable[[], bool]) -> Batch | None:

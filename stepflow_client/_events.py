@@ -48,10 +48,12 @@ from stepflow_client._event_parts import (
     EmitterHooks,
     EmitterStats,
     EventCallback,
+    Item,
     LogHook,
     child_event,
     event_bytes,
     is_fenced,
+    log_entry,
     sealed_event,
     stdlib_log,
 )
@@ -158,6 +160,12 @@ class ChildEventEmitter:
         name = event.name
         if name and (len(name) > MAX_NAME_CHARS or "\x00" in name):
             event.name = name.replace("\x00", "\ufffd")[:MAX_NAME_CHARS]
+        return await self._send(event)
+
+    async def _send(self, event: Item) -> int:
+        """Queue an event or a log line (see ``send``)."""
+        if self._task is None:
+            self.start()
         buffer = self._buffer
         if (
             buffer.queue
@@ -220,6 +228,30 @@ class ChildEventEmitter:
         (the default), the monitor ends the step once every child is terminal; otherwise the
         step's runner ends it itself (UpdateJobStatus)."""
         return await self.send(sealed_event(step_id, child_count, handed_to_monitor))
+
+    async def log(
+        self,
+        step_id: str,
+        message: str,
+        *,
+        child_id: str = "",
+        attempt: int = 0,
+        source: str = "log",
+        level: str = "info",
+    ) -> int:
+        """A line in the job's log under ``step_id`` (or its child ``child_id``): sent in
+        order with the events, acknowledged with their batch, and stored once however often
+        it is resent. ``source`` is ``log``, ``stdout`` or ``stderr``; ``level`` ``debug``,
+        ``info``, ``warning`` or ``error``. A line over 16 KiB is cut, with a marker."""
+        return await self.send_line(
+            log_entry(
+                step_id, message, child_id=child_id, attempt=attempt, source=source, level=level
+            )
+        )
+
+    async def send_line(self, entry: job_pb2.JobLogEntry) -> int:
+        """Queue a log line built by hand (see ``log``); a line without a ``key`` gets one."""
+        return await self._send(entry)
 
     async def flush(self, *, through: int | None = None) -> None:
         """Return once every event up to sequence ``through`` (default: all sent so far) is

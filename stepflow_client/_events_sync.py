@@ -20,8 +20,10 @@ from stepflow_client._event_parts import (
     EmitterHooks,
     EmitterStats,
     EventCallback,
+    Item,
     T,
     child_event,
+    log_entry,
     sealed_event,
 )
 from stepflow_client._events import ChildEventEmitter
@@ -122,8 +124,10 @@ class SyncChildEventEmitter:
         after ``timeout`` seconds, the event not queued)."""
         return self._call(self._send(event, timeout))
 
-    async def _send(self, event: job_pb2.ChildEvent, limit_s: float | None) -> int:
+    async def _send(self, event: Item, limit_s: float | None) -> int:
         async with asyncio.timeout(limit_s):
+            if isinstance(event, job_pb2.JobLogEntry):
+                return await self._emitter.send_line(event)
             return await self._emitter.send(event)
 
     def created(self, step_id: str, child_id: str, *, name: str = "", attempt: int = 0) -> int:
@@ -153,6 +157,23 @@ class SyncChildEventEmitter:
 
     def sealed(self, step_id: str, child_count: int, *, handed_to_monitor: bool = True) -> int:
         return self.send(sealed_event(step_id, child_count, handed_to_monitor))
+
+    def log(
+        self,
+        step_id: str,
+        message: str,
+        *,
+        child_id: str = "",
+        attempt: int = 0,
+        source: str = "log",
+        level: str = "info",
+        timeout: float | None = None,
+    ) -> int:
+        """``ChildEventEmitter.log``: a line in the job's log, sent with the events."""
+        entry = log_entry(
+            step_id, message, child_id=child_id, attempt=attempt, source=source, level=level
+        )
+        return self._call(self._send(entry, timeout))
 
     def flush(self, *, through: int | None = None, timeout: float | None = None) -> None:
         """``ChildEventEmitter.flush``, blocking (``TimeoutError`` after ``timeout`` seconds;

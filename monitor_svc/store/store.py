@@ -165,12 +165,15 @@ class MonitorStore:
         instance: str = "",
         lines: Sequence[LogEntryIn] = (),
     ) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-        """A stream batch in one unit: its events, then its log lines; the (id, reason) of
+        """A stream batch in one unit: its log lines, then its events; the (id, reason) of
         the events refused and of the lines refused."""
 
         def unit(tx: Tx) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+            # Lines first: what a child printed comes before the step's end its last event
+            # may bring about.
+            refused_lines = lifecycle.log_units.stream_lines(tx, lines) if lines else []
             refused = lifecycle.apply_events(tx, events, self.timers, owner, instance)
-            return refused, lifecycle.log_units.stream_lines(tx, lines) if lines else []
+            return refused, refused_lines
 
         return await self.writer.run(unit)
 

@@ -132,16 +132,16 @@ class LogRows:
             if line.ends_step and step.dropped:
                 self._write_held(rows, total, step, limit, now)
             size = message_bytes(line.message)
-            if (
-                line.keep is Keep.BUDGET
-                and total.bytes + size > limit
-                and (step.lines > 0 or line.source == EVENT)
+            if line.keep is Keep.BUDGET and (
+                # Once a step has dropped a line, its later ones are held too (the last one
+                # is written when it ends): what is stored stays in the order printed.
+                step.dropped
+                or (total.bytes + size > limit and (step.lines > 0 or line.source == EVENT))
             ):
-                step.dropped += 1
-                total.dropped += 1
+                step.dropped += 1  # (the total's own count: the manager's own lines)
                 if line.source != EVENT:
                     step.tail = _encode_tail(line)
-                step.dirty = total.dirty = True
+                step.dirty = True
                 continue
             _append(rows, total, step, line, now)
         if rows:

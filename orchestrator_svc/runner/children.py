@@ -77,7 +77,7 @@ class Children:
             """A line of the step's (or a child's) output, on the stream with its events."""
             if self.job.fenced:
                 return  # the job's new owner writes its log now
-            await self.job.stream.emit_log(
+            step.last_log_seq = await self.job.stream.emit_log(
                 step.job_id, message, source=source, level=level, child_id=child_id, attempt=attempt
             )
 

@@ -91,6 +91,8 @@ class JobContext:
     async def end_step(
         self, step: StepRun, status: Status, error: str, *, reason: str = EndReason.ORCHESTRATOR
     ) -> None:
+        if step.last_log_seq:
+            await self.stream.wait_acked(step.last_log_seq)  # its output first, then its end
         try:
             job = await self.write_status(step.job_id, status, error, reason)
             final = job.status

@@ -137,6 +137,9 @@ class StepRun:
     # Cancelled events this runner sent for the step: more in the monitor means a child was
     # cancelled through the API (perhaps through another orchestrator).
     cancelled_sent: int = 0
+    # The stream sequence of the step's last log line: its end is written after that is
+    # committed, so the log has a step's output before the line that says it ended.
+    last_log_seq: int = 0
     cancelled_seen: int = 0  # the monitor's cancelled count last looked into
     cancelled_elsewhere: set[str] = field(default_factory=set)
 

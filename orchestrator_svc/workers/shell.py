@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
@@ -21,8 +22,11 @@ log = structlog.get_logger(__name__)
 KILL_GRACE_S = 2.0
 """Time between SIGTERM and SIGKILL when a command is stopped."""
 DRAIN_TIMEOUT_S = 1.0
-"""How long to keep reading output after the shell exits: a background process that inherited
-the pipe could otherwise hold the step open forever."""
+"""How long to wait for more output after the shell exits while none comes: a background
+process that inherited the pipe could otherwise hold the step open forever."""
+DRAIN_MAX_S = 60.0
+"""However busy the pipes are after the shell exits (the job's log slowing their reading),
+the step ends after this long."""
 OUTPUT_TAIL_BYTES = 4096
 """Output kept per stream (older output is dropped as it is read): for the job's error and the
 "command output" log line."""
@@ -68,11 +72,13 @@ class _Tail:
         self._source = source
         self._on_line = on_line
         self._partial = b""
+        self.progressed = time.monotonic()  # the last time a chunk was read or a line sent
 
     async def read(self, stream: asyncio.StreamReader | None) -> None:
         if stream is None:
             return
         while chunk := await stream.read(READ_CHUNK_BYTES):
+            self.progressed = time.monotonic()
             self.data = (self.data + chunk)[-OUTPUT_TAIL_BYTES:]
             if self._on_line is not None:
                 await self._lines(chunk)
@@ -85,6 +91,7 @@ class _Tail:
         *complete, self._partial = data.split(b"\n")
         for line in complete:
             await self._emit(line)
+            self.progressed = time.monotonic()
         while len(self._partial) > MAX_LOG_LINE_BYTES:  # a line without end: in pieces
             piece, self._partial = (
                 self._partial[:MAX_LOG_LINE_BYTES],
@@ -162,7 +169,7 @@ async def run_shell(
             _signal_group(proc, signal.SIGKILL)
             exited.cancel()
         try:
-            await asyncio.wait(readers, timeout=DRAIN_TIMEOUT_S)
+            await _drain(readers, (out, err))
         finally:
             for reader in readers:
                 reader.cancel()
@@ -181,6 +188,20 @@ async def run_shell(
     why = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
     detail = (err.text() or out.text())[-ERROR_OUTPUT_CHARS:]
     return ShellOutcome("failed", f"{why}: {detail}" if detail else why, code, **tails)
+
+
+async def _drain(readers: set[asyncio.Future[None]], tails: tuple[_Tail, _Tail]) -> None:
+    """Let the readers finish what the command left in its pipes: while they make progress
+    (up to DRAIN_MAX_S), or until nothing has come for DRAIN_TIMEOUT_S."""
+    started = time.monotonic()
+    while True:
+        done, pending = await asyncio.wait(readers, timeout=DRAIN_TIMEOUT_S)
+        if not pending:
+            return
+        now = time.monotonic()
+        idle = now - max(tail.progressed for tail in tails)
+        if idle >= DRAIN_TIMEOUT_S or now - started >= DRAIN_MAX_S:
+            return
 
 
 async def _stop(proc: asyncio.subprocess.Process) -> None:

@@ -132,7 +132,7 @@ async def test_what_a_job_prints_is_in_its_log_once_in_order_beside_its_events(
         status = job_pb2.JobStatus.Name(stat.status).removeprefix("JOB_STATUS_").lower()
         ends = [e for e in events if e.startswith(f"step {stat.step_name} {status}")]
         assert len(ends) == 1, (stat.step_name, events)
-    assert events[-1] == "job printing completed"
+    assert events[-1] == "job printing completed (orchestrator)"
     # Each step's output comes before its end.
     for name, step_id in steps.items():
         end = next(
@@ -188,11 +188,13 @@ async def test_the_logs_command_prints_follows_and_exits_with_the_outcome(
     ticks = [line for line in followed.stdout.splitlines() if " stdout " in line]
     assert [line.split(" stdout ")[1] for line in ticks] == ["tick-1", "tick-2", "tick-3"]
     assert all(line.split()[1] == "tick" for line in ticks)
-    last = followed.stdout.splitlines()[-1]
+    last = [line for line in followed.stdout.splitlines() if not line.startswith(" ")][-1]
     assert last.split(" ", 3)[1:3] == ["-", "event"] and "job slow failed" in last
     assert printed.returncode == 0, printed.stderr
     assert [line for line in printed.stdout.splitlines() if " stdout " in line] == ticks
-    assert all(line.split()[1] == "tick" for line in printed.stdout.splitlines())
+    # --step: the step's lines only (a message of several lines goes on indented).
+    heads = [line for line in printed.stdout.splitlines() if not line.startswith(" ")]
+    assert heads and all(line.split()[1] == "tick" for line in heads)
     assert unknown.returncode == 2 and "no step 'nope'" in unknown.stderr
 
 
@@ -258,4 +260,4 @@ async def test_a_command_printing_far_past_the_budget_is_bounded_and_its_step_en
     assert sum(len(line.message.encode()) for line in lines) < 65536 + 2 * 16384 + 4096
     dropped = [line.message for line in lines if "dropped" in line.message]
     assert len(dropped) == 1 and "output lines dropped" in dropped[0]
-    assert lines[-1].message == "job flood completed"
+    assert lines[-1].message == "job flood completed (orchestrator)"
