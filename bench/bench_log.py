@@ -95,7 +95,7 @@ async def lines_throughput(server: common.ServerProcess, count: int) -> tuple[fl
         requests = line_batches(step_ids, count, uuid.uuid4().hex[:8])
         before = await last_seq(stub, manager_id)
         common.analyze(server)
-        started, acks, rejected = await bench_stream.pump(stub, requests, WINDOW)
+        started, _acks, rejected = await bench_stream.pump(stub, requests, WINDOW)
         finished = time.perf_counter()
         sent = sum(len(r.log_lines) for r in requests)
         exact = rejected == 0 and await last_seq(stub, manager_id) - before == sent
@@ -219,9 +219,12 @@ async def beside_lines(server: common.ServerProcess, coro_factory):  # type: ign
 
 async def measure(args: argparse.Namespace, db: str, work, sizes: Sizes, runs: int) -> Figures:  # type: ignore[no-untyped-def]
     figures = Figures()
+    parts = {p.strip() for p in args.part.split(",")}
     with common.throwaway_database(db, args.postgres_url, work) as url:
         async with common.running(common.monitor_process(url, work)) as server:
             for run_no in range(1, runs + 1):
+                if "lines" not in parts:
+                    break
                 common.progress(f"{db} run {run_no}/{runs}: lines, events, beside")
                 rate, exact = await lines_throughput(server, sizes.lines)
                 figures.lines_s.append(rate)
@@ -241,15 +244,19 @@ async def measure(args: argparse.Namespace, db: str, work, sizes: Sizes, runs: i
                     f"  {rate:,.0f} lines/s; events {point.events_s:,.0f}/s alone, "
                     f"{beside.events_s:,.0f}/s beside lines"
                 )
-            common.progress(f"{db}: follow latency, {sizes.follow_samples} samples")
-            figures.follow = await follow_latency(server, sizes.follow_samples)
-            common.progress(f"{db}: step-end latency alone and beside lines")
-            alone = await bench_stream.latency(server, sizes.latency_samples, real=True)
-            beside_latency = await beside_lines(
-                server, lambda: bench_stream.latency(server, sizes.latency_samples, real=True)
-            )
-            figures.step_end = alone.get
-            figures.step_end_beside = beside_latency.get
+            if "follow" in parts:
+                common.progress(f"{db}: follow latency, {sizes.follow_samples} samples")
+                figures.follow = await follow_latency(server, sizes.follow_samples)
+            if "latency" in parts:
+                common.progress(f"{db}: step-end latency alone and beside lines")
+                alone = await bench_stream.latency(server, sizes.latency_samples, real=True)
+                beside_latency = await beside_lines(
+                    server, lambda: bench_stream.latency(server, sizes.latency_samples, real=True)
+                )
+                figures.step_end = alone.get
+                figures.step_end_beside = beside_latency.get
+        if "e2e" not in parts:
+            return figures
         async with common.running(common.monitor_process(url, work)) as monitor:
             owner = f"bench-log-{uuid.uuid4().hex[:8]}"
             orchestrator = common.orchestrator_process(monitor.address, work, owner=owner)
@@ -272,6 +279,14 @@ def report(results: dict[str, Figures], runs: int, notes: list[str]) -> None:
     med, rate, ms, ratio = common.median, common.fmt_rate, common.fmt_ms, common.fmt_ratio
     rows = []
     for db, f in results.items():
+        if not f.lines_s:
+            f.lines_s, f.events_s, f.events_beside_s = [float("nan")], [1.0], [float("nan")]
+        if not f.step_end:
+            f.step_end = f.step_end_beside = [float("nan")]
+        if not f.follow:
+            f.follow = [float("nan")]
+        if not f.e2e:
+            f.e2e, f.e2e_logged = [1.0], [float("nan")]
         lines_s, events_s = med(f.lines_s), med(f.events_s)
         rows.append(
             [f"{db}: lines/s, one stream", rate(lines_s), rate(events_s) + " events/s",
@@ -329,6 +344,11 @@ async def run(args: argparse.Namespace) -> None:
 
 def main() -> int:
     parser = common.base_parser(__doc__.splitlines()[0])
+    parser.add_argument(
+        "--part",
+        default="lines,follow,latency,e2e",
+        help="which parts to run: lines, follow, latency, e2e (default: all)",
+    )
     args = parser.parse_args()
     if args.timeout is None:
         args.timeout = 900.0 if args.quick else 3600.0

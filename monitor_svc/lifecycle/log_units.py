@@ -6,25 +6,65 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from monitor_svc.lifecycle.uow import UnitOfWork
-from monitor_svc.log_lines import LogLine, entry_line, fenced_write_line
+from monitor_svc.log_lines import (
+    LEVELS,
+    MAX_LINE_BYTES,
+    OUTPUT_SOURCES,
+    LogLine,
+    cut,
+    entry_line,
+    fenced_write_line,
+)
 from monitor_svc.records import JobState, LogEntryIn
 from stepflow_common.errors import InvalidArgument, NotFound, StepflowError
 from stepflow_common.status import Kind
 
+OUTPUT_SOURCE_SET = frozenset(OUTPUT_SOURCES)
+LEVEL_SET = frozenset(LEVELS)
+
 
 def stream_lines(tx: UnitOfWork, entries: Sequence[LogEntryIn]) -> list[tuple[str, str]]:
     """Lines that came with a batch of child events; the (key, reason) of each refused. The
-    output of a run is a fact even when its orchestrator has been fenced since: it is kept."""
+    output of a run is a fact even when its orchestrator has been fenced since: it is kept.
+    (Hot path: a batch's lines name a few steps, each looked up once.)"""
     refused: list[tuple[str, str]] = []
+    steps: dict[str, JobState | None] = {}
+    add = tx.log
+    sources, levels = OUTPUT_SOURCE_SET, LEVEL_SET
     for entry in entries:
-        step = tx.job(entry.step_id)
-        if step is None or step.kind is not Kind.STEP:
-            refused.append((entry.key, f"log line for unknown step {entry.step_id!r}"))
+        step_id = entry.step_id
+        if step_id in steps:
+            step = steps[step_id]
+        else:
+            found = tx.job(step_id)
+            step = steps[step_id] = found if found is not None and found.kind is Kind.STEP else None
+        if step is None:
+            refused.append((entry.key, f"log line for unknown step {step_id!r}"))
             continue
-        try:
-            tx.log(_line(step.manager_id, step.id, entry.child_id, entry))
-        except StepflowError as exc:
-            refused.append((entry.key, str(exc)))
+        source, level, message = entry.source or "log", entry.level or "info", entry.message
+        if source not in sources or level not in levels or entry.attempt < 0:
+            try:
+                _line(step.manager_id, step_id, entry.child_id, entry)
+            except StepflowError as exc:
+                refused.append((entry.key, str(exc)))
+            continue
+        truncated = False
+        if len(message) * 4 > MAX_LINE_BYTES or "\x00" in message:
+            message, truncated = cut(message.replace("\x00", "\ufffd"))
+        add(
+            LogLine(
+                step.manager_id,
+                step_id,
+                entry.child_id,
+                entry.attempt,
+                source,
+                level,
+                message,
+                entry.time,
+                entry.key or None,
+                truncated,
+            )
+        )
     return refused
 
 
@@ -63,7 +103,7 @@ def _place(job: JobState) -> tuple[str, str]:
 
 
 def _line(manager_id: str, step_id: str, child_id: str, entry: LogEntryIn) -> LogLine:
-    if entry.attempt < 0:
+    if entry.attempt < 0:  # (uint32 on the wire: only a record built by hand)
         raise InvalidArgument("log line attempt must be >= 0")
     return entry_line(
         manager_id=manager_id,

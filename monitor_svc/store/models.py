@@ -177,6 +177,8 @@ class JobLogRow(Base):
             postgresql_where=text("line_key IS NOT NULL"),
             sqlite_where=text("line_key IS NOT NULL"),
         ),
+        # SQLite: the rows live in the primary key's b-tree (no rowid table beside it).
+        {"sqlite_with_rowid": False},
     )
 
 

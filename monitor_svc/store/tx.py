@@ -106,11 +106,13 @@ class Tx(LeaseRows, LogRows):
         self._progress_epoch = 0
         self._unit_writes_progress = False
         self._log: list[LogLine] = []
+        self._unit_log_start = 0
         self.log_limit_bytes = log_limit_bytes
         self.log_grew: dict[str, int] = {}
 
     # -- units -------------------------------------------------------------------------------
     def begin_unit(self) -> int:
+        self._unit_log_start = len(self._log)
         self._unit_progress.clear()
         self._unit_writes_progress = False
         return len(self._undo)
@@ -118,12 +120,10 @@ class Tx(LeaseRows, LogRows):
     def rollback_unit(self, mark: int) -> None:
         """Undo the cache changes of a unit that raised a domain error (it wrote no SQL)."""
         self._progress_epoch += 1
+        self._rollback_log(self._unit_log_start)
         while len(self._undo) > mark:
             table, key, old = self._undo.pop()
             cache: dict[Any, Any]
-            if table == "log":
-                self._rollback_log(key)
-                continue
             if table == "job":
                 cache = self._jobs
             elif table == "progress":

@@ -14,7 +14,7 @@ from datetime import datetime
 from typing import Any, cast
 
 import psycopg
-from sqlalchemy import Connection, Table, bindparam, select, tuple_, update
+from sqlalchemy import Connection, Table, bindparam, select, update
 from sqlalchemy.exc import DBAPIError
 
 from monitor_svc.log_lines import (
@@ -62,6 +62,11 @@ _UPDATE_HEAD = (
 )
 
 
+_SELECT_HEADS = select(HEADS).where(HEADS.c.manager_id == bindparam("manager_id"))
+_SELECT_KEYS_SQLITE = "SELECT line_key FROM job_log WHERE manager_id = ? AND line_key IN ({marks})"
+_SELECT_KEYS_PG = "SELECT line_key FROM job_log WHERE manager_id = %s AND line_key = ANY(%s)"
+
+
 def message_bytes(message: str) -> int:
     return len(message) if message.isascii() else len(message.encode("utf-8", "replace"))
 
@@ -76,9 +81,11 @@ class _Head:
     bytes: int = 0
     lines: int = 0
     dropped: int = 0
-    tail: str | None = None
+    tail: str | None = None  # the held last line as stored (JSON)
     new: bool = True
     dirty: bool = False
+    held: LogLine | None = None  # the held last line, dropped in this transaction
+    loaded_seq: int = 0
 
 
 class LogRows:
@@ -92,10 +99,11 @@ class LogRows:
     _log: list[LogLine]
     log_grew: dict[str, int]  # manager -> its last seq, for the log's followers
 
+    _unit_log_start: int
+
     def log(self, line: LogLine) -> None:
-        """Add a line to its manager's log, written with this transaction (undone with its
-        unit)."""
-        self._undo.append(("log", len(self._log), None))
+        """Add a line to its manager's log, written with this transaction (a unit that is
+        rolled back takes its lines with it: ``Tx.rollback_unit``)."""
         self._log.append(line)
 
     def stored_log_keys(self, manager_id: str, keys: list[str]) -> set[str]:
@@ -103,7 +111,7 @@ class LogRows:
         found = {
             line.key for line in self._log if line.manager_id == manager_id and line.key in wanted
         }
-        pairs = [(manager_id, key) for key in sorted(wanted)]
+        pairs = [(manager_id, key) for key in wanted]
         found.update(k for _, k in self._keys_in_log(pairs))
         return {k for k in found if k is not None}
 
@@ -121,18 +129,27 @@ class LogRows:
         rows: list[tuple[Any, ...]] = []
         limit = self.log_limit_bytes
         now = self.now
+        always = Keep.ALWAYS
+        # The head of the line before, reused while lines name the same manager and step
+        # (the common case: a batch of one step's output).
+        place: tuple[str, str] | None = None
+        total = step = _Head("", "")
         for line in lines:
             manager_id = line.manager_id
-            if line.key is not None:
-                if (manager_id, line.key) in seen:
+            key = line.key
+            if key is not None:
+                if (manager_id, key) in seen:
                     continue  # sent before (a resent batch): stored once
-                seen.add((manager_id, line.key))
-            total = _head(heads, manager_id, "")
-            step = _head(heads, manager_id, line.step_id) if line.step_id else total
+                seen.add((manager_id, key))
+            if place != (manager_id, line.step_id):
+                place = (manager_id, line.step_id)
+                total = _head(heads, manager_id, "")
+                step = _head(heads, manager_id, line.step_id) if line.step_id else total
             if line.ends_step and step.dropped:
                 self._write_held(rows, total, step, limit, now)
-            size = message_bytes(line.message)
-            if line.keep is Keep.BUDGET and (
+            message = line.message
+            size = len(message) if message.isascii() else len(message.encode("utf-8", "replace"))
+            if line.keep is not always and (
                 # Once a step has dropped a line, its later ones are held too (the last one
                 # is written when it ends): what is stored stays in the order printed.
                 step.dropped
@@ -140,37 +157,56 @@ class LogRows:
             ):
                 step.dropped += 1  # (the total's own count: the manager's own lines)
                 if line.source != EVENT:
-                    step.tail = _encode_tail(line)
+                    step.held = line
                 step.dirty = True
                 continue
-            _append(rows, total, step, line, now)
+            total.last_seq += 1
+            total.bytes += size
+            step.lines += 1
+            step.dirty = total.dirty = True
+            rows.append(
+                (
+                    manager_id,
+                    total.last_seq,
+                    line.time or now,
+                    line.step_id,
+                    line.child_id,
+                    line.attempt,
+                    line.source,
+                    line.level,
+                    message,
+                    line.truncated,
+                    key,
+                )
+            )
         if rows:
-            self._insert_lines(rows)
+            self._insert_lines(rows, now)
         self._write_heads([h for h in heads.values() if h.dirty])
         for manager_id in managers:
             head = heads.get((manager_id, ""))
-            if head is not None and head.dirty:
+            if head is not None and head.last_seq > head.loaded_seq:
                 self.log_grew[manager_id] = head.last_seq
 
     def _write_held(
         self, rows: list[tuple[Any, ...]], total: _Head, step: _Head, limit: int, now: datetime
     ) -> None:
         """A step ends: the count of its dropped lines, then its last line (held back)."""
-        tail = _decode_tail(step.tail, total.manager_id) if step.tail is not None else None
+        tail = step.held
+        if tail is None and step.tail is not None:
+            tail = _decode_tail(step.tail, total.manager_id)
         dropped = step.dropped - (1 if tail is not None else 0)
         if dropped:
             summary = dropped_line(total.manager_id, step.step_id, dropped, limit)
             _append(rows, total, step, summary, now)
         if tail is not None:
             _append(rows, total, step, tail, now)
-        step.dropped, step.tail = 0, None
+        step.dropped, step.tail, step.held = 0, None, None
         step.dirty = True
 
     def _load_heads(self, managers: list[str]) -> dict[tuple[str, str], _Head]:
         heads: dict[tuple[str, str], _Head] = {}
-        for start in range(0, len(managers), IN_CHUNK):
-            chunk = managers[start : start + IN_CHUNK]
-            for row in self.conn.execute(select(HEADS).where(HEADS.c.manager_id.in_(chunk))):
+        for manager_id in managers:  # a batch's lines are mostly of one manager
+            for row in self.conn.execute(_SELECT_HEADS, {"manager_id": manager_id}):
                 heads[(row.manager_id, row.step_id)] = _Head(
                     row.manager_id,
                     row.step_id,
@@ -180,32 +216,42 @@ class LogRows:
                     row.dropped,
                     row.tail,
                     new=False,
+                    loaded_seq=row.last_seq,
                 )
         return heads
 
     def _stored_keys(self, lines: list[LogLine]) -> set[tuple[str, str]]:
         """The (manager, key) pairs of ``lines`` already in the log."""
         return self._keys_in_log(
-            sorted({(line.manager_id, line.key) for line in lines if line.key is not None})
+            list({(line.manager_id, line.key) for line in lines if line.key is not None})
         )
 
     def _keys_in_log(self, keyed: list[tuple[str, str]]) -> set[tuple[str, str]]:
+        """Those of the (manager, key) pairs stored already: per manager, one probe of the
+        ``(manager_id, line_key)`` index per key (plain driver SQL: this runs per batch)."""
+        by_manager: dict[str, list[str]] = {}
+        for manager_id, key in keyed:
+            by_manager.setdefault(manager_id, []).append(key)
         found: set[tuple[str, str]] = set()
-        for start in range(0, len(keyed), IN_CHUNK):
-            chunk = keyed[start : start + IN_CHUNK]
-            stmt = select(LOG.c.manager_id, LOG.c.line_key).where(
-                tuple_(LOG.c.manager_id, LOG.c.line_key).in_(chunk)
-            )
-            found.update((m, k) for m, k in self.conn.execute(stmt))
+        for manager_id, keys in by_manager.items():
+            for start in range(0, len(keys), IN_CHUNK):
+                chunk = keys[start : start + IN_CHUNK]
+                if self.sqlite:
+                    sql = _SELECT_KEYS_SQLITE.format(marks=",".join("?" * len(chunk)))
+                    rows = self.conn.exec_driver_sql(sql, (manager_id, *chunk))
+                else:
+                    rows = self.conn.exec_driver_sql(_SELECT_KEYS_PG, (manager_id, chunk))
+                found.update((manager_id, row[0]) for row in rows)
         return found
 
-    def _insert_lines(self, rows: list[tuple[Any, ...]]) -> None:
+    def _insert_lines(self, rows: list[tuple[Any, ...]], now: datetime) -> None:
         if self.sqlite:
             encode = LOG.c.time.type.dialect_impl(self.conn.dialect).bind_processor(
                 self.conn.dialect
             )
-            if encode is not None:
-                rows = [(*r[:2], encode(r[2]), *r[3:]) for r in rows]
+            if encode is not None:  # most lines have the transaction's time: encoded once
+                stamp = encode(now)
+                rows = [(*r[:2], stamp if r[2] is now else encode(r[2]), *r[3:]) for r in rows]
             self.conn.exec_driver_sql(_INSERT_SQLITE, rows)
             return
         driver = self.conn.connection.driver_connection
@@ -239,8 +285,6 @@ def _append(
     total.last_seq += 1
     total.bytes += message_bytes(line.message)
     step.lines += 1
-    if step is not total:
-        total.lines += 1
     total.dirty = step.dirty = True
     rows.append(
         (
@@ -260,6 +304,8 @@ def _append(
 
 
 def _head_values(head: _Head, manager_key: str, step_key: str) -> dict[str, Any]:
+    if head.held is not None:
+        head.tail, head.held = _encode_tail(head.held), None
     return {
         manager_key: head.manager_id,
         step_key: head.step_id,

@@ -195,7 +195,7 @@ async def _drain(readers: set[asyncio.Future[None]], tails: tuple[_Tail, _Tail])
     (up to DRAIN_MAX_S), or until nothing has come for DRAIN_TIMEOUT_S."""
     started = time.monotonic()
     while True:
-        done, pending = await asyncio.wait(readers, timeout=DRAIN_TIMEOUT_S)
+        _, pending = await asyncio.wait(readers, timeout=DRAIN_TIMEOUT_S)
         if not pending:
             return
         now = time.monotonic()

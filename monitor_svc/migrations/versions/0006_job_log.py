@@ -31,6 +31,7 @@ def upgrade() -> None:
         sa.Column("truncated", sa.Boolean(), nullable=False),
         sa.Column("line_key", sa.String(length=128), nullable=True),
         sa.PrimaryKeyConstraint("manager_id", "seq"),
+        sqlite_with_rowid=False,
     )
     op.create_index(
         "ux_job_log_line_key",
