@@ -4,7 +4,9 @@ out. Validation a person can act on, in words; the log's own rules are in ``log_
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import UTC
+from datetime import UTC, datetime, timedelta
+
+from google.protobuf import timestamp_pb2
 
 from monitor_svc.convert import job_id as checked_job_id
 from monitor_svc.log_lines import (
@@ -22,6 +24,8 @@ from stepflow_proto.v1 import job_pb2
 from stepflow_proto.v1 import monitor_service_pb2 as m
 
 MAX_LINES_PER_CALL = 10_000
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+ONE_SECOND = timedelta(seconds=1)
 FOLLOW_CHUNK = 200  # lines per FollowJobLog message: 200 x 16 KiB stays under 4 MiB
 
 
@@ -94,8 +98,12 @@ def narrowed(scope: LogFilter, asked: LogFilter) -> LogFilter:
 
 
 def line_pb(line: StoredLine) -> job_pb2.JobLogLine:
-    pb = job_pb2.JobLogLine(
+    stamp = line.time
+    # Seconds and nanos directly: Timestamp.FromDatetime is pure Python, and runs per line.
+    seconds = (stamp - EPOCH) // ONE_SECOND  # exact (a float timestamp may round up)
+    return job_pb2.JobLogLine(
         seq=line.seq,
+        time=timestamp_pb2.Timestamp(seconds=seconds, nanos=stamp.microsecond * 1000),
         step_id=line.step_id,
         child_id=line.child_id,
         attempt=line.attempt,
@@ -104,5 +112,3 @@ def line_pb(line: StoredLine) -> job_pb2.JobLogLine:
         message=line.message,
         truncated=line.truncated,
     )
-    pb.time.FromDatetime(line.time)
-    return pb

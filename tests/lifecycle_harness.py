@@ -19,6 +19,7 @@ from monitor_svc.records import ChildEventIn, DocumentLimits, JobState, NewJob, 
 from monitor_svc.store.engine import is_sqlite, make_engine
 from monitor_svc.store.migrate import upgrade
 from monitor_svc.store.tx import Tx
+from monitor_svc.store.tx_log import LogFilter, read_page
 from stepflow_common.errors import StatusConflict
 from stepflow_common.status import Kind, Status
 from stepflow_common.step_outcome import ChildTally
@@ -32,6 +33,8 @@ class Backend(Protocol):
     now: datetime
 
     def run(self, unit: Callable[[Any], T]) -> T: ...
+
+    def log(self, manager_id: str) -> list[tuple[str, str, str]]: ...
 
     def close(self) -> None: ...
 
@@ -50,6 +53,11 @@ class MemoryBackend:
 
     def run(self, unit: Callable[[Any], T]) -> T:
         return self._db.run(unit)
+
+    def log(self, manager_id: str) -> list[tuple[str, str, str]]:
+        return [
+            (x.step_id, x.source, x.message) for x in self._db.log if x.manager_id == manager_id
+        ]
 
     def close(self) -> None:
         pass
@@ -70,6 +78,11 @@ class SqlBackend:
             result = unit(tx)  # a domain error leaves the block: the transaction rolls back
             tx.flush()
         return result
+
+    def log(self, manager_id: str) -> list[tuple[str, str, str]]:
+        with self._engine.connect() as conn:
+            page = read_page(conn, manager_id, 0, 100_000, LogFilter())
+        return [(x.step_id, x.source, x.message) for x in page.lines]
 
     def close(self) -> None:
         self._engine.dispose()
@@ -162,6 +175,10 @@ class Life:
 
     def run(self, unit: Callable[[UnitOfWork], T]) -> T:
         return self.backend.run(unit)
+
+    def log(self, manager_id: str) -> list[tuple[str, str, str]]:
+        """(step_id, source, message) of every line of the manager's log, in order."""
+        return self.backend.log(manager_id)
 
 
 BACKENDS = ["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
