@@ -1,5 +1,5 @@
-"""Generate the blocking client (``stepflow_client/_sync.py``, ``_sync_log.py``) from the
-asyncio one (``_aio.py``, ``_aio_log.py``).
+"""Generate the blocking client (``stepflow_client/_sync*.py``) from the
+asyncio one (``_aio.py`` and its ``_aio_*.py`` parts, each into its ``_sync*`` twin).
 
 The two have the same classes and methods; the blocking one is the asyncio one without
 ``async``/``await``, on ``grpc`` instead of ``grpc.aio``, plus the few lines listed in
@@ -20,9 +20,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 CLIENT = ROOT / "stepflow_client"
 # Each asyncio module and its blocking twin.
-PAIRS = (
-    (CLIENT / "_aio.py", CLIENT / "_sync.py"),
-    (CLIENT / "_aio_log.py", CLIENT / "_sync_log.py"),
+PAIRS = tuple(
+    (CLIENT / f"_aio{part}.py", CLIENT / f"_sync{part}.py")
+    for part in ("", "_log", "_lease", "_orchestrator")
 )
 RUFF = Path(sys.executable).parent / "ruff"
 
@@ -34,10 +34,6 @@ Generated from ``{source}.py`` by ``scripts/gen_sync_client.py``: never edit; ch
 
 # Exact blocks of _aio.py and what the blocking client has in their place; each must occur once.
 FLAVOUR: tuple[tuple[str, str], ...] = (
-    (
-        "from stepflow_client._aio_log import LogCalls",
-        "from stepflow_client._sync_log import LogCalls",
-    ),
     ("    aio_channel,\n)", "    aio_channel,\n    sync_channel,\n)"),
     ("self.channel = aio_channel(self._settings)", "self.channel = sync_channel(self._settings)"),
     (
@@ -64,6 +60,7 @@ FLAVOUR: tuple[tuple[str, str], ...] = (
 
 # Then, everywhere: the asyncio words and their blocking twins.
 WORDS: tuple[tuple[str, str], ...] = (
+    (r"^from stepflow_client\._aio(\w*) import", r"from stepflow_client._sync\1 import"),
     (r"^import asyncio\n", ""),
     (r"^from grpc import aio$", "import grpc"),
     (r"\baio\.AioRpcError\b", "grpc.RpcError"),

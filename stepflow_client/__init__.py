@@ -15,7 +15,8 @@ from stepflow_client._channel import (
 from stepflow_client._events import EmitterClosed, EmitterHooks, EmitterStats
 from stepflow_client._events_sync import SyncChildEventEmitter
 from stepflow_client._requests import is_terminal, metadata_of, status_of
-from stepflow_client._sync import MonitorClient, OrchestratorClient
+from stepflow_client._sync import MonitorClient
+from stepflow_client._sync_orchestrator import OrchestratorClient
 from stepflow_common.errors import (
     AlreadyExists,
     DeadlineExceeded,

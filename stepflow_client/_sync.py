@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime, timedelta
 from typing import Any, TypeVar, Unpack
 
@@ -24,13 +24,12 @@ from stepflow_client._channel import (
 )
 from stepflow_client._errors import decode
 from stepflow_client._events_sync import SyncChildEventEmitter
+from stepflow_client._sync_lease import LeaseCalls
 from stepflow_client._sync_log import LogCalls
 from stepflow_common.errors import VersionConflict
 from stepflow_proto.v1 import job_pb2
 from stepflow_proto.v1 import monitor_service_pb2 as m
 from stepflow_proto.v1 import monitor_service_pb2_grpc as m_grpc
-from stepflow_proto.v1 import orchestrator_service_pb2 as o
-from stepflow_proto.v1 import orchestrator_service_pb2_grpc as o_grpc
 
 T = TypeVar("T")
 DEFAULT_RETRY = RetryPolicy()
@@ -95,7 +94,7 @@ class _Client:
 _C = TypeVar("_C", bound=_Client)
 
 
-class MonitorClient(_Client, LogCalls):
+class MonitorClient(_Client, LogCalls, LeaseCalls):
     """Every MonitorService call, returning the protobuf messages; failures raise the typed
     errors of ``stepflow_client`` (``NotFound``, ``StatusConflict``, ``VersionConflict``…).
     ``timeout`` (seconds) is each call's default deadline; every method takes its own too."""
@@ -277,52 +276,6 @@ class MonitorClient(_Client, LogCalls):
         )
         return resp
 
-    def heartbeat(
-        self,
-        *,
-        owner: str,
-        instance: str,
-        lease: float | str | timedelta,
-        max_adopt: int = 0,
-        worker_types: Sequence[str] = (),
-        running_job_ids: Sequence[str] = (),
-        timeout: float | None = None,
-        wait_for_ready: bool | None = None,
-    ) -> m.HeartbeatResponse:
-        """Take or renew an orchestrator's lease (``lease`` seconds, or "30s")."""
-        request = r.heartbeat(
-            owner=owner,
-            instance=instance,
-            lease=lease,
-            max_adopt=max_adopt,
-            worker_types=worker_types,
-            running_job_ids=running_job_ids,
-        )
-        resp: m.HeartbeatResponse = self._unary(
-            self.stub.Heartbeat, request, timeout, wait_for_ready
-        )
-        return resp
-
-    def release_lease(
-        self,
-        owner: str,
-        *,
-        instance: str = "",
-        job_ids: Sequence[str] = (),
-        reason: str = "",
-        timeout: float | None = None,
-        wait_for_ready: bool | None = None,
-    ) -> m.ReleaseLeaseResponse:
-        """Give the lease up (its jobs are orphaned for others to adopt at once), or with
-        ``job_ids`` give back only those jobs, saying ``reason``."""
-        request = m.ReleaseLeaseRequest(
-            owner=owner, instance=instance, job_ids=list(job_ids), reason=reason
-        )
-        resp: m.ReleaseLeaseResponse = self._unary(
-            self.stub.ReleaseLease, request, timeout, wait_for_ready
-        )
-        return resp
-
     def update_metadata(
         self,
         job_id: str,
@@ -424,69 +377,3 @@ class MonitorClient(_Client, LogCalls):
         if settings is None:
             raise ValueError("events() needs a MonitorClient made from a target, not a channel")
         return SyncChildEventEmitter(lambda: aio_channel(settings), **options)
-
-
-class OrchestratorClient(_Client):
-    """OrchestratorService calls: submit a job, cancel one, list the step types; ``follow``
-    shows a job's states through ``monitor`` (a MonitorClient)."""
-
-    def __init__(
-        self,
-        target: str | grpc.Channel,
-        *,
-        monitor: MonitorClient | None = None,
-        **settings: Unpack[ClientSettings],
-    ) -> None:
-        super().__init__(target, **settings)
-        self.stub = o_grpc.OrchestratorServiceStub(self.channel)
-        self.monitor = monitor
-
-    def submit(
-        self,
-        definition: o.JobDefinition | Mapping[str, Any],
-        *,
-        request_id: str = "",
-        timeout: float | None = None,
-        wait_for_ready: bool | None = None,
-    ) -> str:
-        """Start a job; returns its manager id. ``definition`` is a JobDefinition or the job
-        file's structure (a dict as TOML or JSON gives it). A ``request_id`` (one is made when
-        none is given) makes a retried submit return the same job."""
-        request = o.SubmitJobRequest(
-            definition=r.job_definition(definition), request_id=request_id or r.new_request_id()
-        )
-        resp: o.SubmitJobResponse = self._unary(
-            self.stub.SubmitJob, request, timeout, wait_for_ready
-        )
-        return resp.manager_id
-
-    def cancel(
-        self,
-        job_id: str,
-        *,
-        reason: str = "",
-        timeout: float | None = None,
-        wait_for_ready: bool | None = None,
-    ) -> job_pb2.Job:
-        """Cancel a job (manager, step or child) and everything under it; returns the job."""
-        resp: o.CancelJobResponse = self._unary(
-            self.stub.CancelJob,
-            o.CancelJobRequest(job_id=job_id, reason=reason),
-            timeout,
-            wait_for_ready,
-        )
-        return resp.job
-
-    def list_workers(
-        self, *, timeout: float | None = None, wait_for_ready: bool | None = None
-    ) -> list[o.WorkerInfo]:
-        resp: o.ListWorkersResponse = self._unary(
-            self.stub.ListWorkers, o.ListWorkersRequest(), timeout, wait_for_ready
-        )
-        return list(resp.workers)
-
-    def follow(self, job_id: str, *, after_change_seq: int = 0) -> Iterator[job_pb2.Job]:
-        """The job's states until it ends, from the monitor (``MonitorClient.watch``)."""
-        if self.monitor is None:
-            raise ValueError("follow needs the monitor: OrchestratorClient(..., monitor=...)")
-        yield from self.monitor.watch(job_id, after_change_seq=after_change_seq)

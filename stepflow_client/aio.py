@@ -3,7 +3,8 @@ awaited (``async for`` over ``watch`` and ``follow``)."""
 
 from __future__ import annotations
 
-from stepflow_client._aio import MonitorClient, OrchestratorClient
+from stepflow_client._aio import MonitorClient
+from stepflow_client._aio_orchestrator import OrchestratorClient
 from stepflow_client._channel import (
     ChannelSettings,
     ClientSettings,
