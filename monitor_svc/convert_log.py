@@ -14,10 +14,10 @@ from monitor_svc.log_lines import (
     MAX_KEY_CHARS,
     MAX_READ_LIMIT,
     SOURCES,
+    LogFilter,
     StoredLine,
 )
 from monitor_svc.records import LogEntryIn
-from monitor_svc.store.tx_log import LogFilter
 from stepflow_common.errors import InvalidArgument
 from stepflow_common.limits import ID_PATTERN
 from stepflow_proto.v1 import job_pb2

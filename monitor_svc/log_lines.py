@@ -76,6 +76,20 @@ class LogPage:
     more: bool = False  # lines after next_seq exist already (the page was full)
 
 
+@dataclass(frozen=True, slots=True)
+class LogFilter:
+    step_id: str = ""
+    child_id: str = ""
+    sources: tuple[str, ...] = ()
+
+    def matches(self, line: StoredLine) -> bool:
+        return (
+            (not self.step_id or line.step_id == self.step_id)
+            and (not self.child_id or line.child_id == self.child_id)
+            and (not self.sources or line.source in self.sources)
+        )
+
+
 def cut(message: str) -> tuple[str, bool]:
     """A message within the line limit, and whether it was cut (with a visible marker)."""
     if len(message) * 4 <= MAX_LINE_BYTES:  # cannot be over, whatever its characters

@@ -12,14 +12,13 @@ from grpc import aio
 from monitor_svc.deadlines import DeadlineTimer
 from monitor_svc.lifecycle import StepTimers
 from monitor_svc.log_follow import LogHub
-from monitor_svc.log_lines import MAX_READ_LIMIT, LogPage
+from monitor_svc.log_lines import MAX_READ_LIMIT, LogFilter, LogPage
 from monitor_svc.records import DocumentLimits, JobView
 from monitor_svc.servicer import MonitorServicer
 from monitor_svc.store.engine import SQLITE_SYNCHRONOUS_DEFAULT, safe_url
 from monitor_svc.store.migrate import upgrade
 from monitor_svc.store.notify import Listener
 from monitor_svc.store.store import MonitorStore, read_view
-from monitor_svc.store.tx_log import LogFilter
 from monitor_svc.watch import WatchHub
 from monitor_svc.wire.prebuilt import add_to_server
 from stepflow_common import metrics, serving, tracing

@@ -15,11 +15,12 @@ from sqlalchemy import Engine
 from monitor_svc import lifecycle
 from monitor_svc.lifecycle import StepTimers, UnitOfWork
 from monitor_svc.lifecycle.memory import MemoryDatabase
+from monitor_svc.log_lines import LogFilter
 from monitor_svc.records import ChildEventIn, DocumentLimits, JobState, NewJob, utcnow
 from monitor_svc.store.engine import is_sqlite, make_engine
+from monitor_svc.store.log_reads import read_page
 from monitor_svc.store.migrate import upgrade
 from monitor_svc.store.tx import Tx
-from monitor_svc.store.tx_log import LogFilter, read_page
 from stepflow_common.errors import StatusConflict
 from stepflow_common.status import Kind, Status
 from stepflow_common.step_outcome import ChildTally

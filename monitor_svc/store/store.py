@@ -14,7 +14,7 @@ from sqlalchemy import Connection, func, or_, select
 from monitor_svc import lifecycle
 from monitor_svc.lifecycle import StepStatResult, StepTimers, leases
 from monitor_svc.lifecycle.leases import HeartbeatResult
-from monitor_svc.log_lines import LogPage
+from monitor_svc.log_lines import LogFilter, LogPage
 from monitor_svc.records import (
     ChildEventIn,
     DocumentLimits,
@@ -26,10 +26,10 @@ from monitor_svc.records import (
     utcnow,
 )
 from monitor_svc.store.engine import SQLITE_SYNCHRONOUS_DEFAULT, is_sqlite, make_engine
+from monitor_svc.store.log_reads import last_seq, read_page
 from monitor_svc.store.models import JobRow, LeaseRow, StepProgressRow
 from monitor_svc.store.statements import JOB_SELECT, SELECT_JOB, read_definition, row_to_state
 from monitor_svc.store.tx import Tx
-from monitor_svc.store.tx_log import LogFilter, last_seq, read_page
 from monitor_svc.store.writer import Reader, Writer
 from stepflow_common.errors import Fenced, InvalidArgument, NotFound, StatusConflict
 from stepflow_common.status import LIVE, Kind, Status
