@@ -226,6 +226,16 @@ def _owner_change(before: str, after: str) -> str:
     return f"job taken over by orchestrator {after} from {before}"
 
 
+def resumed_line(manager: JobState, owner: str, before: str, after: str) -> LogLine:
+    """A new process under the same owner took the job over from the one before it."""
+    return _event(
+        manager,
+        "warning",
+        f"job taken over by instance {after or '?'} of orchestrator {owner} from instance "
+        f"{before or '?'}",
+    )
+
+
 def seal_line(step: JobState, child_count: int, handed: bool) -> LogLine:
     ends = "the monitor ends the step" if handed else "its orchestrator ends the step"
     return _event(step, "info", f"step {step.name} sealed with {child_count:,} children; {ends}")

@@ -24,6 +24,7 @@ import structlog
 
 from monitor_svc.lifecycle import fencing, rules
 from monitor_svc.lifecycle.uow import UnitOfWork
+from monitor_svc.log_lines import resumed_line
 from monitor_svc.records import InstanceRecord, JobState, Lease
 from stepflow_common.errors import Fenced, InvalidArgument
 from stepflow_common.limits import MAX_DURATION_S
@@ -97,6 +98,7 @@ def heartbeat(
         for manager in tx.live_managers(owner):
             if lease.can_run(_step_types(tx, manager)):
                 take_over(tx, manager, owner, timers)
+                tx.log(resumed_line(manager, owner, current.instance, instance))
                 resumed.append(manager.id)
             else:
                 _orphan(tx, manager, timers)

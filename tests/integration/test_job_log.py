@@ -14,7 +14,7 @@ from grpc import aio
 
 from monitor_svc.log_lines import MAX_LINE_BYTES
 from monitor_svc.records import DocumentLimits
-from monitor_svc.server import MonitorConfig, create_server
+from monitor_svc.server import MonitorConfig, RunningMonitor, create_server
 from stepflow_proto.v1 import job_pb2
 from stepflow_proto.v1 import monitor_service_pb2 as m
 from stepflow_proto.v1 import monitor_service_pb2_grpc as m_grpc
@@ -360,3 +360,58 @@ async def test_past_the_budget_each_step_keeps_its_first_and_last_lines_and_says
     events = [line.message for line in lines if line.source == "event"]
     assert "step a completed (api)" in events and "step b completed (api)" in events
     assert [line.seq for line in lines] == list(range(1, len(lines) + 1))
+
+
+async def test_many_followers_of_one_log_cost_one_read_per_commit(
+    monitor: RunningMonitor, stub: Stub
+) -> None:
+    manager = await create_manager(stub, "j")
+    followers = [
+        stub.FollowJobLog(m.FollowJobLogRequest(job_id=manager.id), timeout=30) for _ in range(20)
+    ]
+    got: list[list[int]] = [[] for _ in followers]
+
+    async def drain(call: object, into: list[int]) -> None:
+        async for message in call:  # type: ignore[attr-defined]
+            into.extend(line.seq for line in message.lines)
+
+    tasks = [asyncio.create_task(drain(c, into)) for c, into in zip(followers, got, strict=True)]
+    for _ in range(100):  # every follower caught up with the job's first line
+        if all(into == [1] for into in got):
+            break
+        await asyncio.sleep(0.05)
+    reads_before = monitor.logs.feed_reads(manager.id)
+    commits = 10
+    for i in range(commits):
+        await stub.AppendJobLog(
+            m.AppendJobLogRequest(job_id=manager.id, lines=[job_pb2.JobLogEntry(message=f"{i}")]),
+            timeout=CALL_S,
+        )
+        for _ in range(100):
+            if all(len(into) == i + 2 for into in got):
+                break
+            await asyncio.sleep(0.02)
+    reads = monitor.logs.feed_reads(manager.id) - reads_before
+    await set_status(stub, manager.id, S.JOB_STATUS_CANCELLED)
+    await asyncio.wait_for(asyncio.gather(*tasks), 20)
+    assert all(into == list(range(1, commits + 3)) for into in got), got[0]
+    # One read per commit for all 20 (a poll or a wake-up race may add a few), not 20 each.
+    assert commits <= reads <= commits + 5, reads
+
+
+async def test_a_page_of_long_lines_stays_under_four_mib_and_paging_reads_them_all(
+    stub: Stub,
+) -> None:
+    manager = await create_manager(stub, "j")
+    long = "x" * (MAX_LINE_BYTES - 100)
+    for _ in range(3):
+        await stub.AppendJobLog(
+            m.AppendJobLogRequest(
+                job_id=manager.id, lines=[job_pb2.JobLogEntry(message=long) for _ in range(100)]
+            ),
+            timeout=CALL_S,
+        )
+    page = await stub.ReadJobLog(m.ReadJobLogRequest(job_id=manager.id, limit=1000), timeout=CALL_S)
+    assert 0 < len(page.lines) < 301 and page.ByteSize() < 4 * 1024 * 1024
+    assert page.next_seq == page.lines[-1].seq
+    assert len(await read_all(stub, manager.id, limit=1000)) == 301

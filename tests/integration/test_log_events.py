@@ -144,3 +144,11 @@ def test_a_refused_unit_leaves_no_line(life: Life) -> None:
     with pytest.raises(StepflowError):
         life.status(step.id, Status.PENDING)  # backwards: refused
     assert life.log(manager.id) == before
+
+
+def test_a_new_instance_under_the_same_owner_taking_the_job_is_told(life: Life) -> None:
+    beat(life, "a", "i1")
+    job = manager(life, "a")
+    beat(life, "a", "i2")  # a restart: the new process resumes the job
+    events = [m for _, source, m in life.log(job.id) if source == EVENT]
+    assert "job taken over by instance i2 of orchestrator a from instance i1" in events
