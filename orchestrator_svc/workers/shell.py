@@ -9,6 +9,7 @@ import os
 import signal
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 import structlog
@@ -190,7 +191,7 @@ async def run_shell(
     return ShellOutcome("failed", f"{why}: {detail}" if detail else why, code, **tails)
 
 
-async def _drain(readers: set[asyncio.Future[None]], tails: tuple[_Tail, _Tail]) -> None:
+async def _drain(readers: AbstractSet[asyncio.Future[None]], tails: tuple[_Tail, _Tail]) -> None:
     """Let the readers finish what the command left in its pipes: while they make progress
     (up to DRAIN_MAX_S), or until nothing has come for DRAIN_TIMEOUT_S."""
     started = time.monotonic()
