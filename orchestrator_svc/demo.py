@@ -315,6 +315,7 @@ def _keep_running(
         f"{monitor.address} stepflow.v1.MonitorService/GetJob",
         f"  .venv/bin/grpcurl -plaintext {orchestrator.address} "
         "stepflow.v1.OrchestratorService/ListWorkers",
+        f"  .venv/bin/orchestrator-svc logs {job.id} --monitor {monitor.address}",
     ):
         # Not wrapped by rich, so a command copied from the terminal stays one line.
         console.print(hint, markup=False, highlight=False, soft_wrap=True)
