@@ -18,7 +18,13 @@ import time
 from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
-BENCHMARKS = ("bench_unary.py", "bench_stream.py", "bench_e2e.py", "bench_dbsize.py")
+BENCHMARKS = (
+    "bench_unary.py",
+    "bench_stream.py",
+    "bench_e2e.py",
+    "bench_dbsize.py",
+    "bench_log.py",
+)
 # Run only when named in --only (or with --failover): it kills orchestrators on purpose.
 OPTIONAL = ("bench_failover.py",)
 # Upper bounds per benchmark; each also bounds itself (its --timeout) a little below these.
