@@ -14,11 +14,11 @@ from datetime import datetime
 
 from monitor_svc.records import JobState
 from stepflow_common.errors import InvalidArgument
-from stepflow_common.limits import MAX_LOG_BYTES, MAX_LOG_LINE_BYTES
+from stepflow_common.limits import MAX_LOG_LINE_BYTES
+from stepflow_common.limits import cut_log_line as cut
 from stepflow_common.status import Kind, Status
 
 MAX_LINE_BYTES = MAX_LOG_LINE_BYTES
-DEFAULT_MAX_LOG_BYTES = MAX_LOG_BYTES
 DEFAULT_READ_LIMIT = 500
 MAX_READ_LIMIT = 1_000
 MAX_PAGE_BYTES = 3 * 1024 * 1024  # a ReadJobLog answer stays well under gRPC's 4 MiB
@@ -88,17 +88,6 @@ class LogFilter:
             and (not self.child_id or line.child_id == self.child_id)
             and (not self.sources or line.source in self.sources)
         )
-
-
-def cut(message: str) -> tuple[str, bool]:
-    """A message within the line limit, and whether it was cut (with a visible marker)."""
-    if len(message) * 4 <= MAX_LINE_BYTES:  # cannot be over, whatever its characters
-        return message, False
-    data = message.encode("utf-8", "replace")
-    if len(data) <= MAX_LINE_BYTES:
-        return message, False
-    keep = data[: MAX_LINE_BYTES - 64].decode("utf-8", "ignore")
-    return f"{keep} … [line cut: {len(data) - len(keep.encode())} more bytes]", True
 
 
 def entry_line(

@@ -90,6 +90,12 @@ def generate(source: Path, target: Path) -> str:
         body = body.replace(old, new)
     for pattern, replacement in WORDS:
         body = re.sub(pattern, replacement, body, flags=re.MULTILINE)
+    if "time.sleep(" in body and not re.search(r"^import time$", body, flags=re.MULTILINE):
+        body = body.replace(
+            "from __future__ import annotations\n",
+            "from __future__ import annotations\nimport time\n",
+            1,
+        )
     left = re.findall(r"\basync (?:def|for|with)\b.*|\bawait \w.*|\basyncio\.\w.*", body)
     if left:
         raise SystemExit(f"gen_sync_client: asyncio left in the blocking client: {left[:3]}")

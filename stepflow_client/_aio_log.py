@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -69,8 +68,7 @@ class LogCalls:
         so no line is missed or given twice. Gives up after ``reconnect_for`` seconds without
         the monitor (None: never)."""
         seen = after_seq
-        attempt = 0
-        outage_since: float | None = None
+        outage = r.Outage(reconnect_for)
         while True:
             call = self.stub.FollowJobLog(
                 m.FollowJobLogRequest(
@@ -84,23 +82,18 @@ class LogCalls:
             )
             try:
                 async for resp in call:
-                    attempt, outage_since = 0, None
+                    outage.delivered()
                     for line in resp.lines:
                         yield line
                     seen = max(seen, resp.next_seq)
                     if resp.complete:
                         return
             except aio.AioRpcError as exc:
-                if exc.code() not in r.RECONNECT_CODES:
-                    raise decode(exc) from exc
-                now = time.monotonic()
-                outage_since = now if outage_since is None else outage_since
-                if reconnect_for is not None and now - outage_since >= reconnect_for:
+                if outage.gives_up(exc.code()):
                     raise decode(exc) from exc
             finally:
                 call.cancel()
-            await asyncio.sleep(r.backoff(attempt))
-            attempt += 1
+            await asyncio.sleep(outage.next_delay())
 
     async def append_log(
         self,

@@ -12,7 +12,7 @@ from typing import Any, Protocol, TypeVar
 import grpc
 
 from stepflow_common.errors import FENCED_PREFIX
-from stepflow_common.limits import MAX_LOG_LINE_BYTES, MAX_REQUEST_BYTES
+from stepflow_common.limits import MAX_REQUEST_BYTES, cut_log_line
 from stepflow_proto.v1 import job_pb2
 from stepflow_proto.v1 import monitor_service_pb2 as m
 
@@ -60,11 +60,7 @@ def log_entry(
     key: str = "",
 ) -> job_pb2.JobLogEntry:
     """A log line, cut to the line limit here (with a marker) so every batch stays small."""
-    if len(message) * 4 > MAX_LOG_LINE_BYTES:
-        data = message.encode("utf-8", "replace")
-        if len(data) > MAX_LOG_LINE_BYTES:
-            kept = data[: MAX_LOG_LINE_BYTES - 64].decode("utf-8", "ignore")
-            message = f"{kept} … [line cut: {len(data) - len(kept.encode())} more bytes]"
+    message, _ = cut_log_line(message)
     return job_pb2.JobLogEntry(
         key=key,
         step_id=step_id,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
@@ -240,6 +241,34 @@ def backoff(attempt: int, *, initial_s: float = BACKOFF_INITIAL_S) -> float:
     """Exponential backoff with full jitter, so competing writers spread out."""
     ceiling = min(BACKOFF_MAX_S, initial_s * math.pow(2, min(attempt, 16)))
     return random.uniform(ceiling / 2, ceiling)
+
+
+class Outage:
+    """A resumable stream's reconnecting (``watch``, ``follow_log``): the backoff since it
+    last delivered, and whether the service has been away longer than ``reconnect_for``
+    seconds (None: never give up)."""
+
+    def __init__(self, reconnect_for: float | None) -> None:
+        self.reconnect_for = reconnect_for
+        self.attempt = 0
+        self.since: float | None = None
+
+    def delivered(self) -> None:
+        self.attempt, self.since = 0, None
+
+    def gives_up(self, code: grpc.StatusCode) -> bool:
+        """After a failed stream: whether to raise (a code no reconnect helps, or too long
+        away) rather than connect again."""
+        if code not in RECONNECT_CODES:
+            return True
+        now = time.monotonic()
+        self.since = now if self.since is None else self.since
+        return self.reconnect_for is not None and now - self.since >= self.reconnect_for
+
+    def next_delay(self) -> float:
+        delay = backoff(self.attempt)
+        self.attempt += 1
+        return delay
 
 
 # -- the orchestrator ------------------------------------------------------------------------

@@ -337,15 +337,14 @@ class MonitorClient(_Client, LogCalls, LeaseCalls):
         backoff, so no state is shown twice and the latest one always arrives. Gives up after
         ``reconnect_for`` seconds without the monitor (None: never)."""
         seen = after_change_seq
-        attempt = 0
-        outage_since: float | None = None
+        outage = r.Outage(reconnect_for)
         while True:
             call = self.stub.WatchJob(
                 m.WatchJobRequest(job_id=job_id, after_change_seq=seen), wait_for_ready=True
             )
             try:
                 for resp in call:
-                    attempt, outage_since = 0, None
+                    outage.delivered()
                     seen = resp.job.change_seq
                     yield resp.job
                     if r.is_terminal(resp.job):
@@ -358,16 +357,11 @@ class MonitorClient(_Client, LogCalls, LeaseCalls):
                         yield job
                     return
             except grpc.RpcError as exc:
-                if exc.code() not in r.RECONNECT_CODES:
-                    raise decode(exc) from exc
-                now = time.monotonic()
-                outage_since = now if outage_since is None else outage_since
-                if reconnect_for is not None and now - outage_since >= reconnect_for:
+                if outage.gives_up(exc.code()):
                     raise decode(exc) from exc
             finally:
                 call.cancel()
-            time.sleep(r.backoff(attempt))
-            attempt += 1
+            time.sleep(outage.next_delay())
 
     def events(self, **options: Any) -> SyncChildEventEmitter:
         """A batched, acknowledged, resending child-event stream (StreamChildEvents) running on

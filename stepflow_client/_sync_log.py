@@ -70,8 +70,7 @@ class LogCalls:
         so no line is missed or given twice. Gives up after ``reconnect_for`` seconds without
         the monitor (None: never)."""
         seen = after_seq
-        attempt = 0
-        outage_since: float | None = None
+        outage = r.Outage(reconnect_for)
         while True:
             call = self.stub.FollowJobLog(
                 m.FollowJobLogRequest(
@@ -85,22 +84,17 @@ class LogCalls:
             )
             try:
                 for resp in call:
-                    attempt, outage_since = 0, None
+                    outage.delivered()
                     yield from resp.lines
                     seen = max(seen, resp.next_seq)
                     if resp.complete:
                         return
             except grpc.RpcError as exc:
-                if exc.code() not in r.RECONNECT_CODES:
-                    raise decode(exc) from exc
-                now = time.monotonic()
-                outage_since = now if outage_since is None else outage_since
-                if reconnect_for is not None and now - outage_since >= reconnect_for:
+                if outage.gives_up(exc.code()):
                     raise decode(exc) from exc
             finally:
                 call.cancel()
-            time.sleep(r.backoff(attempt))
-            attempt += 1
+            time.sleep(outage.next_delay())
 
     def append_log(
         self,

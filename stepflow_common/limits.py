@@ -51,6 +51,19 @@ ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}$")
 MAX_LOG_LINE_BYTES = 16 * 1024
 MAX_LOG_BYTES = 16 * 1024 * 1024
 
+
+def cut_log_line(message: str) -> tuple[str, bool]:
+    """A log line within MAX_LOG_LINE_BYTES, and whether it was cut (it then ends with a
+    visible marker saying how much went). Writers cut before sending, the monitor again."""
+    if len(message) * 4 <= MAX_LOG_LINE_BYTES:  # cannot be over, whatever its characters
+        return message, False
+    data = message.encode("utf-8", "replace")
+    if len(data) <= MAX_LOG_LINE_BYTES:
+        return message, False
+    kept = data[: MAX_LOG_LINE_BYTES - 64].decode("utf-8", "ignore")
+    return f"{kept} … [line cut: {len(data) - len(kept.encode())} more bytes]", True
+
+
 TRUNCATION_MARKER = "… [truncated {dropped} characters]"
 
 

@@ -11,12 +11,12 @@ from monitor_svc.log_lines import (
     MAX_LINE_BYTES,
     OUTPUT_SOURCES,
     LogLine,
-    cut,
     entry_line,
     fenced_write_line,
 )
 from monitor_svc.records import JobState, LogEntryIn
 from stepflow_common.errors import InvalidArgument, NotFound, StepflowError
+from stepflow_common.limits import cut_log_line as cut
 from stepflow_common.status import Kind
 
 OUTPUT_SOURCE_SET = frozenset(OUTPUT_SOURCES)

@@ -21,7 +21,7 @@ from sqlalchemy import (
     update,
 )
 
-from monitor_svc.log_lines import DEFAULT_MAX_LOG_BYTES, LogLine, describe_change
+from monitor_svc.log_lines import LogLine, describe_change
 from monitor_svc.records import (
     JobState,
     Lease,
@@ -55,6 +55,7 @@ from monitor_svc.store.tx_leases import MISSING as _MISSING
 from monitor_svc.store.tx_leases import LeaseRows
 from monitor_svc.store.tx_log import LogRows
 from monitor_svc.store.tx_progress import ProgressRows
+from stepflow_common.limits import MAX_LOG_BYTES
 from stepflow_common.status import Kind
 from stepflow_common.step_outcome import ChildTally
 
@@ -75,7 +76,7 @@ class Tx(LeaseRows, LogRows, ProgressRows):
         *,
         lock_rows: bool,
         now: datetime | None = None,
-        log_limit_bytes: int = DEFAULT_MAX_LOG_BYTES,
+        log_limit_bytes: int = MAX_LOG_BYTES,
     ) -> None:
         self.conn = conn
         self.now = now or utcnow()

@@ -154,25 +154,7 @@ class LogRows:
                     step.held = line
                 step.dirty = True
                 continue
-            total.last_seq += 1
-            total.bytes += size
-            step.lines += 1
-            step.dirty = total.dirty = True
-            rows.append(
-                (
-                    manager_id,
-                    total.last_seq,
-                    line.time or now,
-                    line.step_id,
-                    line.child_id,
-                    line.attempt,
-                    line.source,
-                    line.level,
-                    message,
-                    line.truncated,
-                    key,
-                )
-            )
+            _append(rows, total, step, line, now, size)
         if rows:
             self._insert_lines(rows, now)
         self._write_heads([h for h in heads.values() if h.dirty])
@@ -274,10 +256,16 @@ def _head(heads: dict[tuple[str, str], _Head], manager_id: str, step_id: str) ->
 
 
 def _append(
-    rows: list[tuple[Any, ...]], total: _Head, step: _Head, line: LogLine, now: datetime
+    rows: list[tuple[Any, ...]],
+    total: _Head,
+    step: _Head,
+    line: LogLine,
+    now: datetime,
+    size: int | None = None,
 ) -> None:
+    """The line's row, with the log's next seq; its bytes and line counted."""
     total.last_seq += 1
-    total.bytes += message_bytes(line.message)
+    total.bytes += message_bytes(line.message) if size is None else size
     step.lines += 1
     total.dirty = step.dirty = True
     rows.append(
