@@ -297,7 +297,7 @@ def _prune(args: argparse.Namespace) -> int:
         engine.dispose()
     print(
         f"pruned {result.managers} finished jobs ({result.jobs} job rows, "
-        f"{result.progress_rows} step progress rows, {result.log_lines} log lines)"
+        f"{result.progress_rows} step progress rows); {result.log_lines} log lines"
     )
     return cli.EXIT_OK
 

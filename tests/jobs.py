@@ -185,3 +185,16 @@ async def assert_consistent(stub: Stub, manager: job_pb2.Job) -> None:
 
 def sim(children: int, duration_ms: int = 0, **more: Any) -> dict[str, Any]:
     return {"children": children, "duration_ms": duration_ms, **more}
+
+
+async def whole_log(monitor: Any, job_id: str) -> list[job_pb2.JobLogLine]:
+    """Every line of a job's log, page by page, through the client's ``read_log``
+    (``monitor``: a ``stepflow_client.aio.MonitorClient``)."""
+    lines: list[job_pb2.JobLogLine] = []
+    after = 0
+    while True:
+        page = await monitor.read_log(job_id, after_seq=after)
+        lines.extend(page.lines)
+        if page.next_seq == after:
+            return lines
+        after = page.next_seq

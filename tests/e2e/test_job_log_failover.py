@@ -16,7 +16,7 @@ from grpc import aio
 from stepflow_client import aio as client
 from stepflow_proto.v1 import job_pb2
 from stepflow_proto.v1 import monitor_service_pb2_grpc as m_grpc
-from tests.jobs import final
+from tests.jobs import final, whole_log
 from tests.process_helpers import (
     ServerProcess,
     monitor_process,
@@ -39,17 +39,6 @@ def monitor_options() -> dict[str, Any]:
         "default_wait_timeout": "60s",
         "extra": ["--orphan-timeout", "20s"],
     }
-
-
-async def read_all(monitor: client.MonitorClient, job_id: str) -> list[job_pb2.JobLogLine]:
-    lines: list[job_pb2.JobLogLine] = []
-    after = 0
-    while True:
-        page = await monitor.read_log(job_id, after_seq=after)
-        lines.extend(page.lines)
-        if page.next_seq == after:
-            return lines
-        after = page.next_seq
 
 
 async def wait_for_line(monitor: client.MonitorClient, job_id: str, text: str) -> None:
@@ -85,7 +74,7 @@ async def test_a_take_over_mid_step_keeps_the_lines_before_and_after_it_each_onc
         await wait_for_line(mon, manager_id, "before-1")
         first.kill()
         done = await final(mstub, manager_id, within=WITHIN_S)
-        lines = await read_all(mon, manager_id)
+        lines = await whole_log(mon, manager_id)
     assert done.status == job_pb2.JOB_STATUS_COMPLETED, (done.error, done.end_reason)
     assert done.owner == "second"
     printed = [(line.message, line.attempt) for line in lines if line.source == "stdout"]
@@ -137,7 +126,7 @@ async def test_the_monitor_killed_while_children_print_loses_no_line_and_stores_
         async with client.MonitorClient(monitor.address) as mon:
             async with aio.insecure_channel(monitor.address) as channel:
                 done = await final(m_grpc.MonitorServiceStub(channel), manager_id, within=WITHIN_S)
-            lines = await read_all(mon, manager_id)
+            lines = await whole_log(mon, manager_id)
     assert monitor.starts == 3
     assert done.status == job_pb2.JOB_STATUS_COMPLETED, done.error
     by_child: dict[str, list[str]] = collections.defaultdict(list)

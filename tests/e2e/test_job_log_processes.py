@@ -18,6 +18,7 @@ from grpc import aio
 from stepflow_client import aio as client
 from stepflow_proto.v1 import job_pb2
 from stepflow_proto.v1 import monitor_service_pb2_grpc as m_grpc
+from tests.jobs import whole_log
 from tests.process_helpers import (
     ORCHESTRATOR_SVC,
     TERMINAL,
@@ -64,17 +65,6 @@ JOB: dict[str, Any] = {
 }
 
 
-async def read_all(monitor: client.MonitorClient, job_id: str) -> list[job_pb2.JobLogLine]:
-    lines: list[job_pb2.JobLogLine] = []
-    after = 0
-    while True:
-        page = await monitor.read_log(job_id, after_seq=after)
-        lines.extend(page.lines)
-        if page.next_seq == after:
-            return lines
-        after = page.next_seq
-
-
 def services(database_url: str, tmp_path: Path, *monitor_extra: str):  # type: ignore[no-untyped-def]
     monitor = monitor_process(database_url, tmp_path, extra=monitor_extra)
     orchestrator = orchestrator_process(monitor.address, tmp_path)
@@ -96,7 +86,7 @@ async def test_what_a_job_prints_is_in_its_log_once_in_order_beside_its_events(
                 within=60,
             )
         async with client.MonitorClient(monitor.address) as mon:
-            lines = await read_all(mon, manager_id)
+            lines = await whole_log(mon, manager_id)
             followed = [line async for line in mon.follow_log(manager_id)]
     assert job.status == job_pb2.JOB_STATUS_COMPLETED
     steps = {stat.step_name: stat.step_id for stat in job.step_stats}
@@ -254,7 +244,7 @@ async def test_a_command_printing_far_past_the_budget_is_bounded_and_its_step_en
                 within=150,
             )
         async with client.MonitorClient(monitor.address) as mon:
-            lines = await read_all(mon, manager_id)
+            lines = await whole_log(mon, manager_id)
     assert final.status == job_pb2.JOB_STATUS_COMPLETED, final.error
     out = [line for line in lines if line.source == "stdout"]
     assert out[0].message == "first" and out[-1].message == "last"

@@ -105,8 +105,9 @@ def prune(database_url: str, older_than: str, batch_size: int = 2) -> tuple[int,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     found = re.search(
-        r"pruned (\d+) finished jobs \((\d+) job rows, (\d+) step progress rows, (\d+) log "
-        r"lines\)",
+        # The line as it was before the job log (scripts read it), then the log's lines.
+        r"pruned (\d+) finished jobs \((\d+) job rows, (\d+) step progress rows\); (\d+) log "
+        r"lines",
         done.stdout,
     )
     assert found, done.stdout

@@ -114,8 +114,8 @@ async def test_a_step_ended_by_its_children_is_told_once_with_its_reason(stub: S
     assert ends == ["step fan completed (children_terminal)"]
     # Seal before the step's end, the failure before the seal: commit order.
     assert messages.index("child c2 failed: exit 3") < messages.index(ends[0])
-    got = (await stub.GetJob(m.GetJobRequest(job_id=manager.id), timeout=CALL_S)).job
-    assert got.step_stats == [] or all(s.status == S.JOB_STATUS_COMPLETED for s in got.step_stats)
+    ended = (await stub.GetJob(m.GetJobRequest(job_id=step.id), timeout=CALL_S)).job
+    assert (ended.status, ended.end_reason) == (S.JOB_STATUS_COMPLETED, "children_terminal")
 
 
 async def test_stream_lines_are_stored_once_whatever_is_resent(stub: Stub) -> None:
