@@ -9,12 +9,13 @@ from collections.abc import Callable
 
 from monitor_svc.lifecycle import StepTimers
 from monitor_svc.records import DocumentLimits
-from monitor_svc.server import DEFAULT_PORT, MonitorConfig, serve
+from monitor_svc.server import DEFAULT_HTTP_PORT, DEFAULT_PORT, MonitorConfig, serve
 from monitor_svc.store.engine import (
     DEFAULT_DATABASE_URL,
     SQLITE_SYNCHRONOUS_DEFAULT,
     SQLITE_SYNCHRONOUS_MODES,
 )
+from monitor_svc.web.server import CannotServeWeb
 from stepflow_common import cli, logs, metrics, serving, tracing
 from stepflow_common.cli import add_flag, add_log_level, add_server_flags, security_from
 from stepflow_common.durations import parse_flag_duration
@@ -46,6 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_flag(serve_p, COMMAND, "--host", "127.0.0.1", "address to listen on")
     add_flag(serve_p, COMMAND, "--port", DEFAULT_PORT, "port to listen on", type_=int)
+    add_flag(
+        serve_p,
+        COMMAND,
+        "--http-port",
+        DEFAULT_HTTP_PORT,
+        "serve the web view and its JSON API on this port, on --host (0 = off)",
+        type_=int,
+    )
     _database_flag(serve_p)
     add_flag(
         serve_p,
@@ -208,9 +217,13 @@ def _serve(args: argparse.Namespace) -> int:
 def _serve_with(args: argparse.Namespace) -> int:
     config = config_from(args)
     cli.check_listen(args.host, args.port)
+    if config.http_port:
+        cli.check_listen(args.host, config.http_port, flag="--http-port")
     metrics.serve_only("monitor")
     try:
         asyncio.run(serve(config))
+    except CannotServeWeb as exc:
+        raise cli.CliError(str(exc), cli.EXIT_UNREACHABLE) from exc
     except CannotListen as exc:
         raise cli.CliError(
             f"{exc}; stop whatever uses the port or choose another --port", cli.EXIT_UNREACHABLE
@@ -241,6 +254,8 @@ def config_from(args: argparse.Namespace) -> MonitorConfig:
     """The server's configuration from ``serve``'s flags; InvalidArgument names a bad one."""
     if args.max_metadata_bytes < 1024:
         raise InvalidArgument("--max-metadata-bytes: must be at least 1024")
+    if not 0 <= args.http_port <= 65535:
+        raise InvalidArgument(f"--http-port: {args.http_port} is not a port (0 = off)")
     if args.max_log_bytes < 1024:
         raise InvalidArgument("--max-log-bytes: must be at least 1024")
     synchronous = args.sqlite_synchronous.lower()
@@ -274,6 +289,7 @@ def config_from(args: argparse.Namespace) -> MonitorConfig:
         ),
         sqlite_synchronous=synchronous,
         otlp_endpoint=tracing.check_endpoint(args.otlp_endpoint),
+        http_port=args.http_port or None,
     )
 
 

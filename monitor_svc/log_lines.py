@@ -74,6 +74,7 @@ class LogPage:
     next_seq: int  # the lines up to here have been read (some may be filtered out)
     complete: bool  # the job is terminal and no line after next_seq exists
     more: bool = False  # lines after next_seq exist already (the page was full)
+    last_seq: int = 0  # the log's last line at this read, whatever the filter
 
 
 @dataclass(frozen=True, slots=True)

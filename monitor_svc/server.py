@@ -20,6 +20,7 @@ from monitor_svc.store.migrate import upgrade
 from monitor_svc.store.notify import Listener
 from monitor_svc.store.store import MonitorStore, read_view
 from monitor_svc.watch import WatchHub
+from monitor_svc.web.view import WebView
 from monitor_svc.wire.prebuilt import add_to_server
 from stepflow_common import metrics, serving, tracing
 from stepflow_common.grpc_errors import DomainErrorInterceptor
@@ -29,6 +30,7 @@ log = structlog.get_logger(__name__)
 
 SERVICE_NAME = monitor_service_pb2.DESCRIPTOR.services_by_name["MonitorService"].full_name
 DEFAULT_PORT = 50051
+DEFAULT_HTTP_PORT = 8080
 SHUTDOWN_GRACE_S = 10.0
 
 
@@ -46,6 +48,7 @@ class MonitorConfig:
     limits: DocumentLimits = field(default_factory=DocumentLimits)
     sqlite_synchronous: str = SQLITE_SYNCHRONOUS_DEFAULT
     otlp_endpoint: str = ""  # OpenTelemetry traces to this OTLP/gRPC collector; "" = off
+    http_port: int | None = None  # the web view on this port (0: a free one); None = off
 
 
 @dataclass(slots=True)
@@ -59,6 +62,7 @@ class RunningMonitor:
     shutdown_grace_s: float
     logs: LogHub
     listener: Listener | None = None
+    web: WebView | None = None
 
     @property
     def address(self) -> str:
@@ -67,6 +71,8 @@ class RunningMonitor:
     async def stop(self, grace: float | None = None) -> None:
         """Refuse new calls, let in-flight ones (and stream acks) finish, then close storage."""
         await serving.set_not_serving(self.health, [SERVICE_NAME])
+        if self.web is not None:
+            await self.web.stop()
         await self.timer.stop()
         await self.server.stop(self.shutdown_grace_s if grace is None else grace)
         if self.listener is not None:
@@ -118,6 +124,7 @@ async def create_server(config: MonitorConfig) -> RunningMonitor:
     add_to_server(MonitorServicer(store, hub, logs), server)
     health = serving.add_health_and_reflection(server, [SERVICE_NAME])
     port = serving.bind(server, f"{config.host}:{config.port}", config.security)
+    loopback = WebView.bind_loopback(server) if config.http_port is not None else None
     await server.start()
     timer.start()
     listener = None
@@ -130,10 +137,22 @@ async def create_server(config: MonitorConfig) -> RunningMonitor:
         listener = Listener(config.database_url, on_change)
         listener.start()
         await asyncio.to_thread(listener.ready.wait, 5.0)
+    web = None
+    if loopback is not None and config.http_port is not None:
+        try:
+            web = await WebView.start(loopback, config.host, config.http_port, config.security)
+        except BaseException:
+            await server.stop(0)
+            raise
     await serving.set_serving(health, [SERVICE_NAME])
-    log.info("monitor serving", port=port, database=safe_url(config.database_url))
+    log.info(
+        "monitor serving",
+        port=port,
+        database=safe_url(config.database_url),
+        **({"web": web.url} if web else {}),
+    )
     return RunningMonitor(
-        server, port, store, hub, timer, health, config.shutdown_grace_s, logs, listener
+        server, port, store, hub, timer, health, config.shutdown_grace_s, logs, listener, web
     )
 
 

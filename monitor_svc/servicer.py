@@ -244,6 +244,7 @@ class MonitorServicer(m_grpc.MonitorServiceServicer):
             lines=[convert_log.line_pb(line) for line in page.lines],
             next_seq=page.next_seq,
             complete=page.complete,
+            last_seq=page.last_seq,
         )
 
     async def FollowJobLog(

@@ -156,6 +156,11 @@ class WatchHub:
     def watching(self, job_id: str) -> bool:
         return job_id in self._feeds
 
+    def watchers(self, job_id: str) -> int:
+        """How many WatchJob calls are on ``job_id`` now."""
+        feed = self._feeds.get(job_id)
+        return len(feed.watchers) if feed is not None else 0
+
     def feed_reads(self, job_id: str) -> int:
         feed = self._feeds.get(job_id)
         return feed.reads if feed is not None else 0

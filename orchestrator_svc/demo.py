@@ -39,8 +39,10 @@ from rich.text import Text
 
 from orchestrator_svc import definitions
 from orchestrator_svc.demo_services import (
+    HOST,
     ServiceError,
     ServiceProcess,
+    free_port,
     start_service,
     stop_all,
     wait_serving,
@@ -83,6 +85,7 @@ EXPECTED_JOB_STATUS = "completed"  # every failure above was continued past
 FAILOVER_LEASE = "3s"
 FAILOVER_ORPHAN_TIMEOUT = "1m"
 FAILOVER_KILL_AFTER = 15
+LOOK_S = 120.0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,6 +146,19 @@ def _parser() -> argparse.ArgumentParser:
         f"other one adopting and finishing it (lease {FAILOVER_LEASE})",
     )
     parser.add_argument(
+        "--http-port",
+        type=int,
+        default=0,
+        help="the monitor's web view on this port [default: a free one]",
+    )
+    parser.add_argument(
+        "--look",
+        type=float,
+        default=LOOK_S,
+        help="in a terminal, seconds the services stay up after the job so its page can be "
+        f"looked at (0: none) [default: {LOOK_S:.0f}]",
+    )
+    parser.add_argument(
         "--keep-running",
         action="store_true",
         help="leave both services up after the job (for grpcurl) until Ctrl-C",
@@ -157,6 +173,7 @@ def _demo(
     if not job_file.is_file():
         raise ServiceError(f"no job file at {job_file} (run the demo from a clone of the repo)")
     database_url = f"sqlite:///{tmp / 'stepflow.db'}"
+    web_port = args.http_port or free_port()
     console.print(f"[bold]stepflow demo[/]: {escape(str(job_file))}")
 
     python = [sys.executable, "-m"]
@@ -167,12 +184,14 @@ def _demo(
         "monitor",
         MONITOR_SERVICE,
         [*python, "monitor_svc", "serve", "--database-url", database_url,
-         "--grace-period", GRACE_PERIOD, *failover, *common],
+         "--grace-period", GRACE_PERIOD, "--http-port", str(web_port), *failover, *common],
         tmp,
     ))  # fmt: skip
     monitor = services[-1]
     wait_serving(monitor)
+    web = f"http://{HOST}:{web_port}"
     console.print(f"  monitor       {monitor.address}")
+    console.print(f"  web view      {web}/", soft_wrap=True)
     console.print(f"  SQLite        {tmp / 'stepflow.db'}", soft_wrap=True)
     names = ["orchestrator-a", "orchestrator-b"] if args.failover else ["orchestrator"]
     for name in names:
@@ -185,7 +204,7 @@ def _demo(
     orchestrator = services[1]
 
     victim = orchestrator if args.failover else None
-    final = asyncio.run(_run_job(job_file, orchestrator, monitor, console, kill=victim))
+    final = asyncio.run(_run_job(job_file, orchestrator, monitor, console, web, kill=victim))
     if victim is not None:
         services.remove(victim)  # killed on purpose: not stopped again, not a failure
     if job_file.resolve() == DEMO_JOB:
@@ -199,7 +218,9 @@ def _demo(
         if service.process.poll() is not None:
             raise ServiceError(f"the {service.name} died during the demo:\n{service.log_tail()}")
     if args.keep_running:
-        _keep_running(monitor, orchestrator, final, console)
+        _keep_running(monitor, orchestrator, final, console, web)
+    elif args.look > 0:
+        _leave_time_to_look(final, console, web, args.look)
     return outcome
 
 
@@ -208,6 +229,7 @@ async def _run_job(
     orchestrator: ServiceProcess,
     monitor: ServiceProcess,
     console: Console,
+    web: str,
     *,
     kill: ServiceProcess | None = None,
 ) -> Job:
@@ -220,6 +242,7 @@ async def _run_job(
             o.SubmitJobRequest(definition=definitions.to_proto(spec), request_id=uuid.uuid4().hex),
             timeout=30,
         )
+    console.print(f"watch it in a browser: {web}/jobs/{response.manager_id}\n", soft_wrap=True)
     async with serving.channel(monitor.address, security) as channel:
         client = MonitorClient(channel)
         killer = None
@@ -307,9 +330,11 @@ def _keep_running(
     orchestrator: ServiceProcess,
     job: Job,
     console: Console,
+    web: str,
 ) -> None:
     console.print("\nboth services stay up until Ctrl-C; try, from the repository:")
     for hint in (
+        f"  open {web}/jobs/{job.id}",
         f"  .venv/bin/grpcurl -plaintext {monitor.address} list",
         f'  .venv/bin/grpcurl -plaintext -d \'{{"job_id": "{job.id}"}}\' '
         f"{monitor.address} stepflow.v1.MonitorService/GetJob",
@@ -324,6 +349,20 @@ def _keep_running(
             time.sleep(0.5)
     except KeyboardInterrupt:
         console.print()
+
+
+def _leave_time_to_look(job: Job, console: Console, web: str, seconds: float) -> None:
+    """In a terminal, the services stay up a while (Enter stops them sooner), so the page of
+    the job that just ran can be opened; elsewhere (scripts, tests) the demo ends at once."""
+    if not sys.stdin.isatty():
+        return
+    console.print(
+        f"\nthe web view stays up for {seconds:.0f}s (Enter stops it now): {web}/jobs/{job.id}",
+        soft_wrap=True,
+    )
+    import select
+
+    select.select([sys.stdin], [], [], seconds)
 
 
 def exit_with(code: int) -> None:

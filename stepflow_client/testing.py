@@ -28,6 +28,7 @@ This module is never imported by ``stepflow_client`` itself.
 from __future__ import annotations
 
 import os
+import socket
 import uuid
 from collections.abc import Generator, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -35,8 +36,8 @@ from typing import Any
 
 # The server knobs stay readable here, where they were defined before _local_server.py.
 from stepflow_client._local_server import HEALTH_CALL_S as HEALTH_CALL_S
-from stepflow_client._local_server import LOG_TAIL_LINES as LOG_TAIL_LINES
 from stepflow_client._local_server import (
+    HOST,
     MONITOR_PORT_EVENT,
     MONITOR_SERVICE,
     ORCHESTRATOR_PORT_EVENT,
@@ -46,6 +47,7 @@ from stepflow_client._local_server import (
     LocalServer,
     ServerFailed,
 )
+from stepflow_client._local_server import LOG_TAIL_LINES as LOG_TAIL_LINES
 from stepflow_client._local_server import POLL_S as POLL_S
 from stepflow_client._local_server import STOP_TIMEOUT_S as STOP_TIMEOUT_S
 
@@ -79,6 +81,19 @@ class LocalMonitor(LocalServer):
         self._database_url = database_url
         self._grace_period = grace_period
         self._default_wait_timeout = default_wait_timeout
+        self._web_port = 0
+
+    @property
+    def web_url(self) -> str:
+        """``http://127.0.0.1:PORT``: the monitor's web view and JSON API (the same after a
+        restart)."""
+        return f"http://{HOST}:{self.web_port}"
+
+    @property
+    def web_port(self) -> int:
+        if not self._web_port:
+            self._web_port = _flag_value(self._args, "--http-port") or free_port()
+        return self._web_port
 
     @property
     def database_url(self) -> str:
@@ -91,7 +106,12 @@ class LocalMonitor(LocalServer):
         return None if self._database_url else self.directory / "stepflow.db"
 
     def _serve_args(self) -> list[str]:
-        args = [*super()._serve_args(), "--database-url", self.database_url]
+        args = [
+            *super()._serve_args(),
+            "--database-url", self.database_url,
+            # A free port of its own, so monitors side by side never share the default 8080.
+            "--http-port", str(self.web_port),
+        ]  # fmt: skip
         if self._grace_period is not None:
             args += ["--grace-period", self._grace_period]
         if self._default_wait_timeout is not None:
@@ -120,6 +140,24 @@ class LocalOrchestrator(LocalServer):
         if self._lease is not None:
             args += ["--lease", self._lease]
         return args
+
+
+def free_port() -> int:
+    """A port nothing listens on now (the kernel's pick)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _flag_value(args: Sequence[str], flag: str) -> int:
+    """The integer a flag is given in ``args`` (``--flag N`` or ``--flag=N``; 0 if absent)."""
+    for i, arg in enumerate(args):
+        if arg == flag and i + 1 < len(args):
+            return int(args[i + 1])
+        if arg.startswith(flag + "="):
+            return int(arg.split("=", 1)[1])
+    return 0
 
 
 def start_monitor(

@@ -161,7 +161,7 @@ def check_tls(ca: str, cert: str, key: str, flags: tuple[str, str, str]) -> None
         raise CliError(str(exc), EXIT_USAGE) from exc
 
 
-def check_listen(host: str, port: int) -> None:
+def check_listen(host: str, port: int, flag: str = "--port") -> None:
     """CliError unless ``host:port`` can be listened on now.
 
     Checked before the server binds, so the person reads which address is taken instead of
@@ -183,7 +183,7 @@ def check_listen(host: str, port: int) -> None:
             except OSError as exc:
                 raise CliError(
                     f"cannot listen on {host}:{port}: {exc.strerror}; stop whatever uses it or "
-                    "choose another --port (or --host)",
+                    f"choose another {flag} (or --host)",
                     EXIT_UNREACHABLE,
                 ) from exc
 

@@ -177,14 +177,17 @@ def monitor_process(
     name: str = "monitor",
     grace_period: str = "0.5s",
     default_wait_timeout: str = "30s",
+    http_port: int = 0,
     extra: Sequence[str] = (),
     channel_factory: Callable[[str], aio.Channel] | None = None,
 ) -> ServerProcess:
+    """A ``monitor-svc serve`` process; its web view is off unless ``http_port`` is given."""
     port = free_port()
     argv = [
         str(MONITOR_SVC), "serve",
         "--host", "127.0.0.1",
         "--port", str(port),
+        "--http-port", str(http_port),
         "--database-url", database_url,
         "--grace-period", grace_period,
         "--default-wait-timeout", default_wait_timeout,

@@ -67,7 +67,8 @@ def read_page(
     full = len(lines) == limit or size > MAX_PAGE_BYTES
     # Past the last line read; with nothing more up to the head, past what the filters skip.
     next_seq = lines[-1].seq if full else max(head, after_seq)
-    return LogPage(lines, next_seq, terminal and next_seq >= head, more=next_seq < head)
+    complete = terminal and next_seq >= head
+    return LogPage(lines, next_seq, complete, more=next_seq < head, last_seq=head)
 
 
 def last_seq(conn: Connection, manager_id: str) -> int:

@@ -269,14 +269,16 @@ class ReadJobLogRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., after_seq: _Optional[int] = ..., limit: _Optional[int] = ..., step_id: _Optional[str] = ..., child_id: _Optional[str] = ..., sources: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ReadJobLogResponse(_message.Message):
-    __slots__ = ("lines", "next_seq", "complete")
+    __slots__ = ("lines", "next_seq", "complete", "last_seq")
     LINES_FIELD_NUMBER: _ClassVar[int]
     NEXT_SEQ_FIELD_NUMBER: _ClassVar[int]
     COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEQ_FIELD_NUMBER: _ClassVar[int]
     lines: _containers.RepeatedCompositeFieldContainer[_job_pb2.JobLogLine]
     next_seq: int
     complete: bool
-    def __init__(self, lines: _Optional[_Iterable[_Union[_job_pb2.JobLogLine, _Mapping]]] = ..., next_seq: _Optional[int] = ..., complete: _Optional[bool] = ...) -> None: ...
+    last_seq: int
+    def __init__(self, lines: _Optional[_Iterable[_Union[_job_pb2.JobLogLine, _Mapping]]] = ..., next_seq: _Optional[int] = ..., complete: _Optional[bool] = ..., last_seq: _Optional[int] = ...) -> None: ...
 
 class FollowJobLogRequest(_message.Message):
     __slots__ = ("job_id", "after_seq", "limit", "step_id", "child_id", "sources")

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy.engine import make_url
 
+from monitor_svc.cli import build_parser as monitor_parser
 from stepflow_common.cli import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -199,6 +200,23 @@ def test_serve_on_a_taken_port_says_which(taken_port: int, tmp_path: Path) -> No
         event = json.loads(done.line)
         assert event["level"] == "error" and event["exit_status"] == EXIT_UNREACHABLE
         assert f"cannot listen on {address}" in event["error"]
+
+
+def test_a_taken_web_port_is_one_line_naming_the_flag(taken_port: int, tmp_path: Path) -> None:
+    database = f"sqlite:///{tmp_path / 'm.db'}"
+    serve = [MONITOR_SVC, "serve", "--port", "0", "--database-url", database]
+    done = run(*serve, "--http-port", str(taken_port), "--log-format", "console")
+    assert done.code == EXIT_UNREACHABLE
+    assert f"cannot listen on 127.0.0.1:{taken_port}: Address already in use" in done.line
+    assert "--http-port" in done.line
+    # The flag's environment variable, as for every flag.
+    done = run(
+        *serve, "--log-format", "console", env={"STEPFLOW_MONITOR_HTTP_PORT": str(taken_port)}
+    )
+    assert done.code == EXIT_UNREACHABLE and "--http-port" in done.line
+    assert monitor_parser().parse_args(["serve"]).http_port == 8080
+    done = run(*serve, "--http-port", "70000", "--log-format", "console")
+    assert done.code == EXIT_USAGE and "--http-port" in done.line
 
 
 def test_a_plugin_that_cannot_load_stops_the_orchestrator_in_one_line(tmp_path: Path) -> None:
