@@ -464,13 +464,17 @@ def monitor_process(
     grace_period: str | None = None,
     tag: str = "monitor",
     metrics_port: int = 0,
+    http_port: int = 0,
 ) -> ServerProcess:
+    """A ``monitor-svc serve`` process; its web view is off unless ``http_port`` is given."""
     port = free_port()
     argv = [
         str(MONITOR_SVC),
         "serve",
         "--port",
         str(port),
+        "--http-port",
+        str(http_port),
         "--database-url",
         database_url,
         "--log-format",

@@ -24,6 +24,7 @@ BENCHMARKS = (
     "bench_e2e.py",
     "bench_dbsize.py",
     "bench_log.py",
+    "bench_web.py",
 )
 # Run only when named in --only (or with --failover): it kills orchestrators on purpose.
 OPTIONAL = ("bench_failover.py",)

@@ -15,6 +15,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable
 
 import structlog
 
+from monitor_svc import metrics
 from monitor_svc.log_lines import LogPage, StoredLine
 from monitor_svc.store.tx import LOG_CHANGE_PREFIX
 
@@ -63,6 +64,7 @@ class _Feed:
                 self._dirty.set()
                 continue
             self.reads += 1
+            metrics.observe_log_read()
             self.latest = (self._after, page)
             if page.more:
                 self._dirty.set()

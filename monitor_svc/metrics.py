@@ -31,6 +31,12 @@ WATCH_READS = Counter(
     "however many watch it.",
     registry=None,
 )
+LOG_READS = Counter(
+    "stepflow_monitor_log_reads_total",
+    "Reads of a followed job log by the FollowJobLog hub: one per commit that grew it, "
+    "however many follow it (a follower catching up reads the stored lines itself).",
+    registry=None,
+)
 LOG_LINES = Counter(
     "stepflow_monitor_log_lines_total",
     "Job-log lines received on StreamChildEvents; outcome is accepted or rejected.",
@@ -45,7 +51,15 @@ DEADLINES_FIRED = Counter(
 
 register_service(
     "monitor",
-    (CHILD_EVENTS, COMMIT_DURATION, COMMIT_UNITS, DEADLINES_FIRED, LOG_LINES, WATCH_READS),
+    (
+        CHILD_EVENTS,
+        COMMIT_DURATION,
+        COMMIT_UNITS,
+        DEADLINES_FIRED,
+        LOG_LINES,
+        LOG_READS,
+        WATCH_READS,
+    ),
 )
 
 
@@ -69,3 +83,7 @@ def observe_commit(seconds: float, units: int) -> None:
 
 def observe_watch_read() -> None:
     WATCH_READS.inc()
+
+
+def observe_log_read() -> None:
+    LOG_READS.inc()

@@ -7,6 +7,7 @@ only the plugin's fixtures and the generated stubs. The others drive the context
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -14,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -221,6 +223,23 @@ def test_two_monitors_are_independent() -> None:
             _get(two.target, job.id)
         assert raised.value.code() == grpc.StatusCode.NOT_FOUND
         assert _get(one.target, job.id).name == "only-in-one"
+
+
+def _web_job(web_url: str, job_id: str) -> dict[str, object]:
+    with urllib.request.urlopen(f"{web_url}/api/v1/jobs/{job_id}", timeout=CALL_S) as answer:
+        document: dict[str, object] = json.loads(answer.read())
+        return document
+
+
+def test_each_monitor_has_a_web_view_of_its_own_kept_across_a_restart() -> None:
+    with start_monitor() as one, start_monitor() as two:
+        assert one.web_url != two.web_url  # neither took the default 8080 from the other
+        job = _create_manager(one.target, "on-the-web")
+        assert _web_job(one.web_url, job.id)["name"] == "on-the-web"
+        web_url = one.web_url
+        one.restart()
+        assert one.web_url == web_url
+        assert _web_job(one.web_url, job.id)["name"] == "on-the-web"
 
 
 def test_nothing_is_left_after_the_block_even_when_it_raises(tmp_path: Path) -> None:

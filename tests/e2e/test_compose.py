@@ -23,6 +23,7 @@ import yaml
 from sqlalchemy.engine import make_url
 
 from monitor_svc import cli as monitor_cli
+from monitor_svc.server import DEFAULT_HTTP_PORT
 from orchestrator_svc import cli as orchestrator_cli
 from orchestrator_svc.demo_services import ServiceProcess, free_port, start_service, wait_serving
 from tests.process_helpers import PG_BIN
@@ -33,6 +34,7 @@ DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 BIN = Path(sys.executable).parent
 MONITOR_PORT = 50051
+WEB_PORT = DEFAULT_HTTP_PORT  # the monitor's web view
 ORCHESTRATOR_PORT = 50052
 MONITOR_SERVICE = "stepflow.v1.MonitorService"
 ORCHESTRATOR_SERVICE = "stepflow.v1.OrchestratorService"
@@ -107,7 +109,8 @@ def test_services_build_the_dockerfile(compose: dict[str, Any], name: str) -> No
 
 
 @pytest.mark.parametrize(
-    ("name", "port"), [("monitor", MONITOR_PORT), ("orchestrator", ORCHESTRATOR_PORT)]
+    ("name", "port"),
+    [("monitor", MONITOR_PORT), ("monitor", WEB_PORT), ("orchestrator", ORCHESTRATOR_PORT)],
 )
 def test_ports_are_published(compose: dict[str, Any], name: str, port: int) -> None:
     ports = [str(p) for p in _service(compose, name)["ports"]]

@@ -1,8 +1,9 @@
 """README.md cannot drift: its grpcurl walkthrough runs against live servers, as written.
 
-Every fenced ``sh`` block whose first line starts with ``grpcurl`` is run with bash, in
-README order, against real ``monitor-svc serve`` and ``orchestrator-svc serve`` processes
-(``localhost:50051``/``localhost:50052`` are swapped for their ports). Shell variables the
+Every fenced ``sh`` block whose first line starts with ``grpcurl`` (or ``curl``, for the web
+view's JSON API) is run with bash, in README order, against real ``monitor-svc serve`` and
+``orchestrator-svc serve`` processes (``localhost:50051``/``localhost:50052``/``localhost:8080``
+are swapped for their ports). Shell variables the
 README has the reader set from an earlier answer come from HTML comments just before a block:
 
     <!-- readme-test: set MANAGER_ID=job.id -->    after the block, MANAGER_ID = its job.id
@@ -35,7 +36,12 @@ import pytest
 from monitor_svc import cli as monitor_cli
 from orchestrator_svc import cli as orchestrator_cli
 from orchestrator_svc import definitions
-from orchestrator_svc.demo_services import ServiceProcess, start_service, wait_serving
+from orchestrator_svc.demo_services import (
+    ServiceProcess,
+    free_port,
+    start_service,
+    wait_serving,
+)
 from orchestrator_svc.workers.base import StepContext
 from orchestrator_svc.workers.registry import as_worker
 from stepflow_common.errors import InvalidArgument
@@ -46,6 +52,7 @@ README = ROOT / "README.md"
 BIN = Path(sys.executable).parent
 README_MONITOR = "localhost:50051"
 README_ORCHESTRATOR = "localhost:50052"
+README_WEB = "localhost:8080"
 COMMAND_TIMEOUT_S = 60.0
 GRPCURL_ERROR_BASE = 64  # grpcurl exits with 64 + the status code's number
 FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```[ \t]*$", re.M | re.S)
@@ -84,13 +91,23 @@ def grpcurl_examples() -> list[Block]:
     return [b for b in blocks() if b.language == "sh" and b.text.lstrip().startswith("grpcurl")]
 
 
+def walkthrough() -> list[Block]:
+    """The grpcurl examples and the web view's curl examples, in README order."""
+    return [
+        b
+        for b in blocks()
+        if b.language == "sh" and b.text.lstrip().startswith(("grpcurl", "curl "))
+    ]
+
+
 # -- the walkthrough, live ---------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str, str]]:
     tmp = tmp_path_factory.mktemp("readme")
     common = ["--shutdown-grace", "2s", "--log-format", "json"]
+    web = f"127.0.0.1:{free_port()}"
     monitor = [str(BIN / "monitor-svc"), "serve", "--database-url", f"sqlite:///{tmp / 'r.db'}",
-               "--grace-period", "5s", *common]  # fmt: skip
+               "--grace-period", "5s", "--http-port", web.rsplit(":", 1)[1], *common]  # fmt: skip
     started: list[ServiceProcess] = []
     try:
         started.append(start_service("monitor", "stepflow.v1.MonitorService", monitor, tmp))
@@ -102,7 +119,7 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str
             )
         )
         wait_serving(started[1])
-        yield started[0].address, started[1].address
+        yield started[0].address, started[1].address, web
     finally:
         codes = {service.name: service.stop() for service in reversed(started)}
     assert codes == {"orchestrator": 0, "monitor": 0}, f"unclean shutdown: {codes}"
@@ -126,15 +143,17 @@ def _expected_exit(code_name: str) -> tuple[int, str]:
     return GRPCURL_ERROR_BASE + code.value[0], f"Code: {camel}"
 
 
-def test_readme_grpcurl_walkthrough(servers: tuple[str, str]) -> None:
-    monitor, orchestrator = servers
-    examples = grpcurl_examples()
+def test_readme_grpcurl_walkthrough(servers: tuple[str, str, str]) -> None:
+    monitor, orchestrator, web = servers
+    examples = walkthrough()
     assert len(examples) >= 20, "the grpcurl examples were not found in README.md"
+    assert any(b.text.lstrip().startswith("curl ") for b in examples), "no web API example"
     env = {k: v for k, v in os.environ.items() if not k.startswith("STEPFLOW_")}
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"  # grpcurl from the venv
     for example in examples:
         script = example.text.replace(README_MONITOR, monitor)
         script = script.replace(README_ORCHESTRATOR, orchestrator)
+        script = script.replace(README_WEB, web)
         done = _run(script, env)
         where = (
             f"README.md line {example.line}:\n{example.text}\n"

@@ -1,6 +1,6 @@
 """The layers hold: only ``monitor_svc/store`` (and its migrations) import SQLAlchemy, the
-lifecycle rules import neither SQL nor gRPC, and the Python client needs nothing of the
-services' dependencies."""
+lifecycle rules import neither SQL nor gRPC, the web view reaches the monitor only through
+its public RPCs, and the Python client needs nothing of the services' dependencies."""
 
 from __future__ import annotations
 
@@ -49,6 +49,13 @@ def test_the_lifecycle_imports_no_sql_and_no_grpc(path: Path) -> None:
     banned = {"sqlalchemy", "grpc", "stepflow_proto", "google"}
     assert not {m for m in _imports(path) if m.split(".")[0] in banned}
     assert not {m for m in _imports(path) if m.startswith("monitor_svc.store")}
+
+
+@pytest.mark.parametrize("path", _modules(MONITOR / "web"), ids=lambda p: str(p.relative_to(ROOT)))
+def test_the_web_view_uses_the_public_rpcs_only(path: Path) -> None:
+    """It could run as a process of its own: nothing of the monitor but the web package."""
+    own = {m for m in _imports(path) if m.split(".")[0] == "monitor_svc"}
+    assert all(m.startswith("monitor_svc.web") for m in own), own
 
 
 CLIENT = ROOT / "stepflow_client"
