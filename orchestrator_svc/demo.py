@@ -242,7 +242,7 @@ async def _run_job(
             o.SubmitJobRequest(definition=definitions.to_proto(spec), request_id=uuid.uuid4().hex),
             timeout=30,
         )
-    console.print(f"watch it in a browser: {web}/jobs/{response.manager_id}\n", soft_wrap=True)
+    console.print(f"job page: {web}/jobs/{response.manager_id}\n", soft_wrap=True)
     async with serving.channel(monitor.address, security) as channel:
         client = MonitorClient(channel)
         killer = None
@@ -356,10 +356,8 @@ def _leave_time_to_look(job: Job, console: Console, web: str, seconds: float) ->
     the job that just ran can be opened; elsewhere (scripts, tests) the demo ends at once."""
     if not sys.stdin.isatty():
         return
-    console.print(
-        f"\nthe web view stays up for {seconds:.0f}s (Enter stops it now): {web}/jobs/{job.id}",
-        soft_wrap=True,
-    )
+    console.print(f"\nthe web view stays up for {seconds:.0f}s (Enter stops it now):")
+    console.print(f"  {web}/jobs/{job.id}", soft_wrap=True)
     import select
 
     select.select([sys.stdin], [], [], seconds)

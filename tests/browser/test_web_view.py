@@ -224,6 +224,12 @@ async def test_the_log_follows_live_and_survives_a_reload_without_duplicates(
         final = await sample_until(page, lambda s: len(s.log) >= len(seqs), [])
         assert_log_is(final, seqs)
         assert set(mid.log) <= set(final.log)
+        # A page of a job that does not exist says so, and stops asking.
+        await page.goto(f"{web}/jobs/no-such-job")
+        await page.wait_for_selector("[data-job-status]:text('not found')")
+        assert await page.text_content("[data-live]") == "not found"
+        await page.goto(f"{web}/jobs/{manager_id}")
+        await sample_until(page, lambda s: len(s.log) >= len(seqs), [])
         for i in range(1, 13):  # each printed line once on the page
             assert (
                 await page.locator(".msg", has_text=f"line-{i}")

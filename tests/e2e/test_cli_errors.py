@@ -252,7 +252,8 @@ def test_a_missing_postgresql_database_says_to_create_it(postgres_template: str 
         pytest.skip("PostgreSQL not configured: set STEPFLOW_TEST_POSTGRES_URL")
     name = f"stepflow_absent_{uuid.uuid4().hex[:8]}"
     url = make_url(postgres_template).set(database=name).render_as_string(hide_password=False)
-    for argv in (["migrate"], ["prune"], ["serve", "--port", "0", "--log-format", "console"]):
+    serve = ["serve", "--port", "0", "--http-port", "0", "--log-format", "console"]
+    for argv in (["migrate"], ["prune"], serve):
         done = run(MONITOR_SVC, *argv, "--database-url", url)
         assert done.code == EXIT_UNREACHABLE, done.stderr
         assert f"no database '{name}'; create it first (createdb" in done.line, done.line
@@ -278,7 +279,10 @@ def test_zero_durations_where_they_mean_something(database_url: str) -> None:
     done = run(MONITOR_SVC, "prune", "--older-than", "0s", "--database-url", database_url)
     assert done.code == EXIT_OK, done.stderr
     assert done.stdout.startswith("pruned 0 finished jobs")
-    done = run(MONITOR_SVC, "serve", "--grace-period", "0s", "--database-url", database_url)
+    done = run(
+        MONITOR_SVC, "serve", "--grace-period", "0s", "--http-port", "0",
+        "--database-url", database_url,
+    )  # fmt: skip
     assert done.code == EXIT_USAGE
     assert "--grace-period: must be greater than zero" in done.line
 

@@ -262,7 +262,7 @@ def live_services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str
             "monitor",
             MONITOR_SERVICE,
             [str(BIN / "monitor-svc"), "serve", "--database-url", f"sqlite:///{tmp / 'c.db'}",
-             *common],
+             "--http-port", "0", *common],
             tmp,
         )  # fmt: skip
         wait_serving(started["monitor"])

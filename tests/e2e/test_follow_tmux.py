@@ -14,12 +14,14 @@ everywhere.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -121,7 +123,7 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, st
     started: list[ServiceProcess] = []
     try:
         monitor = [str(BIN / "monitor-svc"), "serve", "--database-url", f"sqlite:///{tmp / 't.db'}",
-                   "--grace-period", "1s", *common]  # fmt: skip
+                   "--grace-period", "1s", "--http-port", "0", *common]  # fmt: skip
         started.append(start_service("monitor", MONITOR, monitor, tmp))
         wait_serving(started[0])
         orchestrator = [str(BIN / "orchestrator-svc"), "serve", "--monitor", started[0].address]
@@ -218,6 +220,20 @@ def test_make_demo_in_a_terminal(pane_factory: list[Pane]) -> None:
     pane = Pane(f"{sys.executable} -m orchestrator_svc.demo")
     pane_factory.append(pane)
     frames: list[str] = []
+    # In a terminal the demo leaves time to look at the job's page, whose address it prints;
+    # the page answers then, and Enter ends the wait.
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while not (found := re.search(r"Enter stops it now\):\s+(http://\S+/jobs/(\w+))", pane.screen())):
+        assert time.monotonic() < deadline, f"no page address to look at:\n{pane.screen()}"
+        frames.append(pane.screen())
+        time.sleep(POLL_S)
+    page_url, job_id = found.groups()
+    with urllib.request.urlopen(page_url, timeout=10) as page:
+        assert page.status == 200 and b"data-job-status" in page.read()
+    api = page_url.replace(f"/jobs/{job_id}", f"/api/v1/jobs/{job_id}")
+    with urllib.request.urlopen(api, timeout=10) as answer:
+        assert json.loads(answer.read())["status"] == "JOB_STATUS_COMPLETED"
+    pane.send_keys("Enter")
     code, final = pane.wait_for_exit(frames)
     assert code == 0, f"the demo exited {code}:\n{final}"
     assert any(_progress_lines(f, "crawl") for f in frames[:-1]), "no live progress was shown"

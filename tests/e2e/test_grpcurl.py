@@ -93,6 +93,7 @@ def monitor_process(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[byte
                 "--port", str(port),
                 "--database-url", f"sqlite:///{tmp_path / 'x.db'}",
                 "--grace-period", "1s",
+                "--http-port", "0",
                 "--shutdown-grace", "2s",
                 "--log-format", "json",
             ],

@@ -62,7 +62,7 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
     monitor_metrics, orchestrator_metrics = free_port(), free_port()
     common = ["--shutdown-grace", "2s", "--log-format", "json"]
     monitor = [str(BIN / "monitor-svc"), "serve", "--database-url", f"sqlite:///{tmp / 'm.db'}",
-               "--metrics-port", str(monitor_metrics), *common]  # fmt: skip
+               "--metrics-port", str(monitor_metrics), "--http-port", "0", *common]  # fmt: skip
     started: list[ServiceProcess] = []
     try:
         started.append(start_service("monitor", MONITOR, monitor, tmp))

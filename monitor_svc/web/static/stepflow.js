@@ -76,6 +76,7 @@ async function follow(url, onEvent) {
         headers, cache: "no-store", credentials: "same-origin", signal: abort.signal,
       });
       if (response.status === 401) { toLogin(); return; }
+      if (response.status === 404) { onEvent("missing", await response.json(), null); return; }
       if (!response.ok) throw new Error("HTTP " + response.status);
       const reader = response.body.getReader();
       const decoder = new TextDecoder();
@@ -195,7 +196,14 @@ function jobPage() {
     if (name === "state") applyState(page, data);
     else if (name === "log") addLines(page, [data], false);
     else if (name === "end") document.body.dataset.ended = "1";
-  }).then(() => setFresh("live"));
+    else if (name === "missing") {
+      $("[data-job-name]").textContent = "No such job";
+      $("[data-job-status]").textContent = "not found";
+      $("[data-job-error]").textContent = data.error || "";
+      $("[data-job-error]").hidden = false;
+      document.body.dataset.missing = "1";
+    }
+  }).then(() => setFresh(document.body.dataset.missing ? "not found" : "live"));
 }
 
 function applyState(page, job) {
