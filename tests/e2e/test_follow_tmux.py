@@ -223,7 +223,8 @@ def test_make_demo_in_a_terminal(pane_factory: list[Pane]) -> None:
     # In a terminal the demo leaves time to look at the job's page, whose address it prints;
     # the page answers then, and Enter ends the wait.
     deadline = time.monotonic() + RUN_TIMEOUT_S
-    while not (found := re.search(r"Enter stops it now\):\s+(http://\S+/jobs/(\w+))", pane.screen())):
+    address = re.compile(r"Enter stops it now\):\s+(http://\S+/jobs/(\w+))")
+    while not (found := address.search(pane.screen())):
         assert time.monotonic() < deadline, f"no page address to look at:\n{pane.screen()}"
         frames.append(pane.screen())
         time.sleep(POLL_S)
