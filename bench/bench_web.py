@@ -262,7 +262,7 @@ async def part_fanout(
     common.progress(f"fan-out: database reads per change, {sizes.pages} pages beside 1")
     for pages in (1, sizes.pages):
         manager, _ = await create_manager(stub, f"fan-{pages}", 1)
-        async with aiohttp.ClientSession(web) as http:
+        async with aiohttp.ClientSession(web, connector=aiohttp.TCPConnector(limit=0)) as http:
             streams = [await http.get(f"/api/v1/jobs/{manager}/events") for _ in range(pages)]
             readers = [Reader(r) for r in streams]
             tasks = [asyncio.create_task(r.run()) for r in readers]
@@ -320,7 +320,7 @@ async def part_soak(
     common.progress(f"soak: {sizes.soak_pages} pages open for {sizes.soak_s:.0f}s")
     manager, (step,) = await create_manager(stub, "soak", 1)
     start = time.monotonic()
-    async with aiohttp.ClientSession(web) as http:
+    async with aiohttp.ClientSession(web, connector=aiohttp.TCPConnector(limit=0)) as http:
         streams = [
             await http.get(f"/api/v1/jobs/{manager}/events") for _ in range(sizes.soak_pages)
         ]
@@ -396,8 +396,8 @@ def report(results: dict[str, Figures], sizes: Sizes, notes: list[str]) -> None:
         if f.load_big:
             big, small = common.median(f.load_big), common.median(f.load_small)
             rows.append([
-                db, f"first render, {sizes.big:,} children", common.fmt_ms(big),
-                f"10 children: {common.fmt_ms(small)}", common.fmt_multiple(big / small),
+                db, f"first render, {sizes.big:,} children", f"{common.fmt_ms(big)} ms",
+                f"10 children: {common.fmt_ms(small)} ms", common.fmt_multiple(big / small),
                 common.verdict(big < TARGET_LOAD_S),
             ])  # fmt: skip
         if f.page_latency:
@@ -405,9 +405,9 @@ def report(results: dict[str, Figures], sizes: Sizes, notes: list[str]) -> None:
             watch99 = common.percentile(f.watch_latency, 99)
             rows.append([
                 db, "change -> page p50/p99",
-                f"{common.fmt_ms(common.percentile(f.page_latency, 50))} / {common.fmt_ms(p99)}",
+                f"{common.fmt_ms(common.percentile(f.page_latency, 50))} / {common.fmt_ms(p99)} ms",
                 f"WatchJob: {common.fmt_ms(common.percentile(f.watch_latency, 50))} / "
-                f"{common.fmt_ms(watch99)}",
+                f"{common.fmt_ms(watch99)} ms",
                 common.fmt_multiple(p99 / watch99), common.verdict(p99 < TARGET_LATENCY_P99_S),
             ])  # fmt: skip
         if f.reads_many != (0.0, 0.0):

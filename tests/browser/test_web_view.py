@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from grpc import aio
 
@@ -421,3 +422,49 @@ async def test_a_wrong_token_gets_the_login_page_and_no_data(browser: Any, tmp_p
         await page.wait_for_function(
             "() => document.querySelector('[data-job-name]').textContent === 'secret-job-name'"
         )
+
+
+SET_HIDDEN = """(hidden) => {
+  Object.defineProperty(document, 'hidden', {value: hidden, configurable: true});
+  Object.defineProperty(document, 'visibilityState',
+    {value: hidden ? 'hidden' : 'visible', configurable: true});
+  document.dispatchEvent(new Event('visibilitychange'));
+}"""
+
+
+async def test_a_tab_in_the_background_gives_its_stream_back_and_resumes_exactly(
+    browser: Any, tmp_path: Path
+) -> None:
+    job = {
+        "name": "background",
+        "steps": [{
+            "name": "talk", "type": "command",
+            "config": {"command": "for i in $(seq 1 16); do echo tick-$i; sleep 0.25; done"},
+        }],
+    }  # fmt: skip
+    async with stack(f"sqlite:///{tmp_path / 'w.db'}", tmp_path) as (monitor, orch, web):
+        manager_id = await submit_to(orch, job, uuid.uuid4().hex)
+        page = await browser.new_page()
+        await page.goto(f"{web}/jobs/{manager_id}")
+        await page.wait_for_selector("text=tick-2", timeout=20_000)
+        await page.evaluate(SET_HIDDEN, True)
+        async with aiohttp.ClientSession(web) as http:
+            deadline = time.monotonic() + 10
+            while True:  # the monitor's shared watch of the job ends with the page's stream
+                async with http.get("/healthz") as resp:
+                    if (await resp.json())["watched_jobs"] == 0:
+                        break
+                assert time.monotonic() < deadline, "the hidden page kept its stream"
+                await asyncio.sleep(0.1)
+        hidden_at = await shown(page)
+        await asyncio.sleep(1.0)  # lines are printed meanwhile; the page does not hear them
+        await page.evaluate(SET_HIDDEN, False)
+        final = await wait_job_end(monitor, manager_id)
+        async with monitor_stub(monitor) as calls:
+            seqs = await calls.log_seqs(manager_id)
+        done = await sample_until(
+            page, lambda s: s.change == final.change_seq and len(s.log) >= len(seqs), []
+        )
+        assert len(hidden_at.log) < len(seqs)
+        assert_equals_job(done, final)
+        assert_log_is(done, seqs)

@@ -57,17 +57,34 @@ function setFresh(state) {
   badge.dataset.state = state;
 }
 
+// A browser gives one site about six HTTP/1.1 connections: a tab in the background gives its
+// stream back, and resumes it exactly (Last-Event-ID) when it is shown again.
+function whenVisible() {
+  if (!document.hidden) return Promise.resolve();
+  return new Promise((resolve) => {
+    const shown = () => {
+      if (document.hidden) return;
+      document.removeEventListener("visibilitychange", shown);
+      resolve();
+    };
+    document.addEventListener("visibilitychange", shown);
+  });
+}
+
 // ---- one SSE stream, resumed by id across every break ---------------------------------
 // onEvent(name, data, id) for each event; resolves when the server sends `end`.
 async function follow(url, onEvent) {
   let lastId = "";
   let delay = RETRY_MIN_MS;
   for (;;) {
+    await whenVisible();
     const abort = new AbortController();
     let heard = Date.now();
     const watchdog = setInterval(() => {
       if (Date.now() - heard > PING_SILENCE_MS) abort.abort();
     }, 1000);
+    const hidden = () => { if (document.hidden) abort.abort(); };
+    document.addEventListener("visibilitychange", hidden);
     let ended = false;
     try {
       const headers = { Accept: "text/event-stream" };
@@ -112,8 +129,10 @@ async function follow(url, onEvent) {
       // A broken or refused connection: reconnect below.
     } finally {
       clearInterval(watchdog);
+      document.removeEventListener("visibilitychange", hidden);
     }
     if (ended) return;
+    if (document.hidden) continue; // given back on purpose: resume as soon as it is shown
     document.body.dataset.fresh = "reconnecting";
     setFresh("reconnecting");
     await new Promise((r) => setTimeout(r, delay));
