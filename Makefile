@@ -14,6 +14,9 @@ STAMP := $(VENV)/.stepflow-installed
 
 TESTS ?= tests
 PYTEST_ARGS ?=
+# pytest-xdist workers (`0`: one process); a test file stays on one worker (--dist loadfile),
+# so its module fixtures (servers, npm ci) run once.
+TEST_WORKERS ?= auto
 BENCH_ARGS ?=
 DEMO_ARGS ?=
 # `make test-pg` uses this unless the variable is already set in the environment.
@@ -24,7 +27,7 @@ STEPFLOW_TEST_POSTGRES_URL ?= postgresql+psycopg://postgres@127.0.0.1:5432/test
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(firstword $(MAKEFILE_LIST)) | \
 		awk 'BEGIN {FS = ":.*## "} {printf "  make %-10s %s\n", $$1, $$2}'
-	@echo "  variables: PYTEST_ARGS='-k x -x'  TESTS=tests/unit  PYTHON=python3.11"
+	@echo "  variables: PYTEST_ARGS='-k x -x'  TESTS=tests/unit  TEST_WORKERS=0  PYTHON=python3.11"
 
 venv: $(STAMP) ## create .venv and install the project with its [dev] extras
 
@@ -79,7 +82,7 @@ lint: venv ## buf lint, buf breaking, ruff check, ruff format --check, mypy
 test: venv ## check-gen, lint (buf, ruff, mypy), then pytest (extra args: PYTEST_ARGS=...)
 	$(MAKE) --no-print-directory check-gen
 	$(MAKE) --no-print-directory lint
-	"$(BIN)/pytest" $(PYTEST_ARGS) $(TESTS)
+	"$(BIN)/pytest" -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS) $(TESTS)
 
 test-pg: ## `make test` with PostgreSQL required (STEPFLOW_TEST_POSTGRES_URL)
 	STEPFLOW_TEST_POSTGRES_URL='$(STEPFLOW_TEST_POSTGRES_URL)' STEPFLOW_TEST_REQUIRE_POSTGRES=1 \
