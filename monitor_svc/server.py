@@ -137,23 +137,25 @@ async def create_server(config: MonitorConfig) -> RunningMonitor:
         listener = Listener(config.database_url, on_change)
         listener.start()
         await asyncio.to_thread(listener.ready.wait, 5.0)
-    web = None
+    running = RunningMonitor(
+        server, port, store, hub, timer, health, config.shutdown_grace_s, logs, listener
+    )
     if loopback is not None and config.http_port is not None:
         try:
-            web = await WebView.start(loopback, config.host, config.http_port, config.security)
+            running.web = await WebView.start(
+                loopback, config.host, config.http_port, config.security
+            )
         except BaseException:
-            await server.stop(0)
+            await running.stop(0)  # the timer, the listener and the store too
             raise
     await serving.set_serving(health, [SERVICE_NAME])
     log.info(
         "monitor serving",
         port=port,
         database=safe_url(config.database_url),
-        **({"web": web.url} if web else {}),
+        **({"web": running.web.url} if running.web else {}),
     )
-    return RunningMonitor(
-        server, port, store, hub, timer, health, config.shutdown_grace_s, logs, listener, web
-    )
+    return running
 
 
 async def serve(config: MonitorConfig) -> None:

@@ -1,20 +1,29 @@
-"""The bearer token in a browser: with ``--auth-token`` every page and API route needs it,
-from an ``Authorization: Bearer`` header (scripts, as gRPC calls send it) or from the cookie
-the login form sets (HttpOnly, so no script on the page can read it; SameSite=Strict, so no
-other site can make the browser send it). ``/healthz``, the login form and the static files
-(which hold no data) are open."""
+"""Who may use the web view. With ``--auth-token`` every page and API route needs it, from an
+``Authorization: Bearer`` header (scripts, as gRPC calls send it) or from the session cookie
+the login form sets: a value derived from the token, not the token (cookies ignore ports, so
+another service on the host may see it; it opens this web view and nothing else), named
+after the port (monitors side by side keep their own), HttpOnly (no script reads it) and
+SameSite=Strict. ``/healthz``, the login form and the static files (no data) are open.
+
+Whatever the token: a request that changes something (a POST) from a page of another origin
+is refused, and a web view listening on loopback answers only to a loopback Host (a
+DNS-rebinding page cannot read it)."""
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from collections.abc import Awaitable, Callable
 from html import escape
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-COOKIE = "stepflow_token"
+COOKIE_PREFIX = "stepflow_session_"
+SESSION_CONTEXT = b"stepflow web session"
+LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 OPEN_PATHS = ("/healthz", "/login")
 OPEN_PREFIXES = ("/static/",)
 COOKIE_MAX_AGE_S = 30 * 24 * 3600
@@ -22,16 +31,24 @@ COOKIE_MAX_AGE_S = 30 * 24 * 3600
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def _presented(request: web.Request) -> str:
-    header = request.headers.get("Authorization", "")
-    scheme, _, value = header.partition(" ")
-    if scheme.lower() == "bearer" and value:
-        return value.strip()
-    return request.cookies.get(COOKIE, "")
+def session_value(token: str) -> str:
+    """What the login cookie holds: derived from the token, useless as a gRPC token."""
+    return hmac.new(token.encode(), SESSION_CONTEXT, hashlib.sha256).hexdigest()
 
 
-def token_matches(expected: str, presented: str) -> bool:
+def cookie_name(request: web.Request) -> str:
+    return f"{COOKIE_PREFIX}{request.url.port or 0}"
+
+
+def _same(expected: str, presented: str) -> bool:
     return hmac.compare_digest(expected.encode(), presented.encode())
+
+
+def signed_in(request: web.Request, token: str) -> bool:
+    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and value:
+        return _same(token, value.strip())
+    return _same(session_value(token), request.cookies.get(cookie_name(request), ""))
 
 
 def middleware(token: str) -> Middleware:
@@ -40,7 +57,7 @@ def middleware(token: str) -> Middleware:
         path = request.path
         if path in OPEN_PATHS or path.startswith(OPEN_PREFIXES):
             return await handler(request)
-        if token_matches(token, _presented(request)):
+        if signed_in(request, token):
             return await handler(request)
         if path.startswith("/api/"):
             return web.json_response(
@@ -56,9 +73,44 @@ def middleware(token: str) -> Middleware:
     return check
 
 
+def origin_guard(listen_host: str) -> Middleware:
+    """Refuse a cross-origin POST (a page elsewhere cancelling jobs), and, on a loopback
+    listener, a Host that is not loopback (DNS rebinding)."""
+    loopback_only = listen_host in LOOPBACK_NAMES or listen_host.startswith("127.")
+
+    @web.middleware
+    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+        host = request.url.host or ""
+        if loopback_only and host not in LOOPBACK_NAMES and not host.startswith("127."):
+            return web.json_response(
+                {"error": f"this web view answers on loopback only, not {host!r}",
+                 "code": "misdirected"},
+                status=421,
+            )  # fmt: skip
+        origin = request.headers.get("Origin")
+        cross_origin = origin is not None and (
+            origin == "null" or urlsplit(origin).netloc != request.host
+        )
+        if request.method not in SAFE_METHODS and cross_origin:
+            return web.json_response(
+                {"error": f"a request from {origin} may not change anything here",
+                 "code": "forbidden"},
+                status=403,
+            )  # fmt: skip
+        return await handler(request)
+
+    return guard
+
+
 def _safe_next(target: str) -> str:
-    """Only a path on this site (never ``//elsewhere`` or a full address)."""
-    return target if target.startswith("/") and not target.startswith("//") else "/"
+    """Only a path on this site: never ``//elsewhere``, ``/\\elsewhere`` or a full address,
+    nor anything with a control character or a space (browsers drop tabs and newlines, which
+    would turn ``/\t/elsewhere`` into ``//elsewhere``)."""
+    if not target.startswith("/") or target.startswith(("//", "/\\")):
+        return "/"
+    if any(c.isspace() or ord(c) < 32 or ord(c) == 127 or c == "\\" for c in target):
+        return "/"
+    return target
 
 
 LOGIN_PAGE = """<!doctype html>
@@ -96,12 +148,12 @@ def routes(token: str, secure: bool) -> list[web.RouteDef]:
         form = await request.post()
         presented = str(form.get("token", ""))
         target = _safe_next(str(form.get("next", "/")))
-        if not token or not token_matches(token, presented):
+        if not token or not _same(token, presented):
             return login_page(target, "That token is not the monitor's.", status=401)
         response = web.HTTPSeeOther(target)
         response.set_cookie(
-            COOKIE,
-            presented,
+            cookie_name(request),
+            session_value(token),
             max_age=COOKIE_MAX_AGE_S,
             httponly=True,
             samesite="Strict",

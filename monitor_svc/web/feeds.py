@@ -37,8 +37,11 @@ class _Latest:
         self._task: asyncio.Task[None] | None = None
 
     def close(self) -> None:
+        """Stop, and wake whoever waits (a stream then ends at once)."""
         if self._task is not None:
             self._task.cancel()
+        if not self.done:
+            self.finish()
 
     def _wake(self) -> None:
         for event in self._wakeups:

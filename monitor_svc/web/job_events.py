@@ -66,15 +66,14 @@ async def stream(
     async with feeds.state(job_id) as feed:
         await response.prepare(request)
         await response.write(wire.retry(RETRY_MS) + wire.comment("stepflow"))
-        queue: asyncio.Queue[tuple[str, int, str]] = asyncio.Queue(QUEUE_ITEMS)
-        first_state = asyncio.Event()
-        lines = _lines(client, job_id, position.log_seq, scope, queue)
+        run = _Run(feed)
+        lines = _lines(client, job_id, position.log_seq, scope, run)
         tasks = [
-            asyncio.create_task(_states(feed, position.change_seq, queue, first_state)),
-            asyncio.create_task(_after_state(feed, position.change_seq, first_state, lines)),
+            asyncio.create_task(_states(feed, position.change_seq, run)),
+            asyncio.create_task(_after_state(feed, position.change_seq, run, lines)),
         ]
         try:
-            await _write(response, queue, position, feed)
+            await _write(response, run, position, feed)
         finally:
             for task in tasks:
                 task.cancel()
@@ -84,64 +83,75 @@ async def stream(
     return response
 
 
-async def _states(
-    feed: StateFeed,
-    after: int,
-    queue: asyncio.Queue[tuple[str, int, str]],
-    first_state: asyncio.Event,
-) -> None:
+class _Run:
+    """What one stream's two producers hand its writer: events in a bounded queue (a slow
+    page holds FollowJobLog back instead of filling memory), and whether each is done. The
+    ``done`` flags are set before a wake-up is queued, and the wake-up is dropped when the
+    queue is full (the writer, if still there, drains it and sees the flags): a producer
+    never blocks on its way out, so a page that leaves mid-backlog frees everything."""
+
+    def __init__(self, feed: StateFeed) -> None:
+        self.queue: asyncio.Queue[tuple[str, int, str]] = asyncio.Queue(QUEUE_ITEMS)
+        self.first_state = asyncio.Event()
+        self.states_done = False
+        self.log_done = False
+        self.log_complete = False  # FollowJobLog ended with the job's last line
+
+    def wake(self) -> None:
+        with contextlib.suppress(asyncio.QueueFull):
+            self.queue.put_nowait(("wake", 0, ""))
+
+    @property
+    def finished(self) -> bool:
+        return self.states_done and self.log_done and self.queue.empty()
+
+
+async def _states(feed: StateFeed, after: int, run: _Run) -> None:
     try:
         async for change_seq, text, _terminal in feed.states(after):
-            await queue.put(("state", change_seq, text))
-            first_state.set()
+            await run.queue.put(("state", change_seq, text))
+            run.first_state.set()
     finally:
-        first_state.set()
-        await queue.put(("states-done", 0, ""))
+        run.first_state.set()
+        run.states_done = True
+        run.wake()
 
 
-async def _after_state(
-    feed: StateFeed, after: int, first_state: asyncio.Event, lines: Awaitable[None]
-) -> None:
+async def _after_state(feed: StateFeed, after: int, run: _Run, lines: Awaitable[None]) -> None:
     """The log once the page has the job's state (if it is to get one): a page renders its
     steps first, however long the log."""
     await feed.wait_past(0)
     if feed.version > after:
-        await first_state.wait()
+        await run.first_state.wait()
     await lines
 
 
 async def _lines(
-    client: MonitorClient,
-    job_id: str,
-    after: int,
-    scope: LogScope,
-    queue: asyncio.Queue[tuple[str, int, str]],
+    client: MonitorClient, job_id: str, after: int, scope: LogScope, run: _Run
 ) -> None:
     try:
         lines: AsyncIterator[job_pb2.JobLogLine] = client.follow_log(
             job_id, after_seq=after, step_id=scope.step_id, sources=scope.sources
         )
         async for line in lines:
-            await queue.put(("log", line.seq, wire.as_json(line)))
+            await run.queue.put(("log", line.seq, wire.as_json(line)))
+        run.log_complete = True
     finally:
-        await queue.put(("log-done", 0, ""))
+        run.log_done = True
+        run.wake()
 
 
 async def _write(
-    response: web.StreamResponse,
-    queue: asyncio.Queue[tuple[str, int, str]],
-    position: wire.Position,
-    feed: StateFeed,
+    response: web.StreamResponse, run: _Run, position: wire.Position, feed: StateFeed
 ) -> None:
-    states_done = log_done = False
-    while not (states_done and log_done):
+    while not run.finished:
         try:
-            items = [await asyncio.wait_for(queue.get(), PING_S)]
+            items = [await asyncio.wait_for(run.queue.get(), PING_S)]
         except TimeoutError:
             await response.write(wire.comment("ping"))
             continue
-        while len(items) < WRITE_BATCH and not queue.empty():
-            items.append(queue.get_nowait())
+        while len(items) < WRITE_BATCH and not run.queue.empty():
+            items.append(run.queue.get_nowait())
         out = bytearray()
         for kind, seq, text in items:
             if kind == "state":
@@ -150,12 +160,10 @@ async def _write(
             elif kind == "log":
                 position = wire.Position(position.change_seq, seq)
                 out += wire.frame("log", text, position)
-            elif kind == "states-done":
-                states_done = True
-            else:
-                log_done = True
         if out:
             await response.write(bytes(out))
-    if feed.failure is None and feed.terminal:
+    # The end only when the terminal state and the log's last line were both sent: a log
+    # that failed midway ends the stream without it, and the page resumes from its id.
+    if feed.failure is None and feed.terminal and run.log_complete:
         end = {"status": job_pb2.JobStatus.Name(feed.job.status) if feed.job else ""}
         await response.write(wire.frame("end", json.dumps(end), position))

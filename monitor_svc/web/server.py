@@ -53,11 +53,11 @@ def _page(name: str) -> web.FileResponse:
     return web.FileResponse(STATIC / name, headers=NO_STORE)
 
 
-def make_app(client: MonitorClient, security: WebSecurity) -> web.Application:
+def make_app(client: MonitorClient, security: WebSecurity, host: str) -> web.Application:
     feeds = Feeds(client)
-    middlewares: list[Middleware] = [api.map_errors]
+    middlewares: list[Middleware] = [auth.origin_guard(host), api.map_errors]
     if security.token:
-        middlewares.insert(0, auth.middleware(security.token))
+        middlewares.insert(1, auth.middleware(security.token))
     app = web.Application(middlewares=middlewares)
 
     async def index(_request: web.Request) -> web.StreamResponse:
@@ -91,7 +91,7 @@ class WebServer:
         cls, client: MonitorClient, host: str, port: int, security: WebSecurity
     ) -> WebServer:
         runner = web.AppRunner(
-            make_app(client, security),
+            make_app(client, security, host),
             access_log=None,
             shutdown_timeout=SHUTDOWN_S,
             # A page that leaves ends its stream at once (its shared watch with the last one),

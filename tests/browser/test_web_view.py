@@ -516,3 +516,37 @@ async def test_a_take_over_watched_live_counts_stay_exact_and_never_fall(
         await page.reload()
         again = await sample_until(page, lambda s: s.change == final.change_seq, [])
         assert_equals_job(again, final)
+
+
+async def test_the_job_list_shows_the_newest_live_and_pages_back(
+    browser: Any, tmp_path: Path
+) -> None:
+    web_port = free_port()
+    monitor = monitor_process(f"sqlite:///{tmp_path / 'w.db'}", tmp_path, http_port=web_port)
+    async with running(monitor), aio.insecure_channel(monitor.address) as channel:
+        stub = m_grpc.MonitorServiceStub(channel)
+        for i in range(55):
+            await stub.CreateJob(m.CreateJobRequest(kind=job_pb2.JOB_KIND_MANAGER, name=f"j{i}"))
+        page = await browser.new_page()
+        await page.goto(f"http://127.0.0.1:{web_port}/")
+        await page.wait_for_function(
+            "() => document.querySelectorAll('tr[data-job-id]').length == 50"
+        )
+        names = await page.eval_on_selector_all(
+            "tr[data-job-id] a", "els => els.map(e => e.textContent)"
+        )
+        assert names == [f"j{i}" for i in range(54, 4, -1)]  # newest first
+        await page.click("[data-list-more]")
+        await page.wait_for_function(
+            "() => document.querySelectorAll('tr[data-job-id]').length == 55"
+        )
+        names = await page.eval_on_selector_all(
+            "tr[data-job-id] a", "els => els.map(e => e.textContent)"
+        )
+        assert names == [f"j{i}" for i in range(54, -1, -1)]
+        assert await page.is_hidden("[data-list-more]")
+        # A new job appears at the top, live; the older page stays below.
+        await stub.CreateJob(m.CreateJobRequest(kind=job_pb2.JOB_KIND_MANAGER, name="newest"))
+        await page.wait_for_function(
+            "() => document.querySelector('tr[data-job-id] a').textContent === 'newest'"
+        )

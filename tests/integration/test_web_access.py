@@ -99,7 +99,7 @@ async def test_without_the_token_nothing_but_the_login_page_and_health(
             assert resp.status == 401
             body = await resp.text()
             assert "data-login-error" in body and manager_id not in body
-            assert "stepflow_token" not in resp.cookies
+            assert not any(name.startswith("stepflow_session_") for name in resp.cookies)
 
 
 async def test_a_bearer_header_or_the_login_cookie_opens_everything(
@@ -122,15 +122,20 @@ async def test_a_bearer_header_or_the_login_cookie_opens_everything(
             assert resp.headers["Location"] == f"/jobs/{manager_id}"
             set_cookie = resp.headers["Set-Cookie"]
         assert "HttpOnly" in set_cookie and "SameSite=Strict" in set_cookie
+        port = guarded.web.port
+        assert set_cookie.startswith(f"stepflow_session_{port}=")  # one per web view
+        assert TOKEN not in set_cookie  # a value derived from the token, not the token
         async with http.get(f"/jobs/{manager_id}", allow_redirects=False) as resp:
             assert resp.status == 200
         async with http.get("/api/v1/jobs") as resp:
             assert [j["id"] for j in (await resp.json())["jobs"]] == [manager_id]
-        # A login form never sends anyone to another site.
-        async with http.post(
-            "/login", data={"token": TOKEN, "next": "//evil.example/"}, allow_redirects=False
-        ) as resp:
-            assert resp.headers["Location"] == "/"
+        # A login form never sends anyone to another site, however the address is spelled.
+        for elsewhere in ("//evil.example/", "/\t/evil.example", "/\\evil.example", "https://x.y/"):
+            form = {"token": TOKEN, "next": elsewhere}
+            async with http.post("/login", data=form, allow_redirects=False) as resp:
+                assert resp.headers["Location"] == "/", elsewhere
+        async with http.get("/login", params={"next": "/\n/evil.example"}) as resp:
+            assert 'name="next" value="/"' in await resp.text()
 
 
 async def test_https_with_the_grpc_certificate(tmp_path: Path, certs: Certs) -> None:
@@ -144,5 +149,30 @@ async def test_https_with_the_grpc_certificate(tmp_path: Path, certs: Certs) -> 
                 assert resp.status == 200
             with pytest.raises(aiohttp.ClientConnectorCertificateError):
                 await http.get("/api/v1/jobs", ssl=ssl.create_default_context())
+    finally:
+        await running.stop(grace=0.5)
+
+
+async def test_no_other_origin_may_cancel_and_only_loopback_names_are_answered(
+    tmp_path: Path,
+) -> None:
+    running = await start(tmp_path, serving.Security())
+    try:
+        assert running.web is not None
+        manager_id = await a_manager(running)
+        url = running.web.url
+        async with aiohttp.ClientSession(url) as http:
+            headers = {"Origin": "http://evil.example"}
+            async with http.post(f"/api/v1/jobs/{manager_id}/cancel", headers=headers) as resp:
+                assert resp.status == 403
+            async with http.get(f"/api/v1/jobs/{manager_id}") as resp:
+                assert (await resp.json())["status"] == "JOB_STATUS_PENDING"  # untouched
+            # A page that rebinds its own name to 127.0.0.1 is not answered.
+            async with http.get("/api/v1/jobs", headers={"Host": "evil.example"}) as resp:
+                assert resp.status == 421
+            # The page's own origin may.
+            headers = {"Origin": url}
+            async with http.post(f"/api/v1/jobs/{manager_id}/cancel", headers=headers) as resp:
+                assert resp.status == 200
     finally:
         await running.stop(grace=0.5)

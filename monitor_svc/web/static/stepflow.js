@@ -158,9 +158,10 @@ function listPage() {
     const mine = ++generation;
     const query = select.value ? "?status=" + encodeURIComponent(select.value) : "";
     follow("/api/v1/managers/events" + query, (name, page) => {
-      if (name === "jobs" && mine === generation) renderList(page.jobs || []);
+      if (name === "jobs" && mine === generation) renderList(page, false);
     });
   };
+  $("[data-list-more]").addEventListener("click", () => olderJobs(select.value));
   select.addEventListener("change", () => {
     const url = new URL(location.href);
     if (select.value) url.searchParams.set("status", select.value);
@@ -171,31 +172,47 @@ function listPage() {
   start();
 }
 
-function renderList(jobs) {
-  const body = $("[data-jobs]");
-  const rows = jobs.map((job) => {
-    const tr = document.createElement("tr");
-    const status = statusWord(job.status);
-    const steps = job.stepStats || [];
-    const done = steps.filter((s) => TERMINAL.has(statusWord(s.status))).length;
-    tr.dataset.jobId = job.id;
-    tr.dataset.status = status;
-    const link = document.createElement("a");
-    link.href = "/jobs/" + encodeURIComponent(job.id);
-    link.textContent = job.name || job.id;
-    const cells = [link, status, done + " / " + steps.length, job.owner || "–",
-      formatTime(job.createdAt), formatDuration(job.startedAt, job.finishedAt)];
-    for (const [i, value] of cells.entries()) {
-      const td = document.createElement("td");
-      if (i === 1) td.append(statusBadge(status));
-      else if (value instanceof Node) td.append(value);
-      else td.textContent = value;
-      tr.append(td);
-    }
-    return tr;
-  });
-  body.replaceChildren(...rows);
-  $("[data-jobs-empty]").hidden = jobs.length > 0;
+function listRow(job) {
+  const tr = document.createElement("tr");
+  const status = statusWord(job.status);
+  const steps = job.stepStats || [];
+  const done = steps.filter((s) => TERMINAL.has(statusWord(s.status))).length;
+  tr.dataset.jobId = job.id;
+  tr.dataset.status = status;
+  const link = document.createElement("a");
+  link.href = "/jobs/" + encodeURIComponent(job.id);
+  link.textContent = job.name || job.id;
+  const cells = [link, status, done + " / " + steps.length, job.owner || "–",
+    formatTime(job.createdAt), formatDuration(job.startedAt, job.finishedAt)];
+  for (const [i, value] of cells.entries()) {
+    const td = document.createElement("td");
+    if (i === 1) td.append(statusBadge(status));
+    else if (value instanceof Node) td.append(value);
+    else td.textContent = value;
+    tr.append(td);
+  }
+  return tr;
+}
+
+// The newest page is live; older pages are loaded on demand below it (not live).
+function renderList(listing, older) {
+  const jobs = listing.jobs || [];
+  const body = older ? $("[data-jobs-older]") : $("[data-jobs]");
+  if (older) body.append(...jobs.map(listRow));
+  else body.replaceChildren(...jobs.map(listRow));
+  const more = $("[data-list-more]");
+  if (!older && !more.dataset.loaded) more.dataset.token = listing.nextPageToken || "";
+  if (older) more.dataset.token = listing.nextPageToken || "";
+  more.hidden = !more.dataset.token;
+  $("[data-jobs-empty]").hidden = $("[data-jobs]").childElementCount > 0;
+}
+
+async function olderJobs(status) {
+  const more = $("[data-list-more]");
+  const q = new URLSearchParams({ page_token: more.dataset.token || "" });
+  if (status) q.set("status", status);
+  more.dataset.loaded = "1";
+  renderList(await getJson("/api/v1/jobs?" + q), true);
 }
 
 // ---- a job's page -------------------------------------------------------------------------
@@ -324,7 +341,11 @@ function renderStep(page, stat) {
 async function loadStepJobs(page) {
   try {
     const listing = await getJson("/api/v1/jobs/" + encodeURIComponent(page.jobId) + "/steps");
-    for (const step of listing.jobs || []) page.stepJobs.set(step.id, step);
+    for (const step of listing.jobs || []) {
+      // Answers may come back out of order: a step's record only ever moves to a newer one.
+      const known = page.stepJobs.get(step.id);
+      if (!known || num(step.version) >= num(known.version)) page.stepJobs.set(step.id, step);
+    }
     for (const el of page.steps.values()) stepMeta(page, el);
   } catch (err) { /* the next change tries again */ }
 }
@@ -444,7 +465,9 @@ function addLines(page, lines, before) {
     log.append(...fresh.map((l) => lineElement(page, l)));
     page.lastLogSeq = num(fresh[fresh.length - 1].seq);
     if (!page.firstLogSeq) page.firstLogSeq = num(fresh[0].seq);
-    while (log.childElementCount > LOG_DOM_MAX) {
+    // Lines paged back on purpose stay (up to a larger bound); only the followed tail is cut.
+    const bound = page.pagedBack ? LOG_DOM_MAX * 5 : LOG_DOM_MAX;
+    while (log.childElementCount > bound) {
       log.firstElementChild.remove();
       page.firstLogSeq = num(log.firstElementChild.dataset.logSeq);
     }
@@ -464,6 +487,7 @@ async function earlier(page) {
   if (response.status === 401) { toLogin(); return; }
   const text = await response.text();
   const lines = text.split("\n").filter(Boolean).map((t) => JSON.parse(t)).filter((l) => num(l.seq) < first);
+  page.pagedBack = true;
   addLines(page, lines, true);
 }
 
