@@ -473,8 +473,8 @@ async def test_a_tab_in_the_background_gives_its_stream_back_and_resumes_exactly
 async def test_a_take_over_watched_live_counts_stay_exact_and_never_fall(
     browser: Any, tmp_path: Path
 ) -> None:
-    """The judge's scenario: handed-off steps, failing children and a take-over (kill -9 of
-    the owner), watched live and reloaded mid-job and after the end."""
+    """A bad day watched from a browser: handed-off steps, failing children and a take-over
+    (kill -9 of the owner), watched live and reloaded mid-job and after the end."""
     web_port = free_port()
     monitor = monitor_process(
         f"sqlite:///{tmp_path / 'w.db'}", tmp_path, http_port=web_port,
