@@ -91,8 +91,12 @@ class LocalMonitor(LocalServer):
 
     @property
     def web_port(self) -> int:
+        """Its web view's port: the one ``args`` gives (``--http-port``), else a free one
+        picked once. 0 when ``args`` turned the web view off."""
         if not self._web_port:
-            self._web_port = _flag_value(self._args, "--http-port") or free_port()
+            if _flag_value(self._args, "--http-port", given=True):
+                return _flag_value(self._args, "--http-port")
+            self._web_port = free_port()
         return self._web_port
 
     @property
@@ -106,12 +110,10 @@ class LocalMonitor(LocalServer):
         return None if self._database_url else self.directory / "stepflow.db"
 
     def _serve_args(self) -> list[str]:
-        args = [
-            *super()._serve_args(),
-            "--database-url", self.database_url,
+        args = [*super()._serve_args(), "--database-url", self.database_url]
+        if not _flag_value(self._args, "--http-port", given=True):
             # A free port of its own, so monitors side by side never share the default 8080.
-            "--http-port", str(self.web_port),
-        ]  # fmt: skip
+            args += ["--http-port", str(self.web_port)]
         if self._grace_period is not None:
             args += ["--grace-period", self._grace_period]
         if self._default_wait_timeout is not None:
@@ -150,13 +152,14 @@ def free_port() -> int:
         return port
 
 
-def _flag_value(args: Sequence[str], flag: str) -> int:
-    """The integer a flag is given in ``args`` (``--flag N`` or ``--flag=N``; 0 if absent)."""
+def _flag_value(args: Sequence[str], flag: str, *, given: bool = False) -> int:
+    """The integer a flag is given in ``args`` (``--flag N`` or ``--flag=N``; 0 if absent);
+    with ``given``, 1 when the flag is there at all."""
     for i, arg in enumerate(args):
         if arg == flag and i + 1 < len(args):
-            return int(args[i + 1])
+            return 1 if given else int(args[i + 1])
         if arg.startswith(flag + "="):
-            return int(arg.split("=", 1)[1])
+            return 1 if given else int(arg.split("=", 1)[1])
     return 0
 
 

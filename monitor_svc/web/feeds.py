@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, MutableMapping
-from typing import Any
+from collections.abc import AsyncIterator, Callable, MutableMapping
+from typing import TypeVar
 
 import structlog
 
 from monitor_svc.web import wire
 from stepflow_client.aio import MonitorClient
 from stepflow_common.errors import NotFound, StepflowError, Unauthenticated
+from stepflow_common.proto_status import TERMINAL_PB
 from stepflow_proto.v1 import job_pb2
 
 log = structlog.get_logger(__name__)
+
+F = TypeVar("F", bound="_Latest")
 
 LIST_REFRESH_S = 1.0  # the job list's one shared query, at most this often
 LIST_PAGE_SIZE = 50
@@ -93,7 +96,7 @@ class StateFeed(_Latest):
 
     @property
     def terminal(self) -> bool:
-        return self.job is not None and self.job.status in wire.TERMINAL
+        return self.job is not None and self.job.status in TERMINAL_PB
 
     async def states(self, after_change_seq: int) -> AsyncIterator[tuple[int, str, bool]]:
         """(change_seq, the job as JSON, terminal) for every state newer than the last given,
@@ -139,21 +142,11 @@ class Feeds:
         self._states: dict[str, StateFeed] = {}
         self._lists: dict[str, ListFeed] = {}
 
-    @contextlib.asynccontextmanager
-    async def state(self, job_id: str) -> AsyncIterator[StateFeed]:
-        feed = self._states.get(job_id)
-        if feed is None:
-            feed = self._states[job_id] = StateFeed(self._client, job_id)
-        async with _used(feed, self._states, job_id):
-            yield feed
+    def state(self, job_id: str) -> contextlib.AbstractAsyncContextManager[StateFeed]:
+        return _shared(self._states, job_id, lambda: StateFeed(self._client, job_id))
 
-    @contextlib.asynccontextmanager
-    async def job_list(self, status: str) -> AsyncIterator[ListFeed]:
-        feed = self._lists.get(status)
-        if feed is None:
-            feed = self._lists[status] = ListFeed(self._client, status)
-        async with _used(feed, self._lists, status):
-            yield feed
+    def job_list(self, status: str) -> contextlib.AbstractAsyncContextManager[ListFeed]:
+        return _shared(self._lists, status, lambda: ListFeed(self._client, status))
 
     @property
     def watched(self) -> int:
@@ -167,10 +160,17 @@ class Feeds:
 
 
 @contextlib.asynccontextmanager
-async def _used(feed: _Latest, registry: MutableMapping[str, Any], key: str) -> AsyncIterator[None]:
+async def _shared(
+    registry: MutableMapping[str, F], key: str, start: Callable[[], F]
+) -> AsyncIterator[F]:
+    """The feed under ``key`` (started if none runs), for as long as the caller uses it; the
+    last user to leave stops it."""
+    feed = registry.get(key)
+    if feed is None:
+        feed = registry[key] = start()
     feed.users += 1
     try:
-        yield
+        yield feed
     finally:
         feed.users -= 1
         if feed.users == 0 and registry.get(key) is feed:

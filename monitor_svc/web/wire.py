@@ -10,17 +10,6 @@ from typing import Any
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from stepflow_proto.v1 import job_pb2
-
-TERMINAL = frozenset(
-    {
-        job_pb2.JOB_STATUS_COMPLETED,
-        job_pb2.JOB_STATUS_FAILED,
-        job_pb2.JOB_STATUS_CANCELLED,
-        job_pb2.JOB_STATUS_SKIPPED,
-    }
-)
-
 
 def as_dict(message: Message) -> dict[str, Any]:
     """The message as protobuf JSON (the canonical mapping: lowerCamelCase names, enums by

@@ -22,6 +22,7 @@ import aiohttp
 import pytest
 from grpc import aio
 
+from stepflow_client.aio import MonitorClient
 from stepflow_proto.v1 import job_pb2
 from stepflow_proto.v1 import monitor_service_pb2 as m
 from stepflow_proto.v1 import monitor_service_pb2_grpc as m_grpc
@@ -32,6 +33,7 @@ from tests.browser.page_hooks import (
     assert_moves_forward,
     shown,
 )
+from tests.jobs import whole_log
 from tests.process_helpers import (
     TERMINAL,
     ServerProcess,
@@ -93,31 +95,21 @@ async def stack(
         yield monitor, orchestrator, f"http://127.0.0.1:{web_port}"
 
 
-@contextlib.asynccontextmanager
-async def monitor_stub(monitor: ServerProcess, token: str = "") -> AsyncIterator[Any]:
-    metadata = [("authorization", f"Bearer {token}")] if token else None
-    async with aio.insecure_channel(monitor.address) as channel:
-        stub = m_grpc.MonitorServiceStub(channel)
+async def ended(monitor: ServerProcess, job_id: str) -> tuple[job_pb2.Job, list[int]]:
+    """Once the job is terminal: its record, and the seq of every line of its log, read
+    through the public client (``tests.jobs.whole_log``)."""
+    final = await wait_job_end(monitor, job_id)
+    async with MonitorClient(monitor.address) as client:
+        return final, [line.seq for line in await whole_log(client, job_id)]
 
-        class Calls:
-            async def get(self, job_id: str) -> job_pb2.Job:
-                resp = await stub.GetJob(m.GetJobRequest(job_id=job_id), metadata=metadata)
-                return resp.job
 
-            async def log_seqs(self, job_id: str) -> list[int]:
-                seqs: list[int] = []
-                after = 0
-                while True:
-                    page = await stub.ReadJobLog(
-                        m.ReadJobLogRequest(job_id=job_id, after_seq=after, limit=1000),
-                        metadata=metadata,
-                    )
-                    seqs += [line.seq for line in page.lines]
-                    if page.next_seq == after:
-                        return seqs
-                    after = page.next_seq
-
-        yield Calls()
+async def showing_end(
+    page: Any, final: job_pb2.Job, seqs: list[int], samples: list[Shown]
+) -> Shown:
+    """The page once it shows the job's final state and holds its whole log."""
+    return await sample_until(
+        page, lambda s: s.change == final.change_seq and len(s.log) >= len(seqs), samples
+    )
 
 
 async def sample_until(page: Any, done: Any, samples: list[Shown], within: float = WAIT_S) -> Shown:
@@ -132,7 +124,7 @@ async def sample_until(page: Any, done: Any, samples: list[Shown], within: float
         await asyncio.sleep(SAMPLE_S)
 
 
-def totals_of(job: dict[str, Any], final: job_pb2.Job) -> dict[str, int]:
+def totals_of(final: job_pb2.Job) -> dict[str, int]:
     return {s.step_id: s.child_count for s in final.step_stats if s.child_count}
 
 
@@ -168,32 +160,26 @@ async def test_counts_rise_live_and_a_reload_shows_the_current_state(
             ),
             samples,
         )
-        async with monitor_stub(monitor) as calls:
-            before_reload = await calls.get(manager_id)
-            await page.reload()
-            after = await sample_until(page, lambda s: s.change > 0, samples)
-            # The first state after a reload is at least as new as the job was before it.
-            assert after.change >= before_reload.change_seq
-            await sample_until(page, lambda s: s.status in TERMINAL_WORDS, samples)
-            final = await calls.get(manager_id)
-            last = await sample_until(page, lambda s: s.change == final.change_seq, samples)
-            assert_equals_job(last, final)
-            await sample_until(page, lambda s: s.log == sorted(s.log) and len(s.log) > 0, samples)
-            log_seqs = await calls.log_seqs(manager_id)
-            done = await sample_until(page, lambda s: len(s.log) >= len(log_seqs), samples)
-            assert_log_is(done, log_seqs)
-            assert_moves_forward(samples, totals_of(crawl_job(), final))
-            # A reload after the end shows the end, and the whole log once.
-            await page.reload()
-            again = await sample_until(
-                page, lambda s: s.change == final.change_seq and len(s.log) >= len(log_seqs), []
-            )
-            assert_equals_job(again, final)
-            assert_log_is(again, log_seqs)
-            # The list, refreshed at most once a second, follows too.
-            await listing.wait_for_selector(
-                f'tr[data-job-id="{manager_id}"][data-status="completed"]', timeout=10_000
-            )
+        async with MonitorClient(monitor.address) as client:
+            before_reload = await client.get_job(manager_id)
+        await page.reload()
+        after = await sample_until(page, lambda s: s.change > 0, samples)
+        # The first state after a reload is at least as new as the job was before it.
+        assert after.change >= before_reload.change_seq
+        final, log_seqs = await ended(monitor, manager_id)
+        done = await showing_end(page, final, log_seqs, samples)
+        assert_equals_job(done, final)
+        assert_log_is(done, log_seqs)
+        assert_moves_forward(samples, totals_of(final))
+        # A reload after the end shows the end, and the whole log once.
+        await page.reload()
+        again = await showing_end(page, final, log_seqs, [])
+        assert_equals_job(again, final)
+        assert_log_is(again, log_seqs)
+        # The list, refreshed at most once a second, follows too.
+        await listing.wait_for_selector(
+            f'tr[data-job-id="{manager_id}"][data-status="completed"]', timeout=10_000
+        )
         await context.close()
 
 
@@ -219,9 +205,7 @@ async def test_the_log_follows_live_and_survives_a_reload_without_duplicates(
         assert "line-12" not in (await page.text_content("[data-log]") or "")
         await page.reload()
         await page.wait_for_selector("text=line-12", timeout=20_000)
-        async with monitor_stub(monitor) as calls:
-            await wait_job_end(monitor, manager_id)
-            seqs = await calls.log_seqs(manager_id)
+        _, seqs = await ended(monitor, manager_id)
         final = await sample_until(page, lambda s: len(s.log) >= len(seqs), [])
         assert_log_is(final, seqs)
         assert set(mid.log) <= set(final.log)
@@ -268,15 +252,11 @@ async def test_the_badge_says_reconnecting_while_the_monitor_is_down_and_nothing
             page, lambda s: s.fresh == "live" and s.change > down.change, samples
         )
         assert back.change > down.change
-        final = await wait_job_end(monitor, manager_id)
-        async with monitor_stub(monitor) as calls:
-            seqs = await calls.log_seqs(manager_id)
-        done = await sample_until(
-            page, lambda s: s.change == final.change_seq and len(s.log) >= len(seqs), samples
-        )
+        final, seqs = await ended(monitor, manager_id)
+        done = await showing_end(page, final, seqs, samples)
         assert_equals_job(done, final)
         assert_log_is(done, seqs)
-        assert_moves_forward(samples, totals_of({}, final))
+        assert_moves_forward(samples, totals_of(final))
 
 
 class IdleCuttingProxy:
@@ -350,12 +330,8 @@ async def test_a_proxy_cutting_idle_connections_does_not_break_the_page(
             manager_id = await submit_to(orch, job, uuid.uuid4().hex)
             page = await browser.new_page()
             await page.goto(f"http://127.0.0.1:{proxy.port}/jobs/{manager_id}")
-            final = await wait_job_end(monitor, manager_id)
-            async with monitor_stub(monitor) as calls:
-                seqs = await calls.log_seqs(manager_id)
-            done = await sample_until(
-                page, lambda s: s.change == final.change_seq and len(s.log) >= len(seqs), []
-            )
+            final, seqs = await ended(monitor, manager_id)
+            done = await showing_end(page, final, seqs, [])
             assert proxy.cuts >= 1  # the proxy did cut the page's stream while the job was quiet
             assert_equals_job(done, final)
             assert_log_is(done, seqs)
@@ -459,12 +435,8 @@ async def test_a_tab_in_the_background_gives_its_stream_back_and_resumes_exactly
         hidden_at = await shown(page)
         await asyncio.sleep(1.0)  # lines are printed meanwhile; the page does not hear them
         await page.evaluate(SET_HIDDEN, False)
-        final = await wait_job_end(monitor, manager_id)
-        async with monitor_stub(monitor) as calls:
-            seqs = await calls.log_seqs(manager_id)
-        done = await sample_until(
-            page, lambda s: s.change == final.change_seq and len(s.log) >= len(seqs), []
-        )
+        final, seqs = await ended(monitor, manager_id)
+        done = await showing_end(page, final, seqs, [])
         assert len(hidden_at.log) < len(seqs)
         assert_equals_job(done, final)
         assert_log_is(done, seqs)
@@ -503,16 +475,12 @@ async def test_a_take_over_watched_live_counts_stay_exact_and_never_fall(
             timeout=30_000,
         )
         await page.reload()
-        final = await wait_job_end(monitor, manager_id)
-        async with monitor_stub(monitor) as calls:
-            seqs = await calls.log_seqs(manager_id)
-        done = await sample_until(
-            page, lambda s: s.change == final.change_seq and len(s.log) >= len(seqs), samples
-        )
+        final, seqs = await ended(monitor, manager_id)
+        done = await showing_end(page, final, seqs, samples)
         assert final.owner.startswith("second")
         assert_equals_job(done, final)
         assert_log_is(done, seqs)
-        assert_moves_forward(samples, totals_of({}, final))
+        assert_moves_forward(samples, totals_of(final))
         await page.reload()
         again = await sample_until(page, lambda s: s.change == final.change_seq, [])
         assert_equals_job(again, final)
