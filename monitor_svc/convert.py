@@ -246,6 +246,9 @@ def child_events(
                 event.handed_to_monitor,
                 event_text(name, MAX_NAME) if name else "",
                 event.attempt,
+                event_text(event.runner, MAX_NAME) if event.runner else "",
+                event_text(event.claim_id, MAX_NAME) if event.claim_id else "",
+                event.runner_lost,
             )
         )
     return decoded, rejected

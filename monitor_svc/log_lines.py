@@ -177,6 +177,22 @@ def describe_change(old: JobState | None, new: JobState) -> list[LogLine]:
                     cut(message)[0],
                 )
             ]
+        if old is not None and new.interruptions > old.interruptions and new.runner:
+            lost = "" if old.runner == new.runner else f" on runner {new.runner}"
+            return [
+                LogLine(
+                    new.manager_id,
+                    new.parent_id or "",
+                    new.id,
+                    new.attempt,
+                    EVENT,
+                    "warning",
+                    cut(
+                        f"child {new.name or new.id} runs again as attempt {new.attempt}{lost}: "
+                        f"runner {old.runner} was lost ({new.interruptions} so far)"
+                    )[0],
+                )
+            ]
         return []
     lines: list[LogLine] = []
     if old is None:
@@ -235,6 +251,21 @@ def refused_line(step: JobState, count: int, reason: str) -> LogLine:
     """One line for the events of one batch a fence refused (not one per event)."""
     what = "event" if count == 1 else "events"
     line = _event(step, "warning", f"{count:,} child {what} refused: {reason}")
+    line.keep = Keep.BUDGET
+    return line
+
+
+def stale_runner_line(child: JobState, attempt: int, runner: str, reason: str) -> LogLine:
+    """A runner's end of an attempt that is no longer the child's current one (refused)."""
+    line = LogLine(
+        child.manager_id,
+        child.parent_id or "",
+        child.id,
+        attempt,
+        EVENT,
+        "warning",
+        cut(f"child {child.name or child.id}: {reason}; refused")[0],
+    )
     line.keep = Keep.BUDGET
     return line
 

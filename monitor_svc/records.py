@@ -118,6 +118,10 @@ class JobState:
     attempt: int = field(default=0, metadata=_CHILD | _AS_IS)
     # Steps and children: how often their orchestrator was lost while they ran.
     interruptions: int = field(default=0, metadata=_UPDATED | _AS_IS)
+    # Children of executor-celery steps: the runner whose claim on the current attempt was
+    # accepted, and the broker message it claimed it from (see ``lifecycle/claims``).
+    runner: str = field(default="", metadata=_CHILD | _AS_IS)
+    claim_id: str = field(default="", metadata=_CHILD)
     # Managers without an owner: when the job fails orchestrator_lost unless adopted first.
     orphan_deadline: datetime | None = field(default=None, metadata=_UPDATED)
     # Managers: the job definition they were submitted with (read on request only).
@@ -239,6 +243,9 @@ class ChildEventIn(NamedTuple):
     handed_to_monitor: bool
     name: str = ""
     attempt: int = 0
+    runner: str = ""
+    claim_id: str = ""
+    runner_lost: bool = False
 
 
 @dataclass(frozen=True, slots=True)

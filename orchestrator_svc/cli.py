@@ -6,8 +6,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from typing import Any
 
 from orchestrator_svc.cli_client import DEFAULT_ORCHESTRATOR, PROG, cancel, show_logs, submit
+from orchestrator_svc.remote.broker import (
+    DEFAULT_QUEUE,
+    BrokerSettings,
+    BrokerUnreachable,
+    check_broker_url,
+    check_queue_name,
+)
 from orchestrator_svc.server import DEFAULT_MONITOR, DEFAULT_PORT, OrchestratorConfig, serve
 from orchestrator_svc.workers.registry import WorkerLoadError
 from stepflow_common import cli, logs, metrics, serving, tracing
@@ -18,6 +26,7 @@ from stepflow_common.errors import InvalidArgument
 COMMAND = "orchestrator"
 DEFAULT_CONNECT_TIMEOUT = "10s"
 MIN_LEASE_S = 1.0  # the monitor refuses shorter leases
+DEFAULT_RUNNER_CONCURRENCY = 8
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,7 +120,17 @@ def build_parser() -> argparse.ArgumentParser:
         "serve Prometheus /metrics on this port (0 = off)",
         type_=int,
     )
+    add_flag(
+        serve_p,
+        COMMAND,
+        "--broker-url",
+        "",
+        "RabbitMQ URL (amqp://USER:PASSWORD@HOST:5672//) that steps with executor = "
+        '"celery" send their children to; without it such jobs are refused',
+    )
+    add_flag(serve_p, COMMAND, "--queue", DEFAULT_QUEUE, "the broker queue of those children")
     add_server_flags(serve_p, COMMAND)
+    _runner_parser(sub)
 
     submit_p = sub.add_parser(
         "submit",
@@ -184,6 +203,60 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _runner_parser(sub: Any) -> None:
+    runner_p = sub.add_parser(
+        "runner",
+        help="run children of executor-celery steps (a Celery worker)",
+        description='Run the children of steps whose executor is "celery": a Celery worker '
+        "on --queue that runs --concurrency children at once, with the workers (plugins) "
+        "installed here, and reports each child's events and output straight to the monitor. "
+        "Run as many as you like, on any machine that has stepflow, the plugins and the files "
+        "the steps' commands read. It starts only with the settings that keep every child "
+        "counted once (late acks, one message prefetched per slot, broker heartbeats, a quorum "
+        "queue with a delivery limit and the dead-letter queue NAME.dead). SIGTERM or Ctrl-C "
+        "stops taking messages and lets the running children finish.",
+        epilog=cli.EXIT_CODES_HELP,
+        formatter_class=cli.HelpFormatter,
+    )
+    add_flag(
+        runner_p, COMMAND, "--broker-url", "", "RabbitMQ URL (amqp://USER:PASSWORD@HOST:5672//)"
+    )
+    add_flag(runner_p, COMMAND, "--monitor", DEFAULT_MONITOR, "the monitor's HOST:PORT")
+    add_flag(runner_p, COMMAND, "--queue", DEFAULT_QUEUE, "the broker queue to take children from")
+    add_flag(
+        runner_p,
+        COMMAND,
+        "--concurrency",
+        DEFAULT_RUNNER_CONCURRENCY,
+        "children run at once",
+        type_=int,
+    )
+    add_flag(
+        runner_p,
+        COMMAND,
+        "--name",
+        "",
+        "this runner's name, shown as Job.runner of the children it runs",
+        shown_default="runner@HOSTNAME:PID",
+    )
+    add_flag(
+        runner_p,
+        COMMAND,
+        "--broker-heartbeat",
+        "10s",
+        "broker heartbeat: a runner silent for about this long loses its messages to "
+        "another (and its processes are killed after half of it)",
+    )
+    add_flag(runner_p, COMMAND, "--monitor-token", "", "bearer token to send to the monitor")
+    add_flag(
+        runner_p, COMMAND, "--monitor-tls-ca", "", "PEM CA to verify the monitor's TLS certificate"
+    )
+    add_flag(runner_p, COMMAND, "--monitor-tls-cert", "", "PEM client certificate (mutual TLS)")
+    add_flag(runner_p, COMMAND, "--monitor-tls-key", "", "PEM private key for --monitor-tls-cert")
+    add_flag(runner_p, COMMAND, "--log-format", "auto", "console | json | auto (console on a tty)")
+    add_log_level(runner_p, COMMAND)
+
+
 def _client_flags(parser: argparse.ArgumentParser) -> None:
     add_flag(
         parser,
@@ -201,6 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         logs.configure(args.log_format, args.log_level)
         return cli.run(PROG, lambda: _serve(args), debug=debug, log_as="orchestrator")
+    if args.command == "runner":
+        logs.configure(args.log_format, args.log_level)
+        return cli.run(PROG, lambda: _runner(args), debug=debug, log_as="runner")
     logs.configure("console", args.log_level)
     if args.command == "submit":
         return cli.run(PROG, lambda: asyncio.run(submit(args)), debug=debug)
@@ -221,11 +297,56 @@ def _serve(args: argparse.Namespace) -> int:
         raise cli.CliError(str(exc), cli.EXIT_USAGE) from exc
     except WorkerLoadError as exc:
         raise cli.CliError(f"{exc}; fix or uninstall that plugin package", cli.EXIT_FAILED) from exc
+    except BrokerUnreachable as exc:
+        raise cli.CliError(str(exc), cli.EXIT_UNREACHABLE) from exc
     except serving.CannotListen as exc:
         raise cli.CliError(
             f"{exc}; stop whatever uses the port or choose another --port", cli.EXIT_UNREACHABLE
         ) from exc
     return cli.EXIT_OK
+
+
+def _runner(args: argparse.Namespace) -> int:
+    from orchestrator_svc.remote import runner
+
+    try:
+        if not args.broker_url:
+            raise InvalidArgument("--broker-url: required (the RabbitMQ the orchestrators use)")
+        cli.check_tls(
+            args.monitor_tls_ca,
+            args.monitor_tls_cert,
+            args.monitor_tls_key,
+            ("--monitor-tls-ca", "--monitor-tls-cert", "--monitor-tls-key"),
+        )
+        config = runner.RunnerConfig(
+            broker=_broker(args, heartbeat=args.broker_heartbeat),
+            monitor=args.monitor,
+            monitor_security=serving.Security(
+                auth_token=args.monitor_token,
+                tls_ca=args.monitor_tls_ca,
+                tls_cert=args.monitor_tls_cert,
+                tls_key=args.monitor_tls_key,
+            ),
+            concurrency=args.concurrency,
+            name=args.name,
+        )
+        return runner.run(config, log_level=args.log_level)
+    except InvalidArgument as exc:
+        raise cli.CliError(str(exc), cli.EXIT_USAGE) from exc
+    except WorkerLoadError as exc:
+        raise cli.CliError(f"{exc}; fix or uninstall that plugin package", cli.EXIT_FAILED) from exc
+    except BrokerUnreachable as exc:
+        raise cli.CliError(str(exc), cli.EXIT_UNREACHABLE) from exc
+
+
+def _broker(args: argparse.Namespace, *, heartbeat: str = "10s") -> BrokerSettings | None:
+    if not args.broker_url:
+        return None
+    return BrokerSettings(
+        url=check_broker_url(args.broker_url),
+        queue=check_queue_name(args.queue),
+        heartbeat_s=parse_flag_duration(heartbeat, "--broker-heartbeat"),
+    )
 
 
 def _serve_config(args: argparse.Namespace) -> OrchestratorConfig:
@@ -260,6 +381,7 @@ def _serve_config(args: argparse.Namespace) -> OrchestratorConfig:
             args.monitor_wait_log_every, "--monitor-wait-log-every"
         ),
         otlp_endpoint=tracing.check_endpoint(args.otlp_endpoint),
+        broker=_broker(args),
     )
 
 

@@ -40,6 +40,7 @@ PLAIN_FIELDS = (
     "owner",
     "attempt",
     "interruptions",
+    "runner",
 )
 TIME_FIELDS = ("created_at", "started_at", "finished_at", "deadline")
 _plain_values = attrgetter(*PLAIN_FIELDS)

@@ -12,17 +12,23 @@ from collections.abc import Mapping
 import structlog
 
 from orchestrator_svc import resume
-from orchestrator_svc.definitions import JobSpec, to_mapping
+from orchestrator_svc.definitions import Executor, JobSpec, to_mapping
 from orchestrator_svc.event_stream import EventStream
 from orchestrator_svc.lease_keeper import DEFAULT_LEASE_S, LeaseKeeper, lost_jobs
 from orchestrator_svc.monitor_client import JobFenced, MonitorClient
 from orchestrator_svc.process_guard import ProcessGuard
 from orchestrator_svc.records import ChildEvent, Job, LeaseAnswer
+from orchestrator_svc.remote.publisher import Publisher
 from orchestrator_svc.runner import JobRunner
 from orchestrator_svc.workers.base import Worker
 from stepflow_common import manager_document as doc
 from stepflow_common import tracing
-from stepflow_common.errors import FailedPrecondition, StepflowError, Unavailable
+from stepflow_common.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    StepflowError,
+    Unavailable,
+)
 from stepflow_common.status import EndReason, Kind, Status
 
 log = structlog.get_logger(__name__)
@@ -45,7 +51,10 @@ class Orchestrator:
         lease_s: float = DEFAULT_LEASE_S,
         capacity: int = DEFAULT_CAPACITY,
         instance: str = "",
+        publisher: Publisher | None = None,
     ) -> None:
+        # Where executor-celery steps send their children (None: no --broker-url).
+        self.publisher = publisher
         self.monitor = monitor
         self.monitor_address = monitor_address
         # False until the monitor has answered the first heartbeat.
@@ -154,6 +163,7 @@ class Orchestrator:
                 monitor=self.monitor,
                 stream=self.stream,
                 workers=self.workers,
+                publisher=self.publisher,
                 owner=self.owner,
                 rerun_after=self.lease.rerun_after(job_id),
             )
@@ -161,6 +171,25 @@ class Orchestrator:
         return None
 
     # -- jobs ------------------------------------------------------------------------------------
+    def _check_executors(self, spec: JobSpec) -> None:
+        """Refuse, before anything is created, a job whose steps this orchestrator cannot send
+        to runners."""
+        for i, step in enumerate(spec.steps):
+            if step.executor is not Executor.CELERY:
+                continue
+            if self.publisher is None:
+                raise InvalidArgument(
+                    f'steps[{i}].executor: "celery" needs an orchestrator started with '
+                    "--broker-url (this one has no broker); submit it to one that has, or use "
+                    '"local"'
+                )
+            worker = self.workers.get(step.type)
+            if worker is not None and not worker.spawns_children:
+                raise InvalidArgument(
+                    f'steps[{i}].executor: "celery" runs a step\'s children on runners, and '
+                    f'worker type {step.type!r} has no children; use "local"'
+                )
+
     async def submit(self, spec: JobSpec, request_id: str = "") -> str:
         """Create the manager (with its definition) and its steps in the monitor and start
         running the job.
@@ -171,6 +200,7 @@ class Orchestrator:
         """
         if self.draining:
             raise Unavailable("the orchestrator is shutting down; submit to another one")
+        self._check_executors(spec)
         # Without a caller's key, one of our own: the monitor client retries CreateJob when the
         # answer is lost (UNAVAILABLE, DEADLINE_EXCEEDED), which without a key could create
         # a second manager.
@@ -215,6 +245,7 @@ class Orchestrator:
                 monitor=self.monitor,
                 stream=self.stream,
                 workers=self.workers,
+                publisher=self.publisher,
                 owner=self.owner,
             )
             self._start(runner)

@@ -78,6 +78,7 @@ class Job:
     finished_at: datetime | None = None
     deadline: datetime | None = None
     definition: Mapping[str, Any] | None = None  # managers, when asked for
+    runner: str = ""  # children of executor-celery steps: the runner of the current attempt
 
 
 @dataclass(frozen=True, slots=True)

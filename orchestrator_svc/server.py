@@ -18,6 +18,8 @@ from orchestrator_svc.event_stream import EventStream
 from orchestrator_svc.lease_keeper import DEFAULT_LEASE_S
 from orchestrator_svc.monitor_client import MonitorClient
 from orchestrator_svc.orchestrator import DEFAULT_CAPACITY, Orchestrator
+from orchestrator_svc.remote.broker import BrokerSettings
+from orchestrator_svc.remote.publisher import Publisher
 from orchestrator_svc.servicer import OrchestratorServicer
 from orchestrator_svc.workers.registry import load_registry
 from stepflow_common import metrics, serving, tracing
@@ -51,6 +53,8 @@ class OrchestratorConfig:
     # While the monitor cannot be reached, a log line says so this often.
     monitor_wait_log_s: float = 10.0
     otlp_endpoint: str = ""  # OpenTelemetry traces to this OTLP/gRPC collector; "" = off
+    # The broker executor-celery steps send their children to (None: such jobs are refused).
+    broker: BrokerSettings | None = None
 
 
 @dataclass(slots=True)
@@ -88,6 +92,8 @@ class RunningOrchestrator:
         if self.orchestrator.connected:
             await self.orchestrator.release_lease()
         await self.channel.close()
+        if self.orchestrator.publisher is not None:
+            self.orchestrator.publisher.close()
 
 
 def default_owner(port: int) -> str:
@@ -101,6 +107,11 @@ async def create_server(
     the monitor has answered and this owner's unfinished jobs are recovered. With
     ``wait_for_monitor`` this returns only then."""
     workers = load_registry()
+    publisher = None
+    if config.broker is not None:
+        publisher = Publisher(config.broker)
+        # At start: a wrong URL or a queue declared otherwise stops this orchestrator here.
+        await asyncio.to_thread(publisher.check)
 
     def monitor_channel() -> aio.Channel:
         return serving.channel(config.monitor, config.monitor_security, config.keepalive)
@@ -123,6 +134,7 @@ async def create_server(
         monitor_address=config.monitor,
         lease_s=config.lease_s,
         capacity=config.capacity,
+        publisher=publisher,
     )
     stream.on_rejected = orchestrator.on_event_rejected
     stream.on_fenced = orchestrator.on_event_fenced

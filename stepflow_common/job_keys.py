@@ -20,6 +20,7 @@ STEP_KEYS = (
     "retries",
     "retry_backoff",
     "on_interrupt",
+    "executor",
 )
 TOLERANCE_KEYS = ("max_child_failures", "action")
 

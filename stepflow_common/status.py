@@ -60,6 +60,8 @@ class EndReason(enum.StrEnum):
     CHILDREN_TERMINAL = "children_terminal"  # sealed, and every child ended
     ORCHESTRATOR = "orchestrator"  # ended by the orchestrator that ran it
     ORCHESTRATOR_LOST = "orchestrator_lost"  # its orchestrator died or went away meanwhile
+    RUNNER = "runner"  # ended by the runner whose attempt was current (executor celery)
+    RUNNER_LOST = "runner_lost"  # its runners were lost three times while it ran
 
 
 # What a client may record as the reason a job ended (orchestrator_lost only as the job's

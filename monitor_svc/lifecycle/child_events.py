@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from monitor_svc import metadata_rules
-from monitor_svc.lifecycle import fencing
+from monitor_svc.lifecycle import claims, fencing
 from monitor_svc.lifecycle.rules import (
     BeyondSeal,
     StepTimers,
@@ -108,6 +108,12 @@ def _apply_event(
     if not event.child_id:
         return "child_id is required"
     child = tx.cached_job(event.child_id)
+    if event.runner:
+        if child is None:
+            return f"unknown child {event.child_id!r} (its orchestrator creates it first)"
+        if child.kind is not Kind.CHILD or child.parent_id != event.step_id:
+            return f"job {event.child_id} is not a child of step {event.step_id}"
+        return claims.apply_runner_event(tx, event, child, status, timers, ends)
     if child is not None:
         if child.kind is not Kind.CHILD or child.parent_id != event.step_id:
             return f"job {event.child_id} is not a child of step {event.step_id}"

@@ -205,8 +205,9 @@ def _step_types(tx: UnitOfWork, manager: JobState) -> frozenset[str] | None:
 def take_over(tx: UnitOfWork, manager: JobState, owner: str, timers: rules.StepTimers) -> None:
     """``owner`` continues ``manager``: each running step and each running child of a running
     or handed-off step was interrupted (a handed-off step's children still need an
-    orchestrator to run them). A child whose step must not run twice (``on_interrupt =
-    "fail"``), or interrupted for the third time, ends failed ``orchestrator_lost``; pending
+    orchestrator to run them); a child a runner runs is not (its runner goes on). A child
+    whose step must not run twice (``on_interrupt = "fail"``), or interrupted for the third
+    time, ends failed ``orchestrator_lost``; pending
     children never ran and are left alone. The steps and live children follow the manager to
     its new owner."""
     tx.put(replace(manager, owner=owner, orphan_deadline=None, version=manager.version + 1))
@@ -229,7 +230,9 @@ def take_over(tx: UnitOfWork, manager: JobState, owner: str, timers: rules.StepT
             definition = tx.definition_of(manager.id) or {}
         fail_all = _on_interrupt(definition, step) == "fail"
         for child in tx.children_of(step.id, live_only=True):
-            if child.status is not Status.RUNNING:
+            if child.status is not Status.RUNNING or child.runner:
+                # Pending, or run by a runner (executor celery): the runner goes on with it,
+                # whoever owns the job, and the broker gives it to another if it is lost.
                 if child.owner != owner:
                     tx.put(replace(child, owner=owner, version=child.version + 1))
                 continue

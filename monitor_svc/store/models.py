@@ -43,6 +43,8 @@ class JobRow(Base):
     owner: Mapped[str] = mapped_column(String(ID_LENGTH), default="")
     attempt: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
     interruptions: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    runner: Mapped[str] = mapped_column(String(ID_LENGTH), default="", server_default=text("''"))
+    claim_id: Mapped[str] = mapped_column(String(ID_LENGTH), default="", server_default=text("''"))
     orphan_deadline: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     definition: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
 

@@ -15,6 +15,7 @@ from orchestrator_svc.definitions.spec import (
     MAX_EXACT_INT,
     MAX_RETRIES,
     MAX_STEPS,
+    Executor,
     JobSpec,
     OnError,
     OnInterrupt,
@@ -90,6 +91,7 @@ def _step(
         on_interrupt=_choice(
             OnInterrupt, raw.get("on_interrupt"), OnInterrupt.RERUN, f"{where}.on_interrupt"
         ),
+        executor=_choice(Executor, raw.get("executor"), Executor.LOCAL, f"{where}.executor"),
     )
 
 

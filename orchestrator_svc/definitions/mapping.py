@@ -17,9 +17,7 @@ from orchestrator_svc.definitions.fields import (
     reject_duplicate_keys,
     reject_unknown_keys,
 )
-from orchestrator_svc.definitions.spec import (
-    JobSpec,
-)
+from orchestrator_svc.definitions.spec import Executor, JobSpec
 from orchestrator_svc.workers.base import Worker
 from orchestrator_svc.workers.settings import describe
 from stepflow_common.errors import InvalidArgument
@@ -104,6 +102,8 @@ def to_mapping(spec: JobSpec) -> dict[str, Any]:
             "retry_backoff": step.retry_backoff_s,
             "on_interrupt": step.on_interrupt.value,
         }
+        if step.executor is not Executor.LOCAL:
+            entry["executor"] = step.executor.value
         if step.config:
             entry["config"] = step.config
         if step.depends_on:

@@ -12,6 +12,7 @@ from orchestrator_svc.definitions.mapping import from_mapping
 from orchestrator_svc.definitions.spec import (
     DEFAULT_RETRY_BACKOFF_S,
     MAX_EXACT_INT,
+    Executor,
     JobSpec,
     OnError,
     OnInterrupt,
@@ -69,6 +70,9 @@ def from_proto(
         step["on_interrupt"] = _enum_from_pb(
             _ON_INTERRUPT_FROM_PB, step_pb.on_interrupt, f"{where}.on_interrupt", "OnInterrupt"
         )
+        step["executor"] = _enum_from_pb(
+            _EXECUTOR_FROM_PB, step_pb.executor, f"{where}.executor", "Executor"
+        )
         data["steps"].append(step)
     return from_mapping(data, known_types=known_types, workers=workers)
 
@@ -99,6 +103,8 @@ def to_proto(spec: JobSpec) -> pb.JobDefinition:
         if step.retry_backoff_s != DEFAULT_RETRY_BACKOFF_S:
             step_pb.retry_backoff.CopyFrom(_duration_pb(step.retry_backoff_s))
         step_pb.on_interrupt = _ON_INTERRUPT_TO_PB[step.on_interrupt]
+        if step.executor is not Executor.LOCAL:
+            step_pb.executor = _EXECUTOR_TO_PB[step.executor]
     return definition
 
 
@@ -171,3 +177,13 @@ def _from_value(value: struct_pb2.Value) -> Any:
     if kind == "bool_value":
         return value.bool_value
     return None
+
+
+_EXECUTOR_TO_PB = {
+    Executor.LOCAL: pb.EXECUTOR_LOCAL,
+    Executor.CELERY: pb.EXECUTOR_CELERY,
+}
+_EXECUTOR_FROM_PB: dict[int, str | None] = {
+    pb.EXECUTOR_UNSPECIFIED: None,  # means local
+    **{number: member.value for member, number in _EXECUTOR_TO_PB.items()},
+}

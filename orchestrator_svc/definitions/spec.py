@@ -35,6 +35,13 @@ class OnInterrupt(enum.StrEnum):
     FAIL = "fail"  # end each failed, end_reason orchestrator_lost (work that must not run twice)
 
 
+class Executor(enum.StrEnum):
+    """Where a step's children run."""
+
+    LOCAL = "local"  # in the orchestrator's process
+    CELERY = "celery"  # as Celery tasks on the orchestrator's broker, run by runners
+
+
 class ToleranceAction(enum.StrEnum):
     """What exceeding ``max_child_failures`` does."""
 
@@ -60,6 +67,7 @@ class StepSpec:
     retries: int = 0
     retry_backoff_s: float = DEFAULT_RETRY_BACKOFF_S
     on_interrupt: OnInterrupt = OnInterrupt.RERUN
+    executor: Executor = Executor.LOCAL
 
     @property
     def retry(self) -> RetryPolicy:

@@ -8,10 +8,12 @@ import time
 from typing import Literal
 
 from orchestrator_svc import metrics
-from orchestrator_svc.definitions import OnInterrupt
+from orchestrator_svc.definitions import Executor, OnInterrupt
+from orchestrator_svc.remote.dispatch import CeleryDispatch
 from orchestrator_svc.runner.context import JobContext, log
 from orchestrator_svc.runner.step_state import StepRun
 from orchestrator_svc.workers.base import ChildStatus, StepContext
+from stepflow_common.errors import FailedPrecondition
 from stepflow_common.status import Status
 
 ChildTransition = Literal["created", "running", "completed", "failed", "cancelled"]
@@ -95,7 +97,18 @@ class Children:
             existing_children=step.existing,
             draining=self.job.draining,
             write_log=write_log,
+            dispatch=self._dispatch(step),
         )
+
+    def _dispatch(self, step: StepRun) -> CeleryDispatch | None:
+        if step.spec.executor is not Executor.CELERY:
+            return None
+        if self.job.publisher is None:
+            raise FailedPrecondition(
+                f'step {step.spec.name} runs its children on runners (executor = "celery"), '
+                "and this orchestrator has no --broker-url"
+            )
+        return CeleryDispatch(self.job, step, self.job.publisher)
 
     async def event(
         self,

@@ -14,6 +14,7 @@ from orchestrator_svc.definitions import JobSpec, OnError
 from orchestrator_svc.event_stream import EventStream
 from orchestrator_svc.monitor_client import JobFenced, MonitorClient
 from orchestrator_svc.records import Job
+from orchestrator_svc.remote.publisher import Publisher
 from orchestrator_svc.runner.step_state import StepRun
 from orchestrator_svc.runner.stop import ChildFailures, Stop
 from stepflow_common import manager_document as document
@@ -37,8 +38,11 @@ class JobContext:
         monitor: MonitorClient,
         stream: EventStream,
         owner: str,
+        publisher: Publisher | None = None,
     ) -> None:
         self.spec = spec
+        # The broker of this orchestrator's executor-celery steps (None: it has none).
+        self.publisher = publisher
         self.manager_id = manager_id
         self.steps = steps
         self.by_id = {s.job_id: s for s in steps}

@@ -14,6 +14,7 @@ from orchestrator_svc.event_stream import EventStream
 from orchestrator_svc.monitor_client import JobFenced, MonitorClient
 from orchestrator_svc.process_guard import ProcessGuard
 from orchestrator_svc.records import ChildEvent, Job
+from orchestrator_svc.remote.publisher import Publisher
 from orchestrator_svc.resume import JobRecord, Plan, plan_step
 from orchestrator_svc.runner.children import Children
 from orchestrator_svc.runner.context import JobContext, log
@@ -43,6 +44,7 @@ class JobRunner:
         owner: str = "",
         resume: JobRecord | None = None,
         rerun_after: float = 0.0,
+        publisher: Publisher | None = None,
     ) -> None:
         self.spec = spec
         self.manager_id = manager.id
@@ -51,7 +53,9 @@ class JobRunner:
         runs = [
             StepRun(i, s, job.id) for i, (s, job) in enumerate(zip(spec.steps, steps, strict=True))
         ]
-        self.job = JobContext(spec, manager.id, runs, monitor=monitor, stream=stream, owner=owner)
+        self.job = JobContext(
+            spec, manager.id, runs, monitor=monitor, stream=stream, owner=owner, publisher=publisher
+        )
         self._workers = workers
         self._children = Children(self.job, rerun_after=rerun_after)
         self.driver = StepDriver(self.job, self._children, workers)
@@ -70,6 +74,7 @@ class JobRunner:
         workers: Mapping[str, Worker],
         owner: str,
         rerun_after: float = 0.0,
+        publisher: Publisher | None = None,
     ) -> JobRunner:
         """A runner that continues a job from what the monitor recorded (see ``resume``)."""
         return cls(
@@ -82,6 +87,7 @@ class JobRunner:
             owner=owner,
             resume=record,
             rerun_after=rerun_after,
+            publisher=publisher,
         )
 
     # -- what the orchestrator asks of a job -------------------------------------------------

@@ -229,9 +229,9 @@ class StepDriver:
             await self.job.write_status(step.job_id, Status.SPAWNED)
 
     async def _run_worker(self, step: StepRun, worker: Worker) -> StepResult:
-        ctx = self.children.context(step)
         timeout = step.spec.timeout_s
         try:
+            ctx = self.children.context(step)
             if timeout is None:
                 return await worker.run(ctx)
             return await self._run_with_timeout(step, worker, ctx, timeout_s=timeout)

@@ -142,6 +142,15 @@ class StepRun:
     last_log_seq: int = 0
     cancelled_seen: int = 0  # the monitor's cancelled count last looked into
     cancelled_elsewhere: set[str] = field(default_factory=set)
+    # The step's child counts as the manager's watch last showed them (children other
+    # processes run and end: executor celery), and a signal set at each new showing.
+    observed: ChildTally | None = None
+    observed_changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def observe(self, tally: ChildTally) -> None:
+        if tally != self.observed:
+            self.observed = tally
+            self.observed_changed.set()
 
     def child(self, child_id: str) -> ChildControl:
         control = self.children.get(child_id)

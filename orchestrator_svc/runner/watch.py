@@ -53,6 +53,8 @@ class ManagerWatch:
             return True
         for stat in manager.step_stats:
             step = job.by_id.get(stat.step_id)
+            if step is not None:
+                step.observe(stat.children)
             if (
                 step is not None
                 and step.started

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -46,6 +46,20 @@ class LineSink(Protocol):
         child_id: str = "",
         attempt: int = 0,
     ) -> Awaitable[None]: ...
+
+
+class ChildDispatch(Protocol):
+    """Where ``run_children`` sends a step's children when they do not run here: ``(ctx,
+    names, run_one, concurrency)``, returning how many children exist (see ``remote``)."""
+
+    def __call__(
+        self,
+        ctx: StepContext,
+        names: Iterable[str],
+        run_one: Callable[[int, int], Awaitable[Any]],
+        concurrency: int,
+        /,
+    ) -> Awaitable[int]: ...
 
 
 class CancelSignal(Protocol):
@@ -123,6 +137,10 @@ class StepContext:
     ``log`` writes a line into the job's log under this step (or one of its children); a
     command's output goes there line by line through the same sink (``write_log``).
 
+    ``dispatch``, when set, runs the children elsewhere: ``run_children`` hands them to it
+    (a step of ``executor = "celery"`` on the orchestrator, or one parcel of it on a runner).
+    A worker that runs its children through ``run_children`` runs remotely unchanged.
+
     ``draining`` is set when the orchestrator shuts down (not a cancel): the worker should
     start no more children, let the running ones finish, and return WITHOUT reporting the
     children it never started; the job's next owner continues the step from its recorded
@@ -143,6 +161,7 @@ class StepContext:
     existing_children: Mapping[str, ExistingChild] = field(default_factory=lambda: NO_CHILDREN)
     draining: CancelSignal | None = None
     write_log: LineSink | None = None
+    dispatch: ChildDispatch | None = None
 
     async def log(
         self, message: str, *, level: str = "info", child_id: str = "", source: str = "log"

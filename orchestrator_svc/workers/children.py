@@ -94,6 +94,8 @@ async def run_children(
     finish as usual.
     """
     run_attempt = as_run_one(run_one)  # before any child is created: a wrong shape creates none
+    if ctx.dispatch is not None:
+        return await ctx.dispatch(ctx, names, run_attempt, concurrency)
     existing = ctx.existing_children
     created = 0
     for index, name in enumerate(names):

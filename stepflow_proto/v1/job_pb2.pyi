@@ -95,7 +95,7 @@ class StepStat(_message.Message):
     def __init__(self, step_index: _Optional[int] = ..., step_id: _Optional[str] = ..., step_name: _Optional[str] = ..., step_type: _Optional[str] = ..., child_count: _Optional[int] = ..., document_count: _Optional[int] = ..., status: _Optional[_Union[JobStatus, str]] = ..., error: _Optional[str] = ..., children: _Optional[_Union[ChildCounts, _Mapping]] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("id", "kind", "parent_id", "manager_id", "name", "type", "status", "error", "end_reason", "metadata", "version", "change_seq", "step_stats", "created_at", "started_at", "finished_at", "deadline", "owner", "attempt", "interruptions", "definition")
+    __slots__ = ("id", "kind", "parent_id", "manager_id", "name", "type", "status", "error", "end_reason", "metadata", "version", "change_seq", "step_stats", "created_at", "started_at", "finished_at", "deadline", "owner", "attempt", "interruptions", "definition", "runner")
     ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     PARENT_ID_FIELD_NUMBER: _ClassVar[int]
@@ -117,6 +117,7 @@ class Job(_message.Message):
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     INTERRUPTIONS_FIELD_NUMBER: _ClassVar[int]
     DEFINITION_FIELD_NUMBER: _ClassVar[int]
+    RUNNER_FIELD_NUMBER: _ClassVar[int]
     id: str
     kind: JobKind
     parent_id: str
@@ -138,10 +139,11 @@ class Job(_message.Message):
     attempt: int
     interruptions: int
     definition: _struct_pb2.Struct
-    def __init__(self, id: _Optional[str] = ..., kind: _Optional[_Union[JobKind, str]] = ..., parent_id: _Optional[str] = ..., manager_id: _Optional[str] = ..., name: _Optional[str] = ..., type: _Optional[str] = ..., status: _Optional[_Union[JobStatus, str]] = ..., error: _Optional[str] = ..., end_reason: _Optional[str] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., version: _Optional[int] = ..., change_seq: _Optional[int] = ..., step_stats: _Optional[_Iterable[_Union[StepStat, _Mapping]]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., owner: _Optional[str] = ..., attempt: _Optional[int] = ..., interruptions: _Optional[int] = ..., definition: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+    runner: str
+    def __init__(self, id: _Optional[str] = ..., kind: _Optional[_Union[JobKind, str]] = ..., parent_id: _Optional[str] = ..., manager_id: _Optional[str] = ..., name: _Optional[str] = ..., type: _Optional[str] = ..., status: _Optional[_Union[JobStatus, str]] = ..., error: _Optional[str] = ..., end_reason: _Optional[str] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., version: _Optional[int] = ..., change_seq: _Optional[int] = ..., step_stats: _Optional[_Iterable[_Union[StepStat, _Mapping]]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., owner: _Optional[str] = ..., attempt: _Optional[int] = ..., interruptions: _Optional[int] = ..., definition: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., runner: _Optional[str] = ...) -> None: ...
 
 class ChildEvent(_message.Message):
-    __slots__ = ("event_id", "step_id", "child_id", "kind", "error", "child_count", "handed_to_monitor", "occurred_at", "name", "attempt")
+    __slots__ = ("event_id", "step_id", "child_id", "kind", "error", "child_count", "handed_to_monitor", "occurred_at", "name", "attempt", "runner", "claim_id", "runner_lost")
     EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     CHILD_ID_FIELD_NUMBER: _ClassVar[int]
@@ -152,6 +154,9 @@ class ChildEvent(_message.Message):
     OCCURRED_AT_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    RUNNER_FIELD_NUMBER: _ClassVar[int]
+    CLAIM_ID_FIELD_NUMBER: _ClassVar[int]
+    RUNNER_LOST_FIELD_NUMBER: _ClassVar[int]
     event_id: str
     step_id: str
     child_id: str
@@ -162,7 +167,10 @@ class ChildEvent(_message.Message):
     occurred_at: _timestamp_pb2.Timestamp
     name: str
     attempt: int
-    def __init__(self, event_id: _Optional[str] = ..., step_id: _Optional[str] = ..., child_id: _Optional[str] = ..., kind: _Optional[_Union[ChildEventKind, str]] = ..., error: _Optional[str] = ..., child_count: _Optional[int] = ..., handed_to_monitor: _Optional[bool] = ..., occurred_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., name: _Optional[str] = ..., attempt: _Optional[int] = ...) -> None: ...
+    runner: str
+    claim_id: str
+    runner_lost: bool
+    def __init__(self, event_id: _Optional[str] = ..., step_id: _Optional[str] = ..., child_id: _Optional[str] = ..., kind: _Optional[_Union[ChildEventKind, str]] = ..., error: _Optional[str] = ..., child_count: _Optional[int] = ..., handed_to_monitor: _Optional[bool] = ..., occurred_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., name: _Optional[str] = ..., attempt: _Optional[int] = ..., runner: _Optional[str] = ..., claim_id: _Optional[str] = ..., runner_lost: _Optional[bool] = ...) -> None: ...
 
 class JobLogLine(_message.Message):
     __slots__ = ("seq", "time", "step_id", "child_id", "attempt", "source", "level", "message", "truncated")

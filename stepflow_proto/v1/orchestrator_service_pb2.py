@@ -27,39 +27,41 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from stepflow_proto.v1 import job_pb2 as stepflow_dot_v1_dot_job__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&stepflow/v1/orchestrator_service.proto\x12\x0bstepflow.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x15stepflow/v1/job.proto\"_\n\x0e\x45rrorTolerance\x12\x1a\n\x12max_child_failures\x18\x01 \x01(\x03\x12\x31\n\x06\x61\x63tion\x18\x02 \x01(\x0e\x32!.stepflow.v1.ErrorToleranceAction\"\xcc\x02\n\x0eStepDefinition\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\'\n\x06\x63onfig\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12&\n\x08on_error\x18\x04 \x01(\x0e\x32\x14.stepflow.v1.OnError\x12\x12\n\ndepends_on\x18\x05 \x03(\t\x12\x11\n\x04wait\x18\x06 \x01(\x08H\x00\x88\x01\x01\x12*\n\x07timeout\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0f\n\x07retries\x18\x08 \x01(\r\x12\x30\n\rretry_backoff\x18\t \x01(\x0b\x32\x19.google.protobuf.Duration\x12.\n\x0con_interrupt\x18\n \x01(\x0e\x32\x18.stepflow.v1.OnInterruptB\x07\n\x05_wait\"\xd4\x01\n\rJobDefinition\x12\x0c\n\x04name\x18\x01 \x01(\t\x12*\n\x07timeout\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x34\n\x0f\x65rror_tolerance\x18\x03 \x01(\x0b\x32\x1b.stepflow.v1.ErrorTolerance\x12\'\n\x06\x63onfig\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12*\n\x05steps\x18\x05 \x03(\x0b\x32\x1b.stepflow.v1.StepDefinition\"V\n\x10SubmitJobRequest\x12.\n\ndefinition\x18\x01 \x01(\x0b\x32\x1a.stepflow.v1.JobDefinition\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"\'\n\x11SubmitJobResponse\x12\x12\n\nmanager_id\x18\x01 \x01(\t\"2\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"2\n\x11\x43\x61ncelJobResponse\x12\x1d\n\x03job\x18\x01 \x01(\x0b\x32\x10.stepflow.v1.Job\"\x14\n\x12ListWorkersRequest\"H\n\nWorkerInfo\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x17\n\x0fspawns_children\x18\x03 \x01(\x08\"?\n\x13ListWorkersResponse\x12(\n\x07workers\x18\x01 \x03(\x0b\x32\x17.stepflow.v1.WorkerInfo*a\n\x07OnError\x12\x18\n\x14ON_ERROR_UNSPECIFIED\x10\x00\x12\x15\n\x11ON_ERROR_CONTINUE\x10\x01\x12\x11\n\rON_ERROR_FAIL\x10\x02\x12\x12\n\x0eON_ERROR_FATAL\x10\x03*\x84\x01\n\x14\x45rrorToleranceAction\x12&\n\"ERROR_TOLERANCE_ACTION_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x45RROR_TOLERANCE_ACTION_FAIL\x10\x01\x12#\n\x1f\x45RROR_TOLERANCE_ACTION_CONTINUE\x10\x02*Z\n\x0bOnInterrupt\x12\x1c\n\x18ON_INTERRUPT_UNSPECIFIED\x10\x00\x12\x16\n\x12ON_INTERRUPT_RERUN\x10\x01\x12\x15\n\x11ON_INTERRUPT_FAIL\x10\x02\x32\xff\x01\n\x13OrchestratorService\x12J\n\tSubmitJob\x12\x1d.stepflow.v1.SubmitJobRequest\x1a\x1e.stepflow.v1.SubmitJobResponse\x12J\n\tCancelJob\x12\x1d.stepflow.v1.CancelJobRequest\x1a\x1e.stepflow.v1.CancelJobResponse\x12P\n\x0bListWorkers\x12\x1f.stepflow.v1.ListWorkersRequest\x1a .stepflow.v1.ListWorkersResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&stepflow/v1/orchestrator_service.proto\x12\x0bstepflow.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x15stepflow/v1/job.proto\"_\n\x0e\x45rrorTolerance\x12\x1a\n\x12max_child_failures\x18\x01 \x01(\x03\x12\x31\n\x06\x61\x63tion\x18\x02 \x01(\x0e\x32!.stepflow.v1.ErrorToleranceAction\"\xf5\x02\n\x0eStepDefinition\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\'\n\x06\x63onfig\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12&\n\x08on_error\x18\x04 \x01(\x0e\x32\x14.stepflow.v1.OnError\x12\x12\n\ndepends_on\x18\x05 \x03(\t\x12\x11\n\x04wait\x18\x06 \x01(\x08H\x00\x88\x01\x01\x12*\n\x07timeout\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0f\n\x07retries\x18\x08 \x01(\r\x12\x30\n\rretry_backoff\x18\t \x01(\x0b\x32\x19.google.protobuf.Duration\x12.\n\x0con_interrupt\x18\n \x01(\x0e\x32\x18.stepflow.v1.OnInterrupt\x12\'\n\x08\x65xecutor\x18\x0b \x01(\x0e\x32\x15.stepflow.v1.ExecutorB\x07\n\x05_wait\"\xd4\x01\n\rJobDefinition\x12\x0c\n\x04name\x18\x01 \x01(\t\x12*\n\x07timeout\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x34\n\x0f\x65rror_tolerance\x18\x03 \x01(\x0b\x32\x1b.stepflow.v1.ErrorTolerance\x12\'\n\x06\x63onfig\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12*\n\x05steps\x18\x05 \x03(\x0b\x32\x1b.stepflow.v1.StepDefinition\"V\n\x10SubmitJobRequest\x12.\n\ndefinition\x18\x01 \x01(\x0b\x32\x1a.stepflow.v1.JobDefinition\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"\'\n\x11SubmitJobResponse\x12\x12\n\nmanager_id\x18\x01 \x01(\t\"2\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"2\n\x11\x43\x61ncelJobResponse\x12\x1d\n\x03job\x18\x01 \x01(\x0b\x32\x10.stepflow.v1.Job\"\x14\n\x12ListWorkersRequest\"H\n\nWorkerInfo\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x17\n\x0fspawns_children\x18\x03 \x01(\x08\"?\n\x13ListWorkersResponse\x12(\n\x07workers\x18\x01 \x03(\x0b\x32\x17.stepflow.v1.WorkerInfo*a\n\x07OnError\x12\x18\n\x14ON_ERROR_UNSPECIFIED\x10\x00\x12\x15\n\x11ON_ERROR_CONTINUE\x10\x01\x12\x11\n\rON_ERROR_FAIL\x10\x02\x12\x12\n\x0eON_ERROR_FATAL\x10\x03*\x84\x01\n\x14\x45rrorToleranceAction\x12&\n\"ERROR_TOLERANCE_ACTION_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x45RROR_TOLERANCE_ACTION_FAIL\x10\x01\x12#\n\x1f\x45RROR_TOLERANCE_ACTION_CONTINUE\x10\x02*Z\n\x0bOnInterrupt\x12\x1c\n\x18ON_INTERRUPT_UNSPECIFIED\x10\x00\x12\x16\n\x12ON_INTERRUPT_RERUN\x10\x01\x12\x15\n\x11ON_INTERRUPT_FAIL\x10\x02*M\n\x08\x45xecutor\x12\x18\n\x14\x45XECUTOR_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x45XECUTOR_LOCAL\x10\x01\x12\x13\n\x0f\x45XECUTOR_CELERY\x10\x02\x32\xff\x01\n\x13OrchestratorService\x12J\n\tSubmitJob\x12\x1d.stepflow.v1.SubmitJobRequest\x1a\x1e.stepflow.v1.SubmitJobResponse\x12J\n\tCancelJob\x12\x1d.stepflow.v1.CancelJobRequest\x1a\x1e.stepflow.v1.CancelJobResponse\x12P\n\x0bListWorkers\x12\x1f.stepflow.v1.ListWorkersRequest\x1a .stepflow.v1.ListWorkersResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'stepflow.v1.orchestrator_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ONERROR']._serialized_start=1181
-  _globals['_ONERROR']._serialized_end=1278
-  _globals['_ERRORTOLERANCEACTION']._serialized_start=1281
-  _globals['_ERRORTOLERANCEACTION']._serialized_end=1413
-  _globals['_ONINTERRUPT']._serialized_start=1415
-  _globals['_ONINTERRUPT']._serialized_end=1505
+  _globals['_ONERROR']._serialized_start=1222
+  _globals['_ONERROR']._serialized_end=1319
+  _globals['_ERRORTOLERANCEACTION']._serialized_start=1322
+  _globals['_ERRORTOLERANCEACTION']._serialized_end=1454
+  _globals['_ONINTERRUPT']._serialized_start=1456
+  _globals['_ONINTERRUPT']._serialized_end=1546
+  _globals['_EXECUTOR']._serialized_start=1548
+  _globals['_EXECUTOR']._serialized_end=1625
   _globals['_ERRORTOLERANCE']._serialized_start=140
   _globals['_ERRORTOLERANCE']._serialized_end=235
   _globals['_STEPDEFINITION']._serialized_start=238
-  _globals['_STEPDEFINITION']._serialized_end=570
-  _globals['_JOBDEFINITION']._serialized_start=573
-  _globals['_JOBDEFINITION']._serialized_end=785
-  _globals['_SUBMITJOBREQUEST']._serialized_start=787
-  _globals['_SUBMITJOBREQUEST']._serialized_end=873
-  _globals['_SUBMITJOBRESPONSE']._serialized_start=875
-  _globals['_SUBMITJOBRESPONSE']._serialized_end=914
-  _globals['_CANCELJOBREQUEST']._serialized_start=916
-  _globals['_CANCELJOBREQUEST']._serialized_end=966
-  _globals['_CANCELJOBRESPONSE']._serialized_start=968
-  _globals['_CANCELJOBRESPONSE']._serialized_end=1018
-  _globals['_LISTWORKERSREQUEST']._serialized_start=1020
-  _globals['_LISTWORKERSREQUEST']._serialized_end=1040
-  _globals['_WORKERINFO']._serialized_start=1042
-  _globals['_WORKERINFO']._serialized_end=1114
-  _globals['_LISTWORKERSRESPONSE']._serialized_start=1116
-  _globals['_LISTWORKERSRESPONSE']._serialized_end=1179
-  _globals['_ORCHESTRATORSERVICE']._serialized_start=1508
-  _globals['_ORCHESTRATORSERVICE']._serialized_end=1763
+  _globals['_STEPDEFINITION']._serialized_end=611
+  _globals['_JOBDEFINITION']._serialized_start=614
+  _globals['_JOBDEFINITION']._serialized_end=826
+  _globals['_SUBMITJOBREQUEST']._serialized_start=828
+  _globals['_SUBMITJOBREQUEST']._serialized_end=914
+  _globals['_SUBMITJOBRESPONSE']._serialized_start=916
+  _globals['_SUBMITJOBRESPONSE']._serialized_end=955
+  _globals['_CANCELJOBREQUEST']._serialized_start=957
+  _globals['_CANCELJOBREQUEST']._serialized_end=1007
+  _globals['_CANCELJOBRESPONSE']._serialized_start=1009
+  _globals['_CANCELJOBRESPONSE']._serialized_end=1059
+  _globals['_LISTWORKERSREQUEST']._serialized_start=1061
+  _globals['_LISTWORKERSREQUEST']._serialized_end=1081
+  _globals['_WORKERINFO']._serialized_start=1083
+  _globals['_WORKERINFO']._serialized_end=1155
+  _globals['_LISTWORKERSRESPONSE']._serialized_start=1157
+  _globals['_LISTWORKERSRESPONSE']._serialized_end=1220
+  _globals['_ORCHESTRATORSERVICE']._serialized_start=1628
+  _globals['_ORCHESTRATORSERVICE']._serialized_end=1883
 # @@protoc_insertion_point(module_scope)

@@ -30,6 +30,12 @@ class OnInterrupt(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ON_INTERRUPT_UNSPECIFIED: _ClassVar[OnInterrupt]
     ON_INTERRUPT_RERUN: _ClassVar[OnInterrupt]
     ON_INTERRUPT_FAIL: _ClassVar[OnInterrupt]
+
+class Executor(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    EXECUTOR_UNSPECIFIED: _ClassVar[Executor]
+    EXECUTOR_LOCAL: _ClassVar[Executor]
+    EXECUTOR_CELERY: _ClassVar[Executor]
 ON_ERROR_UNSPECIFIED: OnError
 ON_ERROR_CONTINUE: OnError
 ON_ERROR_FAIL: OnError
@@ -40,6 +46,9 @@ ERROR_TOLERANCE_ACTION_CONTINUE: ErrorToleranceAction
 ON_INTERRUPT_UNSPECIFIED: OnInterrupt
 ON_INTERRUPT_RERUN: OnInterrupt
 ON_INTERRUPT_FAIL: OnInterrupt
+EXECUTOR_UNSPECIFIED: Executor
+EXECUTOR_LOCAL: Executor
+EXECUTOR_CELERY: Executor
 
 class ErrorTolerance(_message.Message):
     __slots__ = ("max_child_failures", "action")
@@ -50,7 +59,7 @@ class ErrorTolerance(_message.Message):
     def __init__(self, max_child_failures: _Optional[int] = ..., action: _Optional[_Union[ErrorToleranceAction, str]] = ...) -> None: ...
 
 class StepDefinition(_message.Message):
-    __slots__ = ("name", "type", "config", "on_error", "depends_on", "wait", "timeout", "retries", "retry_backoff", "on_interrupt")
+    __slots__ = ("name", "type", "config", "on_error", "depends_on", "wait", "timeout", "retries", "retry_backoff", "on_interrupt", "executor")
     NAME_FIELD_NUMBER: _ClassVar[int]
     TYPE_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FIELD_NUMBER: _ClassVar[int]
@@ -61,6 +70,7 @@ class StepDefinition(_message.Message):
     RETRIES_FIELD_NUMBER: _ClassVar[int]
     RETRY_BACKOFF_FIELD_NUMBER: _ClassVar[int]
     ON_INTERRUPT_FIELD_NUMBER: _ClassVar[int]
+    EXECUTOR_FIELD_NUMBER: _ClassVar[int]
     name: str
     type: str
     config: _struct_pb2.Struct
@@ -71,7 +81,8 @@ class StepDefinition(_message.Message):
     retries: int
     retry_backoff: _duration_pb2.Duration
     on_interrupt: OnInterrupt
-    def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ..., config: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., on_error: _Optional[_Union[OnError, str]] = ..., depends_on: _Optional[_Iterable[str]] = ..., wait: _Optional[bool] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., retries: _Optional[int] = ..., retry_backoff: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., on_interrupt: _Optional[_Union[OnInterrupt, str]] = ...) -> None: ...
+    executor: Executor
+    def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ..., config: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., on_error: _Optional[_Union[OnError, str]] = ..., depends_on: _Optional[_Iterable[str]] = ..., wait: _Optional[bool] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., retries: _Optional[int] = ..., retry_backoff: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., on_interrupt: _Optional[_Union[OnInterrupt, str]] = ..., executor: _Optional[_Union[Executor, str]] = ...) -> None: ...
 
 class JobDefinition(_message.Message):
     __slots__ = ("name", "timeout", "error_tolerance", "config", "steps")
