@@ -192,8 +192,15 @@ class Runtime:
         self.guard.no_deadline()
 
     def call(self, coro: Awaitable[Any]) -> Any:
-        """Run ``coro`` on the loop from another thread and wait for its result."""
-        future: Future[Any] = asyncio.run_coroutine_threadsafe(coro, self.loop)  # type: ignore[arg-type]
+        """Run ``coro`` on the loop from another thread and wait for its result; the processes
+        it starts are this runner's (``process_guard``: the context is the calling thread's,
+        so the guard is made current here)."""
+
+        async def guarded() -> Any:
+            with self.guard.active():
+                return await coro
+
+        future: Future[Any] = asyncio.run_coroutine_threadsafe(guarded(), self.loop)
         return future.result()
 
     def stop(self) -> None:
@@ -211,7 +218,11 @@ class Runtime:
 
     # -- a message -----------------------------------------------------------------------------
     async def run_parcel(self, kwargs: object, claim_id: str, redelivered: bool) -> None:
-        """Run one message's children; return once their ends are committed."""
+        """Run one message's children; return once their ends are committed.
+
+        The parcel's children are claimed together (one commit), then run one after another
+        in this slot; each shows ``running`` from its claim. A child cancelled, or claimed by
+        another runner, before its turn is skipped."""
         try:
             parcel = Parcel.from_kwargs(kwargs)
         except BadParcel as exc:
@@ -225,15 +236,43 @@ class Runtime:
             log.warning("message for a job the monitor does not have; dropped", why=str(exc))
             return
         worker = self.workers.get(step.type)
+        wanted: list[tuple[int, int, int]] = []  # (index, attempt, interruptions)
         for index, attempt in parcel.children:
-            child_id = f"{step.step_id}.{index}"
-            extra = 0
             if redelivered:
-                found = await self._attempt_after_loss(child_id, attempt)
-                if found is None:
+                found = await self._attempt_after_loss(f"{step.step_id}.{index}", attempt)
+                if found is not None:
+                    wanted.append((index, *found))
+            else:
+                wanted.append((index, attempt, 0))
+        claims = [
+            (
+                index,
+                attempt,
+                interruptions,
+                self._claim_event(step.step_id, index, attempt, claim_id),
+            )
+            for index, attempt, interruptions in wanted
+        ]
+        refused = await self._claims(claims)
+        now = time.monotonic()
+        held: list[tuple[int, Running, int]] = []
+        for (index, attempt, interruptions, event), why in zip(claims, refused, strict=True):
+            if why:
+                log.info("claim refused; child not run here", child_id=event.child_id, why=why)
+                continue
+            running = Running(event.child_id, attempt, now)
+            self._running[event.child_id] = running
+            held.append((index, running, interruptions))
+        try:
+            for index, running, interruptions in held:
+                if running.lost:
+                    self._log_lost(running)
                     continue
-                attempt, extra = found
-            await self._run_child(step, worker, index, attempt, claim_id, extra)
+                await self._run_child(step, worker, index, running, claim_id, interruptions)
+        finally:
+            for _, running, _ in held:
+                self._running.pop(running.child_id, None)
+                running.done.set()
         await self.emitter.flush()
 
     async def _step(self, parcel: Parcel) -> StepInfo:
@@ -274,50 +313,52 @@ class Runtime:
         step: StepInfo,
         worker: Worker | None,
         index: int,
-        attempt: int,
+        running: Running,
         claim_id: str,
         interruptions: int,
     ) -> None:
-        child_id = f"{step.step_id}.{index}"
+        """Run a claimed child (its retries too, each claimed first); send its end."""
+        child_id, attempt = running.child_id, running.attempt
+        if worker is None:
+            error = (
+                f"runner {self.name} has no worker type {step.type!r}: install the plugin "
+                "that provides it on the runner's machine"
+            )
+            await self._end(step.step_id, child_id, attempt, claim_id, "failed", error)
+            return
         last = max(attempt, step.retry.last_attempt(interruptions))
         while True:
-            refused = await self._claim(step.step_id, child_id, attempt, claim_id)
-            if refused:
-                log.info("claim refused; child not run here", child_id=child_id, why=refused)
-                return
-            if worker is None:
-                error = (
-                    f"runner {self.name} has no worker type {step.type!r}: install the plugin "
-                    "that provides it on the runner's machine"
-                )
-                await self._end(step.step_id, child_id, attempt, claim_id, "failed", error)
-                return
-            running = Running(child_id, attempt, time.monotonic())
-            self._running[child_id] = running
-            try:
-                outcome = await self._run_once(step, worker, index, attempt, running)
-            finally:
-                self._running.pop(child_id, None)
-                running.done.set()
+            running.started = time.monotonic()
+            outcome = await self._run_once(step, worker, index, attempt, running)
             if running.lost:
-                log.warning(
-                    "child stopped here and its result dropped",
-                    child_id=child_id,
-                    attempt=attempt,
-                    why=running.lost,
-                )
+                self._log_lost(running)
                 return
             if outcome.status == "failed" and attempt < last:
                 if not await sleep_unless_cancelled(
                     running.cancel, step.retry.delay_before(attempt + 1)
                 ):
+                    self._log_lost(running)
                     return
                 attempt += 1
+                event = self._claim_event(step.step_id, index, attempt, claim_id)
+                (why,) = await self._claims([(index, attempt, 0, event)])
+                if why:
+                    log.info("retry's claim refused", child_id=child_id, why=why)
+                    return
+                running.attempt = attempt
                 continue
             await self._end(
                 step.step_id, child_id, attempt, claim_id, outcome.status, outcome.error
             )
             return
+
+    def _log_lost(self, running: Running) -> None:
+        log.warning(
+            "child stopped here and its result dropped",
+            child_id=running.child_id,
+            attempt=running.attempt,
+            why=running.lost or "cancelled",
+        )
 
     async def _run_once(
         self, step: StepInfo, worker: Worker, index: int, attempt: int, running: Running
@@ -373,19 +414,27 @@ class Runtime:
         return one.outcome
 
     # -- the monitor ---------------------------------------------------------------------------
-    async def _claim(self, step_id: str, child_id: str, attempt: int, claim_id: str) -> str:
-        """Claim ``attempt``; "" once the claim is committed, else why it was refused."""
-        event = job_pb2.ChildEvent(
+    def _claim_event(
+        self, step_id: str, index: int, attempt: int, claim_id: str
+    ) -> job_pb2.ChildEvent:
+        return job_pb2.ChildEvent(
             kind=job_pb2.CHILD_EVENT_KIND_RUNNING,
             step_id=step_id,
-            child_id=child_id,
+            child_id=f"{step_id}.{index}",
             attempt=attempt,
             runner=self.name,
             claim_id=claim_id,
         )
-        seq = await self.emitter.send(event)
-        await self.emitter.flush(through=seq)
-        return self._rejections.pop(event.event_id, "")
+
+    async def _claims(self, claims: list[tuple[int, int, int, job_pb2.ChildEvent]]) -> list[str]:
+        """Send the claims and wait for their commit: per claim, "" if it was accepted, else
+        why it was refused."""
+        seq = 0
+        for *_, event in claims:
+            seq = await self.emitter.send(event)
+        if claims:
+            await self.emitter.flush(through=seq)
+        return [self._rejections.pop(event.event_id, "") for *_, event in claims]
 
     async def _end(
         self, step_id: str, child_id: str, attempt: int, claim_id: str, status: str, error: str
@@ -490,11 +539,12 @@ class DeadLetters(threading.Thread):
                         [dead], callbacks=[self._on_message], accept=["json"], prefetch_count=1
                     ),
                 ):
+                    tick = min(1.0, settings.heartbeat_s / 4)
                     while not self._stop.is_set():
                         try:
-                            connection.drain_events(timeout=1.0)
+                            connection.drain_events(timeout=tick)
                         except TimeoutError:
-                            connection.heartbeat_check()
+                            connection.heartbeat_check(rate=2)
             except Exception as exc:
                 if self._stop.is_set():
                     return

@@ -15,9 +15,7 @@ import asyncio
 import os
 import signal
 import subprocess
-import sys
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +25,7 @@ from grpc import aio
 from stepflow_proto.v1 import job_pb2
 from stepflow_proto.v1 import monitor_service_pb2_grpc as m_grpc
 from tests.jobs import by_name, final, list_all, watch_until
+from tests.ledger import Ledger
 from tests.process_helpers import (
     ORCHESTRATOR_SVC,
     ServerProcess,
@@ -43,30 +42,6 @@ QUICK_JOB = str(Path(__file__).resolve().parents[2] / "examples" / "quick.toml")
 # Long: a job waiting for an orchestrator that can run it must not fail meanwhile.
 ORPHAN_TIMEOUT = "60s"
 
-LEDGER_SCRIPT = """\
-import os, sys, time
-ledger, item, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
-attempt = os.environ.get("STEPFLOW_ATTEMPT", "?")
-
-def alive(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] != "Z"
-    except OSError:
-        return False
-
-with open(ledger) as f:
-    earlier = [l.split() for l in f if l.startswith(f"start {item} ")]
-with open(ledger, "a") as f:
-    for words in earlier:
-        if alive(int(words[3])):
-            f.write(f"overlap {item} {words[2]} {attempt}\\n")
-    f.write(f"start {item} {attempt} {os.getpid()}\\n")
-time.sleep(seconds)
-with open(ledger, "a") as f:
-    f.write(f"end {item} {attempt} {os.getpid()}\\n")
-"""
-
 
 @pytest.fixture
 def monitor_options() -> dict[str, Any]:
@@ -76,29 +51,6 @@ def monitor_options() -> dict[str, Any]:
         "default_wait_timeout": "120s",
         "extra": ["--orphan-timeout", ORPHAN_TIMEOUT],
     }
-
-
-class Ledger:
-    def __init__(self, tmp_path: Path) -> None:
-        self.script = tmp_path / "ledger.py"
-        self.script.write_text(LEDGER_SCRIPT)
-        self.path = tmp_path / "ledger.txt"
-        self.path.write_text("")
-
-    def command(self, seconds: float) -> str:
-        return f"{sys.executable} {self.script} {self.path} {{item}} {seconds}"
-
-    def lines(self) -> list[list[str]]:
-        return [line.split() for line in self.path.read_text().splitlines()]
-
-    def starts(self) -> Counter[str]:
-        return Counter(w[1] for w in self.lines() if w[0] == "start")
-
-    def ends(self) -> Counter[str]:
-        return Counter(w[1] for w in self.lines() if w[0] == "end")
-
-    def overlaps(self) -> list[list[str]]:
-        return [w for w in self.lines() if w[0] == "overlap"]
 
 
 NAPPER_ENTRY = "napper = napper_plugin:Napper"
