@@ -318,8 +318,10 @@ def _runner(args: argparse.Namespace) -> int:
             args.monitor_tls_key,
             ("--monitor-tls-ca", "--monitor-tls-cert", "--monitor-tls-key"),
         )
+        settings = _broker(args, heartbeat=args.broker_heartbeat)
+        assert settings is not None  # --broker-url is given
         config = runner.RunnerConfig(
-            broker=_broker(args, heartbeat=args.broker_heartbeat),
+            broker=settings,
             monitor=args.monitor,
             monitor_security=serving.Security(
                 auth_token=args.monitor_token,

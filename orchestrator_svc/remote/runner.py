@@ -579,7 +579,7 @@ def run(config: RunnerConfig, *, log_level: str = "info") -> int:
     runtime = Runtime(config, workers)
     runtime.start()
 
-    @app.task(name=broker.TASK_NAME, bind=True)  # type: ignore[misc]
+    @app.task(name=broker.TASK_NAME, bind=True)  # type: ignore[untyped-decorator]
     def run_children(self: Any, **kwargs: Any) -> None:
         request = self.request
         redelivered = bool((request.delivery_info or {}).get("redelivered"))
