@@ -22,7 +22,7 @@ DEMO_ARGS ?=
 # `make test-pg` uses this unless the variable is already set in the environment.
 STEPFLOW_TEST_POSTGRES_URL ?= postgresql+psycopg://postgres@127.0.0.1:5432/test
 
-.PHONY: help venv gen check-gen buf-lint buf-breaking proto-release lint test test-pg bench bench-failover soak soak-web demo clean distclean
+.PHONY: help venv gen check-gen buf-lint buf-breaking proto-release lint test test-pg bench bench-failover bench-remote soak soak-web demo clean distclean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(firstword $(MAKEFILE_LIST)) | \
@@ -97,6 +97,9 @@ bench: venv ## run the benchmarks (bench/run_all.py)
 
 bench-failover: venv ## kill -9 an orchestrator mid-job: time to adoption and to the first re-run child vs the lease
 	"$(BIN)/python" bench/bench_failover.py $(BENCH_ARGS)
+
+bench-remote: venv ## one step local vs on two runners of 8 slots (RabbitMQ): children/s and what bounds it
+	"$(BIN)/python" bench/bench_remote.py $(BENCH_ARGS)
 
 soak-web: venv ## the web view: 50 pages open on a busy job for an hour, the monitor's RSS over time
 	"$(BIN)/python" bench/bench_web.py --part soak --runs 1 --soak-seconds 3600 $(BENCH_ARGS)

@@ -25,6 +25,7 @@ BENCHMARKS = (
     "bench_dbsize.py",
     "bench_log.py",
     "bench_web.py",
+    "bench_remote.py",
 )
 # Run only when named in --only (or with --failover): it kills orchestrators on purpose.
 OPTIONAL = ("bench_failover.py",)

@@ -9,8 +9,8 @@ from typing import Literal
 
 from orchestrator_svc import metrics
 from orchestrator_svc.definitions import Executor, OnInterrupt
-from orchestrator_svc.remote.dispatch import CeleryDispatch
 from orchestrator_svc.runner.context import JobContext, log
+from orchestrator_svc.runner.dispatch import CeleryDispatch
 from orchestrator_svc.runner.step_state import StepRun
 from orchestrator_svc.workers.base import ChildStatus, StepContext
 from stepflow_common.errors import FailedPrecondition

@@ -71,6 +71,10 @@ def orchestrator_serve_parser() -> argparse.ArgumentParser:
     return _subparser(orchestrator_cli.build_parser(), "serve")
 
 
+def runner_parser() -> argparse.ArgumentParser:
+    return _subparser(orchestrator_cli.build_parser(), "runner")
+
+
 # -- the files -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def compose() -> dict[str, Any]:
@@ -90,12 +94,13 @@ def _env(compose: dict[str, Any], name: str) -> dict[str, str]:
     return {str(k): str(v) for k, v in env.items()}
 
 
-def test_three_services(compose: dict[str, Any]) -> None:
-    assert set(compose["services"]) == {"postgres", "monitor", "orchestrator"}
+def test_the_services(compose: dict[str, Any]) -> None:
+    assert set(compose["services"]) == {"postgres", "monitor", "orchestrator", "rabbitmq", "runner"}
     assert str(_service(compose, "postgres")["image"]).startswith("postgres:")
+    assert str(_service(compose, "rabbitmq")["image"]).startswith("rabbitmq:")
 
 
-@pytest.mark.parametrize("name", ["monitor", "orchestrator"])
+@pytest.mark.parametrize("name", ["monitor", "orchestrator", "runner"])
 def test_services_build_the_dockerfile(compose: dict[str, Any], name: str) -> None:
     service = _service(compose, name)
     assert service.get("image"), f"{name}: name the image so both services share one build"
@@ -104,8 +109,12 @@ def test_services_build_the_dockerfile(compose: dict[str, Any], name: str) -> No
     assert context == ".", f"{name}: build the repository's Dockerfile"
     assert (ROOT / context / "Dockerfile").is_file()
     command = service["command"]
-    executable = {"monitor": "monitor-svc", "orchestrator": "orchestrator-svc"}[name]
-    assert command[:2] == [executable, "serve"], command
+    expected = {
+        "monitor": ["monitor-svc", "serve"],
+        "orchestrator": ["orchestrator-svc", "serve"],
+        "runner": ["orchestrator-svc", "runner"],
+    }[name]
+    assert command[:2] == expected, command
 
 
 @pytest.mark.parametrize(
@@ -117,7 +126,7 @@ def test_ports_are_published(compose: dict[str, Any], name: str, port: int) -> N
     assert f"{LOOPBACK}:{port}:{port}" in ports, ports
 
 
-@pytest.mark.parametrize("name", ["postgres", "monitor", "orchestrator"])
+@pytest.mark.parametrize("name", ["postgres", "monitor", "orchestrator", "rabbitmq", "runner"])
 def test_ports_stay_on_loopback_unless_a_token_is_required(
     compose: dict[str, Any], name: str
 ) -> None:
@@ -129,12 +138,12 @@ def test_ports_stay_on_loopback_unless_a_token_is_required(
         assert host_ip == LOOPBACK or has_token, f"{name} publishes {published} to every host"
 
 
-@pytest.mark.parametrize("name", ["postgres", "monitor", "orchestrator"])
+@pytest.mark.parametrize("name", ["postgres", "monitor", "orchestrator", "rabbitmq", "runner"])
 def test_services_restart_and_reap(compose: dict[str, Any], name: str) -> None:
     service = _service(compose, name)
     assert service.get("restart") in ("unless-stopped", "always", "on-failure"), name
-    if name != "postgres":
-        # The orchestrator runs steps' shell commands: PID 1 must reap what they leave.
+    if name not in ("postgres", "rabbitmq"):
+        # Orchestrators and runners run steps' shell commands: PID 1 must reap what they leave.
         assert service.get("init") is True, f"{name}: init: true"
 
 
@@ -167,14 +176,18 @@ def test_one_postgresql_version_everywhere(compose: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize(
     ("name", "parser_factory"),
-    [("monitor", monitor_serve_parser), ("orchestrator", orchestrator_serve_parser)],
+    [
+        ("monitor", monitor_serve_parser),
+        ("orchestrator", orchestrator_serve_parser),
+        ("runner", runner_parser),
+    ],
 )
 def test_every_environment_variable_is_read(
     compose: dict[str, Any], name: str, parser_factory: Any
 ) -> None:
     read = env_vars_read(parser_factory())
     unknown = sorted(set(_env(compose, name)) - read)
-    assert not unknown, f"{name} sets variables `serve` does not read: {unknown}"
+    assert not unknown, f"{name} sets variables its command does not read: {unknown}"
 
 
 def test_monitor_environment_takes_effect(
@@ -224,9 +237,10 @@ def test_start_order_waits_for_health(compose: dict[str, Any]) -> None:
         "postgres": {"condition": "service_healthy"}
     }
     assert _service(compose, "orchestrator")["depends_on"] == {
-        "monitor": {"condition": "service_healthy"}
+        "monitor": {"condition": "service_healthy"},
+        "rabbitmq": {"condition": "service_healthy"},
     }
-    for name in ("postgres", "monitor", "orchestrator"):
+    for name in ("postgres", "monitor", "orchestrator", "rabbitmq"):
         assert _service(compose, name).get("healthcheck", {}).get("test"), f"{name}: no healthcheck"
 
 
@@ -382,3 +396,34 @@ def test_dockerignore_keeps_what_the_image_needs() -> None:
               "orchestrator_svc", "examples"}  # fmt: skip
     assert not needed & ignored
     assert {".venv", ".git"} <= ignored
+
+
+def test_orchestrators_and_runners_share_the_broker(
+    compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The orchestrator publishes where the runner takes, as the broker's own user, and the
+    runner reports to the monitor."""
+    rabbit = _env(compose, "rabbitmq")
+    urls = []
+    for name, parser_factory in (
+        ("orchestrator", orchestrator_serve_parser),
+        ("runner", runner_parser),
+    ):
+        with monkeypatch.context() as patch:
+            for key, value in _env(compose, name).items():
+                patch.setenv(key, value)
+            args = parser_factory().parse_args([])
+        urls.append(args.broker_url)
+        if name == "runner":
+            monitor_port = _env(compose, "monitor")["STEPFLOW_MONITOR_PORT"]
+            assert args.monitor == f"monitor:{monitor_port}"
+            assert args.concurrency >= 1
+    assert urls[0] == urls[1], urls
+    url = make_url(urls[0].replace("amqp://", "postgresql://", 1))  # the URL's parts only
+    assert (url.username, url.password, url.host) == (
+        rabbit["RABBITMQ_DEFAULT_USER"],
+        rabbit["RABBITMQ_DEFAULT_PASS"],
+        "rabbitmq",
+    )
+    for name in ("orchestrator", "runner"):
+        assert _service(compose, name)["depends_on"]["rabbitmq"] == {"condition": "service_healthy"}
