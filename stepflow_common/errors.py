@@ -62,6 +62,9 @@ class StatusConflict(FailedPrecondition):
 # owns now (or none does): an ack's rejection is a string, so it is told by this prefix; a
 # refused write says so by its error's reason instead (``Fenced``).
 FENCED_PREFIX = "fenced: "
+STALE_CLAIM = "is stale"
+"""In the monitor's refusal of a runner's claim on an attempt that has already run: the runner
+reads the child's record and claims the next one."""
 
 
 class Fenced(FailedPrecondition):

@@ -11,14 +11,29 @@ import signal
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from grpc import aio
 from kombu import Connection
 
-from tests.process_helpers import ORCHESTRATOR_SVC, STARTUP_TIMEOUT_S, STOP_TIMEOUT_S, clean_env
+from stepflow_proto.v1 import job_pb2
+from stepflow_proto.v1 import monitor_service_pb2_grpc as m_grpc
+from stepflow_proto.v1 import orchestrator_service_pb2_grpc as o_grpc
+from tests.jobs import by_name, list_all, watch_until
+from tests.process_helpers import (
+    ORCHESTRATOR_SVC,
+    STARTUP_TIMEOUT_S,
+    STOP_TIMEOUT_S,
+    ServerProcess,
+    clean_env,
+    monitor_process,
+    orchestrator_process,
+)
+
+WITHIN_S = 60.0
 
 BROKER_URL_ENV = "STEPFLOW_TEST_BROKER_URL"
 REQUIRE_BROKER_ENV = "STEPFLOW_TEST_REQUIRE_BROKER"
@@ -181,3 +196,100 @@ def pid_alive(pid: int) -> bool:
             return stat.read().split(") ", 1)[1][0] != "Z"
     except (FileNotFoundError, IndexError):
         return False
+
+
+@dataclass
+class Cluster:
+    broker: Broker
+    monitor: ServerProcess
+    orchestrators: list[ServerProcess]
+    runners: dict[str, RunnerProcess]
+    stub: m_grpc.MonitorServiceStub
+    tmp_path: Path
+
+    def ostub(self, index: int = 0) -> o_grpc.OrchestratorServiceStub:
+        return o_grpc.OrchestratorServiceStub(
+            aio.insecure_channel(self.orchestrators[index].address)
+        )
+
+    async def children(self, step_id: str) -> list[job_pb2.Job]:
+        return await list_all(self.stub, parent_id=step_id)
+
+    async def step_id(self, manager_id: str, name: str = "work") -> str:
+        manager = await watch_until(self.stub, manager_id, lambda j: name in by_name(j))
+        return by_name(manager)[name].step_id
+
+    async def wait_children(
+        self, step_id: str, check: Callable[[list[job_pb2.Job]], bool], within: float = WITHIN_S
+    ) -> list[job_pb2.Job]:
+        deadline = time.monotonic() + within
+        while True:
+            kids = await self.children(step_id)
+            if check(kids):
+                return kids
+            if time.monotonic() > deadline:
+                summary = [(k.id, k.status, k.runner, k.attempt) for k in kids]
+                raise AssertionError(f"children never got there: {summary}")
+            await asyncio.sleep(0.1)
+
+
+@contextlib.asynccontextmanager
+async def cluster(
+    tmp_path: Path,
+    *,
+    orchestrators: int = 1,
+    runners: tuple[str, ...] = ("A", "B"),
+    concurrency: int = 2,
+    lease: str = "30s",
+    runner_env: dict[str, str] | None = None,
+    orchestrator_env: dict[str, str] | None = None,
+    http_port: int = 0,
+) -> AsyncIterator[Cluster]:
+    """A monitor (SQLite), ``orchestrators`` with the broker, and ``runners`` by name, on a
+    queue of this test's own; all stopped on the way out."""
+    with own_queue() as found:
+        monitor = monitor_process(
+            f"sqlite:///{tmp_path / 'stepflow.db'}",
+            tmp_path,
+            default_wait_timeout="120s",
+            http_port=http_port,
+            extra=["--orphan-timeout", "60s"],
+        )
+        orchs = [
+            orchestrator_process(
+                monitor.address,
+                tmp_path,
+                name=f"orch{i}",
+                owner=f"orch{i}",
+                extra=[*broker_flags(found), "--lease", lease],
+            )
+            for i in range(orchestrators)
+        ]
+        for proc in orchs:
+            proc.extra_env.update(orchestrator_env or {})
+        procs = {
+            name: runner_process(
+                found,
+                monitor.address,
+                tmp_path,
+                name,
+                concurrency=concurrency,
+                extra_env=runner_env,
+            )
+            for name in runners
+        }
+        try:
+            await monitor.run()
+            for proc in orchs:
+                await proc.run()
+            await asyncio.gather(*(r.run() for r in procs.values()))
+            async with aio.insecure_channel(monitor.address) as channel:
+                yield Cluster(
+                    found, monitor, orchs, procs, m_grpc.MonitorServiceStub(channel), tmp_path
+                )
+        finally:
+            for runner in procs.values():
+                await asyncio.to_thread(runner.stop)
+            for proc in orchs:
+                await asyncio.to_thread(proc.stop)
+            await asyncio.to_thread(monitor.stop)

@@ -26,6 +26,7 @@ from monitor_svc.lifecycle.rules import StepTimers, count_child_change
 from monitor_svc.lifecycle.uow import UnitOfWork
 from monitor_svc.log_lines import stale_runner_line
 from monitor_svc.records import ChildEventIn, JobState
+from stepflow_common.errors import STALE_CLAIM
 from stepflow_common.status import EndReason, Status
 
 MAX_RUNNER_INTERRUPTIONS = 3
@@ -64,7 +65,7 @@ def _claim(
         return f"child {child.id} is already {child.status}"
     if child.status is Status.PENDING:
         if attempt <= child.attempt:
-            return f"attempt {attempt} is stale: attempt {child.attempt} has run"
+            return f"attempt {attempt} {STALE_CLAIM}: attempt {child.attempt} has run"
         _put_claim(tx, child, event, attempt, Status.RUNNING, timers, ends)
         return ""
     # Running: whose claim is it?
@@ -78,7 +79,7 @@ def _claim(
         return ""  # the same claim again
     if attempt <= child.attempt:
         return (
-            f"attempt {attempt} is stale: attempt {child.attempt} is claimed by runner "
+            f"attempt {attempt} {STALE_CLAIM}: attempt {child.attempt} is claimed by runner "
             f"{child.runner}; claim attempt {child.attempt + 1}"
         )
     if event.runner == child.runner:

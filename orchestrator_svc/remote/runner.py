@@ -49,7 +49,7 @@ from orchestrator_svc.workers.children import ChildOutcome
 from orchestrator_svc.workers.registry import load_registry
 from stepflow_client._events import ChildEventEmitter
 from stepflow_common import serving
-from stepflow_common.errors import InvalidArgument, NotFound, StepflowError
+from stepflow_common.errors import STALE_CLAIM, InvalidArgument, NotFound, StepflowError
 from stepflow_proto.v1 import job_pb2
 
 log = structlog.get_logger("orchestrator_svc.runner")
@@ -254,6 +254,15 @@ class Runtime:
             for index, attempt, interruptions in wanted
         ]
         refused = await self._claims(claims)
+        # A claim refused as stale: the message came back without the broker saying so (or the
+        # child ran meanwhile); the child's record says which attempt is next.
+        for i, (index, attempt, _, event) in enumerate(claims):
+            if STALE_CLAIM in refused[i]:
+                found = await self._attempt_after_loss(event.child_id, attempt)
+                if found is not None:
+                    again = self._claim_event(step.step_id, index, found[0], claim_id)
+                    claims[i] = (index, found[0], found[1], again)
+                    (refused[i],) = await self._claims([claims[i]])
         now = time.monotonic()
         held: list[tuple[int, Running, int]] = []
         for (index, attempt, interruptions, event), why in zip(claims, refused, strict=True):

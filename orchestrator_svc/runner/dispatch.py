@@ -85,8 +85,13 @@ class CeleryDispatch:
             concurrency=concurrency,
             parcel=size,
         )
+        failed_seen = sum(1 for c in existing.values() if c.status == "failed")
         while True:
             tally = self.step.observed or ChildTally()
+            if tally.failed > failed_seen:
+                # The runners' failures count against the job's error tolerance too.
+                self.job.count_child_failures(tally.failed - failed_seen)
+                failed_seen = tally.failed
             ended = max(0, tally.terminal - done_before)
             in_flight = in_flight_at_start + sent - ended
             if ctx.stopping:

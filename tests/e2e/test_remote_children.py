@@ -11,136 +11,42 @@ nothing ``running`` that no process runs.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import signal
+import subprocess
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from grpc import aio
+from kombu import Connection
 
 from stepflow_proto.v1 import job_pb2
 from stepflow_proto.v1 import monitor_service_pb2 as m
 from stepflow_proto.v1 import monitor_service_pb2_grpc as m_grpc
 from stepflow_proto.v1 import orchestrator_service_pb2 as o
 from stepflow_proto.v1 import orchestrator_service_pb2_grpc as o_grpc
-from tests.jobs import Recorder, by_name, counts_of, final, list_all, submit, watch_until
+from tests.jobs import Recorder, by_name, counts_of, final, list_all, submit
 from tests.ledger import Ledger
 from tests.process_helpers import (
-    ServerProcess,
+    ORCHESTRATOR_SVC,
     assert_tree_consistent,
+    clean_env,
+    free_port,
     install,
     monitor_process,
     orchestrator_process,
 )
 from tests.remote_helpers import (
-    Broker,
-    RunnerProcess,
-    broker_flags,
+    cluster,
     own_queue,
     pid_alive,
-    runner_process,
 )
 
 S = job_pb2
 WITHIN_S = 60.0
 pytestmark = pytest.mark.timeout(180)
-
-
-@dataclass
-class Cluster:
-    broker: Broker
-    monitor: ServerProcess
-    orchestrators: list[ServerProcess]
-    runners: dict[str, RunnerProcess]
-    stub: m_grpc.MonitorServiceStub
-    tmp_path: Path
-
-    def ostub(self, index: int = 0) -> o_grpc.OrchestratorServiceStub:
-        return o_grpc.OrchestratorServiceStub(
-            aio.insecure_channel(self.orchestrators[index].address)
-        )
-
-    async def children(self, step_id: str) -> list[job_pb2.Job]:
-        return await list_all(self.stub, parent_id=step_id)
-
-    async def step_id(self, manager_id: str, name: str = "work") -> str:
-        manager = await watch_until(self.stub, manager_id, lambda j: name in by_name(j))
-        return by_name(manager)[name].step_id
-
-    async def wait_children(
-        self, step_id: str, check: Callable[[list[job_pb2.Job]], bool], within: float = WITHIN_S
-    ) -> list[job_pb2.Job]:
-        deadline = time.monotonic() + within
-        while True:
-            kids = await self.children(step_id)
-            if check(kids):
-                return kids
-            if time.monotonic() > deadline:
-                summary = [(k.id, k.status, k.runner, k.attempt) for k in kids]
-                raise AssertionError(f"children never got there: {summary}")
-            await asyncio.sleep(0.1)
-
-
-@contextlib.asynccontextmanager
-async def cluster(
-    tmp_path: Path,
-    *,
-    orchestrators: int = 1,
-    runners: tuple[str, ...] = ("A", "B"),
-    concurrency: int = 2,
-    lease: str = "30s",
-    runner_env: dict[str, str] | None = None,
-    orchestrator_env: dict[str, str] | None = None,
-) -> AsyncIterator[Cluster]:
-    with own_queue() as found:
-        monitor = monitor_process(
-            f"sqlite:///{tmp_path / 'stepflow.db'}",
-            tmp_path,
-            default_wait_timeout="120s",
-            extra=["--orphan-timeout", "60s"],
-        )
-        orchs = [
-            orchestrator_process(
-                monitor.address,
-                tmp_path,
-                name=f"orch{i}",
-                owner=f"orch{i}",
-                extra=[*broker_flags(found), "--lease", lease],
-            )
-            for i in range(orchestrators)
-        ]
-        for proc in orchs:
-            proc.extra_env.update(orchestrator_env or {})
-        procs = {
-            name: runner_process(
-                found,
-                monitor.address,
-                tmp_path,
-                name,
-                concurrency=concurrency,
-                extra_env=runner_env,
-            )
-            for name in runners
-        }
-        try:
-            await monitor.run()
-            for proc in orchs:
-                await proc.run()
-            await asyncio.gather(*(r.run() for r in procs.values()))
-            async with aio.insecure_channel(monitor.address) as channel:
-                yield Cluster(
-                    found, monitor, orchs, procs, m_grpc.MonitorServiceStub(channel), tmp_path
-                )
-        finally:
-            for runner in procs.values():
-                await asyncio.to_thread(runner.stop)
-            for proc in orchs:
-                await asyncio.to_thread(proc.stop)
-            await asyncio.to_thread(monitor.stop)
 
 
 def fanout_job(
@@ -492,3 +398,55 @@ async def test_a_poison_message_is_dead_lettered_and_fails_its_child(tmp_path: P
         assert deaths == 3, deaths
         assert (poison.attempt, poison.interruptions) == (3, 3)
         assert c.broker.depth(f"{c.broker.queue}.dead") == 0
+
+
+# -- settings that would lose or duplicate work ----------------------------------------------
+def _runner_exit(argv: list[str]) -> tuple[int, str]:
+    done = subprocess.run(
+        [str(ORCHESTRATOR_SVC), "runner", *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=clean_env(),
+    )
+    return done.returncode, done.stdout + done.stderr
+
+
+def test_a_runner_refuses_settings_that_would_lose_or_duplicate_work(tmp_path: Path) -> None:
+    with own_queue() as found:
+        base = ["--monitor", "127.0.0.1:1", "--queue", found.queue]
+        code, out = _runner_exit(["--broker-url", "redis://127.0.0.1:6379/0", *base])
+        assert code == 2 and "--broker-url: expected an AMQP URL" in out, out
+        code, out = _runner_exit(["--broker-url", found.url, "--broker-heartbeat", "0s", *base])
+        assert code == 2 and "--broker-heartbeat" in out, out
+        code, out = _runner_exit(["--broker-url", found.url, "--concurrency", "0", *base])
+        assert code == 2 and "--concurrency" in out, out
+        code, out = _runner_exit(["--monitor", "127.0.0.1:1"])
+        assert code == 2 and "--broker-url: required" in out, out
+        # A classic queue of that name (no delivery limit, no dead letters): refused.
+        with Connection(found.url) as connection:
+            connection.default_channel.queue_declare(found.queue, durable=True)
+        code, out = _runner_exit(["--broker-url", found.url, *base])
+        assert code == 2 and "exists on the broker with other settings" in out, out
+        closed = f"amqp://guest:guest@127.0.0.1:{free_port()}//"
+        code, out = _runner_exit(["--broker-url", closed, *base])
+        assert code == 4 and "cannot reach the broker" in out, out
+
+
+async def test_a_celery_step_needs_a_worker_with_children(tmp_path: Path) -> None:
+    async with cluster(tmp_path, runners=()) as c:
+        job = {
+            "name": "remote",
+            "steps": [
+                {
+                    "name": "one",
+                    "type": "command",
+                    "executor": "celery",
+                    "config": {"command": "true"},
+                }
+            ],
+        }
+        with pytest.raises(aio.AioRpcError) as refused:
+            await submit(c.ostub(), job)
+        assert refused.value.code().name == "INVALID_ARGUMENT"
+        assert "steps[0].executor" in str(refused.value.details())

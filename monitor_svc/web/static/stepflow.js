@@ -402,8 +402,10 @@ function wireChildren(page, el, stepId) {
         tr.dataset.childId = child.id;
         const status = statusWord(child.status);
         tr.dataset.status = status;
+        if (child.runner) tr.dataset.runner = child.runner;
         for (const [i, value] of [child.name || child.id, status, child.attempt || "–",
-          formatDuration(child.startedAt, child.finishedAt), child.error || ""].entries()) {
+          child.runner || "–", formatDuration(child.startedAt, child.finishedAt),
+          child.error || ""].entries()) {
           const td = document.createElement("td");
           if (i === 1) td.append(statusBadge(status)); else td.textContent = value;
           tr.append(td);
