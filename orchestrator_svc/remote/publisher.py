@@ -22,21 +22,22 @@ class Publisher:
         self._declared = False
 
     def _publish(self, parcels: Sequence[Parcel]) -> None:
-        with self.app.connection_for_write() as connection:
-            if not self._declared:
+        if not self._declared:
+            with self.app.connection_for_write() as connection:
                 broker.declare(connection, self.settings.queue)
-                self._declared = True
-            with self.app.producer_or_acquire() as producer:
-                for parcel in parcels:
-                    self.app.send_task(
-                        broker.TASK_NAME,
-                        kwargs=parcel.to_kwargs(),
-                        task_id=uuid.uuid4().hex,
-                        queue=self.settings.queue,
-                        routing_key=self.settings.queue,
-                        producer=producer,
-                        retry=True,
-                    )
+            self._declared = True
+        # A pooled producer: one connection for every publish, not one per call.
+        with self.app.producer_or_acquire() as producer:
+            for parcel in parcels:
+                self.app.send_task(
+                    broker.TASK_NAME,
+                    kwargs=parcel.to_kwargs(),
+                    task_id=uuid.uuid4().hex,
+                    queue=self.settings.queue,
+                    routing_key=self.settings.queue,
+                    producer=producer,
+                    retry=True,
+                )
 
     async def publish(self, parcels: Sequence[Parcel]) -> None:
         """Return once the broker has confirmed every parcel (each a message of its own)."""

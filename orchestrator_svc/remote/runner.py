@@ -61,6 +61,7 @@ WATCH_EVERY_S = 1.0
 WATCH_AFTER_S = 0.5
 """...once it has run this long (most children end before anyone needs to look)."""
 STEP_CACHE = 256
+CHATTY_LOGGERS = ("celery.worker.strategy", "celery.app.trace", "celery.worker.request")
 
 
 def default_name() -> str:
@@ -577,6 +578,10 @@ class DeadLetters(threading.Thread):
 def run(config: RunnerConfig, *, log_level: str = "info") -> int:
     """Run the runner until SIGTERM / Ctrl-C (Celery's warm shutdown: no new message, the
     running children finish). Returns the process exit status."""
+    for name in CHATTY_LOGGERS:
+        # Two lines per message ("received", "succeeded") say nothing a child's own events do
+        # not, and cost a runner more than the message itself.
+        logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger(name).level))
     app = broker.make_app(config.broker, concurrency=config.concurrency)
     problems = broker.unsafe_settings(app)
     if problems:
