@@ -69,8 +69,11 @@ class LeaseKeeper:
         monitor_address: str = "",
         lease_s: float = DEFAULT_LEASE_S,
         instance: str = "",
+        extra_types: tuple[str, ...] = (),
     ) -> None:
         self.monitor = monitor
+        # What it can run besides its workers (``RUNNERS_TYPE`` with a broker).
+        self.extra_types = extra_types
         self.jobs = jobs
         self.owner = owner
         # Read at every heartbeat: the types it declares are those it can run at the time.
@@ -123,7 +126,7 @@ class LeaseKeeper:
                 lease_s=self.lease_s,
                 max_adopt=max_adopt,
                 timeout_s=max(self.lease_s / 3, 1.0),
-                worker_types=sorted(self.workers),
+                worker_types=sorted([*self.workers, *self.extra_types]),
                 running_job_ids=self.jobs.held(),
             )
         except JobFenced as exc:

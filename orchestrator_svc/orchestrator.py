@@ -29,6 +29,7 @@ from stepflow_common.errors import (
     StepflowError,
     Unavailable,
 )
+from stepflow_common.job_keys import RUNNERS_TYPE
 from stepflow_common.status import EndReason, Kind, Status
 
 log = structlog.get_logger(__name__)
@@ -74,6 +75,7 @@ class Orchestrator:
             monitor_address=monitor_address,
             lease_s=lease_s,
             instance=instance,
+            extra_types=(RUNNERS_TYPE,) if publisher is not None else (),
         )
         # Every write and event names this process's instance: a superseded one's are fenced.
         monitor.instance = self.lease.instance

@@ -23,6 +23,9 @@ STEP_KEYS = (
     "executor",
 )
 TOLERANCE_KEYS = ("max_child_failures", "action")
+RUNNERS_TYPE = "executor:celery"
+"""Declared beside its worker types by an orchestrator with a broker: a job with a step of
+``executor = "celery"`` needs it, so only such an orchestrator adopts the job."""
 
 
 def reject_unknown_keys(data: Mapping[str, Any], allowed: tuple[str, ...], where: str) -> None:

@@ -27,6 +27,7 @@ from monitor_svc.lifecycle.uow import UnitOfWork
 from monitor_svc.log_lines import resumed_line
 from monitor_svc.records import InstanceRecord, JobState, Lease
 from stepflow_common.errors import Fenced, InvalidArgument
+from stepflow_common.job_keys import RUNNERS_TYPE
 from stepflow_common.limits import MAX_DURATION_S
 from stepflow_common.status import EndReason, Status
 from stepflow_common.takeover import LOST_WHILE_RUNNING, MAX_INTERRUPTIONS, MAX_OWNED_IDS
@@ -198,7 +199,11 @@ def _step_types(tx: UnitOfWork, manager: JobState) -> frozenset[str] | None:
     if not isinstance(steps, list):
         return None
     types = [t for s in steps if isinstance(s, dict) and isinstance(t := s.get("type"), str) and t]
-    return frozenset(types) if len(types) == len(steps) else None
+    if len(types) != len(steps):
+        return None
+    if any(isinstance(s, dict) and s.get("executor") == "celery" for s in steps):
+        types.append(RUNNERS_TYPE)  # only an orchestrator with a broker can run it
+    return frozenset(types)
 
 
 # -- taking a job over -------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from monitor_svc import lifecycle
 from monitor_svc.lifecycle import leases
 from monitor_svc.lifecycle.leases import HeartbeatResult
 from stepflow_common.errors import Fenced
+from stepflow_common.job_keys import RUNNERS_TYPE
 from stepflow_common.status import EndReason, Status
 from tests.lease_calls import (
     LEASE_S,
@@ -201,3 +202,20 @@ def test_fenced_job_ids_answer_for_what_the_caller_runs(life: Life) -> None:
     other = manager(life, "someone-else")
     answer = beat(life, "orch", "i", running=[m.id, other.id, "f" * 32])
     assert answer.fenced_job_ids == [other.id, "f" * 32]
+
+
+def test_a_job_with_a_celery_step_goes_only_to_an_orchestrator_with_a_broker(life: Life) -> None:
+    definition = {
+        "name": "job",
+        "steps": [{"name": "s0", "type": "simulate", "executor": "celery"}],
+    }
+    m = manager(life, "lost", definition)
+    step(life, m.id, index=0)
+    status(life, m.id, Status.RUNNING)
+    beat(life, "lost", "x")
+    life.later(LEASE_S + 1)
+    fire(life)
+    # It runs "simulate", but has no broker: it adopts nothing.
+    assert beat(life, "local", "l", max_adopt=10, types=["simulate"]).adopted_job_ids == []
+    answer = beat(life, "broker", "b", max_adopt=10, types=[RUNNERS_TYPE, "simulate"])
+    assert answer.adopted_job_ids == [m.id]
