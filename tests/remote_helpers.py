@@ -163,7 +163,7 @@ def runner_process(
     name: str,
     *,
     concurrency: int = 2,
-    heartbeat: str = "2s",
+    heartbeat: str = "4s",
     extra_env: dict[str, str] | None = None,
 ) -> RunnerProcess:
     argv = [

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
+from celery.exceptions import Reject
 from kombu import Connection, Message
 
 from orchestrator_svc.definitions import from_mapping
@@ -66,6 +67,14 @@ CHATTY_LOGGERS = ("celery.worker.strategy", "celery.app.trace", "celery.worker.r
 
 def default_name() -> str:
     return f"runner@{socket.gethostname()}:{os.getpid()}"
+
+
+class Requeue(Exception):
+    """A message to give back to the broker (requeued, not acknowledged)."""
+
+
+class MonitorAway(Requeue):
+    """The monitor could not be reached for a message."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +119,9 @@ class Running:
     cancel: asyncio.Event = field(default_factory=asyncio.Event)
     done: asyncio.Event = field(default_factory=asyncio.Event)
     lost: str = ""  # why its result is dropped ("" while its claim holds)
+    # Lost because this runner itself froze: its message goes back to the broker, which gives
+    # it out again (the child's next attempt), instead of being acknowledged unended.
+    requeue: bool = False
 
 
 class _OneChild:
@@ -153,6 +165,9 @@ class Runtime:
         self._running: dict[str, Running] = {}
         self._rejections: dict[str, str] = {}
         self._stopping = threading.Event()
+        # Written by the guard thread: its last renewal, and when it last found a gap.
+        self._renewed_at = time.monotonic()
+        self._froze_at = 0.0
         self.emitter: ChildEventEmitter
         self.monitor: MonitorClient
 
@@ -187,10 +202,36 @@ class Runtime:
         or killed): within half a heartbeat, before the broker gives its messages to another
         runner. A plain thread, so a busy event loop does not count as frozen."""
         window = self.config.broker.heartbeat_s / 2
+        last = time.monotonic()
         while not self._stopping.is_set():
-            self.guard.lease_until(time.monotonic() + window)
+            now = time.monotonic()
+            if now - last > window:
+                self._froze_at = now
+                self.loop.call_soon_threadsafe(self._froze, now - last)
+            self.guard.lease_until(now + window)
+            last = self._renewed_at = now
             self._stopping.wait(max(window / 4, 0.05))
         self.guard.no_deadline()
+
+    def _was_frozen(self, running: Running) -> bool:
+        """Whether this runner froze while ``running`` ran (found by the guard, or about to be:
+        after a freeze every thread wakes at once, and this one may come first)."""
+        window = self.config.broker.heartbeat_s / 2
+        return running.started < self._froze_at or time.monotonic() - self._renewed_at > window
+
+    def _froze(self, gap_s: float) -> None:
+        """This runner did not run for ``gap_s`` (stopped, or starved): the reaper has killed
+        its children's processes, and the broker may have given their messages to another
+        runner. What it held is stopped and given back; the monitor's claims sort out who
+        runs each child next."""
+        log.warning("this runner was frozen; its children stop here", frozen_s=round(gap_s, 1))
+        for running in self._running.values():
+            if not running.lost:
+                running.lost = (
+                    f"this runner was frozen {gap_s:.1f}s, past half its broker heartbeat"
+                )
+                running.requeue = True
+                running.cancel.set()
 
     def call(self, coro: Awaitable[Any]) -> Any:
         """Run ``coro`` on the loop from another thread and wait for its result; the processes
@@ -233,9 +274,13 @@ class Runtime:
             return
         try:
             step = await self._step(parcel)
-        except NotFound as exc:
+        except (NotFound, InvalidArgument) as exc:
             log.warning("message for a job the monitor does not have; dropped", why=str(exc))
             return
+        except StepflowError as exc:
+            # The monitor did not answer (it retries for two minutes first): the message goes
+            # back to the broker for later, not acknowledged with its children never run.
+            raise MonitorAway(str(exc)) from exc
         worker = self.workers.get(step.type)
         wanted: list[tuple[int, int, int]] = []  # (index, attempt, interruptions)
         for index, attempt in parcel.children:
@@ -284,6 +329,8 @@ class Runtime:
                 self._running.pop(running.child_id, None)
                 running.done.set()
         await self.emitter.flush()
+        if any(running.requeue for _, running, _ in held):
+            raise Requeue("this runner froze while it ran the message's children")
 
     async def _step(self, parcel: Parcel) -> StepInfo:
         cached = self._steps.get(parcel.step_id)
@@ -340,6 +387,9 @@ class Runtime:
         while True:
             running.started = time.monotonic()
             outcome = await self._run_once(step, worker, index, attempt, running)
+            if not running.lost and self._was_frozen(running):
+                running.lost = "this runner was frozen while the child ran"
+                running.requeue = True
             if running.lost:
                 self._log_lost(running)
                 return
@@ -597,7 +647,10 @@ def run(config: RunnerConfig, *, log_level: str = "info") -> int:
     def run_children(self: Any, **kwargs: Any) -> None:
         request = self.request
         redelivered = bool((request.delivery_info or {}).get("redelivered"))
-        runtime.call(runtime.run_parcel(kwargs, request.id or "", redelivered))
+        try:
+            runtime.call(runtime.run_parcel(kwargs, request.id or "", redelivered))
+        except Requeue as exc:
+            raise Reject(str(exc), requeue=True) from exc
 
     dead_letters = DeadLetters(runtime)
     dead_letters.start()
