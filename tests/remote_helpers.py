@@ -244,12 +244,13 @@ async def cluster(
     runner_env: dict[str, str] | None = None,
     orchestrator_env: dict[str, str] | None = None,
     http_port: int = 0,
+    database_url: str = "",
 ) -> AsyncIterator[Cluster]:
-    """A monitor (SQLite), ``orchestrators`` with the broker, and ``runners`` by name, on a
-    queue of this test's own; all stopped on the way out."""
+    """A monitor (on ``database_url``, else SQLite), ``orchestrators`` with the broker, and
+    ``runners`` by name, on a queue of this test's own; all stopped on the way out."""
     with own_queue() as found:
         monitor = monitor_process(
-            f"sqlite:///{tmp_path / 'stepflow.db'}",
+            database_url or f"sqlite:///{tmp_path / 'stepflow.db'}",
             tmp_path,
             default_wait_timeout="120s",
             http_port=http_port,

@@ -22,8 +22,16 @@ def parcel_size(concurrency: int) -> int:
     return max(1, min(MAX_PARCEL, concurrency // SPREAD))
 
 
+VERSION = 1
+"""The parcel format this release writes and reads; a message names it as ``v``."""
+
+
 class BadParcel(ValueError):
     """A message that is not a parcel (junk on the queue, or another program's task)."""
+
+
+class NewerParcel(BadParcel):
+    """A parcel of a format newer than this runner's: a newer runner can run it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +44,7 @@ class Parcel:
 
     def to_kwargs(self) -> dict[str, Any]:
         return {
+            "v": VERSION,
             "manager_id": self.manager_id,
             "step_id": self.step_id,
             "step_index": self.step_index,
@@ -47,6 +56,14 @@ class Parcel:
         """The parcel a message's kwargs describe; BadParcel, saying what is wrong, if none."""
         if not isinstance(kwargs, dict):
             raise BadParcel(f"expected an object, got {type(kwargs).__name__}")
+        version = kwargs.get("v", 1)
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise BadParcel(f"v: expected a format version >= 1, got {version!r}")
+        if version > VERSION:
+            raise NewerParcel(
+                f"parcel format {version} is newer than this runner's ({VERSION}): upgrade "
+                "stepflow on this runner's machine"
+            )
         manager_id, step_id = kwargs.get("manager_id"), kwargs.get("step_id")
         step_index, children = kwargs.get("step_index"), kwargs.get("children")
         if not isinstance(manager_id, str) or not manager_id:

@@ -44,6 +44,17 @@ class Publisher:
         if parcels:
             await asyncio.get_running_loop().run_in_executor(self._thread, self._publish, parcels)
 
+    def _consumers(self) -> int:
+        with self.app.connection_for_write() as connection:
+            _, _, consumers = connection.default_channel.queue_declare(
+                self.settings.queue, passive=True
+            )
+            return int(consumers)
+
+    async def consumers(self) -> int:
+        """How many runners take from the queue now (their Celery consumers)."""
+        return await asyncio.get_running_loop().run_in_executor(self._thread, self._consumers)
+
     def check(self) -> None:
         """Connect and declare the queues now (blocking): a wrong URL, or a queue declared
         otherwise, stops the orchestrator at start instead of failing its first step."""

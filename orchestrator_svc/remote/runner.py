@@ -38,7 +38,7 @@ from orchestrator_svc.definitions import from_mapping
 from orchestrator_svc.monitor_client import MonitorClient
 from orchestrator_svc.process_guard import ProcessGuard
 from orchestrator_svc.remote import broker
-from orchestrator_svc.remote.parcel import BadParcel, Parcel
+from orchestrator_svc.remote.parcel import BadParcel, NewerParcel, Parcel
 from orchestrator_svc.workers.base import (
     _ATTEMPT,
     RetryPolicy,
@@ -267,6 +267,10 @@ class Runtime:
         another runner, before its turn is skipped."""
         try:
             parcel = Parcel.from_kwargs(kwargs)
+        except NewerParcel as exc:
+            # Back to the queue, for a newer runner (after its delivery limit, a dead letter).
+            log.error("message from a newer stepflow; given back", claim_id=claim_id, why=str(exc))
+            raise Requeue(str(exc)) from exc
         except BadParcel as exc:
             log.error(
                 "message is not a parcel of children; dropped", claim_id=claim_id, why=str(exc)

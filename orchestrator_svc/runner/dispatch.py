@@ -109,6 +109,8 @@ class CeleryDispatch:
                     for i in range(0, len(batch), size)
                 ]
                 await self.publisher.publish(parcels)
+                if not sent:
+                    await self._warn_without_runners(ctx)
                 sent += len(batch)
                 published = batch[-1][0] + 1
                 await self._write_mark(published, force=not waiting)
@@ -124,6 +126,23 @@ class CeleryDispatch:
             for index, _ in waiting:
                 await ctx.child_finished(ctx.child_id(index), "cancelled", NOT_PUBLISHED_ERROR)
         return created
+
+    async def _warn_without_runners(self, ctx: StepContext) -> None:
+        """Say so in the job's log when no runner takes from the queue: the children wait
+        (pending) until one starts, which is what an operator needs to know first."""
+        try:
+            consumers = await self.publisher.consumers()
+        except Exception as exc:  # only a hint: the children are published either way
+            log.warning("could not count the queue's runners", error=str(exc))
+            return
+        if consumers == 0:
+            queue = self.publisher.settings.queue
+            log.warning("no runner takes from the queue", queue=queue, step_id=self.step.job_id)
+            await ctx.log(
+                f"no runner takes from queue {queue} now: the children wait until one starts "
+                f"(orchestrator-svc runner --queue {queue})",
+                level="warning",
+            )
 
     async def _published_before(self, existing: object) -> int:
         """How many children an earlier owner published (0 for a step run the first time)."""

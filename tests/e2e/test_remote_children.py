@@ -42,6 +42,7 @@ from tests.remote_helpers import (
     cluster,
     own_queue,
     pid_alive,
+    runner_process,
 )
 
 S = job_pb2
@@ -193,9 +194,17 @@ async def test_a_job_asking_for_runners_is_refused_by_an_orchestrator_without_a_
 
 
 # -- a runner dies, or freezes ---------------------------------------------------------------
-async def test_kill_9_of_a_runner_mid_child_runs_it_again_on_the_other(tmp_path: Path) -> None:
+ON_EACH_DATABASE = pytest.mark.parametrize(
+    "database_url", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
+)
+
+
+@ON_EACH_DATABASE
+async def test_kill_9_of_a_runner_mid_child_runs_it_again_on_the_other(
+    tmp_path: Path, database_url: str
+) -> None:
     ledger = Ledger(tmp_path)
-    async with cluster(tmp_path) as c:
+    async with cluster(tmp_path, database_url=database_url) as c:
         manager_id = await submit(c.ostub(), fanout_job(ledger, 8, 6.0))
         recorder = Recorder(c.stub, manager_id)
         step_id = await c.step_id(manager_id)
@@ -450,3 +459,90 @@ async def test_a_celery_step_needs_a_worker_with_children(tmp_path: Path) -> Non
             await submit(c.ostub(), job)
         assert refused.value.code().name == "INVALID_ARGUMENT"
         assert "steps[0].executor" in str(refused.value.details())
+
+
+# -- an operator's mistakes, an older plugin ---------------------------------------------------
+async def test_without_a_runner_the_log_says_so_and_a_late_runner_runs_the_children(
+    tmp_path: Path,
+) -> None:
+    async with cluster(tmp_path, runners=()) as c:
+        job = {
+            "name": "remote",
+            "steps": [
+                {
+                    "name": "work",
+                    "type": "simulate",
+                    "executor": "celery",
+                    "config": {"children": 3},
+                }
+            ],
+        }
+        manager_id = await submit(c.ostub(), job)
+        deadline = time.monotonic() + WITHIN_S
+        while True:
+            lines = (await c.stub.ReadJobLog(m.ReadJobLogRequest(job_id=manager_id))).lines
+            if any(f"no runner takes from queue {c.broker.queue}" in x.message for x in lines):
+                break
+            assert time.monotonic() < deadline, [x.message for x in lines]
+            await asyncio.sleep(0.1)
+        step_id = await c.step_id(manager_id)
+        assert {k.status for k in await c.children(step_id)} == {S.JOB_STATUS_PENDING}
+        late = runner_process(c.broker, c.monitor.address, tmp_path, "late")
+        try:
+            await late.run()
+            manager = await final(c.stub, manager_id, within=WITHIN_S)
+        finally:
+            late.stop()
+        assert manager.status == S.JOB_STATUS_COMPLETED
+        assert {k.runner for k in await c.children(step_id)} == {"late"}
+
+
+OLD_PLUGIN = """\
+from orchestrator_svc.workers.base import BaseWorker, StepResult
+from orchestrator_svc.workers.children import ChildOutcome, run_children
+
+class Old(BaseWorker):
+    type = "old"
+    description = "the worker interface's first shape: run_one(index)"
+    spawns_children = True
+
+    async def run(self, ctx):
+        async def run_one(index):
+            attempt = ctx.child_attempt(index)
+            await ctx.log(f"old child {index} attempt {attempt}", child_id=ctx.child_id(index))
+            if attempt == 1 and index == 0:
+                return ChildOutcome("failed", "first try")
+            return ChildOutcome("completed")
+
+        count = await run_children(ctx, ["a", "b"], run_one, concurrency=2)
+        return StepResult.spawned(count)
+"""
+
+
+async def test_a_plugin_of_the_first_interface_runs_on_runners_unchanged(tmp_path: Path) -> None:
+    plugin = install(tmp_path / "plugin", "old_plugin", OLD_PLUGIN, "old = old_plugin:Old")
+    env = {"PYTHONPATH": str(plugin)}
+    async with cluster(tmp_path, runner_env=env, orchestrator_env=env) as c:
+        job = {
+            "name": "old",
+            "steps": [
+                {
+                    "name": "work",
+                    "type": "old",
+                    "executor": "celery",
+                    "retries": 1,
+                    "retry_backoff": "0.1s",
+                }
+            ],
+        }
+        manager_id = await submit(c.ostub(), job)
+        manager = await final(c.stub, manager_id, within=WITHIN_S)
+        assert manager.status == S.JOB_STATUS_COMPLETED
+        await assert_tree_consistent(c.stub, manager_id, expected_counts={"work": (0, 0, 2, 0, 0)})
+        kids = {k.name: k for k in await c.children(by_name(manager)["work"].step_id)}
+        assert (kids["a"].attempt, kids["b"].attempt) == (2, 1)
+        lines = {
+            x.message
+            for x in (await c.stub.ReadJobLog(m.ReadJobLogRequest(job_id=manager_id))).lines
+        }
+        assert {"old child 0 attempt 1", "old child 0 attempt 2", "old child 1 attempt 1"} <= lines
