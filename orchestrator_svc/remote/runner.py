@@ -325,7 +325,7 @@ class Runtime:
         try:
             for index, running, interruptions in held:
                 if running.lost:
-                    self._log_lost(running)
+                    await self._log_lost(step.step_id, running)
                     continue
                 await self._run_child(step, worker, index, running, claim_id, interruptions)
         finally:
@@ -395,13 +395,13 @@ class Runtime:
                 running.lost = "this runner was frozen while the child ran"
                 running.requeue = True
             if running.lost:
-                self._log_lost(running)
+                await self._log_lost(step.step_id, running)
                 return
             if outcome.status == "failed" and attempt < last:
                 if not await sleep_unless_cancelled(
                     running.cancel, step.retry.delay_before(attempt + 1)
                 ):
-                    self._log_lost(running)
+                    await self._log_lost(step.step_id, running)
                     return
                 attempt += 1
                 event = self._claim_event(step.step_id, index, attempt, claim_id)
@@ -416,12 +416,22 @@ class Runtime:
             )
             return
 
-    def _log_lost(self, running: Running) -> None:
+    async def _log_lost(self, step_id: str, running: Running) -> None:
+        """Say, here and in the job's log, that this runner stopped the child's attempt and
+        dropped its result (it would not count)."""
+        why = running.lost or "cancelled"
         log.warning(
             "child stopped here and its result dropped",
             child_id=running.child_id,
             attempt=running.attempt,
-            why=running.lost or "cancelled",
+            why=why,
+        )
+        await self.emitter.log(
+            step_id,
+            f"runner {self.name} stopped attempt {running.attempt} and dropped its result: {why}",
+            child_id=running.child_id,
+            attempt=running.attempt,
+            level="warning",
         )
 
     async def _run_once(
