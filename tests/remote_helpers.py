@@ -163,7 +163,7 @@ def runner_process(
     name: str,
     *,
     concurrency: int = 2,
-    heartbeat: str = "4s",
+    heartbeat: str = "6s",
     extra_env: dict[str, str] | None = None,
 ) -> RunnerProcess:
     argv = [

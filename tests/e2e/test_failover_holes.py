@@ -224,12 +224,14 @@ async def test_a_drain_longer_than_the_lease_lets_its_children_finish(
     monitor_proc: ServerProcess, mstub: m_grpc.MonitorServiceStub, tmp_path: Path
 ) -> None:
     ledger = Ledger(tmp_path)
-    a = orchestrator(monitor_proc, tmp_path, "draining", lease="1.5s", grace="9s")
-    b = orchestrator(monitor_proc, tmp_path, "other", lease="1.5s")
+    # A lease of 3s (heartbeats every 1s) under a drain of 6s: short enough to lapse twice over
+    # were it not renewed, long enough that a loaded machine's late heartbeat is not a lapse.
+    a = orchestrator(monitor_proc, tmp_path, "draining", lease="3s", grace="12s")
+    b = orchestrator(monitor_proc, tmp_path, "other", lease="3s")
     try:
         await a.run()
         await b.run()
-        manager_id = await submit_to(a, fanout_job("drain", ledger, 6, 4.0))
+        manager_id = await submit_to(a, fanout_job("drain", ledger, 6, 6.0))
         await watch_until(mstub, manager_id, lambda j: running_children(j) == 3, within=WITHIN_S)
         assert await asyncio.to_thread(a.stop, 30.0) == 0
         job = await final(mstub, manager_id, within=WITHIN_S)
