@@ -16,8 +16,9 @@ again only when that runner's connection was lost, so:
 - an end that does not name the current attempt and its runner is stale (a runner that woke
   up after its message went to another one): refused, and written in the job's log.
 
-A dead-lettered message (``runner_lost``) fails its child whoever holds the claim: it was
-lost with its runner every time it ran.
+A dead-lettered message (``runner_lost``) fails its child, whichever runner holds the
+claim: it was lost with its runner every time it ran (a copy's dead letter, for a child that
+runs under another message, changes nothing).
 """
 
 from __future__ import annotations
@@ -138,6 +139,12 @@ def _dead_lettered(
         return "runner_lost is set on a FAILED event only"
     if child.status.terminal:
         return ""  # it ended meanwhile (it is not failed again)
+    if child.status is Status.RUNNING and child.claim_id and child.claim_id != event.claim_id:
+        # A copy of the message was given up on; the child runs under another one.
+        return (
+            f"child {child.id} runs attempt {child.attempt} from another message; this copy's "
+            "dead letter is dropped"
+        )
     lost = child.clone()
     lost.interruptions = child.interruptions + 1
     _fail_lost(tx, child, lost, event.error or DEAD_LETTERED, timers, ends)

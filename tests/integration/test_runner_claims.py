@@ -155,7 +155,7 @@ def test_the_third_interruption_fails_the_child_runner_lost(life: Life) -> None:
     assert life.tally(step.id) == ChildTally(failed=1)
 
 
-def test_a_dead_letter_fails_the_child_whoever_holds_it(life: Life) -> None:
+def test_a_dead_letter_fails_the_child_whichever_runner_holds_it(life: Life) -> None:
     _, step, child = _step_with_child(life)
     assert runner_event(life, step, child, "running", runner="A", claim="m1") == ""
     assert runner_event(life, step, child, "failed", runner="C", claim="m1", runner_lost=True) == ""
@@ -166,6 +166,19 @@ def test_a_dead_letter_fails_the_child_whoever_holds_it(life: Life) -> None:
     # Again (a second dead letter of a copy): nothing changes.
     assert runner_event(life, step, child, "failed", runner="C", claim="m2", runner_lost=True) == ""
     assert life.tally(step.id) == ChildTally(failed=1)
+
+
+def test_a_copys_dead_letter_leaves_the_child_its_message_runs(life: Life) -> None:
+    _, step, child = _step_with_child(life)
+    assert runner_event(life, step, child, "running", runner="A", claim="m1") == ""
+    reason = runner_event(life, step, child, "failed", runner="C", claim="m2", runner_lost=True)
+    assert "another message" in reason
+    assert life.job(child).status is Status.RUNNING
+    # A pending child's dead letter fails it: no message of it ever ran.
+    other = f"{step.id}.1"
+    assert life.events((step.id, other, "created")) == []
+    assert runner_event(life, step, other, "failed", runner="C", claim="m3", runner_lost=True) == ""
+    assert life.job(other).end_reason == EndReason.RUNNER_LOST
 
 
 def test_a_cancelled_child_is_not_claimed_nor_ended_by_a_runner(life: Life) -> None:
