@@ -159,6 +159,19 @@ def _event(job: JobState, level: str, message: str, *, ends: bool = False) -> Lo
     )
 
 
+def _child_event(child: JobState, level: str, message: str) -> LogLine:
+    """An ``event`` line about one child (under its step, with its attempt)."""
+    return LogLine(
+        child.manager_id,
+        child.parent_id or "",
+        child.id,
+        child.attempt,
+        EVENT,
+        level,
+        cut(message)[0],
+    )
+
+
 def describe_change(old: JobState | None, new: JobState) -> list[LogLine]:
     """The event lines a job's new state calls for (none for most child changes)."""
     if new.kind is Kind.CHILD:
@@ -166,31 +179,15 @@ def describe_change(old: JobState | None, new: JobState) -> list[LogLine]:
             message = f"child {new.name or new.id} failed"
             if new.error:
                 message += f": {new.error}"
-            return [
-                LogLine(
-                    new.manager_id,
-                    new.parent_id or "",
-                    new.id,
-                    new.attempt,
-                    EVENT,
-                    "error",
-                    cut(message)[0],
-                )
-            ]
+            return [_child_event(new, "error", message)]
         if old is not None and new.interruptions > old.interruptions and new.runner:
             lost = "" if old.runner == new.runner else f" on runner {new.runner}"
             return [
-                LogLine(
-                    new.manager_id,
-                    new.parent_id or "",
-                    new.id,
-                    new.attempt,
-                    EVENT,
+                _child_event(
+                    new,
                     "warning",
-                    cut(
-                        f"child {new.name or new.id} runs again as attempt {new.attempt}{lost}: "
-                        f"runner {old.runner} was lost ({new.interruptions} so far)"
-                    )[0],
+                    f"child {new.name or new.id} runs again as attempt {new.attempt}{lost}: "
+                    f"runner {old.runner} was lost ({new.interruptions} so far)",
                 )
             ]
         return []
@@ -257,15 +254,8 @@ def refused_line(step: JobState, count: int, reason: str) -> LogLine:
 
 def stale_runner_line(child: JobState, attempt: int, runner: str, reason: str) -> LogLine:
     """A runner's end of an attempt that is no longer the child's current one (refused)."""
-    line = LogLine(
-        child.manager_id,
-        child.parent_id or "",
-        child.id,
-        attempt,
-        EVENT,
-        "warning",
-        cut(f"child {child.name or child.id}: {reason}; refused")[0],
-    )
+    line = _child_event(child, "warning", f"child {child.name or child.id}: {reason}; refused")
+    line.attempt = attempt
     line.keep = Keep.BUDGET
     return line
 

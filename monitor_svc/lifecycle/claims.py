@@ -23,7 +23,7 @@ runs under another message, changes nothing).
 
 from __future__ import annotations
 
-from monitor_svc.lifecycle.rules import StepTimers, count_child_change
+from monitor_svc.lifecycle.rules import StepTimers, count_child_change, set_status
 from monitor_svc.lifecycle.uow import UnitOfWork
 from monitor_svc.log_lines import stale_runner_line
 from monitor_svc.records import ChildEventIn, JobState
@@ -50,7 +50,7 @@ def apply_runner_event(
     if status is Status.PENDING:
         return "a runner does not create children (their orchestrator does)"
     if event.runner_lost:
-        return _dead_lettered(tx, event, child, status, timers, ends)
+        return _dead_lettered(tx, event, child, status, timers)
     if status is Status.RUNNING:
         return _claim(tx, event, child, timers, ends)
     return _end(tx, event, child, status, timers, ends)
@@ -90,7 +90,7 @@ def _claim(
     interrupted = child.clone()
     interrupted.interruptions = child.interruptions + 1
     if interrupted.interruptions >= MAX_RUNNER_INTERRUPTIONS:
-        _fail_lost(tx, child, interrupted, f"runner {child.runner} was lost", timers, ends)
+        _fail_lost(tx, interrupted, f"runner {child.runner} was lost", timers)
         return f"child {child.id} failed {EndReason.RUNNER_LOST}: its runners were lost " + (
             f"{interrupted.interruptions} times"
         )
@@ -128,12 +128,7 @@ def _end(
 
 
 def _dead_lettered(
-    tx: UnitOfWork,
-    event: ChildEventIn,
-    child: JobState,
-    status: Status,
-    timers: StepTimers,
-    ends: set[str],
+    tx: UnitOfWork, event: ChildEventIn, child: JobState, status: Status, timers: StepTimers
 ) -> str:
     if status is not Status.FAILED:
         return "runner_lost is set on a FAILED event only"
@@ -147,27 +142,15 @@ def _dead_lettered(
         )
     lost = child.clone()
     lost.interruptions = child.interruptions + 1
-    _fail_lost(tx, child, lost, event.error or DEAD_LETTERED, timers, ends)
+    _fail_lost(tx, lost, event.error or DEAD_LETTERED, timers)
     return ""
 
 
-def _fail_lost(
-    tx: UnitOfWork,
-    child: JobState,
-    lost: JobState,
-    error: str,
-    timers: StepTimers,
-    ends: set[str],
-) -> None:
-    lost.status, lost.version = Status.FAILED, child.version + 1
-    lost.error = error
-    lost.end_reason = EndReason.RUNNER_LOST
-    lost.finished_at = tx.now
-    lost.attempt = max(lost.attempt, 1)
-    tx.put(lost)
-    count_child_change(
-        tx, child.parent_id or "", child.manager_id, child.status, lost.status, timers, ends
-    )
+def _fail_lost(tx: UnitOfWork, lost: JobState, error: str, timers: StepTimers) -> None:
+    """``lost`` (the child with its new interruption counted) ends failed ``runner_lost``."""
+    lost.version += 1
+    tx.put(lost)  # the interruption (a column the child-event write does not carry)
+    set_status(tx, lost, Status.FAILED, error, EndReason.RUNNER_LOST, timers)
 
 
 def _put_claim(

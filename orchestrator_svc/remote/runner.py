@@ -627,11 +627,9 @@ class DeadLetters(threading.Thread):
 
     def _on_message(self, body: object, message: Message) -> None:
         headers = message.headers or {}
-        deaths = headers.get("x-death") or []
-        deliveries = broker.DELIVERY_LIMIT + 1
-        if deaths and isinstance(deaths[0], dict):
-            deliveries = int(deaths[0].get("count", 1)) * (broker.DELIVERY_LIMIT + 1)
         claim_id = str(headers.get("id") or message.properties.get("correlation_id") or "")
+        # The broker dead-letters a message once it is past the queue's delivery limit.
+        deliveries = broker.DELIVERY_LIMIT + 1
         self.runtime.call(self.runtime.fail_dead_letter(body, claim_id, deliveries))
         message.ack()
 

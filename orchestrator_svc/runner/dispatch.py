@@ -24,12 +24,12 @@ from orchestrator_svc.remote.publisher import Publisher
 from orchestrator_svc.runner.context import JobContext, log
 from orchestrator_svc.runner.step_state import StepRun
 from orchestrator_svc.workers.base import StepContext
+from orchestrator_svc.workers.children import create_children
 from stepflow_common.step_outcome import ChildTally
 
 PUBLISHED_KEY = "published_children"
 MARK_EVERY_S = 0.5
 """``published_children`` is written at most this often (and when publishing ends)."""
-YIELD_EVERY = 64
 NOT_PUBLISHED_ERROR = "step cancelled before the child was sent to a runner"
 
 
@@ -53,16 +53,7 @@ class CeleryDispatch:
         """Create the children, run them on runners; return how many exist. ``run_one`` is
         not called here: runners call the worker's own."""
         existing = ctx.existing_children
-        created = 0
-        for index, name in enumerate(names):
-            if ctx.stopping:
-                break
-            child_id = ctx.child_id(index)
-            if child_id not in existing:
-                await ctx.child_created(child_id, name)
-            created += 1
-            if index % YIELD_EVERY == YIELD_EVERY - 1:
-                await asyncio.sleep(0)
+        created = await create_children(ctx, names)
         # A runner's claim needs its child: every creation is committed before a message goes.
         await self.job.stream.wait_acked()
         published = await self._published_before(existing)

@@ -36,7 +36,14 @@ RunOne = Callable[[int, int], Awaitable[ChildOutcome]]
 """``run_one(index, attempt)`` runs child ``index`` once (``attempt`` 1 is its first run); must
 return ``cancelled`` promptly once ``ctx.cancelled`` is set."""
 
-__all__ = ["ChildOutcome", "RunOne", "RunOneV1", "current_attempt", "run_children"]
+__all__ = [
+    "ChildOutcome",
+    "RunOne",
+    "RunOneV1",
+    "create_children",
+    "current_attempt",
+    "run_children",
+]
 
 RunOneV1 = Callable[[int], Awaitable[ChildOutcome]]
 """The first shape of the interface, kept: ``run_one(index)``. Its attempt is
@@ -76,6 +83,23 @@ def as_run_one(run_one: RunOne | RunOneV1) -> RunOne:
     )
 
 
+async def create_children(ctx: StepContext, names: Iterable[str]) -> int:
+    """Report one child per name (``pending``), skipping those the step already has, until
+    the step stops; return how many exist. Every child is created before any runs, so the
+    monitor shows the whole step from the start."""
+    created = 0
+    for index, name in enumerate(names):
+        if ctx.stopping:
+            break
+        child_id = ctx.child_id(index)
+        if child_id not in ctx.existing_children:
+            await ctx.child_created(child_id, name)
+        created += 1
+        if index % YIELD_EVERY_CHILDREN == YIELD_EVERY_CHILDREN - 1:
+            await asyncio.sleep(0)
+    return created
+
+
 async def run_children(
     ctx: StepContext, names: Iterable[str], run_one: RunOne | RunOneV1, *, concurrency: int
 ) -> int:
@@ -97,17 +121,7 @@ async def run_children(
     if ctx.dispatch is not None:
         return await ctx.dispatch(ctx, names, run_attempt, concurrency)
     existing = ctx.existing_children
-    created = 0
-    for index, name in enumerate(names):
-        if ctx.stopping:
-            break
-        child_id = ctx.child_id(index)
-        if child_id not in existing:
-            await ctx.child_created(child_id, name)
-        created += 1
-        if index % YIELD_EVERY_CHILDREN == YIELD_EVERY_CHILDREN - 1:
-            await asyncio.sleep(0)
-
+    created = await create_children(ctx, names)
     next_index = 0
 
     async def run_attempts(index: int) -> ChildOutcome:
